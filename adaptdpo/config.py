@@ -1,0 +1,174 @@
+"""One config dataclass (extends ``transformers.TrainingArguments``) and its YAML + command-line loader.
+
+Every field can be set in YAML and overridden on the command line (``--key value``); the command line
+wins. ``adaptdpo train --help`` lists every field with its help text; docs/config.md is generated from
+the same metadata (``adaptdpo config-reference``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+from .losses import LOSS_TYPES
+
+METHODS = ("dpo",)
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class AdaptiveDPOConfig(TrainingArguments):
+    """Configuration of an adaptdpo run. Fields above ``output_dir`` are ours; the rest are TrainingArguments."""
+
+    # ---- model
+    model_name_or_path: str = _f("tiny-llama", "A local folder or hub id of a causal LM, or a tiny preset built "
+                                 "from a config with random weights: tiny-llama, tiny-gpt2.")
+    ref_model_name_or_path: str | None = _f(None, "The frozen reference model; default: a copy of the initial "
+                                            "policy (the same checkpoint).")
+    tokenizer_name_or_path: str | None = _f(None, "Tokenizer to use; default: the model's, or for tiny presets a "
+                                            "byte-level BPE trained on the training text.")
+    tokenizer_vocab_size: int = _f(2048, "Vocabulary size of the tokenizer trained for tiny presets.")
+    tiny_hidden_size: int = _f(64, "Hidden size of a tiny preset.")
+    tiny_num_layers: int = _f(2, "Number of layers of a tiny preset.")
+    tiny_num_heads: int = _f(4, "Number of attention heads of a tiny preset.")
+    dtype: str = _f("auto", "Weights dtype for pretrained models: auto, float32, bfloat16, float16.")
+    attn_implementation: str | None = _f(None, "Attention implementation (eager, sdpa, flash_attention_2, ...); "
+                                         "default: the model's.")
+    disable_dropout: bool = _f(True, "Set dropout to 0 in policy and reference (DPO log-probs must be "
+                               "deterministic).")
+    # ---- data
+    train_file: str = _f("data/hh-rlhf/harmless-base-test.jsonl.gz", "Training data: a .json/.jsonl(.gz)/"
+                         ".parquet/.csv file, a `datasets` folder saved to disk, or a hub dataset name.")
+    train_split: str = _f("train", "Split to read from a datasets folder or hub dataset.")
+    eval_file: str | None = _f(None, "Held-out data (same formats); default: eval_fraction of the training rows.")
+    eval_split: str = _f("test", "Split to read from eval_file when it is a datasets folder or hub dataset.")
+    eval_fraction: float = _f(0.0, "Fraction of training rows held out for evaluation when eval_file is unset.")
+    max_train_samples: int | None = _f(None, "Use at most this many (valid) training rows, in file order.")
+    max_eval_samples: int | None = _f(None, "Use at most this many evaluation rows.")
+    skip_invalid_rows: bool = _f(False, "Skip malformed rows (listed in skipped_rows.jsonl and the log) instead "
+                                 "of stopping with an error naming file, row and field.")
+    implicit_prompt_marker: str = _f("\n\nAssistant:", "For implicit-prompt text pairs: the prompt ends after "
+                                     "the last occurrence of this string in the shared prefix.")
+    max_length: int | None = _f(512, "Maximum tokens of prompt + completion; longer pairs are truncated "
+                                "(prompt first, keeping its end; then completions, keeping their start).")
+    max_prompt_length: int | None = _f(None, "Prompt tokens kept when a pair is too long; default max_length/2.")
+    pad_to_multiple_of: int | None = _f(None, "Pad batches to a multiple of this length.")
+    # ---- objective
+    method: str = _f("dpo", "Training method.", choices=METHODS)
+    beta: float = _f(0.1, "β of the loss (τ for IPO): the strength of the KL regularisation toward the reference.")
+    loss_type: str = _f("sigmoid", "Pairwise loss: " + ", ".join(LOSS_TYPES) + ".", choices=LOSS_TYPES)
+    label_smoothing: float = _f(0.0, "Flip rate ε for robust; ε for exo_pair; smoothing for aot, aot_unpaired.")
+    discopop_tau: float = _f(0.05, "Temperature τ of the discopop loss.")
+    precompute_ref_log_probs: bool = _f(False, "Compute reference log-probs once before training, cache them "
+                                        "on disk, and free the reference model.")
+    ref_cache_dir: str | None = _f(None, "Where cached reference log-probs live; default <output_dir>/ref_logps.")
+    # ---- LoRA (optional, needs `pip install adaptdpo[peft]`)
+    use_peft: bool = _f(False, "Train a LoRA adapter; the reference is the base model with adapters disabled.")
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: int = _f(32, "LoRA alpha.")
+    lora_dropout: float = _f(0.0, "LoRA dropout.")
+    lora_target_modules: list[str] | None = _f(None, "Module names to adapt; default: peft's choice for the model.")
+    # ---- run
+    resume: str = _f("auto", "auto: resume from the last complete checkpoint in output_dir if there is one; "
+                     "never: start fresh (fails if output_dir has checkpoints); or a checkpoint path.")
+
+    # TrainingArguments defaults that differ for preference training
+    output_dir: str | None = _f("runs/dpo", "The run directory: config, metrics.jsonl, summary.json, plots, "
+                                "checkpoints.")
+    learning_rate: float = _f(1e-6, "Initial learning rate (TRL's DPO default).")
+    logging_steps: float = _f(10, "Log every N optimizer steps (a float < 1 is a fraction of the run).")
+    remove_unused_columns: bool = _f(False, "Keep dataset columns the model's forward does not take (needed).")
+    report_to: str | list[str] | None = _f("none", "Integrations to report to (wandb, tensorboard, ...; 'none').")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r}: choose one of {METHODS}")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type={self.loss_type!r}: choose one of {', '.join(LOSS_TYPES)}")
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+
+    def to_serialisable(self) -> dict[str, Any]:
+        """Every field with plain values (enums as their value), for the run directory's config.yaml."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if not f.init:
+                continue
+            value = getattr(self, f.name)
+            value = getattr(value, "value", value)
+            if isinstance(value, (str, int, float, bool, type(None))) or (
+                isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float, bool)) for v in value)
+            ):
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+            elif isinstance(value, dict):
+                out[f.name] = value
+        return out
+
+
+def _field_names() -> set[str]:
+    return {f.name for f in dataclasses.fields(AdaptiveDPOConfig) if f.init}
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
+    unknown = sorted(set(data) - _field_names())
+    if unknown:
+        import difflib
+
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, _field_names(), 1)) else k
+                 for k in unknown]
+        raise ValueError(f"{path}: unknown config field(s): {', '.join(hints)}")
+    return data
+
+
+def parse_config(argv: list[str] | None = None, yaml_path: str | None = None) -> AdaptiveDPOConfig:
+    """Build the config from an optional YAML file and ``--key value`` overrides (which win)."""
+    parser = HfArgumentParser(AdaptiveDPOConfig)
+    if yaml_path:
+        parser.set_defaults(**load_yaml(yaml_path))
+    (config,) = parser.parse_args_into_dataclasses(args=list(argv or []), look_for_args_file=False)
+    return config
+
+
+def make_parser() -> HfArgumentParser:
+    return HfArgumentParser(AdaptiveDPOConfig)
+
+
+def config_reference_markdown() -> str:
+    """The config reference table (docs/config.md), generated from the dataclass metadata."""
+    lines = ["| field | default | meaning |", "|---|---|---|"]
+    ours = []
+    for f in dataclasses.fields(AdaptiveDPOConfig):
+        if f.name == "output_dir":
+            break
+        ours.append(f)
+    overridden = [f for f in dataclasses.fields(AdaptiveDPOConfig)
+                  if f.name in {"output_dir", "learning_rate", "logging_steps", "remove_unused_columns", "report_to"}]
+    for f in ours + overridden:
+        default = f.default if f.default is not dataclasses.MISSING else None
+        text = f.metadata.get("help", "").replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| `{f.name}` | `{default!r}` | {text} |")
+    return "\n".join(lines) + "\n"
+
+
+def is_main_process_env() -> bool:
+    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.stdout.write(config_reference_markdown())

@@ -1,0 +1,392 @@
+"""Preference data: load, normalise, validate, tokenise, collate.
+
+Accepted row formats (TRL's, so a TRL user's data loads unchanged):
+
+* standard, explicit prompt: ``prompt``, ``chosen``, ``rejected`` strings;
+* standard, implicit prompt: ``chosen`` and ``rejected`` strings that share the prompt as a prefix
+  (Anthropic HH's raw format); the prompt is cut at the last ``implicit_prompt_marker``
+  (``"\\n\\nAssistant:"``) inside the shared prefix, else at the longest common prefix;
+* conversational, explicit or implicit prompt: lists of ``{"role", "content"}`` messages, rendered
+  with the tokenizer's chat template.
+
+Every row is checked before anything is trained on it. A bad row raises :class:`DataValidationError`
+naming the file, the row and the field; with ``skip_invalid=True`` bad rows are skipped instead and
+listed in the returned :class:`LoadReport` (nothing is dropped silently).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+Message = dict[str, str]
+Field = str | list[Message]
+
+LOCAL_SUFFIXES = (".jsonl.gz", ".json.gz", ".jsonl", ".json", ".parquet", ".csv")
+
+
+class DataValidationError(ValueError):
+    """A malformed row: carries the source, the row index (0-based) and the offending field."""
+
+    def __init__(self, source: str, row: int, field_name: str | None, problem: str, line: int | None = None):
+        self.source, self.row, self.field, self.problem, self.line = source, row, field_name, problem, line
+        where = f"row {row}" + (f" (line {line})" if line is not None else "")
+        what = f", field {field_name!r}" if field_name else ""
+        super().__init__(f"{source}: {where}{what}: {problem}")
+
+
+@dataclass
+class LoadReport:
+    """What happened to the rows of one source."""
+
+    source: str
+    rows_read: int = 0
+    rows_kept: int = 0
+    skipped: list[DataValidationError] = field(default_factory=list)
+    implicit_prompt_rows: int = 0
+    conversational: bool = False
+
+    def summary(self) -> str:
+        text = f"{self.source}: {self.rows_kept} of {self.rows_read} rows kept"
+        if self.skipped:
+            text += f", {len(self.skipped)} skipped; first: " + "; ".join(str(e) for e in self.skipped[:5])
+        return text
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def _open_text(path: str) -> io.TextIOBase:
+    if path.endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _read_jsonl(path: str) -> Iterator[tuple[dict[str, Any], int]]:
+    with _open_text(path) as f:
+        row = 0
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataValidationError(path, row, None, f"invalid JSON: {e.msg}", line=line_no) from None
+            if not isinstance(obj, dict):
+                raise DataValidationError(path, row, None, f"expected a JSON object, got {type(obj).__name__}",
+                                          line=line_no)
+            yield obj, line_no
+            row += 1
+
+
+def _read_json(path: str) -> Iterator[tuple[dict[str, Any], int | None]]:
+    with _open_text(path) as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        # a .json file holding JSON lines is common enough to accept
+        yield from _read_jsonl(path)
+        return
+    if isinstance(data, dict):  # {"train": [...]} or column-oriented {"chosen": [...], ...}
+        if all(isinstance(v, list) for v in data.values()) and {"chosen", "rejected"} <= set(data):
+            n = len(data["chosen"])
+            data = [{k: v[i] if i < len(v) else None for k, v in data.items()} for i in range(n)]
+        elif len(data) == 1 and isinstance(next(iter(data.values())), list):
+            data = next(iter(data.values()))
+    if not isinstance(data, list):
+        raise DataValidationError(path, 0, None, "expected a list of rows (or JSON lines)")
+    for i, obj in enumerate(data):
+        if not isinstance(obj, dict):
+            raise DataValidationError(path, i, None, f"expected an object, got {type(obj).__name__}")
+        yield obj, None
+
+
+def _read_csv(path: str) -> Iterator[tuple[dict[str, Any], int | None]]:
+    with _open_text(path) as f:
+        for obj in csv.DictReader(f):
+            yield dict(obj), None
+
+
+def _read_table(rows: Iterable[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], int | None]]:
+    for obj in rows:
+        yield dict(obj), None
+
+
+def read_rows(source: str, split: str = "train") -> Iterator[tuple[dict[str, Any], int | None]]:
+    """Yield (row, line number or None) from a local file, a `datasets` folder, or a hub dataset name."""
+    lower = source.lower()
+    if os.path.isfile(source):
+        if lower.endswith((".jsonl", ".jsonl.gz")):
+            return _read_jsonl(source)
+        if lower.endswith((".json", ".json.gz")):
+            return _read_json(source)
+        if lower.endswith(".csv"):
+            return _read_csv(source)
+        if lower.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            return _read_table(pq.read_table(source).to_pylist())
+        raise ValueError(f"{source}: unsupported file type; use one of {', '.join(LOCAL_SUFFIXES)}")
+    if os.path.isdir(source):
+        import datasets
+
+        loaded = datasets.load_from_disk(source)
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise ValueError(f"{source}: no split {split!r}; it has {', '.join(loaded)}")
+            loaded = loaded[split]
+        return _read_table(loaded)
+    if lower.endswith(LOCAL_SUFFIXES) or source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise FileNotFoundError(f"{source}: no such file or directory")
+    import datasets
+
+    logger.info("%s is not a local path: loading it from the Hugging Face hub", source)
+    return _read_table(datasets.load_dataset(source, split=split))
+
+
+# --------------------------------------------------------------------------------------------- normalising
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) for m in value) and len(value) > 0
+
+
+def _check_messages(value: Any, name: str, src: str, row: int, line: int | None) -> None:
+    for i, message in enumerate(value):
+        if not isinstance(message.get("role"), str):
+            raise DataValidationError(src, row, f"{name}[{i}].role", "missing or not a string", line)
+        if not isinstance(message.get("content"), str):
+            raise DataValidationError(src, row, f"{name}[{i}].content", "missing or not a string", line)
+
+
+def extract_prompt(chosen: Field, rejected: Field, marker: str | None = "\n\nAssistant:") -> tuple[Field, Field, Field]:
+    """Split an implicit-prompt pair into (prompt, chosen completion, rejected completion).
+
+    Strings: the prompt ends after the last ``marker`` inside the longest common prefix (HH's
+    convention: the prompt ends with ``"\\n\\nAssistant:"``); without a marker there, at the longest common
+    prefix, moved back before a trailing space as TRL does. Message lists: the shared leading turns.
+    """
+    if isinstance(chosen, list):
+        k = 0
+        while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
+            k += 1
+        return chosen[:k], chosen[k:], rejected[k:]
+    k = 0
+    limit = min(len(chosen), len(rejected))
+    while k < limit and chosen[k] == rejected[k]:
+        k += 1
+    cut = chosen.rfind(marker, 0, k) if marker else -1
+    if cut >= 0 and cut + len(marker) <= k:
+        k = cut + len(marker)
+    elif 0 < k < limit and chosen[k - 1] == " ":
+        k -= 1
+    return chosen[:k], chosen[k:], rejected[k:]
+
+
+def normalise_row(raw: dict[str, Any], src: str, row: int, line: int | None = None,
+                  marker: str | None = "\n\nAssistant:") -> dict[str, Field]:
+    """Check one raw row and return ``{"prompt", "chosen", "rejected"}``; raise naming the bad field."""
+    for name in ("chosen", "rejected"):
+        if name not in raw or raw[name] is None:
+            raise DataValidationError(src, row, name, "missing", line)
+    conversational = _is_messages(raw["chosen"])
+    for name in ("chosen", "rejected") + (("prompt",) if raw.get("prompt") is not None else ()):
+        value = raw[name]
+        if conversational:
+            if not _is_messages(value):
+                raise DataValidationError(src, row, name, "expected a non-empty list of messages like the chosen "
+                                          f"field, got {type(value).__name__}", line)
+            _check_messages(value, name, src, row, line)
+        elif not isinstance(value, str):
+            raise DataValidationError(src, row, name, f"expected a string, got {type(value).__name__}", line)
+    if "prompt" in raw and raw["prompt"] is None:
+        raise DataValidationError(src, row, "prompt", "is null (drop the column for implicit-prompt data)", line)
+    if raw["chosen"] == raw["rejected"]:
+        raise DataValidationError(src, row, "rejected", "identical to chosen", line)
+    if raw.get("prompt") is None:
+        prompt, chosen, rejected = extract_prompt(raw["chosen"], raw["rejected"], marker)
+        if not prompt:
+            raise DataValidationError(src, row, "chosen", "no prompt given and chosen/rejected share no prefix", line)
+    else:
+        prompt, chosen, rejected = raw["prompt"], raw["chosen"], raw["rejected"]
+    for name, value in (("chosen", chosen), ("rejected", rejected)):
+        empty = len(value) == 0 if conversational else not value.strip()
+        if empty:
+            raise DataValidationError(src, row, name, "empty completion", line)
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def load_preference_rows(source: str, split: str = "train", *, skip_invalid: bool = False,
+                         implicit_prompt_marker: str | None = "\n\nAssistant:",
+                         limit: int | None = None) -> tuple[list[dict[str, Field]], LoadReport]:
+    """Read and validate every row of ``source``; return normalised rows and a report."""
+    report = LoadReport(source=source)
+    rows: list[dict[str, Field]] = []
+    kind: bool | None = None
+    for index, (raw, line) in enumerate(read_rows(source, split)):
+        if limit is not None and report.rows_kept >= limit:
+            break
+        report.rows_read += 1
+        try:
+            row = normalise_row(raw, source, index, line, implicit_prompt_marker)
+            is_conv = isinstance(row["chosen"], list)
+            if kind is None:
+                kind = is_conv
+            elif kind != is_conv:
+                raise DataValidationError(source, index, "chosen", "mixes conversational and plain-text rows", line)
+        except DataValidationError as error:
+            if not skip_invalid:
+                raise
+            report.skipped.append(error)
+            continue
+        if raw.get("prompt") is None:
+            report.implicit_prompt_rows += 1
+        row["pair_id"] = index
+        rows.append(row)
+        report.rows_kept += 1
+    report.conversational = bool(kind)
+    if not rows:
+        raise ValueError(f"{source}: no valid rows ({report.rows_read} read, {len(report.skipped)} invalid)")
+    return rows, report
+
+
+# --------------------------------------------------------------------------------------------- tokenising
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@dataclass
+class TokenizedPair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    truncated: bool = False
+
+
+def tokenize_pair(row: dict[str, Field], tokenizer: Any, max_length: int | None = None,
+                  max_prompt_length: int | None = None) -> TokenizedPair:
+    """Tokenise one normalised row the way TRL 1.16 does, then truncate.
+
+    Plain text gets EOS appended to each completion; messages are rendered with the chat template (the
+    prompt with the generation prompt). As in TRL, the completion starts where the tokenised prompt and
+    prompt+completion diverge. Truncation (classic DPO rule): when prompt + longer completion exceeds
+    ``max_length``, the prompt keeps its last ``max_prompt_length`` tokens (default ``max_length // 2``),
+    then completions keep their first tokens up to ``max_length``.
+    """
+    prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
+    if isinstance(chosen, list):
+        def render(messages: list[Message], generation: bool) -> list[int]:
+            out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation,
+                                                return_dict=True)
+            return list(out["input_ids"])
+
+        prompt_ids = render(prompt, True) if prompt else []
+        full_chosen, full_rejected = render(prompt + chosen, False), render(prompt + rejected, False)
+    else:
+        eos = tokenizer.eos_token or ""
+        chosen = chosen if chosen.endswith(eos) else chosen + eos
+        rejected = rejected if rejected.endswith(eos) else rejected + eos
+        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        full_chosen = tokenizer(prompt + chosen, add_special_tokens=True)["input_ids"]
+        full_rejected = tokenizer(prompt + rejected, add_special_tokens=True)["input_ids"]
+    cut = min(common_prefix_length(prompt_ids, full_chosen), common_prefix_length(prompt_ids, full_rejected))
+    pair = TokenizedPair(list(prompt_ids[:cut]), list(full_chosen[cut:]), list(full_rejected[cut:]))
+    if max_length is not None:
+        longest = max(len(pair.chosen_ids), len(pair.rejected_ids))
+        if len(pair.prompt_ids) + longest > max_length:
+            pair.truncated = True
+            keep_prompt = max_prompt_length if max_prompt_length is not None else max_length // 2
+            if len(pair.prompt_ids) > keep_prompt:
+                pair.prompt_ids = pair.prompt_ids[-keep_prompt:] if keep_prompt > 0 else []
+            room = max_length - len(pair.prompt_ids)
+            if room < 1:
+                raise ValueError(f"max_prompt_length={keep_prompt} leaves no room for a completion in "
+                                 f"max_length={max_length}")
+            pair.chosen_ids = pair.chosen_ids[:room]
+            pair.rejected_ids = pair.rejected_ids[:room]
+    return pair
+
+
+def tokenize_rows(rows: Sequence[dict[str, Field]], tokenizer: Any, max_length: int | None,
+                  max_prompt_length: int | None, source: str = "<data>") -> tuple[list[dict[str, Any]], int]:
+    """Tokenise normalised rows; returns the examples and how many were truncated.
+
+    A pair whose two completions tokenise to the same ids (possible after truncation) is reported as an
+    error: it would carry no preference signal.
+    """
+    examples, truncated = [], 0
+    for i, row in enumerate(rows):
+        pair = tokenize_pair(row, tokenizer, max_length, max_prompt_length)
+        truncated += pair.truncated
+        if not pair.chosen_ids or not pair.rejected_ids:
+            raise DataValidationError(source, int(row.get("pair_id", i)), "chosen" if not pair.chosen_ids else
+                                      "rejected", "completion has no tokens after tokenisation")
+        if pair.chosen_ids == pair.rejected_ids:
+            raise DataValidationError(source, int(row.get("pair_id", i)), "rejected",
+                                      f"identical to chosen after tokenisation/truncation to max_length={max_length}")
+        examples.append({"prompt_ids": pair.prompt_ids, "chosen_ids": pair.chosen_ids,
+                         "rejected_ids": pair.rejected_ids, "pair_id": int(row.get("pair_id", i))})
+    return examples, truncated
+
+
+# --------------------------------------------------------------------------------------------- collating
+
+
+def _pad(seqs: list[list[int]], value: int, multiple: int | None) -> Tensor:
+    width = max(len(s) for s in seqs)
+    if multiple:
+        width = -(-width // multiple) * multiple
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+@dataclass
+class PreferenceCollator:
+    """Stack n pairs into one right-padded batch of 2n rows: all chosen rows first, then all rejected.
+
+    This is TRL 1.16's layout (``input_ids``, ``attention_mask``, ``completion_mask``), so a batch built
+    here can be fed to TRL's ``DPOTrainer`` and back. Precomputed ``ref_chosen_logps`` /
+    ``ref_rejected_logps`` and ``pair_id`` pass through.
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Tensor]:
+        seqs = [e["prompt_ids"] + e["chosen_ids"] for e in examples]
+        seqs += [e["prompt_ids"] + e["rejected_ids"] for e in examples]
+        completion = [[0] * len(e["prompt_ids"]) + [1] * len(e["chosen_ids"]) for e in examples]
+        completion += [[0] * len(e["prompt_ids"]) + [1] * len(e["rejected_ids"]) for e in examples]
+        batch = {
+            "input_ids": _pad(seqs, self.pad_token_id, self.pad_to_multiple_of),
+            "attention_mask": _pad([[1] * len(s) for s in seqs], 0, self.pad_to_multiple_of),
+            "completion_mask": _pad(completion, 0, self.pad_to_multiple_of),
+        }
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            if key in examples[0]:
+                batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
+        if "pair_id" in examples[0]:
+            batch["pair_id"] = torch.tensor([e["pair_id"] for e in examples], dtype=torch.long)
+        return batch

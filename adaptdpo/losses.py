@@ -1,0 +1,231 @@
+"""Pairwise preference losses: pure functions returning one loss per pair, unreduced.
+
+Every function takes summed completion log-probabilities (policy and reference, chosen and rejected)
+and a β that is either a float or a tensor with one value per pair. Nothing here reduces over the
+batch except the two `aot*` losses, whose definition sorts the batch (Azar et al.'s AOT couples pairs).
+The trainer decides how per-pair losses are averaged, which is what lets β-DPO and SamS drop or
+reweight pairs without touching the losses.
+
+Conventions match TRL 1.16's ``DPOTrainer`` (checked number for number in the test suite):
+``h = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l))``; the DPO loss is
+``−log σ(β·h)`` (Rafailov et al. 2023, Eq. 7).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Beta = float | Tensor
+
+
+@dataclass(frozen=True)
+class PairLogps:
+    """The four summed completion log-probs of a batch of pairs, plus completion lengths."""
+
+    chosen: Tensor
+    rejected: Tensor
+    ref_chosen: Tensor
+    ref_rejected: Tensor
+    chosen_lengths: Tensor | None = None
+    rejected_lengths: Tensor | None = None
+
+    @property
+    def chosen_logratios(self) -> Tensor:
+        return self.chosen - self.ref_chosen
+
+    @property
+    def rejected_logratios(self) -> Tensor:
+        return self.rejected - self.ref_rejected
+
+    @property
+    def delta(self) -> Tensor:
+        """h = chosen log-ratio − rejected log-ratio (the DPO logit before β)."""
+        return self.chosen_logratios - self.rejected_logratios
+
+    def length_normalised_delta(self, loss_type: str) -> Tensor:
+        if self.chosen_lengths is None or self.rejected_lengths is None:
+            raise ValueError(
+                f"loss_type={loss_type!r} normalises by completion length: pass chosen_lengths and rejected_lengths "
+                "(completion token counts)"
+            )
+        chosen = self.chosen_logratios / self.chosen_lengths.to(self.chosen.dtype).clamp(min=1.0)
+        rejected = self.rejected_logratios / self.rejected_lengths.to(self.rejected.dtype).clamp(min=1.0)
+        return chosen - rejected
+
+
+def sigmoid_loss(p: PairLogps, beta: Beta, **_: float) -> Tensor:
+    """DPO (Rafailov et al. 2023, Eq. 7): −log σ(β·h)."""
+    return -F.logsigmoid(beta * p.delta)
+
+
+def hinge_loss(p: PairLogps, beta: Beta, **_: float) -> Tensor:
+    """SLiC hinge (Zhao et al. 2023): max(0, 1 − β·h)."""
+    return torch.relu(1 - beta * p.delta)
+
+
+def ipo_loss(p: PairLogps, beta: Beta, **_: float) -> Tensor:
+    """IPO (Azar et al. 2023, Eq. 17) with β as τ: (h̄ − 1/(2τ))², h̄ on per-token averaged log-ratios.
+
+    The per-token normalisation is TRL's (confirmed with the IPO authors, per TRL's source comment).
+    """
+    return (p.length_normalised_delta("ipo") - 1 / (2 * beta)) ** 2
+
+
+def exo_pair_loss(p: PairLogps, beta: Beta, *, label_smoothing: float = 0.0, **_: float) -> Tensor:
+    """EXO-pref (Ji et al. 2024, Eq. 16) with K=2: KL(p_fθ ‖ [1−ε, ε]); needs ε = label_smoothing > 0."""
+    if not 0.0 < label_smoothing < 1.0:
+        raise ValueError(f"exo_pair needs 0 < label_smoothing < 1 (the ε of EXO), got {label_smoothing}")
+    logits = beta * p.delta
+    log_pw = math.log1p(-label_smoothing)
+    log_pl = math.log(label_smoothing)
+    return torch.sigmoid(logits) * (F.logsigmoid(logits) - log_pw) + torch.sigmoid(-logits) * (
+        F.logsigmoid(-logits) - log_pl
+    )
+
+
+def nca_pair_loss(p: PairLogps, beta: Beta, **_: float) -> Tensor:
+    """NCA (Chen et al. 2024): −log σ(r_w) − ½ log σ(−r_w) − ½ log σ(−r_l), r = β·log-ratio."""
+    chosen_rewards = beta * p.chosen_logratios
+    rejected_rewards = beta * p.rejected_logratios
+    return -F.logsigmoid(chosen_rewards) - 0.5 * F.logsigmoid(-chosen_rewards) - 0.5 * F.logsigmoid(-rejected_rewards)
+
+
+def robust_loss(p: PairLogps, beta: Beta, *, label_smoothing: float = 0.0, **_: float) -> Tensor:
+    """Robust DPO (Chowdhury et al. 2024, Eq. 9), unbiased under flip rate ε = label_smoothing ∈ [0, ½)."""
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"robust needs 0 <= label_smoothing < 0.5 (the flip rate), got {label_smoothing}")
+    logits = beta * p.delta
+    clean = -(1 - label_smoothing) * F.logsigmoid(logits)
+    flipped = -label_smoothing * F.logsigmoid(-logits)
+    return (clean - flipped) / (1 - 2 * label_smoothing)
+
+
+def bco_pair_loss(p: PairLogps, beta: Beta, **_: float) -> Tensor:
+    """BCO, paired form as in TRL (Jung et al. 2024) without the running reward shift: −log σ(r_w) − log σ(−r_l)."""
+    return -F.logsigmoid(beta * p.chosen_logratios) - F.logsigmoid(-beta * p.rejected_logratios)
+
+
+def sppo_hard_loss(p: PairLogps, beta: Beta, **_: float) -> Tensor:
+    """SPPO with hard probabilities (Wu et al. 2024, Eq. 4.7 with P=1/0): squared distance to ±1/(2β)."""
+    return (p.chosen_logratios - 0.5 / beta) ** 2 + (p.rejected_logratios + 0.5 / beta) ** 2
+
+
+def _aot_from_sorted_delta(delta: Tensor, beta: Beta, label_smoothing: float) -> Tensor:
+    if isinstance(beta, Tensor) and beta.numel() > 1 and not bool((beta == beta.flatten()[0]).all()):
+        raise ValueError("aot/aot_unpaired sort the batch, so they need one β for the whole batch, not one per pair")
+    if isinstance(beta, Tensor) and beta.numel() > 1:
+        beta = beta.flatten()[0]
+    return -F.logsigmoid(beta * delta) * (1 - label_smoothing) - F.logsigmoid(-beta * delta) * label_smoothing
+
+
+def aot_loss(p: PairLogps, beta: Beta, *, label_smoothing: float = 0.0, **_: float) -> Tensor:
+    """AOT paired (Melnyk et al. 2024): DPO on the sorted policy vs sorted reference log-ratios of the batch.
+
+    The i-th output belongs to the i-th quantile of the batch, not to pair i.
+    """
+    policy, _ = torch.sort(p.chosen - p.rejected, dim=0)
+    reference, _ = torch.sort(p.ref_chosen - p.ref_rejected, dim=0)
+    return _aot_from_sorted_delta(policy - reference, beta, label_smoothing)
+
+
+def aot_unpaired_loss(p: PairLogps, beta: Beta, *, label_smoothing: float = 0.0, **_: float) -> Tensor:
+    """AOT unpaired (Melnyk et al. 2024): sorted chosen log-ratios against sorted rejected log-ratios."""
+    chosen, _ = torch.sort(p.chosen_logratios, dim=0)
+    rejected, _ = torch.sort(p.rejected_logratios, dim=0)
+    return _aot_from_sorted_delta(chosen - rejected, beta, label_smoothing)
+
+
+def apo_zero_loss(p: PairLogps, beta: Beta, **_: float) -> Tensor:
+    """APO-zero (D'Oosterlinck et al. 2024, Eq. 7): raise chosen, lower rejected likelihood."""
+    return 1 - torch.sigmoid(beta * p.chosen_logratios) + torch.sigmoid(beta * p.rejected_logratios)
+
+
+def apo_down_loss(p: PairLogps, beta: Beta, **_: float) -> Tensor:
+    """APO-down (D'Oosterlinck et al. 2024, Eq. 8): lower both, rejected more."""
+    return torch.sigmoid(beta * p.chosen_logratios) + 1 - torch.sigmoid(beta * p.delta)
+
+
+def discopop_loss(p: PairLogps, beta: Beta, *, discopop_tau: float = 0.05, **_: float) -> Tensor:
+    """DiscoPOP / LRML (Chris Lu et al. 2024, Eq. 5): logistic and exponential losses blended by σ(β·h/τ)."""
+    logits = beta * p.delta
+    modulation = torch.sigmoid(logits / discopop_tau)
+    return -F.logsigmoid(logits) * (1 - modulation) + torch.exp(-logits) * modulation
+
+
+def sigmoid_norm_loss(p: PairLogps, beta: Beta, **_: float) -> Tensor:
+    """DPO on per-token averaged log-ratios (TRL's `sigmoid_norm`, SimPO-style but with a reference)."""
+    return -F.logsigmoid(beta * p.length_normalised_delta("sigmoid_norm"))
+
+
+LOSSES: dict[str, Callable[..., Tensor]] = {
+    "sigmoid": sigmoid_loss,
+    "hinge": hinge_loss,
+    "ipo": ipo_loss,
+    "exo_pair": exo_pair_loss,
+    "nca_pair": nca_pair_loss,
+    "robust": robust_loss,
+    "bco_pair": bco_pair_loss,
+    "sppo_hard": sppo_hard_loss,
+    "aot": aot_loss,
+    "aot_unpaired": aot_unpaired_loss,
+    "apo_zero": apo_zero_loss,
+    "apo_down": apo_down_loss,
+    "discopop": discopop_loss,
+    "sigmoid_norm": sigmoid_norm_loss,
+}
+LOSS_TYPES: tuple[str, ...] = tuple(LOSSES)
+#: losses whose output i is not tied to pair i (they sort the batch): per-pair masks do not apply to them.
+BATCH_COUPLED_LOSSES: frozenset[str] = frozenset({"aot", "aot_unpaired"})
+
+
+def preference_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: Beta,
+    loss_type: str = "sigmoid",
+    *,
+    label_smoothing: float = 0.0,
+    chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None,
+    discopop_tau: float = 0.05,
+) -> Tensor:
+    """Per-pair losses, shape [n], for one of :data:`LOSS_TYPES`.
+
+    Args:
+        chosen_logps, rejected_logps: policy log-probs summed over completion tokens, shape [n].
+        ref_chosen_logps, ref_rejected_logps: the same under the frozen reference.
+        beta: a float, or a tensor of shape [n] (one β per pair; β-DPO's instance level) or [] .
+        loss_type: which loss; see the table in docs/metrics.md.
+        label_smoothing: the flip rate ε of ``robust``, the ε of ``exo_pair``, the smoothing of ``aot*``.
+        chosen_lengths, rejected_lengths: completion token counts, required by ``ipo`` and ``sigmoid_norm``.
+        discopop_tau: the temperature τ of ``discopop``.
+    """
+    try:
+        fn = LOSSES[loss_type]
+    except KeyError:
+        raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}") from None
+    n = chosen_logps.shape[0]
+    for name, t in (("rejected_logps", rejected_logps), ("ref_chosen_logps", ref_chosen_logps),
+                    ("ref_rejected_logps", ref_rejected_logps)):
+        if t.shape != chosen_logps.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, chosen_logps has {tuple(chosen_logps.shape)}")
+    if isinstance(beta, Tensor):
+        if beta.dim() > 1 or (beta.dim() == 1 and beta.shape[0] != n):
+            raise ValueError(f"a tensor beta must have shape [] or [{n}], got {tuple(beta.shape)}")
+        beta = beta.to(chosen_logps.dtype)
+    pairs = PairLogps(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                      chosen_lengths, rejected_lengths)
+    return fn(pairs, beta, label_smoothing=label_smoothing, discopop_tau=discopop_tau)
+
+
+def implicit_rewards(logratios: Tensor, beta: Beta) -> Tensor:
+    """The DPO implicit reward r = β·(log π − log π_ref) (Rafailov et al. 2023, Eq. 5), detached."""
+    return (beta * logratios).detach()

@@ -1,0 +1,107 @@
+"""The run directory: resolved config, metrics.jsonl, summary.json (written by rank 0 only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from typing import Any
+
+import torch
+import yaml
+from transformers import TrainerCallback
+
+from .checkpointing import atomic_write_json, atomic_write_text
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.yaml"
+
+
+def versions() -> dict[str, str]:
+    import accelerate
+    import datasets
+    import transformers
+
+    from . import __version__
+
+    return {"adaptdpo": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "accelerate": accelerate.__version__,
+            "datasets": datasets.__version__, "platform": platform.platform()}
+
+
+def peak_memory_bytes() -> dict[str, int]:
+    """Peak resident memory of this process (CPU) and peak allocated CUDA memory when on a GPU."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"peak_rss_bytes": int(rss * (1 if sys.platform == "darwin" else 1024))}
+    if torch.cuda.is_available():
+        out["peak_cuda_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
+    return out
+
+
+def write_config(run_dir: str, config: dict[str, Any]) -> None:
+    atomic_write_text(os.path.join(run_dir, CONFIG_FILE), yaml.safe_dump(config, sort_keys=True, allow_unicode=True))
+
+
+def truncate_metrics(run_dir: str, last_step: int) -> None:
+    """Drop metric lines logged after ``last_step`` (a killed run resumed from an earlier checkpoint)."""
+    path = os.path.join(run_dir, METRICS_FILE)
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                if json.loads(line).get("step", 0) <= last_step:
+                    kept.append(line)
+            except json.JSONDecodeError:  # a line cut short by the kill
+                continue
+    atomic_write_text(path, "".join(kept))
+
+
+def read_metrics(run_dir: str) -> list[dict[str, Any]]:
+    path = os.path.join(run_dir, METRICS_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+class RunDirectoryCallback(TrainerCallback):
+    """Appends every log to metrics.jsonl and writes summary.json when training ends."""
+
+    def __init__(self, run_dir: str, extra_summary: dict[str, Any] | None = None):
+        self.run_dir = run_dir
+        self.extra_summary = extra_summary or {}
+        self.start = time.time()
+        self.final: dict[str, float] = {}
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.start = time.time()
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, "epoch": state.epoch, "time": round(time.time() - self.start, 3), **logs}
+        with open(os.path.join(self.run_dir, METRICS_FILE), "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        for key, value in logs.items():
+            if isinstance(value, (int, float)):
+                self.final[key] = value
+
+    def write_summary(self, state: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        summary = {
+            "final_metrics": self.final,
+            "global_step": state.global_step,
+            "wall_time_s": round(time.time() - self.start, 3),
+            **peak_memory_bytes(),
+            "versions": versions(),
+            **self.extra_summary,
+            **(extra or {}),
+        }
+        if state.is_world_process_zero:
+            atomic_write_json(os.path.join(self.run_dir, SUMMARY_FILE), summary)
+        return summary

@@ -1,0 +1,287 @@
+"""AdaptiveDPOTrainer: a ``transformers.Trainer`` whose loss is a pairwise preference loss.
+
+The step, per training micro-batch:
+
+1. one policy forward over the stacked [chosen; rejected] batch → summed completion log-probs;
+2. reference log-probs: a no-grad forward of the frozen reference, the LoRA base (adapters off), or
+   values precomputed once and cached on disk;
+3. the step policy (:mod:`adaptdpo.step_policy`) sees the detached log-ratios of the *global*
+   micro-batch and returns β (scalar or per pair) and which pairs to train on;
+4. per-pair losses from :func:`adaptdpo.losses.preference_loss`; the loss is their sum over trained
+   pairs divided by the number of pairs trained on in the whole optimizer step (all micro-batches, all
+   ranks), so gradient accumulation and data parallelism give the same update as one big batch.
+
+Metrics use TRL's names; the ``rewards/*`` metrics use the base β of the config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import Trainer
+
+from .checkpointing import CHECKPOINT_STATE_FILE, atomic_torch_save, mark_checkpoint_complete
+from .config import AdaptiveDPOConfig
+from .data import PreferenceCollator
+from .logprobs import sequence_logps
+from .losses import BATCH_COUPLED_LOSSES, preference_loss
+from .modeling import disable_dropout
+from .step_policy import PairView, StaticBeta, StepPlan, StepPolicy
+
+logger = logging.getLogger(__name__)
+
+
+def _is_peft_model(model: torch.nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+class AdaptiveDPOTrainer(Trainer):
+    """Preference optimisation with a pluggable per-step policy (DPO, β-DPO, SamS)."""
+
+    # compute_loss already divides by the number of pairs of the whole optimizer step
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, model: torch.nn.Module, args: AdaptiveDPOConfig, ref_model: torch.nn.Module | None = None,
+                 train_dataset: Any = None, eval_dataset: Any = None, processing_class: Any = None,
+                 step_policy: StepPolicy | None = None, data_collator: Any = None, callbacks: list | None = None):
+        if data_collator is None:
+            if processing_class is None:
+                raise ValueError("pass processing_class (the tokenizer) or a data_collator")
+            data_collator = PreferenceCollator(processing_class.pad_token_id, args.pad_to_multiple_of)
+        if args.disable_dropout:
+            disable_dropout(model)
+            if ref_model is not None:
+                disable_dropout(ref_model)
+        if ref_model is model:
+            raise ValueError("ref_model must be a separate copy of the policy, not the same object")
+        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks)
+        self.step_policy: StepPolicy = step_policy or StaticBeta(args.beta)
+        self._metrics: dict[str, defaultdict[str, list[float]]] = {"train": defaultdict(list),
+                                                                   "eval": defaultdict(list)}
+        self.ref_model: torch.nn.Module | None = None
+        self.peft_reference = ref_model is None and _is_peft_model(model)
+        if args.precompute_ref_log_probs:
+            reference = ref_model if ref_model is not None else model
+            self.train_dataset = self._with_reference_logps(reference, train_dataset, "train")
+            if eval_dataset is not None:
+                self.eval_dataset = self._with_reference_logps(reference, eval_dataset, "eval")
+        elif ref_model is not None:
+            ref_model.eval()
+            ref_model.requires_grad_(False)
+            self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        elif not self.peft_reference:
+            raise ValueError("AdaptiveDPOTrainer needs a reference: pass ref_model (a frozen copy of the initial "
+                             "policy), set precompute_ref_log_probs, or train a PEFT adapter")
+
+    # ------------------------------------------------------------------------------------ reference
+
+    def _reference_context(self) -> contextlib.AbstractContextManager:
+        if self.peft_reference:
+            return self.accelerator.unwrap_model(self.model).disable_adapter()
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def reference_logps(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Reference log-probs of a stacked batch: precomputed columns, the reference model, or the LoRA base."""
+        if "ref_chosen_logps" in batch:
+            return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        model = self.ref_model if self.ref_model is not None else self.model
+        with self._reference_context(), self.compute_loss_context_manager():
+            return sequence_logps(model, batch).split()
+
+    def _reference_fingerprint(self, reference: torch.nn.Module, dataset: Any) -> str:
+        h = hashlib.sha256()
+        for rows in (dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"]):
+            for ids in rows:
+                h.update(bytes(str(ids), "ascii"))
+        h.update(repr(sorted(reference.config.to_dict().items())).encode())
+        for param in list(reference.parameters())[:: max(1, len(list(reference.parameters())) // 8)]:
+            h.update(param.detach().float().cpu().numpy().tobytes())
+        h.update(str(self.peft_reference).encode())
+        return h.hexdigest()[:20]
+
+    def _with_reference_logps(self, reference: torch.nn.Module, dataset: Any, name: str) -> Any:
+        """Add ``ref_chosen_logps``/``ref_rejected_logps`` columns, computed once and cached on disk."""
+        cache_dir = self.args.ref_cache_dir or os.path.join(self.args.output_dir, "ref_logps")
+        path = os.path.join(cache_dir, f"{name}-{self._reference_fingerprint(reference, dataset)}.pt")
+        with self.args.main_process_first(desc=f"reference log-probs ({name})"):
+            if not os.path.exists(path):
+                chosen, rejected = self._compute_reference_logps(reference, dataset)
+                if self.args.should_save:
+                    atomic_torch_save({"chosen": chosen, "rejected": rejected}, path)
+                logger.info("cached reference log-probs of %d %s pairs in %s", len(chosen), name, path)
+            else:
+                cached = torch.load(path, weights_only=True)
+                chosen, rejected = cached["chosen"], cached["rejected"]
+                logger.info("loaded cached reference log-probs from %s", path)
+        dataset = dataset.remove_columns([c for c in ("ref_chosen_logps", "ref_rejected_logps")
+                                          if c in dataset.column_names])
+        dataset = dataset.add_column("ref_chosen_logps", chosen.tolist())
+        return dataset.add_column("ref_rejected_logps", rejected.tolist())
+
+    @torch.no_grad()
+    def _compute_reference_logps(self, reference: torch.nn.Module, dataset: Any) -> tuple[Tensor, Tensor]:
+        from torch.utils.data import DataLoader
+
+        device = self.accelerator.device
+        reference = reference.to(device)
+        was_training = reference.training
+        reference.eval()
+        loader = DataLoader(dataset, batch_size=self.args.per_device_eval_batch_size, shuffle=False,
+                            collate_fn=self.data_collator)
+        chosen, rejected = [], []
+        context = self._reference_context() if reference is self.model else contextlib.nullcontext()
+        with context:
+            for batch in loader:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                c, r = sequence_logps(reference, batch).split()
+                chosen.append(c.float().cpu())
+                rejected.append(r.float().cpu())
+        reference.train(was_training)
+        return torch.cat(chosen), torch.cat(rejected)
+
+    # ------------------------------------------------------------------------------------ the step
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Tensor | None:
+        """Pairs trained on in this optimizer step, summed over micro-batches and ranks."""
+        total = 0
+        for batch in batch_samples:
+            local = torch.tensor([batch["input_ids"].shape[0] // 2], device=device)
+            n_global = int(self.accelerator.gather(local).sum()) if self.accelerator.num_processes > 1 else int(local)
+            total += self.step_policy.num_trained(n_global)
+        return torch.tensor(total, device=device)
+
+    def _gather(self, tensor: Tensor) -> tuple[Tensor, int]:
+        """All ranks' values in rank order, and where this rank's slice starts."""
+        if self.accelerator.num_processes == 1:
+            return tensor, 0
+        sizes = self.accelerator.gather(torch.tensor([tensor.shape[0]], device=tensor.device)).tolist()
+        offset = sum(sizes[: self.accelerator.process_index])
+        if len(set(sizes)) == 1:
+            return self.accelerator.gather(tensor), offset
+        padded = self.accelerator.gather(self.accelerator.pad_across_processes(tensor, dim=0))
+        width = max(sizes)
+        return torch.cat([padded[i * width : i * width + s] for i, s in enumerate(sizes)]), offset
+
+    def plan_step(self, chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
+                  training: bool, extras: dict[str, Any] | None = None) -> tuple[StepPlan, slice]:
+        """Ask the step policy for β and the trained pairs, from the global micro-batch."""
+        local = torch.stack([chosen_logps.detach().float(), rejected_logps.detach().float(),
+                             ref_chosen.detach().float(), ref_rejected.detach().float()], dim=1)
+        everything, offset = self._gather(local)
+        mine = slice(offset, offset + local.shape[0])
+        if not training:
+            return StepPlan(beta=torch.tensor(self.args.beta, device=local.device)), mine
+        view = PairView(chosen_logratios=everything[:, 0] - everything[:, 2],
+                        rejected_logratios=everything[:, 1] - everything[:, 3],
+                        chosen_logps=everything[:, 0], rejected_logps=everything[:, 1],
+                        base_beta=self.args.beta, extras=extras or {})
+        return self.step_policy.plan(view), mine
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Tensor], return_outputs: bool = False,
+                     num_items_in_batch: Tensor | int | None = None) -> Tensor | tuple[Tensor, Any]:
+        mode = "train" if model.training else "eval"
+        policy = sequence_logps(model, inputs)
+        chosen_logps, rejected_logps = policy.split()
+        chosen_lengths, rejected_lengths = policy.lengths.chunk(2, dim=0)
+        ref_chosen, ref_rejected = self.reference_logps(inputs)
+        ref_chosen, ref_rejected = ref_chosen.to(chosen_logps.dtype), ref_rejected.to(chosen_logps.dtype)
+        plan, mine = self.plan_step(chosen_logps, rejected_logps, ref_chosen, ref_rejected, mode == "train")
+        beta = plan.beta.to(chosen_logps.device)
+        if beta.dim() == 1:
+            beta = beta[mine]
+        losses = preference_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected, beta, self.args.loss_type,
+                                 label_smoothing=self.args.label_smoothing, chosen_lengths=chosen_lengths,
+                                 rejected_lengths=rejected_lengths, discopop_tau=self.args.discopop_tau)
+        if plan.train_mask is not None:
+            if self.args.loss_type in BATCH_COUPLED_LOSSES:
+                raise ValueError(f"loss_type={self.args.loss_type!r} couples the pairs of a batch (it sorts "
+                                 "them), so it cannot be combined with a method that drops pairs")
+            weights = plan.train_mask[mine].to(losses.dtype).to(losses.device)
+        else:
+            weights = torch.ones_like(losses)
+        if mode == "train" and num_items_in_batch is not None:
+            # sum / (pairs trained on in the whole optimizer step); DDP averages gradients over ranks, so
+            # multiply back by the number of processes to get the global mean
+            loss = (losses * weights).sum() / num_items_in_batch * self.accelerator.num_processes
+        else:
+            loss = (losses * weights).sum() / weights.sum().clamp(min=1)
+        self._record_metrics(mode, chosen_logps, rejected_logps, ref_chosen, ref_rejected, plan)
+        return (loss, None) if return_outputs else loss
+
+    # ------------------------------------------------------------------------------------ metrics
+
+    def _record_metrics(self, mode: str, chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen: Tensor,
+                        ref_rejected: Tensor, plan: StepPlan) -> None:
+        gather = self.accelerator.gather_for_metrics if mode == "eval" else self.accelerator.gather
+        beta = self.args.beta
+        stacked = torch.stack([chosen_logps.detach(), rejected_logps.detach(),
+                               (chosen_logps - ref_chosen).detach(), (rejected_logps - ref_rejected).detach()], 1)
+        allv = gather(stacked.float())
+        chosen_rewards, rejected_rewards = beta * allv[:, 2], beta * allv[:, 3]
+        m = self._metrics[mode]
+        m["rewards/chosen"].append(chosen_rewards.mean().item())
+        m["rewards/rejected"].append(rejected_rewards.mean().item())
+        m["rewards/margins"].append((chosen_rewards - rejected_rewards).mean().item())
+        m["rewards/accuracies"].append((chosen_rewards > rejected_rewards).float().mean().item())
+        m["logps/chosen"].append(allv[:, 0].mean().item())
+        m["logps/rejected"].append(allv[:, 1].mean().item())
+        for key, value in plan.metrics.items():
+            m[key].append(float(value))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        averaged = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
+        if mode == "eval":
+            averaged = {f"eval_{key}": value for key, value in averaged.items()}
+        logs.update(averaged)  # in place: evaluate() returns this same dict
+        super().log(logs, start_time)
+        self._metrics[mode].clear()
+
+    def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> tuple[Tensor, None, None]:
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # ------------------------------------------------------------------------------------ checkpoints
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        """Save as transformers does, add our state, then mark the folder complete; only then rotate.
+
+        A run killed mid-save leaves a folder without the completion marker, which resume ignores.
+        """
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        run_dir = self._get_output_dir(trial=trial)
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            atomic_torch_save({"step_policy": self.step_policy.state_dict()},
+                              os.path.join(folder, CHECKPOINT_STATE_FILE))
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            mark_checkpoint_complete(folder)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, CHECKPOINT_STATE_FILE)
+        if os.path.exists(path):
+            state = torch.load(path, weights_only=False)
+            self.step_policy.load_state_dict(state["step_policy"])

@@ -1,0 +1,28 @@
+import os
+import sys
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HH_FILE = os.path.join(ROOT, "data", "hh-rlhf", "harmless-base-test.jsonl.gz")
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+
+@pytest.fixture(scope="session")
+def hh_rows():
+    from adaptdpo.data import load_preference_rows
+
+    rows, _ = load_preference_rows(HH_FILE, skip_invalid=True, limit=64)
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tokenizer(hh_rows, tmp_path_factory):
+    from adaptdpo.modeling import train_tokenizer
+
+    texts = [r[k] for r in hh_rows for k in ("prompt", "chosen", "rejected")]
+    return train_tokenizer(texts, 512, str(tmp_path_factory.mktemp("tok") / "tokenizer"))
