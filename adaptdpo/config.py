@@ -87,7 +87,6 @@ class AdaptiveDPOConfig(TrainingArguments):
     learning_rate: float = _f(1e-6, "Initial learning rate (TRL's DPO default).")
     logging_steps: float = _f(10, "Log every N optimizer steps (a float < 1 is a fraction of the run).")
     remove_unused_columns: bool = _f(False, "Keep dataset columns the model's forward does not take (needed).")
-    report_to: str | list[str] | None = _f("none", "Integrations to report to (wandb, tensorboard, ...; 'none').")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -152,14 +151,9 @@ def make_parser() -> HfArgumentParser:
 def config_reference_markdown() -> str:
     """The config reference table (docs/config.md), generated from the dataclass metadata."""
     lines = ["| field | default | meaning |", "|---|---|---|"]
-    ours = []
-    for f in dataclasses.fields(AdaptiveDPOConfig):
-        if f.name == "output_dir":
-            break
-        ours.append(f)
-    overridden = [f for f in dataclasses.fields(AdaptiveDPOConfig)
-                  if f.name in {"output_dir", "learning_rate", "logging_steps", "remove_unused_columns", "report_to"}]
-    for f in ours + overridden:
+    fields = {f.name: f for f in dataclasses.fields(AdaptiveDPOConfig)}
+    for name in AdaptiveDPOConfig.__annotations__:  # ours first, then the TrainingArguments defaults we change
+        f = fields[name]
         default = f.default if f.default is not dataclasses.MISSING else None
         text = f.metadata.get("help", "").replace("|", "\\|").replace("\n", " ")
         lines.append(f"| `{f.name}` | `{default!r}` | {text} |")

@@ -166,12 +166,15 @@ def run_training(config: AdaptiveDPOConfig, extra_callbacks: list | None = None)
     for report in data.reports:
         logger.log(logging.WARNING if report.skipped else logging.INFO, "%s", report.summary())
     logger.info("data: %s", data_summary)
+    logger.info("processes: world_size=%d (%s), device %s", config.world_size,
+                config.distributed_state.distributed_type.value, config.device)
 
     run_callback = RunDirectoryCallback(config.output_dir, {"data": data_summary,
                                                             "parameters": sum(p.numel() for p in policy.parameters())})
     trainer = AdaptiveDPOTrainer(model=policy, args=config, ref_model=reference, train_dataset=train_dataset,
                                  eval_dataset=eval_dataset, processing_class=tokenizer,
                                  callbacks=[run_callback, *(extra_callbacks or [])])
+    del reference  # the trainer holds what it needs (nothing, when reference log-probs were precomputed)
     if resume:
         logger.info("resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)

@@ -1,0 +1,64 @@
+"""Small runs for the trajectory tests: a tiny model, a pretrained-once tokenizer, 48 HH pairs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_small_dataset(path: str, rows: list[dict], n: int = 48) -> str:
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows[:n]:
+            fh.write(json.dumps({k: row[k] for k in ("prompt", "chosen", "rejected")}) + "\n")
+    return path
+
+
+def base_argv(data_file: str, tokenizer_dir: str, output_dir: str, **overrides: object) -> list[str]:
+    settings: dict[str, object] = {
+        "train_file": data_file, "tokenizer_name_or_path": tokenizer_dir, "output_dir": output_dir,
+        "model_name_or_path": "tiny-llama", "tiny_hidden_size": 32, "tiny_num_layers": 2, "tiny_num_heads": 2,
+        "max_length": 64, "max_prompt_length": 32, "per_device_train_batch_size": 4, "learning_rate": 5e-3,
+        "lr_scheduler_type": "constant", "logging_steps": 1, "save_strategy": "no", "seed": 3, "use_cpu": True,
+        "disable_tqdm": True, "beta": 0.2, "dataloader_num_workers": 0,
+    }
+    settings.update(overrides)
+    argv = []
+    for key, value in settings.items():
+        argv += [f"--{key}", str(value)]
+    return argv
+
+
+def train_in_process(argv: list[str]) -> dict:
+    from adaptdpo.config import parse_config
+    from adaptdpo.train import run_training
+
+    return run_training(parse_config(argv))
+
+
+def train_logs(output_dir: str) -> list[dict]:
+    from adaptdpo.run_dir import read_metrics
+
+    return [r for r in read_metrics(output_dir) if "loss" in r]
+
+
+def final_params(output_dir: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(output_dir, "final_model", "model.safetensors"))
+
+
+def run_command(command: list[str], env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+                **(env or {})}
+    return subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_cli(args: list[str], launcher: list[str] | None = None, **kw: object) -> subprocess.CompletedProcess:
+    """`adaptdpo train ARGS` in a fresh process, optionally under a launcher (accelerate launch ...)."""
+    return run_command([*(launcher or [sys.executable]), "-m", "adaptdpo.cli", "train", *args], **kw)

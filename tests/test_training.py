@@ -1,0 +1,158 @@
+"""Trajectory tests: the same training, reached by different routes, must give the same numbers."""
+
+import math
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+from helpers import (
+    ROOT,
+    base_argv,
+    final_params,
+    run_cli,
+    run_command,
+    train_in_process,
+    train_logs,
+    write_small_dataset,
+)
+
+
+@pytest.fixture(scope="module")
+def small(hh_rows, tokenizer, tmp_path_factory):
+    root = tmp_path_factory.mktemp("small")
+    tokenizer.save_pretrained(str(root / "tok"))
+    data = write_small_dataset(str(root / "pairs.jsonl"), hh_rows)
+    return data, str(root / "tok")
+
+
+def assert_same_params(a_dir, b_dir, atol=1e-6):
+    a, b = final_params(a_dir), final_params(b_dir)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=1e-5, msg=key)
+
+
+def test_first_loss_is_log2_and_training_moves(small, tmp_path):
+    """Policy = reference at step 0, so the first DPO loss is −log σ(0) = ln 2 exactly."""
+    data, tok = small
+    out = str(tmp_path / "run")
+    summary = train_in_process(base_argv(data, tok, out, max_steps=6))
+    logs = train_logs(out)
+    assert [r["step"] for r in logs] == [1, 2, 3, 4, 5, 6]
+    assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert logs[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert logs[-1]["loss"] != pytest.approx(math.log(2), abs=1e-3)
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "final_model", "plots/training_curves.png"):
+        assert os.path.exists(os.path.join(out, name)), name
+    assert summary["global_step"] == 6 and summary["peak_rss_bytes"] > 0
+    assert {"torch", "transformers", "accelerate", "datasets"} <= set(summary["versions"])
+
+
+def test_gradient_accumulation_equals_one_big_batch(small, tmp_path):
+    """4 micro-batches of 2 pairs and 1 batch of 8 pairs: same losses, same update (SGD, 3 steps)."""
+    data, tok = small
+    common = dict(max_steps=3, optim="sgd", learning_rate=0.5)
+    big, acc = str(tmp_path / "big"), str(tmp_path / "acc")
+    train_in_process(base_argv(data, tok, big, per_device_train_batch_size=8, **common))
+    train_in_process(base_argv(data, tok, acc, per_device_train_batch_size=2, gradient_accumulation_steps=4,
+                               **common))
+    for a, b in zip(train_logs(big), train_logs(acc), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+        assert a["rewards/accuracies"] == pytest.approx(b["rewards/accuracies"], abs=1e-6)
+    assert_same_params(big, acc)
+
+
+def test_uneven_last_accumulation_step_is_normalised_by_pairs(small, tmp_path):
+    """44 pairs, micro-batches of 4 pairs, accumulation 3: the last step has 2 micro-batches, not 3.
+
+    The loss of that step must still be the mean over its 8 pairs (not scaled by 2/3).
+    """
+    data, tok = small
+    out = str(tmp_path / "uneven")
+    train_in_process(base_argv(data, tok, out, per_device_train_batch_size=4, gradient_accumulation_steps=3,
+                               num_train_epochs=1, max_train_samples=20, learning_rate=0.0))
+    logs = train_logs(out)
+    assert len(logs) == 2  # 5 micro-batches: 3 + 2
+    # with lr 0 the policy stays the reference: every step's mean loss is exactly ln 2
+    for record in logs:
+        assert record["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_kill_and_resume_gives_the_same_run(small, tmp_path):
+    data, tok = small
+    common = dict(max_steps=8, save_strategy="steps", save_steps=3)
+    straight = str(tmp_path / "straight")
+    train_in_process(base_argv(data, tok, straight, **common))
+
+    crashed = str(tmp_path / "crashed")
+    argv = base_argv(data, tok, crashed, **common)
+    killed = run_command([sys.executable, os.path.join(ROOT, "tests", "kill_at_step.py"), "5", *argv])
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert os.path.isdir(os.path.join(crashed, "checkpoint-3"))
+    assert not os.path.exists(os.path.join(crashed, "final_model"))
+    # a checkpoint folder cut short mid-write (no completion marker) must be ignored, not loaded
+    partial = os.path.join(crashed, "checkpoint-4")
+    shutil.copytree(os.path.join(crashed, "checkpoint-3"), partial)
+    os.remove(os.path.join(partial, "adaptdpo_complete"))
+    with open(os.path.join(partial, "model.safetensors"), "wb") as fh:
+        fh.write(b"truncated")
+
+    summary = train_in_process(argv)
+    assert summary["resumed_from"].endswith("checkpoint-3")
+    assert not os.path.exists(partial)
+    a, b = train_logs(straight), train_logs(crashed)
+    assert [r["step"] for r in b] == list(range(1, 9))
+    for x, y in zip(a, b, strict=True):
+        for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), (x["step"], key)
+    assert_same_params(straight, crashed)
+
+
+def test_precomputed_reference_equals_live_reference(small, tmp_path):
+    data, tok = small
+    live, cached = str(tmp_path / "live"), str(tmp_path / "cached")
+    train_in_process(base_argv(data, tok, live, max_steps=3))
+    train_in_process(base_argv(data, tok, cached, max_steps=3, precompute_ref_log_probs=True))
+    cache_files = os.listdir(os.path.join(cached, "ref_logps"))
+    assert len(cache_files) == 1 and cache_files[0].startswith("train-")
+    for x, y in zip(train_logs(live), train_logs(cached), strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+        assert x["rewards/margins"] == pytest.approx(y["rewards/margins"], abs=1e-5)
+    assert_same_params(live, cached, atol=1e-5)
+
+
+def test_lora_reference_is_the_base_model(small, tmp_path):
+    pytest.importorskip("peft")
+    data, tok = small
+    out = str(tmp_path / "lora")
+    train_in_process(base_argv(data, tok, out, max_steps=4, use_peft=True, lora_r=4, lora_alpha=8,
+                               learning_rate=5e-2))
+    logs = train_logs(out)
+    assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # LoRA B = 0 at init: policy = base
+    assert logs[-1]["rewards/margins"] != pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(small, tmp_path):
+    """2 CPU processes (gloo, accelerate launch) × 2 pairs = 1 process × 4 pairs, step for step."""
+    data, tok = small
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    common = dict(max_steps=4, optim="sgd", learning_rate=0.5)
+    r1 = run_cli(base_argv(data, tok, one, per_device_train_batch_size=4, **common))
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    # `accelerate launch --cpu` would start ONE process (its simple launcher); --multi_gpu starts torchrun,
+    # and use_cpu=True in our config makes it gloo on CPU
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    r2 = run_cli(base_argv(data, tok, two, per_device_train_batch_size=2, **common), launcher=launcher)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "world_size=2" in r2.stderr or "MULTI_CPU" in r2.stderr, r2.stderr[-3000:]
+    a, b = train_logs(one), train_logs(two)
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b, strict=True):
+        for key in ("loss", "grad_norm", "rewards/accuracies", "rewards/margins", "logps/rejected"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), (x["step"], key)
+    assert_same_params(one, two)
