@@ -29,7 +29,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check adaptdpo tests benchmarks
+	$(BIN)/ruff check .
 
 check: lint test
 
