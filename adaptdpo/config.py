@@ -16,9 +16,10 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from .beta import FILTERS, INITS, LEVELS
 from .losses import LOSS_TYPES
 
-METHODS = ("dpo",)
+METHODS = ("dpo", "beta_dpo")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -63,11 +64,27 @@ class AdaptiveDPOConfig(TrainingArguments):
     max_prompt_length: int | None = _f(None, "Prompt tokens kept when a pair is too long; default max_length/2.")
     pad_to_multiple_of: int | None = _f(None, "Pad batches to a multiple of this length.")
     # ---- objective
-    method: str = _f("dpo", "Training method.", choices=METHODS)
+    method: str = _f("dpo", "Training method: dpo (static β) or beta_dpo (dynamic β + β-guided filtering).",
+                     choices=METHODS)
     beta: float = _f(0.1, "β of the loss (τ for IPO): the strength of the KL regularisation toward the reference.")
     loss_type: str = _f("sigmoid", "Pairwise loss: " + ", ".join(LOSS_TYPES) + ".", choices=LOSS_TYPES)
     label_smoothing: float = _f(0.0, "Flip rate ε for robust; ε for exo_pair; smoothing for aot, aot_unpaired.")
     discopop_tau: float = _f(0.05, "Temperature τ of the discopop loss.")
+    # ---- β-DPO (method: beta_dpo); paper units, see docs/beta_dpo.md
+    beta_dpo_alpha: float = _f(0.6, "β-DPO α in the paper's units (margin M = β·h); 0 = static β (the "
+                               "filtering-only ablation). The official code's `a` is α·β.")
+    beta_dpo_keep_ratio: float = _f(0.8, "β-DPO ρ: fraction of each batch kept by the filter; 1 = no filtering "
+                                    "(the dynamic-β-only ablation). The official code's mode_weight is 1 − ρ.")
+    beta_dpo_momentum: float = _f(0.9, "β-DPO momentum m of the moving averages M0 and σ.")
+    beta_dpo_level: str = _f("batch", "β-DPO level: batch (one β per batch, the method) or instance (one β per "
+                             "pair, the paper's ablation).", choices=LEVELS)
+    beta_dpo_min_beta: float = _f(1e-3, "β-DPO lower clamp of β.")
+    beta_dpo_filter: str = _f("gaussian", "β-DPO filter: gaussian (β-guided, the method) or a gradient-based "
+                              "baseline of the paper's §5.2: grad_head, grad_tail, grad_tail_head.", choices=FILTERS)
+    beta_dpo_init: str = _f("first_batch", "How M0 and σ start: first_batch (the first batch's mean and std) or "
+                            "zero (the official code).", choices=INITS)
+    trace_pairs: bool = _f(True, "Write every training micro-batch's margins, trained mask and β to "
+                           "pairs.jsonl (for the margin-distribution plots).")
     precompute_ref_log_probs: bool = _f(False, "Compute reference log-probs once before training, cache them "
                                         "on disk, and free the reference model.")
     ref_cache_dir: str | None = _f(None, "Where cached reference log-probs live; default <output_dir>/ref_logps.")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 from typing import Any
 
-from .run_dir import read_metrics
+from .run_dir import PAIR_TRACE_FILE, read_metrics
 
 PANELS = (
     ("loss", ("loss", "eval_loss")),
@@ -14,6 +16,23 @@ PANELS = (
     ("rewards", ("rewards/chosen", "rewards/rejected")),
     ("logps", ("logps/chosen", "logps/rejected")),
 )
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, run_dir: str, name: str) -> str:
+    out_dir = os.path.join(run_dir, "plots")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=110)
+    return path
 
 
 def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -26,11 +45,7 @@ def plot_training_curves(run_dir: str) -> str | None:
     records = read_metrics(run_dir)
     if not records:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.2))
     for ax, (title, keys) in zip(axes, PANELS, strict=True):
         for key in keys:
@@ -40,13 +55,120 @@ def plot_training_curves(run_dir: str) -> str | None:
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+        if title == "rewards/accuracies":
+            ax.axhline(0.5, color="grey", lw=0.8, ls=":")
         if ax.lines:
             ax.legend(fontsize=7)
     fig.suptitle(os.path.basename(os.path.abspath(run_dir)))
     fig.tight_layout()
-    out_dir = os.path.join(run_dir, "plots")
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "training_curves.png")
-    fig.savefig(path, dpi=110)
+    path = _save(fig, run_dir, "training_curves.png")
     plt.close(fig)
     return path
+
+
+def read_trace(run_dir: str) -> list[dict[str, Any]]:
+    path = os.path.join(run_dir, PAIR_TRACE_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def plot_margin_distributions(run_dir: str, bins: int = 8) -> str | None:
+    """Margins M = β0·h over training (the paper's Fig. 3), trained vs dropped pairs, as split violins."""
+    trace = read_trace(run_dir)
+    if not trace:
+        return None
+    plt = _pyplot()
+    last_step = max(t["step"] for t in trace)
+    edges = [1 + round(i * last_step / bins) for i in range(bins + 1)]
+    groups: list[tuple[list[float], list[float], str]] = []
+    for lo, hi in itertools.pairwise(edges):
+        kept, dropped = [], []
+        for t in trace:
+            if lo <= t["step"] < hi or (hi == edges[-1] and t["step"] == last_step):
+                for m, used in zip(t["margin"], t["trained"], strict=True):
+                    (kept if used else dropped).append(m)
+        if kept:
+            groups.append((kept, dropped, f"{lo}-{max(lo, min(hi - 1, last_step))}"))
+    fig, ax = plt.subplots(figsize=(1.1 * len(groups) + 3, 3.6))
+    positions = list(range(len(groups)))
+    parts = ax.violinplot([g[0] for g in groups], positions, side="low", showmedians=True, widths=0.9)
+    for body in parts["bodies"]:
+        body.set_facecolor("tab:blue")
+        body.set_alpha(0.6)
+    with_dropped = [(p, g[1]) for p, g in zip(positions, groups, strict=True) if len(g[1]) > 1]
+    if with_dropped:
+        parts = ax.violinplot([d for _, d in with_dropped], [p for p, _ in with_dropped], side="high",
+                              showmedians=True, widths=0.9)
+        for body in parts["bodies"]:
+            body.set_facecolor("tab:red")
+            body.set_alpha(0.6)
+    ax.set_xticks(positions, [g[2] for g in groups], fontsize=7, rotation=30)
+    ax.set_xlabel("training steps")
+    ax.set_ylabel("margin M = β0·h")
+    ax.axhline(0.0, color="grey", lw=0.8, ls=":")
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color="tab:blue", alpha=0.6, label="trained"),
+                       Patch(color="tab:red", alpha=0.6, label="dropped")], fontsize=7, loc="upper left")
+    ax.set_title("margin distribution over training")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = _save(fig, run_dir, "margins.png")
+    plt.close(fig)
+    return path
+
+
+def plot_beta_dpo(run_dir: str) -> str | None:
+    """β_batch / β0, M0 with a ±σ band, and the kept fraction over training (β-DPO runs)."""
+    records = [r for r in read_metrics(run_dir) if "beta/batch" in r]
+    if not records:
+        return None
+    plt = _pyplot()
+    steps = [r["step"] for r in records]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
+    axes[0].plot(steps, [r["beta/batch"] for r in records], label="β used (batch)")
+    if "beta/min" in records[0]:
+        axes[0].fill_between(steps, [r["beta/min"] for r in records], [r["beta/max"] for r in records],
+                             alpha=0.2, label="per-pair range")
+    base = _base_beta(run_dir)
+    if base is not None:
+        axes[0].axhline(base, color="grey", ls=":", lw=1, label="β0")
+    axes[0].set_title("β")
+    m0 = [r["beta/m0"] for r in records]
+    sigma = [r["beta/sigma"] for r in records]
+    axes[1].plot(steps, m0, label="M0")
+    axes[1].fill_between(steps, [a - b for a, b in zip(m0, sigma, strict=True)],
+                         [a + b for a, b in zip(m0, sigma, strict=True)], alpha=0.2, label="M0 ± σ")
+    axes[1].plot(steps, [a + r["beta/kept_margin_minus_m0"] for a, r in zip(m0, records, strict=True)],
+                 lw=0.8, label="mean kept M")
+    axes[1].set_title("moving averages of the margin")
+    axes[2].plot(steps, [r["filter/kept_fraction"] for r in records])
+    axes[2].set_ylim(0, 1.05)
+    axes[2].set_title("filter/kept_fraction")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if len(ax.lines) > 1:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = _save(fig, run_dir, "beta_dpo.png")
+    plt.close(fig)
+    return path
+
+
+def _base_beta(run_dir: str) -> float | None:
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(path):
+        return None
+    import yaml
+
+    with open(path, encoding="utf-8") as fh:
+        return float(yaml.safe_load(fh).get("beta", 0.1))
+
+
+def plot_run(run_dir: str) -> list[str]:
+    """Every plot that applies to the run; returns their paths."""
+    made = [plot_training_curves(run_dir), plot_margin_distributions(run_dir), plot_beta_dpo(run_dir)]
+    return [p for p in made if p]

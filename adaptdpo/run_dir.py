@@ -19,6 +19,7 @@ from .checkpointing import atomic_write_json, atomic_write_text
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
+PAIR_TRACE_FILE = "pairs.jsonl"
 
 
 def versions() -> dict[str, str]:
@@ -46,9 +47,9 @@ def write_config(run_dir: str, config: dict[str, Any]) -> None:
     atomic_write_text(os.path.join(run_dir, CONFIG_FILE), yaml.safe_dump(config, sort_keys=True, allow_unicode=True))
 
 
-def truncate_metrics(run_dir: str, last_step: int) -> None:
-    """Drop metric lines logged after ``last_step`` (a killed run resumed from an earlier checkpoint)."""
-    path = os.path.join(run_dir, METRICS_FILE)
+def truncate_metrics(run_dir: str, last_step: int, name: str = METRICS_FILE) -> None:
+    """Drop lines logged after ``last_step`` (a killed run resumed from an earlier checkpoint)."""
+    path = os.path.join(run_dir, name)
     if not os.path.exists(path):
         return
     kept = []

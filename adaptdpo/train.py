@@ -24,7 +24,7 @@ from .modeling import (
     tiny_model_config,
     train_tokenizer,
 )
-from .run_dir import RunDirectoryCallback, truncate_metrics, write_config
+from .run_dir import METRICS_FILE, PAIR_TRACE_FILE, RunDirectoryCallback, truncate_metrics, write_config
 from .trainer import AdaptiveDPOTrainer
 
 logger = logging.getLogger("adaptdpo")
@@ -154,10 +154,11 @@ def run_training(config: AdaptiveDPOConfig, extra_callbacks: list | None = None)
     if config.should_save:
         remove_incomplete_checkpoints(config.output_dir)
         write_config(config.output_dir, config.to_serialisable())
-        if resume is None:
-            open(os.path.join(config.output_dir, "metrics.jsonl"), "w").close()
-        else:
-            truncate_metrics(config.output_dir, int(resume.rstrip("/").rsplit("-", 1)[1]))
+        for name in (METRICS_FILE, PAIR_TRACE_FILE):
+            if resume is None:
+                open(os.path.join(config.output_dir, name), "w").close()
+            else:
+                truncate_metrics(config.output_dir, int(resume.rstrip("/").rsplit("-", 1)[1]), name)
         with open(os.path.join(config.output_dir, "skipped_rows.jsonl"), "w", encoding="utf-8") as fh:
             for report in data.reports:
                 for err in report.skipped:
@@ -185,9 +186,9 @@ def run_training(config: AdaptiveDPOConfig, extra_callbacks: list | None = None)
         trainer.save_model(os.path.join(config.output_dir, "final_model"))
     summary = run_callback.write_summary(trainer.state, extra)
     if trainer.is_world_process_zero():
-        from .report import plot_training_curves
+        from .report import plot_run
 
-        plot_training_curves(config.output_dir)
+        plot_run(config.output_dir)
     del trainer
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 from collections import defaultdict
@@ -32,8 +33,10 @@ from .config import AdaptiveDPOConfig
 from .data import PreferenceCollator
 from .logprobs import sequence_logps
 from .losses import BATCH_COUPLED_LOSSES, preference_loss
+from .methods import build_step_policy
 from .modeling import disable_dropout
-from .step_policy import PairView, StaticBeta, StepPlan, StepPolicy
+from .run_dir import PAIR_TRACE_FILE
+from .step_policy import PairView, StepPlan, StepPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +66,11 @@ class AdaptiveDPOTrainer(Trainer):
             raise ValueError("ref_model must be a separate copy of the policy, not the same object")
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks)
-        self.step_policy: StepPolicy = step_policy or StaticBeta(args.beta)
-        self._metrics: dict[str, defaultdict[str, list[float]]] = {"train": defaultdict(list),
-                                                                   "eval": defaultdict(list)}
+        self.step_policy: StepPolicy = step_policy or build_step_policy(args)
+        self._trace_path = os.path.join(args.output_dir, PAIR_TRACE_FILE) if args.trace_pairs else None
+        self._trace_buffer: list[tuple] = []
+        self._metrics: dict[str, defaultdict[str, list[Tensor | float]]] = {"train": defaultdict(list),
+                                                                            "eval": defaultdict(list)}
         self.ref_model: torch.nn.Module | None = None
         self.peft_reference = ref_model is None and _is_peft_model(model)
         if args.precompute_ref_log_probs:
@@ -180,11 +185,40 @@ class AdaptiveDPOTrainer(Trainer):
         mine = slice(offset, offset + local.shape[0])
         if not training:
             return StepPlan(beta=torch.tensor(self.args.beta, device=local.device)), mine
+        if not torch.isfinite(everything).all():
+            raise FloatingPointError(f"non-finite log-probs at step {self.state.global_step + 1}: the policy or the "
+                                     "reference produced NaN/inf (check the learning rate and the precision)")
         view = PairView(chosen_logratios=everything[:, 0] - everything[:, 2],
                         rejected_logratios=everything[:, 1] - everything[:, 3],
                         chosen_logps=everything[:, 0], rejected_logps=everything[:, 1],
                         base_beta=self.args.beta, extras=extras or {})
-        return self.step_policy.plan(view), mine
+        plan = self.step_policy.plan(view)
+        if self._trace_path is not None and self.is_world_process_zero():
+            self._write_trace(view, plan, extras)
+        return plan, mine
+
+    def _write_trace(self, view: PairView, plan: StepPlan, extras: dict[str, Any] | None) -> None:
+        """Buffer one record per training micro-batch (tensors: no host synchronisation here); written to
+        pairs.jsonl by :meth:`flush_trace` when metrics are logged and before every checkpoint."""
+        margins = self.args.beta * (view.chosen_logratios - view.rejected_logratios)
+        trained = torch.ones_like(margins, dtype=torch.bool) if plan.train_mask is None else plan.train_mask
+        self._trace_buffer.append((self.state.global_step + 1, margins, trained, plan.beta,
+                                   (extras or {}).get("pair_id")))
+
+    def flush_trace(self) -> None:
+        if not self._trace_buffer or self._trace_path is None:
+            return
+        os.makedirs(os.path.dirname(self._trace_path), exist_ok=True)
+        with open(self._trace_path, "a", encoding="utf-8") as fh:
+            for step, margins, trained, beta, pair_id in self._trace_buffer:
+                beta_value = beta.tolist()
+                record = {"step": step, "margin": [round(m, 6) for m in margins.tolist()],
+                          "trained": trained.int().tolist(),
+                          "beta": [round(b, 6) for b in beta_value] if isinstance(beta_value, list) else beta_value}
+                if pair_id is not None:
+                    record["pair_id"] = pair_id.tolist()
+                fh.write(json.dumps(record) + "\n")
+        self._trace_buffer.clear()
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Tensor], return_outputs: bool = False,
                      num_items_in_batch: Tensor | int | None = None) -> Tensor | tuple[Tensor, Any]:
@@ -194,7 +228,10 @@ class AdaptiveDPOTrainer(Trainer):
         chosen_lengths, rejected_lengths = policy.lengths.chunk(2, dim=0)
         ref_chosen, ref_rejected = self.reference_logps(inputs)
         ref_chosen, ref_rejected = ref_chosen.to(chosen_logps.dtype), ref_rejected.to(chosen_logps.dtype)
-        plan, mine = self.plan_step(chosen_logps, rejected_logps, ref_chosen, ref_rejected, mode == "train")
+        extras = None
+        if mode == "train" and self._trace_path is not None and "pair_id" in inputs:
+            extras = {"pair_id": self._gather(inputs["pair_id"])[0]}
+        plan, mine = self.plan_step(chosen_logps, rejected_logps, ref_chosen, ref_rejected, mode == "train", extras)
         beta = plan.beta.to(chosen_logps.device)
         if beta.dim() == 1:
             beta = beta[mine]
@@ -221,6 +258,7 @@ class AdaptiveDPOTrainer(Trainer):
 
     def _record_metrics(self, mode: str, chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen: Tensor,
                         ref_rejected: Tensor, plan: StepPlan) -> None:
+        """Metrics as 0-dim tensors on the device: no host-device synchronisation until they are logged."""
         gather = self.accelerator.gather_for_metrics if mode == "eval" else self.accelerator.gather
         beta = self.args.beta
         stacked = torch.stack([chosen_logps.detach(), rejected_logps.detach(),
@@ -228,21 +266,27 @@ class AdaptiveDPOTrainer(Trainer):
         allv = gather(stacked.float())
         chosen_rewards, rejected_rewards = beta * allv[:, 2], beta * allv[:, 3]
         m = self._metrics[mode]
-        m["rewards/chosen"].append(chosen_rewards.mean().item())
-        m["rewards/rejected"].append(rejected_rewards.mean().item())
-        m["rewards/margins"].append((chosen_rewards - rejected_rewards).mean().item())
-        m["rewards/accuracies"].append((chosen_rewards > rejected_rewards).float().mean().item())
-        m["logps/chosen"].append(allv[:, 0].mean().item())
-        m["logps/rejected"].append(allv[:, 1].mean().item())
+        m["rewards/chosen"].append(chosen_rewards.mean())
+        m["rewards/rejected"].append(rejected_rewards.mean())
+        m["rewards/margins"].append((chosen_rewards - rejected_rewards).mean())
+        m["rewards/accuracies"].append((chosen_rewards > rejected_rewards).float().mean())
+        m["logps/chosen"].append(allv[:, 0].mean())
+        m["logps/rejected"].append(allv[:, 1].mean())
         for key, value in plan.metrics.items():
-            m[key].append(float(value))
+            m[key].append(value)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
-        averaged = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
+        averaged = {}
+        for key, values in self._metrics[mode].items():
+            if values:
+                values = [v if isinstance(v, Tensor) else torch.tensor(float(v)) for v in values]
+                averaged[key] = torch.stack([v.detach().float().cpu() for v in values]).mean().item()
         if mode == "eval":
             averaged = {f"eval_{key}": value for key, value in averaged.items()}
         logs.update(averaged)  # in place: evaluate() returns this same dict
+        if self.is_world_process_zero():
+            self.flush_trace()
         super().log(logs, start_time)
         self._metrics[mode].clear()
 
@@ -262,6 +306,8 @@ class AdaptiveDPOTrainer(Trainer):
         """
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+        if self.is_world_process_zero():
+            self.flush_trace()
         limit = self.args.save_total_limit
         self.args.save_total_limit = None
         try:

@@ -1,5 +1,6 @@
 """Trajectory tests: the same training, reached by different routes, must give the same numbers."""
 
+import json
 import math
 import os
 import shutil
@@ -81,9 +82,28 @@ def test_uneven_last_accumulation_step_is_normalised_by_pairs(small, tmp_path):
         assert record["loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
-def test_kill_and_resume_gives_the_same_run(small, tmp_path):
+METHODS = {"dpo": {}, "beta_dpo": {"method": "beta_dpo", "beta_dpo_alpha": 3.0, "beta_dpo_keep_ratio": 0.5}}
+
+
+def read_trace(run_dir):
+    with open(os.path.join(run_dir, "pairs.jsonl"), encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def assert_same_trace(a_dir, b_dir):
+    """Same β and the same kept pairs at every micro-batch."""
+    a, b = read_trace(a_dir), read_trace(b_dir)
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b, strict=True):
+        assert x["step"] == y["step"] and x["trained"] == y["trained"] and x["pair_id"] == y["pair_id"]
+        assert x["beta"] == pytest.approx(y["beta"], rel=1e-5)
+        assert x["margin"] == pytest.approx(y["margin"], rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_kill_and_resume_gives_the_same_run(small, tmp_path, method):
     data, tok = small
-    common = dict(max_steps=8, save_strategy="steps", save_steps=3)
+    common = dict(max_steps=8, save_strategy="steps", save_steps=3, **METHODS[method])
     straight = str(tmp_path / "straight")
     train_in_process(base_argv(data, tok, straight, **common))
 
@@ -109,6 +129,9 @@ def test_kill_and_resume_gives_the_same_run(small, tmp_path):
         for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen"):
             assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), (x["step"], key)
     assert_same_params(straight, crashed)
+    assert_same_trace(straight, crashed)
+    if method == "beta_dpo":
+        assert [r["beta/m0"] for r in train_logs(straight)] == pytest.approx([r["beta/m0"] for r in b], rel=1e-5)
 
 
 def test_precomputed_reference_equals_live_reference(small, tmp_path):
@@ -136,11 +159,15 @@ def test_lora_reference_is_the_base_model(small, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(small, tmp_path):
-    """2 CPU processes (gloo, accelerate launch) × 2 pairs = 1 process × 4 pairs, step for step."""
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_two_processes_match_one(small, tmp_path, method):
+    """2 CPU processes (gloo, accelerate launch) × 2 pairs = 1 process × 4 pairs, step for step.
+
+    For β-DPO: the same β, M0, σ and kept pairs on both ranks and in the 1-process run.
+    """
     data, tok = small
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    common = dict(max_steps=4, optim="sgd", learning_rate=0.5)
+    common = dict(max_steps=4, optim="sgd", learning_rate=0.5, **METHODS[method])
     r1 = run_cli(base_argv(data, tok, one, per_device_train_batch_size=4, **common))
     assert r1.returncode == 0, r1.stderr[-3000:]
     # `accelerate launch --cpu` would start ONE process (its simple launcher); --multi_gpu starts torchrun,
@@ -153,6 +180,10 @@ def test_two_processes_match_one(small, tmp_path):
     a, b = train_logs(one), train_logs(two)
     assert len(a) == len(b) == 4
     for x, y in zip(a, b, strict=True):
-        for key in ("loss", "grad_norm", "rewards/accuracies", "rewards/margins", "logps/rejected"):
+        keys = ["loss", "grad_norm", "rewards/accuracies", "rewards/margins", "logps/rejected"]
+        if method == "beta_dpo":
+            keys += ["beta/batch", "beta/m0", "beta/sigma", "filter/kept_fraction"]
+        for key in keys:
             assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), (x["step"], key)
     assert_same_params(one, two)
+    assert_same_trace(one, two)

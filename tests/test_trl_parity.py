@@ -43,7 +43,7 @@ def trl_loss_and_metrics(setup, loss_type, beta, label_smoothing, tmp_path):
                          train_dataset=text, processing_class=tokenizer)
     trainer.model.train()
     loss = trainer._compute_loss(trainer.model, dict(batch), False)
-    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    metrics = {k: float(v[-1]) for k, v in trainer._metrics["train"].items()}
     return loss, metrics
 
 
@@ -62,7 +62,7 @@ def test_loss_matches_trl(setup, loss_type, tmp_path):
     n_pairs = batch["input_ids"].shape[0] // 2
     loss = ours.compute_loss(ours.model, dict(batch), num_items_in_batch=torch.tensor(n_pairs))
     assert loss.item() == pytest.approx(expected.item(), abs=1e-5, rel=1e-5)
-    ours_metrics = {k: v[-1] for k, v in ours._metrics["train"].items()}
+    ours_metrics = {k: float(v[-1]) for k, v in ours._metrics["train"].items()}
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                 "logps/rejected"):
         assert ours_metrics[key] == pytest.approx(trl_metrics[key], abs=1e-4, rel=1e-5), key
