@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import itertools
-import json
 import os
 from typing import Any
 
-from .run_dir import PAIR_TRACE_FILE, read_metrics
+from .run_dir import PAIR_TRACE_FILE, read_jsonl, read_metrics
 
 PANELS = (
     ("loss", ("loss", "eval_loss")),
@@ -28,10 +27,15 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, run_dir: str, name: str) -> str:
+    """Lay out, write <run_dir>/plots/<name>, close the figure; return the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
     out_dir = os.path.join(run_dir, "plots")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, name)
     fig.savefig(path, dpi=110)
+    plt.close(fig)
     return path
 
 
@@ -60,18 +64,11 @@ def plot_training_curves(run_dir: str) -> str | None:
         if ax.lines:
             ax.legend(fontsize=7)
     fig.suptitle(os.path.basename(os.path.abspath(run_dir)))
-    fig.tight_layout()
-    path = _save(fig, run_dir, "training_curves.png")
-    plt.close(fig)
-    return path
+    return _save(fig, run_dir, "training_curves.png")
 
 
 def read_trace(run_dir: str) -> list[dict[str, Any]]:
-    path = os.path.join(run_dir, PAIR_TRACE_FILE)
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    return read_jsonl(run_dir, PAIR_TRACE_FILE)
 
 
 def plot_margin_distributions(run_dir: str, bins: int = 8) -> str | None:
@@ -114,10 +111,7 @@ def plot_margin_distributions(run_dir: str, bins: int = 8) -> str | None:
                        Patch(color="tab:red", alpha=0.6, label="dropped")], fontsize=7, loc="upper left")
     ax.set_title("margin distribution over training")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = _save(fig, run_dir, "margins.png")
-    plt.close(fig)
-    return path
+    return _save(fig, run_dir, "margins.png")
 
 
 def plot_beta_dpo(run_dir: str) -> str | None:
@@ -152,10 +146,7 @@ def plot_beta_dpo(run_dir: str) -> str | None:
         ax.grid(alpha=0.3)
         if len(ax.lines) > 1:
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = _save(fig, run_dir, "beta_dpo.png")
-    plt.close(fig)
-    return path
+    return _save(fig, run_dir, "beta_dpo.png")
 
 
 def _base_beta(run_dir: str) -> float | None:

@@ -63,12 +63,16 @@ def truncate_metrics(run_dir: str, last_step: int, name: str = METRICS_FILE) -> 
     atomic_write_text(path, "".join(kept))
 
 
-def read_metrics(run_dir: str) -> list[dict[str, Any]]:
-    path = os.path.join(run_dir, METRICS_FILE)
+def read_jsonl(run_dir: str, name: str) -> list[dict[str, Any]]:
+    path = os.path.join(run_dir, name)
     if not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+def read_metrics(run_dir: str) -> list[dict[str, Any]]:
+    return read_jsonl(run_dir, METRICS_FILE)
 
 
 class RunDirectoryCallback(TrainerCallback):

@@ -235,16 +235,18 @@ class AdaptiveDPOTrainer(Trainer):
         beta = plan.beta.to(chosen_logps.device)
         if beta.dim() == 1:
             beta = beta[mine]
-        losses = preference_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected, beta, self.args.loss_type,
-                                 label_smoothing=self.args.label_smoothing, chosen_lengths=chosen_lengths,
-                                 rejected_lengths=rejected_lengths, discopop_tau=self.args.discopop_tau)
-        if plan.train_mask is not None:
-            if self.args.loss_type in BATCH_COUPLED_LOSSES:
-                raise ValueError(f"loss_type={self.args.loss_type!r} couples the pairs of a batch (it sorts "
-                                 "them), so it cannot be combined with a method that drops pairs")
-            weights = plan.train_mask[mine].to(losses.dtype).to(losses.device)
-        else:
-            weights = torch.ones_like(losses)
+        pairs = [chosen_logps, rejected_logps, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths]
+        keep = None if plan.train_mask is None else plan.train_mask[mine].to(chosen_logps.device)
+        if keep is not None and self.args.loss_type in BATCH_COUPLED_LOSSES:
+            # AOT sorts the pairs of its batch: its batch is the kept pairs (dropped ones are not in it)
+            kept = keep.nonzero().squeeze(1)
+            pairs = [t[kept] for t in pairs]
+            beta = beta[kept] if beta.dim() == 1 else beta
+            keep = None
+        losses = preference_loss(*pairs[:4], beta, self.args.loss_type, label_smoothing=self.args.label_smoothing,
+                                 chosen_lengths=pairs[4], rejected_lengths=pairs[5],
+                                 discopop_tau=self.args.discopop_tau)
+        weights = torch.ones_like(losses) if keep is None else keep.to(losses.dtype)
         if mode == "train" and num_items_in_batch is not None:
             # sum / (pairs trained on in the whole optimizer step); DDP averages gradients over ranks, so
             # multiply back by the number of processes to get the global mean

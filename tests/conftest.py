@@ -26,3 +26,13 @@ def tokenizer(hh_rows, tmp_path_factory):
 
     texts = [r[k] for r in hh_rows for k in ("prompt", "chosen", "rejected")]
     return train_tokenizer(texts, 512, str(tmp_path_factory.mktemp("tok") / "tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def policy_and_reference(tokenizer):
+    """Two different tiny random Llama models (seeds 1 and 2) for the given tokenizer."""
+    from adaptdpo.modeling import build_tiny_model, tiny_model_config
+
+    cfg = tiny_model_config("tiny-llama", len(tokenizer), 32, 2, 4, 256, tokenizer.pad_token_id,
+                            tokenizer.eos_token_id)
+    return build_tiny_model(cfg, seed=1), build_tiny_model(cfg, seed=2)

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 import os
 
 import pytest
@@ -10,15 +11,12 @@ from helpers import base_argv, train_in_process, train_logs, write_small_dataset
 
 from adaptdpo.config import AdaptiveDPOConfig
 from adaptdpo.data import PreferenceCollator, tokenize_rows
-from adaptdpo.modeling import build_tiny_model, tiny_model_config
 from adaptdpo.trainer import AdaptiveDPOTrainer
 
 
 @pytest.fixture(scope="module")
-def models_and_examples(hh_rows, tokenizer):
-    cfg = tiny_model_config("tiny-llama", len(tokenizer), 32, 2, 4, 256, tokenizer.pad_token_id,
-                            tokenizer.eos_token_id)
-    policy, reference = build_tiny_model(cfg, seed=1), build_tiny_model(cfg, seed=2)
+def models_and_examples(hh_rows, tokenizer, policy_and_reference):
+    policy, reference = policy_and_reference
     examples, _ = tokenize_rows(hh_rows[:8], tokenizer, max_length=96, max_prompt_length=48)
     return policy, reference, examples, tokenizer
 
@@ -103,3 +101,41 @@ def test_training_run_beta_moves_with_the_kept_margins(hh_rows, tokenizer, tmp_p
     assert above > 0 and below > 0, (above, below)
     trace = [json.loads(line) for line in open(os.path.join(out, "pairs.jsonl"), encoding="utf-8")]
     assert len(trace) == len(logs) and all(sum(t["trained"]) == 6 for t in trace)
+
+
+@pytest.mark.parametrize("loss_type", __import__("adaptdpo.losses", fromlist=["LOSS_TYPES"]).LOSS_TYPES)
+def test_every_loss_type_trains_on_the_kept_pairs_with_beta_batch(models_and_examples, tmp_path, loss_type):
+    """β-IPO, β-SPPO, ...: for every loss, the β-DPO update is that loss on the kept pairs at β_batch."""
+    _, _, examples, _ = models_and_examples
+    smoothing = 0.1 if loss_type in ("robust", "exo_pair", "aot", "aot_unpaired") else 0.0
+    trainer = make_trainer(models_and_examples, tmp_path / "b", method="beta_dpo", beta_dpo_alpha=5.0,
+                           beta_dpo_keep_ratio=0.5, loss_type=loss_type, label_smoothing=smoothing)
+    trainer.compute_loss(trainer.model, dict(PreferenceCollator(0)(examples[4:] + examples[:4])),
+                         num_items_in_batch=torch.tensor(4))
+    loss, grads = loss_and_grads(trainer, PreferenceCollator(0)(examples), 4)
+    trainer.flush_trace()
+    last = [json.loads(line) for line in open(tmp_path / "b" / "pairs.jsonl", encoding="utf-8")][-1]
+    kept = [i for i, t in enumerate(last["trained"]) if t]
+    reference = make_trainer(models_and_examples, tmp_path / "d", beta=last["beta"], loss_type=loss_type,
+                             label_smoothing=smoothing)
+    ref_loss, ref_grads = loss_and_grads(reference, PreferenceCollator(0)([examples[i] for i in kept]), 4)
+    assert math.isfinite(loss) and loss == pytest.approx(ref_loss, abs=1e-5, rel=1e-5)
+    for key in grads:
+        torch.testing.assert_close(grads[key], ref_grads[key], atol=1e-6, rtol=1e-4, msg=key)
+
+
+def test_gradient_accumulation_normalises_by_the_kept_pairs(hh_rows, tokenizer, tmp_path):
+    """2 micro-batches of 4 pairs, 3 kept in each: the step's loss is the mean over the 6 kept pairs.
+
+    With lr 0 the policy stays the reference, every pair's loss is ln 2, so the logged loss must be ln 2
+    exactly (dividing by all 8 pairs would give 0.52)."""
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    data = write_small_dataset(str(tmp_path / "pairs.jsonl"), hh_rows, n=16)
+    out = str(tmp_path / "run")
+    train_in_process(base_argv(data, str(tmp_path / "tok"), out, method="beta_dpo", per_device_train_batch_size=4,
+                               gradient_accumulation_steps=2, max_steps=2, learning_rate=0.0))
+    logs = train_logs(out)
+    assert len(logs) == 2
+    for record in logs:
+        assert record["loss"] == pytest.approx(math.log(2), abs=1e-6)
+        assert record["filter/kept_fraction"] == pytest.approx(0.75)

@@ -11,19 +11,16 @@ import torch
 from adaptdpo.config import AdaptiveDPOConfig
 from adaptdpo.data import PreferenceCollator, tokenize_rows
 from adaptdpo.losses import LOSS_TYPES
-from adaptdpo.modeling import build_tiny_model, tiny_model_config
 from adaptdpo.trainer import AdaptiveDPOTrainer
 
 trl = pytest.importorskip("trl")
 
 
 @pytest.fixture(scope="module")
-def setup(hh_rows, tokenizer):
+def setup(hh_rows, tokenizer, policy_and_reference):
     from datasets import Dataset
 
-    cfg = tiny_model_config("tiny-llama", len(tokenizer), 32, 2, 4, 256, tokenizer.pad_token_id,
-                            tokenizer.eos_token_id)
-    policy, reference = build_tiny_model(cfg, seed=1), build_tiny_model(cfg, seed=2)
+    policy, reference = policy_and_reference
     examples, _ = tokenize_rows(hh_rows[:6], tokenizer, max_length=96, max_prompt_length=48)
     batch = PreferenceCollator(tokenizer.pad_token_id)(examples)
     batch.pop("pair_id")
