@@ -12,9 +12,7 @@ taken per round and summarised by its median and the spread over rounds.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -22,15 +20,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from adaptdpo.config import AdaptiveDPOConfig
-from adaptdpo.data import PreferenceCollator, load_preference_rows, tokenize_rows
-from adaptdpo.modeling import build_tiny_model, text_fingerprint, tiny_model_config, train_tokenizer
-from adaptdpo.trainer import AdaptiveDPOTrainer
-
-HH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "hh-rlhf",
-                  "harmless-base-test.jsonl.gz")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import build, device_line, make_trainer, matmul_params, one_step
 
 CONFIGS = {
     "dpo": {"method": "dpo"},
@@ -38,48 +29,6 @@ CONFIGS = {
     "beta_dpo (instance, ρ=0.8)": {"method": "beta_dpo", "beta_dpo_level": "instance"},
     "beta_dpo (dynamic β only)": {"method": "beta_dpo", "beta_dpo_keep_ratio": 1.0},
 }
-
-
-def build(pairs: int, hidden: int, layers: int, max_length: int, workdir: str, vocab: int = 0):
-    rows, _ = load_preference_rows(HH, skip_invalid=True, limit=max(pairs, 256))
-    texts = [r[k] for r in rows for k in ("prompt", "chosen", "rejected")]
-    tok = train_tokenizer(texts, 2048, os.path.join(workdir, "tok-" + text_fingerprint(texts, 2048)))
-    cfg = tiny_model_config("tiny-llama", max(len(tok), vocab), hidden, layers, max(1, hidden // 64), max_length,
-                            tok.pad_token_id, tok.eos_token_id)
-    policy = build_tiny_model(cfg, seed=0)
-    examples, _ = tokenize_rows(rows[:pairs], tok, max_length=max_length, max_prompt_length=max_length // 2)
-    return policy, tok, PreferenceCollator(tok.pad_token_id)(examples)
-
-
-def make_trainer(policy, tok, workdir, overrides, cuda: bool):
-    args = AdaptiveDPOConfig(output_dir=workdir, use_cpu=not cuda, bf16=cuda, learning_rate=1e-5,
-                             report_to="none", **overrides)
-    trainer = AdaptiveDPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(policy), args=args,
-                                 processing_class=tok)
-    # what Trainer.train() does before the first step: wrap the policy (mixed-precision autocast on GPU)
-    trainer.model = trainer.model_wrapped = trainer.accelerator.prepare_model(trainer.model)
-    trainer.create_optimizer_and_scheduler(num_training_steps=10_000)
-    return trainer
-
-
-def matmul_params(model: torch.nn.Module) -> int:
-    """N of the 8·N·T FLOP model: parameters of the linear layers (embeddings are lookups, not matmuls)."""
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-
-
-def one_step(trainer, batch) -> float:
-    n = batch["input_ids"].shape[0] // 2
-    items = torch.tensor(trainer.step_policy.num_trained(n))
-    device = trainer.args.device
-    batch = {k: v.to(device) for k, v in batch.items()}
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    trainer.training_step(trainer.model, batch, items.to(device))
-    trainer.optimizer.step()
-    trainer.model.zero_grad(set_to_none=True)
-    sync()
-    return time.perf_counter() - start
 
 
 def plan_cost_us(trainer, n: int, repeats: int = 2000) -> float:
@@ -125,10 +74,7 @@ def main() -> None:
     flops_per_step = 8 * matmul_params(policy) * tokens
     lines = [
         f"Model: tiny-llama, hidden {ns.hidden}, {ns.layers} layers, {params / 1e6:.1f} M parameters; batch "
-        f"{ns.pairs} pairs, {tokens} tokens (HH, max_length {ns.max_length}); "
-        + (f"bf16 autocast on {torch.cuda.get_device_name()}" if torch.cuda.is_available() else
-           f"fp32 on CPU, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-        + f", torch {torch.__version__}. "
+        f"{ns.pairs} pairs, {tokens} tokens (HH, max_length {ns.max_length}); {device_line(ns)}. "
         f"{ns.rounds} rounds × {ns.steps} steps per configuration, alternated. DPO step: "
         f"{tokens / statistics.median(times['dpo']):,.0f} tokens/s, "
         f"{flops_per_step / statistics.median(times['dpo']) / 1e12:.2f} TFLOP/s achieved (8·N·T, N = "

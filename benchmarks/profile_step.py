@@ -13,7 +13,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from beta_overhead import build, make_trainer, one_step
+from common import build, make_trainer, one_step
 
 
 def main() -> None:

@@ -1,0 +1,79 @@
+"""Shared pieces of the benchmarks: a tiny-llama of any shape, a tokenised HH batch, timed steps."""
+
+from __future__ import annotations
+
+import copy
+import os
+import platform
+import sys
+import time
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from adaptdpo.config import AdaptiveDPOConfig
+from adaptdpo.data import PreferenceCollator, load_preference_rows, tokenize_rows
+from adaptdpo.modeling import build_tiny_model, text_fingerprint, tiny_model_config, train_tokenizer
+from adaptdpo.trainer import AdaptiveDPOTrainer
+
+HH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "hh-rlhf",
+                  "harmless-base-test.jsonl.gz")
+
+
+def build(pairs: int, hidden: int, layers: int, max_length: int, workdir: str, vocab: int = 0):
+    """(policy, tokenizer, collated batch of ``pairs`` HH pairs)."""
+    rows, _ = load_preference_rows(HH, skip_invalid=True, limit=max(pairs, 256))
+    texts = [r[k] for r in rows for k in ("prompt", "chosen", "rejected")]
+    tok = train_tokenizer(texts, 2048, os.path.join(workdir, "tok-" + text_fingerprint(texts, 2048)))
+    cfg = tiny_model_config("tiny-llama", max(len(tok), vocab), hidden, layers, max(1, hidden // 64), max_length,
+                            tok.pad_token_id, tok.eos_token_id)
+    policy = build_tiny_model(cfg, seed=0)
+    examples, _ = tokenize_rows(rows[:pairs], tok, max_length=max_length, max_prompt_length=max_length // 2)
+    return policy, tok, PreferenceCollator(tok.pad_token_id)(examples)
+
+
+def prepare(trainer: Any) -> Any:
+    """What Trainer.train() does before the first step: wrap the policy (autocast on GPU), make the optimizer."""
+    trainer.model = trainer.model_wrapped = trainer.accelerator.prepare_model(trainer.model)
+    trainer.create_optimizer_and_scheduler(num_training_steps=10_000)
+    trainer.current_gradient_accumulation_steps = 1
+    return trainer
+
+
+def make_trainer(policy, tok, workdir, overrides, cuda: bool):
+    args = AdaptiveDPOConfig(output_dir=workdir, use_cpu=not cuda, bf16=cuda, learning_rate=1e-5,
+                             report_to="none", **overrides)
+    trainer = AdaptiveDPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(policy), args=args,
+                                 processing_class=tok)
+    return prepare(trainer)
+
+
+def one_step(trainer, batch) -> float:
+    """Wall time of one optimizer step (forward, backward, optimizer), synchronised on GPU."""
+    n = batch["input_ids"].shape[0] // 2
+    policy = getattr(trainer, "step_policy", None)
+    items = torch.tensor(policy.num_trained(n) if policy is not None else n)
+    device = trainer.args.device
+    batch = {k: v.to(device) for k, v in batch.items() if k != "pair_id" or policy is not None}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    trainer.training_step(trainer.model, batch, items.to(device))
+    trainer.optimizer.step()
+    trainer.model.zero_grad(set_to_none=True)
+    sync()
+    return time.perf_counter() - start
+
+
+def matmul_params(model: torch.nn.Module) -> int:
+    """N of the 8·N·T FLOP model: parameters of the linear layers (embeddings are lookups, not matmuls)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def device_line(ns: Any) -> str:
+    if torch.cuda.is_available():
+        return f"bf16 autocast on {torch.cuda.get_device_name()}, torch {torch.__version__}"
+    return (f"fp32 on CPU, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+            f"torch {torch.__version__}")
