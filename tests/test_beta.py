@@ -178,3 +178,13 @@ def test_state_dict_round_trip_continues_identically():
 def test_non_finite_margins_are_refused():
     with pytest.raises(FloatingPointError):
         step(BetaDPO(), [0.0, float("nan")])
+
+
+def test_single_pair_batches_keep_one_and_leave_sigma():
+    ctrl = BetaDPO(beta=0.1, alpha=1.0, keep_ratio=0.8)
+    step(ctrl, [1.0, 3.0])  # M0 = .2, σ = std([.1, .3]) = .141421
+    beta, keep = step(ctrl, [5.0])  # one pair: k = max(1, ⌊.8⌋) = 1; its std is undefined: σ stays
+    assert keep.tolist() == [True]
+    assert ctrl.sigma == pytest.approx(math.sqrt(0.02))
+    assert ctrl.m0 == pytest.approx(0.9 * 0.2 + 0.1 * 0.5)
+    assert beta.item() == pytest.approx(0.1 * (1 + (0.5 - 0.23)))

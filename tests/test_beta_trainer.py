@@ -139,3 +139,14 @@ def test_gradient_accumulation_normalises_by_the_kept_pairs(hh_rows, tokenizer, 
     for record in logs:
         assert record["loss"] == pytest.approx(math.log(2), abs=1e-6)
         assert record["filter/kept_fraction"] == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("method", ["dpo", "beta_dpo"])
+def test_non_finite_log_probs_stop_the_step_with_a_clear_error(models_and_examples, tmp_path, method):
+    _, _, examples, _ = models_and_examples
+    trainer = make_trainer(models_and_examples, tmp_path, method=method)
+    batch = dict(PreferenceCollator(0)(examples))
+    with torch.no_grad():
+        next(trainer.model.parameters()).fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="non-finite log-probs at step 1"):
+        trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(8))

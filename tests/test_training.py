@@ -187,3 +187,20 @@ def test_two_processes_match_one(small, tmp_path, method):
             assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), (x["step"], key)
     assert_same_params(one, two)
     assert_same_trace(one, two)
+
+
+def test_conversational_data_trains_end_to_end(hh_rows, small, tmp_path):
+    """Message lists (implicit prompt: shared leading turns) through the chat template, into training."""
+    _, tok = small
+    path = tmp_path / "chat.jsonl"
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in hh_rows[:16]:
+            user = {"role": "user", "content": row["prompt"].strip()[:200]}
+            chosen = {"role": "assistant", "content": row["chosen"].strip()}
+            rejected = {"role": "assistant", "content": row["rejected"].strip()}
+            fh.write(json.dumps({"chosen": [user, chosen], "rejected": [user, rejected]}) + "\n")
+    out = str(tmp_path / "chat")
+    summary = train_in_process(base_argv(str(path), tok, out, max_steps=3))
+    logs = train_logs(out)
+    assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and len(logs) == 3
+    assert summary["data"]["implicit_prompt_rows"] == 16 and summary["data"]["train_pairs"] == 16
