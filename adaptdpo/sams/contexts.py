@@ -1,0 +1,34 @@
+"""Arm contexts from the forward that already runs (SamS §3 and App. F.2).
+
+For every pair, every transformer layer's hidden states are mean-pooled over the real tokens (padding
+excluded — the official code averages over padded positions), chosen and rejected separately, then
+averaged (or concatenated). The result is an L×D tensor per pair. Detached: no gradient flows from the
+scheduler into the policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def layer_contexts(hidden_states: Sequence[Tensor], attention_mask: Tensor, combine: str = "mean") -> Tensor:
+    """Contexts [n, L, D] (``combine="mean"``) or [n, L, 2D] (``"concat"``) of a stacked [chosen; rejected] batch.
+
+    Args:
+        hidden_states: the model's ``output_hidden_states`` tuple (embeddings first, then one entry per
+            layer), each [2n, T, D]; the embedding output is left out.
+        attention_mask: [2n, T], 1 on real tokens.
+        combine: how chosen and rejected contexts are merged.
+    """
+    if combine not in ("mean", "concat"):
+        raise ValueError(f"combine must be 'mean' or 'concat', got {combine!r}")
+    layers = torch.stack([h.detach().float() for h in hidden_states[1:]], dim=1)  # [2n, L, T, D]
+    mask = attention_mask.to(layers.dtype)[:, None, :, None]  # [2n, 1, T, 1]
+    pooled = (layers * mask).sum(dim=2) / mask.sum(dim=2).clamp(min=1.0)  # [2n, L, D]
+    chosen, rejected = pooled.chunk(2, dim=0)
+    if combine == "mean":
+        return (chosen + rejected) / 2
+    return torch.cat([chosen, rejected], dim=-1)
