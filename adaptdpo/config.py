@@ -19,7 +19,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from .beta import FILTERS, INITS, LEVELS
 from .losses import LOSS_TYPES
 
-METHODS = ("dpo", "beta_dpo")
+METHODS = ("dpo", "beta_dpo", "sams")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -64,8 +64,8 @@ class AdaptiveDPOConfig(TrainingArguments):
     max_prompt_length: int | None = _f(None, "Prompt tokens kept when a pair is too long; default max_length/2.")
     pad_to_multiple_of: int | None = _f(None, "Pad batches to a multiple of this length.")
     # ---- objective
-    method: str = _f("dpo", "Training method: dpo (static β) or beta_dpo (dynamic β + β-guided filtering).",
-                     choices=METHODS)
+    method: str = _f("dpo", "Training method: dpo (static β), beta_dpo (dynamic β + β-guided filtering), sams "
+                     "(a contextual-bandit scheduler picks the pairs of each batch).", choices=METHODS)
     beta: float = _f(0.1, "β of the loss (τ for IPO): the strength of the KL regularisation toward the reference.")
     loss_type: str = _f("sigmoid", "Pairwise loss: " + ", ".join(LOSS_TYPES) + ".", choices=LOSS_TYPES)
     label_smoothing: float = _f(0.0, "Flip rate ε for robust; ε for exo_pair; smoothing for aot, aot_unpaired.")
@@ -83,6 +83,30 @@ class AdaptiveDPOConfig(TrainingArguments):
                               "baseline of the paper's §5.2: grad_head, grad_tail, grad_tail_head.", choices=FILTERS)
     beta_dpo_init: str = _f("first_batch", "How M0 and σ start: first_batch (the first batch's mean and std) or "
                             "zero (the official code).", choices=INITS)
+    # ---- SamS (method: sams); see docs/sams.md
+    sams_ratio: float = _f(0.5, "SamS: fraction of each batch trained on (k = max(1, ⌊ratio·n⌋)); 1 = DPO.")
+    sams_selection: str = _f("topk", "SamS selection: topk (paper), softmax (official code), random (the "
+                             "paper's DPO-50% baseline).", choices=("topk", "softmax", "random"))
+    sams_temperature: float = _f(1.0, "SamS softmax selection temperature.")
+    sams_lambda: float = _f(0.01, "SamS λ: weight of the exploration network in the score f_S + λ·f_S′.")
+    sams_use_exploration: bool = _f(True, "SamS: use the exploration network (false: the paper's ablation).")
+    sams_gamma: float = _f(0.5, "SamS γ: weight of the batch-level reward in r = γσ(r_B) + (1−γ)σ(r_S).")
+    sams_delta: float = _f(0.5, "SamS δ: weight of the margin in the sample-level reward r_S.")
+    sams_batch_reward_scale: float = _f(1.0, "SamS: r_B is mapped to σ(scale·r_B + offset); the official code "
+                                        "uses scale 50, offset 0.5.")
+    sams_batch_reward_offset: float = _f(0.0, "SamS: offset of the batch-reward mapping (see scale).")
+    sams_train_on: str = _f("all", "SamS: fit the scheduler on all pairs of the previous round (App. F.4, code) "
+                            "or the selected ones only (Eq. 10).", choices=("all", "selected"))
+    sams_pool_capacity: int = _f(40_000, "SamS replay pool capacity, in rounds.")
+    sams_pool_batches: int = _f(32, "SamS: pool rounds mixed into each scheduler fit.")
+    sams_fit_steps: int = _f(4, "SamS: Adam steps per scheduler fit.")
+    sams_lr: float = _f(1e-4, "SamS scheduler learning rate (Adam).")
+    sams_weight_decay: float = _f(1e-5, "SamS scheduler weight decay.")
+    sams_warmup_rounds: int = _f(10, "SamS: rounds of random selection while the scheduler has learned nothing.")
+    sams_preset: str = _f("small", "SamS scheduler sizes: small (width 256, depth 4) or paper (width 4096, "
+                          "depth 16, block 16).", choices=("small", "paper"))
+    sams_context_combine: str = _f("mean", "SamS: merge chosen and rejected contexts by mean or concat.",
+                                   choices=("mean", "concat"))
     trace_pairs: bool = _f(True, "Write every training micro-batch's margins, trained mask and β to "
                            "pairs.jsonl (for the margin-distribution plots).")
     precompute_ref_log_probs: bool = _f(False, "Compute reference log-probs once before training, cache them "

@@ -67,6 +67,10 @@ class AdaptiveDPOTrainer(Trainer):
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks)
         self.step_policy: StepPolicy = step_policy or build_step_policy(args)
+        if hasattr(self.step_policy, "broadcast"):  # rank 0's decision is everyone's
+            from accelerate.utils import broadcast
+
+            self.step_policy.broadcast = broadcast if self.accelerator.num_processes > 1 else None
         self._trace_path = os.path.join(args.output_dir, PAIR_TRACE_FILE) if args.trace_pairs else None
         self._trace_buffer: list[tuple] = []
         self._metrics: dict[str, defaultdict[str, list[Tensor | float]]] = {"train": defaultdict(list),
@@ -223,14 +227,22 @@ class AdaptiveDPOTrainer(Trainer):
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Tensor], return_outputs: bool = False,
                      num_items_in_batch: Tensor | int | None = None) -> Tensor | tuple[Tensor, Any]:
         mode = "train" if model.training else "eval"
-        policy = sequence_logps(model, inputs)
+        wants_contexts = mode == "train" and getattr(self.step_policy, "needs_contexts", False)
+        policy = sequence_logps(model, inputs, output_hidden_states=wants_contexts)
         chosen_logps, rejected_logps = policy.split()
         chosen_lengths, rejected_lengths = policy.lengths.chunk(2, dim=0)
         ref_chosen, ref_rejected = self.reference_logps(inputs)
         ref_chosen, ref_rejected = ref_chosen.to(chosen_logps.dtype), ref_rejected.to(chosen_logps.dtype)
-        extras = None
+        extras: dict[str, Any] = {}
         if mode == "train" and self._trace_path is not None and "pair_id" in inputs:
-            extras = {"pair_id": self._gather(inputs["pair_id"])[0]}
+            extras["pair_id"] = self._gather(inputs["pair_id"])[0]
+        if wants_contexts:
+            from .sams import layer_contexts
+
+            contexts = layer_contexts(policy.outputs.hidden_states, inputs["attention_mask"],
+                                      self.args.sams_context_combine)
+            policy.outputs.hidden_states = None
+            extras["contexts"] = self._gather(contexts)[0]
         plan, mine = self.plan_step(chosen_logps, rejected_logps, ref_chosen, ref_rejected, mode == "train", extras)
         beta = plan.beta.to(chosen_logps.device)
         if beta.dim() == 1:

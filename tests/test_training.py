@@ -82,7 +82,8 @@ def test_uneven_last_accumulation_step_is_normalised_by_pairs(small, tmp_path):
         assert record["loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
-METHODS = {"dpo": {}, "beta_dpo": {"method": "beta_dpo", "beta_dpo_alpha": 3.0, "beta_dpo_keep_ratio": 0.5}}
+METHODS = {"dpo": {}, "beta_dpo": {"method": "beta_dpo", "beta_dpo_alpha": 3.0, "beta_dpo_keep_ratio": 0.5},
+           "sams": {"method": "sams", "sams_warmup_rounds": 2, "sams_ratio": 0.5}}
 
 
 def read_trace(run_dir):

@@ -25,9 +25,10 @@ def layer_contexts(hidden_states: Sequence[Tensor], attention_mask: Tensor, comb
     """
     if combine not in ("mean", "concat"):
         raise ValueError(f"combine must be 'mean' or 'concat', got {combine!r}")
-    layers = torch.stack([h.detach().float() for h in hidden_states[1:]], dim=1)  # [2n, L, T, D]
-    mask = attention_mask.to(layers.dtype)[:, None, :, None]  # [2n, 1, T, 1]
-    pooled = (layers * mask).sum(dim=2) / mask.sum(dim=2).clamp(min=1.0)  # [2n, L, D]
+    mask = attention_mask.to(torch.float32).unsqueeze(-1)  # [2n, T, 1]
+    count = mask.sum(dim=1).clamp(min=1.0)  # [2n, 1]
+    # one layer at a time: never a stacked copy of every layer's full hidden states
+    pooled = torch.stack([(h.detach().float() * mask).sum(dim=1) / count for h in hidden_states[1:]], dim=1)
     chosen, rejected = pooled.chunk(2, dim=0)
     if combine == "mean":
         return (chosen + rejected) / 2
