@@ -86,7 +86,7 @@ class AdaptiveDPOConfig(TrainingArguments):
     # ---- SamS (method: sams); see docs/sams.md
     sams_ratio: float = _f(0.5, "SamS: fraction of each batch trained on (k = max(1, ⌊ratio·n⌋)); 1 = DPO.")
     sams_selection: str = _f("topk", "SamS selection: topk (paper), softmax (official code), random (the "
-                             "paper's DPO-50% baseline).", choices=("topk", "softmax", "random"))
+                             "paper's baseline that trains on a random half).", choices=("topk", "softmax", "random"))
     sams_temperature: float = _f(1.0, "SamS softmax selection temperature.")
     sams_lambda: float = _f(0.01, "SamS λ: weight of the exploration network in the score f_S + λ·f_S′.")
     sams_use_exploration: bool = _f(True, "SamS: use the exploration network (false: the paper's ablation).")
