@@ -36,3 +36,13 @@ def policy_and_reference(tokenizer):
     cfg = tiny_model_config("tiny-llama", len(tokenizer), 32, 2, 4, 256, tokenizer.pad_token_id,
                             tokenizer.eos_token_id)
     return build_tiny_model(cfg, seed=1), build_tiny_model(cfg, seed=2)
+
+
+@pytest.fixture(scope="session")
+def models_and_examples(hh_rows, tokenizer, policy_and_reference):
+    """(policy, reference, 8 tokenised HH pairs, tokenizer) for step-level trainer tests."""
+    from adaptdpo.data import tokenize_rows
+
+    policy, reference = policy_and_reference
+    examples, _ = tokenize_rows(hh_rows[:8], tokenizer, max_length=96, max_prompt_length=48)
+    return policy, reference, examples, tokenizer

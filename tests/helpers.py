@@ -62,3 +62,26 @@ def run_command(command: list[str], env: dict | None = None, timeout: int = 600)
 def run_cli(args: list[str], launcher: list[str] | None = None, **kw: object) -> subprocess.CompletedProcess:
     """`adaptdpo train ARGS` in a fresh process, optionally under a launcher (accelerate launch ...)."""
     return run_command([*(launcher or [sys.executable]), "-m", "adaptdpo.cli", "train", *args], **kw)
+
+
+def make_trainer(setup, out, **overrides):
+    """An AdaptiveDPOTrainer on copies of the fixture's policy and reference, in train mode (β 0.2 unless given)."""
+    import copy
+
+    from adaptdpo.config import AdaptiveDPOConfig
+    from adaptdpo.trainer import AdaptiveDPOTrainer
+
+    policy, reference, _, tokenizer = setup
+    args = AdaptiveDPOConfig(output_dir=str(out), use_cpu=True, **{"beta": 0.2, **overrides})
+    trainer = AdaptiveDPOTrainer(model=copy.deepcopy(policy), args=args, ref_model=copy.deepcopy(reference),
+                                 processing_class=tokenizer)
+    trainer.model.train()
+    return trainer
+
+
+def loss_and_grads(trainer, batch, n_items):
+    """One compute_loss + backward: (loss, {parameter name: gradient})."""
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=torch.tensor(n_items))
+    loss.backward()
+    return loss.item(), {k: p.grad.clone() for k, p in trainer.model.named_parameters()}

@@ -1,40 +1,14 @@
 """β-DPO inside the trainer: reduction to DPO, the kept-subset update, eval leaves the state alone."""
 
-import copy
 import json
 import math
 import os
 
 import pytest
 import torch
-from helpers import base_argv, train_in_process, train_logs, write_small_dataset
+from helpers import base_argv, loss_and_grads, make_trainer, train_in_process, train_logs, write_small_dataset
 
-from adaptdpo.config import AdaptiveDPOConfig
-from adaptdpo.data import PreferenceCollator, tokenize_rows
-from adaptdpo.trainer import AdaptiveDPOTrainer
-
-
-@pytest.fixture(scope="module")
-def models_and_examples(hh_rows, tokenizer, policy_and_reference):
-    policy, reference = policy_and_reference
-    examples, _ = tokenize_rows(hh_rows[:8], tokenizer, max_length=96, max_prompt_length=48)
-    return policy, reference, examples, tokenizer
-
-
-def make_trainer(setup, tmp_path, **kw):
-    policy, reference, _, tokenizer = setup
-    args = AdaptiveDPOConfig(output_dir=str(tmp_path), use_cpu=True, **{"beta": 0.2, **kw})
-    trainer = AdaptiveDPOTrainer(model=copy.deepcopy(policy), args=args, ref_model=copy.deepcopy(reference),
-                                 processing_class=tokenizer)
-    trainer.model.train()
-    return trainer
-
-
-def loss_and_grads(trainer, batch, n_items):
-    trainer.model.zero_grad()
-    loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=torch.tensor(n_items))
-    loss.backward()
-    return loss.item(), {k: p.grad.clone() for k, p in trainer.model.named_parameters()}
+from adaptdpo.data import PreferenceCollator
 
 
 def test_alpha_zero_keep_one_is_exactly_dpo(models_and_examples, tmp_path):

@@ -1,51 +1,26 @@
 """SamS inside the trainer (mask mode): ratio 1 is DPO; otherwise DPO on the selected pairs alone."""
 
-import copy
 import json
 
 import pytest
 import torch
+from helpers import loss_and_grads, make_trainer
 
-from adaptdpo.config import AdaptiveDPOConfig
-from adaptdpo.data import PreferenceCollator, tokenize_rows
-from adaptdpo.trainer import AdaptiveDPOTrainer
-
-
-@pytest.fixture(scope="module")
-def setup(hh_rows, tokenizer, policy_and_reference):
-    policy, reference = policy_and_reference
-    examples, _ = tokenize_rows(hh_rows[:8], tokenizer, max_length=96, max_prompt_length=48)
-    return policy, reference, examples, tokenizer
+from adaptdpo.data import PreferenceCollator
 
 
-def trainer_for(setup, out, **kw):
-    policy, reference, _, tokenizer = setup
-    args = AdaptiveDPOConfig(output_dir=str(out), use_cpu=True, **{"beta": 0.2, **kw})
-    trainer = AdaptiveDPOTrainer(model=copy.deepcopy(policy), args=args, ref_model=copy.deepcopy(reference),
-                                 processing_class=tokenizer)
-    trainer.model.train()
-    return trainer
-
-
-def loss_and_grads(trainer, batch, n_items):
-    trainer.model.zero_grad()
-    loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=torch.tensor(n_items))
-    loss.backward()
-    return loss.item(), {k: p.grad.clone() for k, p in trainer.model.named_parameters()}
-
-
-def test_ratio_one_is_exactly_dpo(setup, tmp_path):
-    batch = PreferenceCollator(0)(setup[2])
-    dpo = loss_and_grads(trainer_for(setup, tmp_path / "a"), batch, 8)
-    sams = loss_and_grads(trainer_for(setup, tmp_path / "b", method="sams", sams_ratio=1.0), batch, 8)
+def test_ratio_one_is_exactly_dpo(models_and_examples, tmp_path):
+    batch = PreferenceCollator(0)(models_and_examples[2])
+    dpo = loss_and_grads(make_trainer(models_and_examples, tmp_path / "a"), batch, 8)
+    sams = loss_and_grads(make_trainer(models_and_examples, tmp_path / "b", method="sams", sams_ratio=1.0), batch, 8)
     assert dpo[0] == sams[0]
     for key in dpo[1]:
         assert torch.equal(dpo[1][key], sams[1][key]), key
 
 
-def test_update_is_dpo_on_the_selected_pairs(setup, tmp_path):
-    _, _, examples, _ = setup
-    trainer = trainer_for(setup, tmp_path / "s", method="sams", sams_warmup_rounds=1, sams_ratio=0.5)
+def test_update_is_dpo_on_the_selected_pairs(models_and_examples, tmp_path):
+    _, _, examples, _ = models_and_examples
+    trainer = make_trainer(models_and_examples, tmp_path / "s", method="sams", sams_warmup_rounds=1, sams_ratio=0.5)
     for shift in (3, 5):  # two earlier rounds: the scheduler has been fitted once before scoring
         rolled = examples[shift:] + examples[:shift]
         trainer.compute_loss(trainer.model, dict(PreferenceCollator(0)(rolled)), num_items_in_batch=torch.tensor(4))
@@ -54,7 +29,7 @@ def test_update_is_dpo_on_the_selected_pairs(setup, tmp_path):
     last = [json.loads(line) for line in open(tmp_path / "s" / "pairs.jsonl", encoding="utf-8")][-1]
     selected = [i for i, t in enumerate(last["trained"]) if t]
     assert len(selected) == 4
-    reference = trainer_for(setup, tmp_path / "d")
+    reference = make_trainer(models_and_examples, tmp_path / "d")
     ref_loss, ref_grads = loss_and_grads(reference, PreferenceCollator(0)([examples[i] for i in selected]), 4)
     assert loss == pytest.approx(ref_loss, abs=1e-6)
     for key in grads:
