@@ -149,6 +149,30 @@ def plot_beta_dpo(run_dir: str) -> str | None:
     return _save(fig, run_dir, "beta_dpo.png")
 
 
+def plot_sams(run_dir: str) -> str | None:
+    """SamS runs: scheduler losses, batch reward, and the margins of selected vs unselected pairs."""
+    records = [r for r in read_metrics(run_dir) if "sams/selected_fraction" in r]
+    if not records:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
+    panels = ((axes[0], ("sams/exploit_loss", "sams/explore_loss"), "scheduler losses"),
+              (axes[1], ("sams/batch_reward",), "batch reward r_B"),
+              (axes[2], ("sams/selected_margin", "sams/unselected_margin"), "margin M = β0·h"))
+    for ax, keys, title in panels:
+        for key in keys:
+            points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], label=key.split("/")[1])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if len(ax.lines) > 1:
+            ax.legend(fontsize=7)
+    axes[1].axhline(0.0, color="grey", lw=0.8, ls=":")
+    return _save(fig, run_dir, "sams.png")
+
+
 def _base_beta(run_dir: str) -> float | None:
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.exists(path):
@@ -161,5 +185,6 @@ def _base_beta(run_dir: str) -> float | None:
 
 def plot_run(run_dir: str) -> list[str]:
     """Every plot that applies to the run; returns their paths."""
-    made = [plot_training_curves(run_dir), plot_margin_distributions(run_dir), plot_beta_dpo(run_dir)]
+    made = [plot_training_curves(run_dir), plot_margin_distributions(run_dir), plot_beta_dpo(run_dir),
+            plot_sams(run_dir)]
     return [p for p in made if p]

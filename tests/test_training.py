@@ -131,6 +131,9 @@ def test_kill_and_resume_gives_the_same_run(small, tmp_path, method):
             assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), (x["step"], key)
     assert_same_params(straight, crashed)
     assert_same_trace(straight, crashed)
+    plots = {"dpo": [], "beta_dpo": ["beta_dpo.png"], "sams": ["sams.png"]}[method]
+    for name in ["training_curves.png", "margins.png", *plots]:
+        assert os.path.exists(os.path.join(crashed, "plots", name)), name
     if method == "beta_dpo":
         assert [r["beta/m0"] for r in train_logs(straight)] == pytest.approx([r["beta/m0"] for r in b], rel=1e-5)
 
