@@ -112,7 +112,8 @@ class AdaptiveDPOTrainer(Trainer):
             for ids in rows:
                 h.update(bytes(str(ids), "ascii"))
         h.update(repr(sorted(reference.config.to_dict().items())).encode())
-        for param in list(reference.parameters())[:: max(1, len(list(reference.parameters())) // 8)]:
+        params = list(reference.parameters())
+        for param in params[:: max(1, len(params) // 8)]:
             h.update(param.detach().float().cpu().numpy().tobytes())
         h.update(str(self.peft_reference).encode())
         return h.hexdigest()[:20]
@@ -181,14 +182,19 @@ class AdaptiveDPOTrainer(Trainer):
         return torch.cat([padded[i * width : i * width + s] for i, s in enumerate(sizes)]), offset
 
     def plan_step(self, chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
-                  training: bool, extras: dict[str, Any] | None = None) -> tuple[StepPlan, slice]:
-        """Ask the step policy for β and the trained pairs, from the global micro-batch."""
+                  training: bool, extras: dict[str, Any] | None = None) -> tuple[StepPlan, slice, Tensor | None]:
+        """Ask the step policy for β and the trained pairs, from the global micro-batch.
+
+        Returns the plan, this rank's slice of the global batch, and the gathered [n_global, 4] log-probs
+        (policy chosen, rejected; reference chosen, rejected), which the training metrics reuse. Evaluation
+        plans nothing (base β, every pair) and gathers nothing here.
+        """
         local = torch.stack([chosen_logps.detach().float(), rejected_logps.detach().float(),
                              ref_chosen.detach().float(), ref_rejected.detach().float()], dim=1)
+        if not training:
+            return StepPlan(beta=torch.tensor(self.args.beta, device=local.device)), slice(0, local.shape[0]), None
         everything, offset = self._gather(local)
         mine = slice(offset, offset + local.shape[0])
-        if not training:
-            return StepPlan(beta=torch.tensor(self.args.beta, device=local.device)), mine
         if not torch.isfinite(everything).all():
             raise FloatingPointError(f"non-finite log-probs at step {self.state.global_step + 1}: the policy or the "
                                      "reference produced NaN/inf (check the learning rate and the precision)")
@@ -199,7 +205,7 @@ class AdaptiveDPOTrainer(Trainer):
         plan = self.step_policy.plan(view)
         if self._trace_path is not None and self.is_world_process_zero():
             self._write_trace(view, plan, extras)
-        return plan, mine
+        return plan, mine, everything
 
     def _write_trace(self, view: PairView, plan: StepPlan, extras: dict[str, Any] | None) -> None:
         """Buffer one record per training micro-batch (tensors: no host synchronisation here); written to
@@ -243,7 +249,8 @@ class AdaptiveDPOTrainer(Trainer):
                                       self.args.sams_context_combine)
             policy.outputs.hidden_states = None
             extras["contexts"] = self._gather(contexts)[0]
-        plan, mine = self.plan_step(chosen_logps, rejected_logps, ref_chosen, ref_rejected, mode == "train", extras)
+        plan, mine, gathered = self.plan_step(chosen_logps, rejected_logps, ref_chosen, ref_rejected,
+                                              mode == "train", extras)
         beta = plan.beta.to(chosen_logps.device)
         if beta.dim() == 1:
             beta = beta[mine]
@@ -265,19 +272,25 @@ class AdaptiveDPOTrainer(Trainer):
             loss = (losses * weights).sum() / num_items_in_batch * self.accelerator.num_processes
         else:
             loss = (losses * weights).sum() / weights.sum().clamp(min=1)
-        self._record_metrics(mode, chosen_logps, rejected_logps, ref_chosen, ref_rejected, plan)
+        self._record_metrics(mode, chosen_logps, rejected_logps, ref_chosen, ref_rejected, plan, gathered)
         return (loss, None) if return_outputs else loss
 
     # ------------------------------------------------------------------------------------ metrics
 
     def _record_metrics(self, mode: str, chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen: Tensor,
-                        ref_rejected: Tensor, plan: StepPlan) -> None:
-        """Metrics as 0-dim tensors on the device: no host-device synchronisation until they are logged."""
-        gather = self.accelerator.gather_for_metrics if mode == "eval" else self.accelerator.gather
+                        ref_rejected: Tensor, plan: StepPlan, gathered: Tensor | None = None) -> None:
+        """Metrics as 0-dim tensors on the device: no host-device synchronisation until they are logged.
+
+        ``gathered``: the global log-probs the step already gathered (training); evaluation gathers here with
+        ``gather_for_metrics``, which drops the samples repeated to even out the last batch.
+        """
+        if gathered is None:
+            local = torch.stack([chosen_logps.detach(), rejected_logps.detach(), ref_chosen.detach(),
+                                 ref_rejected.detach()], 1).float()
+            gathered = self.accelerator.gather_for_metrics(local) if mode == "eval" else self.accelerator.gather(local)
+        allv = torch.stack([gathered[:, 0], gathered[:, 1], gathered[:, 0] - gathered[:, 2],
+                            gathered[:, 1] - gathered[:, 3]], 1)
         beta = self.args.beta
-        stacked = torch.stack([chosen_logps.detach(), rejected_logps.detach(),
-                               (chosen_logps - ref_chosen).detach(), (rejected_logps - ref_rejected).detach()], 1)
-        allv = gather(stacked.float())
         chosen_rewards, rejected_rewards = beta * allv[:, 2], beta * allv[:, 3]
         m = self._metrics[mode]
         m["rewards/chosen"].append(chosen_rewards.mean())

@@ -21,7 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import build, device_line, make_trainer, matmul_params, one_step
+from common import build, device_line, emit_table, make_trainer, matmul_params, one_step
 
 CONFIGS = {
     "dpo": {"method": "dpo"},
@@ -91,11 +91,7 @@ def main() -> None:
         extra = (plan_us[name] - plan_us["dpo"]) / (statistics.median(base) * 1e6) * 100
         lines.append(f"| {name} | {statistics.median(values) * 1e3:.1f} | {statistics.median(ratios):.3f} | "
                      f"{lo:.3f}–{hi:.3f} | {plan_us[name]:.0f} | {extra:.3f} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if ns.out:
-        with open(ns.out, "w", encoding="utf-8") as fh:
-            fh.write(table)
+    emit_table("\n".join(lines) + "\n", ns.out)
 
 
 if __name__ == "__main__":

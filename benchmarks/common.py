@@ -77,3 +77,11 @@ def device_line(ns: Any) -> str:
         return f"bf16 autocast on {torch.cuda.get_device_name()}, torch {torch.__version__}"
     return (f"fp32 on CPU, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
             f"torch {torch.__version__}")
+
+
+def emit_table(table: str, out: str | None) -> None:
+    """Print a markdown table and, when asked, write it to ``out``."""
+    print(table)
+    if out:
+        with open(out, "w", encoding="utf-8") as fh:
+            fh.write(table)

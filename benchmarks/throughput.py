@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import build, device_line, make_trainer, matmul_params, one_step, prepare
+from common import build, device_line, emit_table, make_trainer, matmul_params, one_step, prepare
 
 
 def make_trl_trainer(policy, tok, workdir, cuda: bool):
@@ -125,11 +125,7 @@ def main() -> None:
         row = (f"| {name} | {step * 1e3:.1f} | {ratio:.3f} | {ns.pairs / step:.1f} | {tokens / step:,.0f} | "
                f"{flops / 1e12:.3f} | {flops / machine:.1%} |")
         lines.append(row + (f" {peak[name]:.2f} |" if cuda else ""))
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if ns.out:
-        with open(ns.out, "w", encoding="utf-8") as fh:
-            fh.write(table)
+    emit_table("\n".join(lines) + "\n", ns.out)
 
 
 if __name__ == "__main__":

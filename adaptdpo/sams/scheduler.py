@@ -119,31 +119,30 @@ class SamsScheduler:
                 self.dropout_rng["cuda"] = torch.cuda.get_rng_state(contexts.device)
         return losses
 
+    def _regress(self, optimizer: torch.optim.Optimizer, predict: Any, target: Tensor) -> float:
+        """``fit_steps`` Adam steps of ½·mean squared error; prediction and target shapes must match."""
+        loss = torch.zeros(())
+        for _ in range(self.fit_steps):
+            prediction = predict()
+            assert prediction.shape == target.shape, (prediction.shape, target.shape)
+            loss = 0.5 * F.mse_loss(prediction, target, reduction="sum") / target.shape[0]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return float(loss.detach())
+
     def _fit_steps(self, contexts: Tensor, rewards: Tensor, predictions: Tensor) -> tuple[float, float]:
-        """A few Adam steps of MSE for f_S (on r) and f_S′ (on r − f_S at scoring time); shapes checked."""
+        """f_S on r, then f_S′ on r − f_S's prediction at scoring time."""
         for module in self.modules():
             module.train()
-        exploit_loss = explore_loss = float("nan")
-        for _ in range(self.fit_steps):
-            prediction, _ = self.exploit(self.encoder(contexts))
-            assert prediction.shape == rewards.shape, (prediction.shape, rewards.shape)
-            loss = 0.5 * F.mse_loss(prediction, rewards, reduction="sum") / rewards.shape[0]
-            self.exploit_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.exploit_optimizer.step()
-            exploit_loss = float(loss.detach())
+        exploit_loss = self._regress(self.exploit_optimizer, lambda: self.exploit(self.encoder(contexts))[0],
+                                     rewards)
+        explore_loss = float("nan")
         if self.use_exploration:
             with torch.no_grad():
                 _, activations = self.exploit(self.encoder(contexts))
-            residual = rewards - predictions
-            for _ in range(self.fit_steps):
-                bonus = self.explore(activations)
-                assert bonus.shape == residual.shape, (bonus.shape, residual.shape)
-                loss = 0.5 * F.mse_loss(bonus, residual, reduction="sum") / residual.shape[0]
-                self.explore_optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.explore_optimizer.step()
-                explore_loss = float(loss.detach())
+            explore_loss = self._regress(self.explore_optimizer, lambda: self.explore(activations),
+                                         rewards - predictions)
         return exploit_loss, explore_loss
 
     # ------------------------------------------------------------------------------------ one round
