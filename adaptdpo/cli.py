@@ -16,6 +16,8 @@ USAGE = """adaptdpo <command> [...]
 
 commands:
   train CONFIG.yaml [--key value ...]   train with a YAML config; every field can be overridden (--help lists them)
+  sft CONFIG.yaml [--key value ...]     SamS scheduler pre-training (paper App. F.3): SFT on the chosen responses
+                                        (--sams_pretrain frozen: policy fixed) → <output_dir>/sams_scheduler.pt
   demo [--output_dir DIR] [--key value ...]
                                         the main job: DPO on the embedded default (tiny model, shipped HH slice)
   report RUN_DIR                        (re)draw the plots of a run directory (curves, margins, β)
@@ -54,6 +56,20 @@ def cmd_train(args: list[str]) -> int:
         print(json.dumps({"run_dir": config.output_dir, "final_metrics": summary["final_metrics"],
                           "wall_time_s": summary["wall_time_s"]}, indent=2))
     return 0
+
+
+def cmd_sft(args: list[str]) -> int:
+    """``adaptdpo train`` with ``--sams_pretrain sft`` (or ``frozen``) as the default."""
+    if any(a in ("-h", "--help") for a in args):
+        print("adaptdpo sft [CONFIG.yaml] [--key value ...]: pre-train the SamS scheduler during SFT on the chosen "
+              "responses (--sams_pretrain frozen: the policy stays fixed). Every `adaptdpo train` field applies; "
+              "the scheduler is written to <output_dir>/sams_scheduler.pt. Then: adaptdpo train ... --method sams "
+              "--sams_scheduler_init <output_dir>/sams_scheduler.pt")
+        return 0
+    yaml_path, rest = _split_config_path(args)
+    if "--sams_pretrain" not in rest:
+        rest = [*rest, "--sams_pretrain", "sft"]
+    return cmd_train(([yaml_path] if yaml_path else []) + rest)
 
 
 def cmd_demo(args: list[str]) -> int:
@@ -95,7 +111,8 @@ def cmd_config_reference(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "demo": cmd_demo, "report": cmd_report, "config-reference": cmd_config_reference}
+COMMANDS = {"train": cmd_train, "sft": cmd_sft, "demo": cmd_demo, "report": cmd_report,
+            "config-reference": cmd_config_reference}
 
 
 def main(argv: list[str] | None = None) -> int:

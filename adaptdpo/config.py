@@ -19,7 +19,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from .beta import FILTERS, INITS, LEVELS
 from .losses import LOSS_TYPES
 
-METHODS = ("dpo", "beta_dpo", "sams")
+METHODS = ("dpo", "beta_dpo", "sams", "beta_dpo+sams")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -65,7 +65,8 @@ class AdaptiveDPOConfig(TrainingArguments):
     pad_to_multiple_of: int | None = _f(None, "Pad batches to a multiple of this length.")
     # ---- objective
     method: str = _f("dpo", "Training method: dpo (static β), beta_dpo (dynamic β + β-guided filtering), sams "
-                     "(a contextual-bandit scheduler picks the pairs of each batch).", choices=METHODS)
+                     "(a contextual-bandit scheduler picks the pairs of each batch), beta_dpo+sams (SamS picks, "
+                     "β-DPO calibrates β on the picked pairs and filters them).", choices=METHODS)
     beta: float = _f(0.1, "β of the loss (τ for IPO): the strength of the KL regularisation toward the reference.")
     loss_type: str = _f("sigmoid", "Pairwise loss: " + ", ".join(LOSS_TYPES) + ".", choices=LOSS_TYPES)
     label_smoothing: float = _f(0.0, "Flip rate ε for robust; ε for exo_pair; smoothing for aot, aot_unpaired.")
@@ -107,6 +108,24 @@ class AdaptiveDPOConfig(TrainingArguments):
                           "depth 16, block 16).", choices=("small", "paper"))
     sams_context_combine: str = _f("mean", "SamS: merge chosen and rejected contexts by mean or concat.",
                                    choices=("mean", "concat"))
+    sams_mode: str = _f("mask", "SamS compute: mask (the paper: one forward with gradient on all pairs, unselected "
+                        "pairs get zero gradient) or subset (a no-grad forward on all pairs, then forward and "
+                        "backward on the selected pairs only: less memory and compute).", choices=("mask", "subset"))
+    sams_context_source: str = _f("policy", "SamS: hidden states for the contexts from the policy forward or the "
+                                  "reference forward (needs a live reference).", choices=("policy", "reference"))
+    sams_encoder_path: str | None = _f(None, "SamS: a local BERT-style encoder checkpoint (e.g. a saved "
+                                       "all-MiniLM-L6-v2) to use as the layer encoder instead of the small "
+                                       "built-in transformer.")
+    sams_scheduler_init: str | None = _f(None, "SamS: a pre-trained scheduler (sams_scheduler.pt written by "
+                                         "`adaptdpo sft`) to warm-start f_S and f_S′ from.")
+    sams_freeze_encoder: str = _f("auto", "SamS: freeze the layer encoder's transformer (the connector and the MLPs "
+                                  "still learn): auto (frozen when sams_scheduler_init is set, as in the paper), "
+                                  "freeze, train.", choices=("auto", "freeze", "train"))
+    sams_pretrain: str = _f("none", "SamS scheduler pre-training (paper App. F.3), set by `adaptdpo sft`: sft (SFT "
+                            "on the chosen responses while the scheduler learns) or frozen (the policy stays fixed; "
+                            "only the scheduler learns). Writes <output_dir>/sams_scheduler.pt.",
+                            choices=("none", "sft", "frozen"))
+    plots: bool = _f(True, "Draw the run's plots (plots/*.png) at the end of training.")
     trace_pairs: bool = _f(True, "Write every training micro-batch's margins, trained mask and β to "
                            "pairs.jsonl (for the margin-distribution plots).")
     precompute_ref_log_probs: bool = _f(False, "Compute reference log-probs once before training, cache them "
@@ -137,6 +156,13 @@ class AdaptiveDPOConfig(TrainingArguments):
             raise ValueError(f"loss_type={self.loss_type!r}: choose one of {', '.join(LOSS_TYPES)}")
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
+        if self.sams_context_source == "reference" and self.precompute_ref_log_probs:
+            raise ValueError("sams_context_source=reference needs the reference forward, but "
+                             "precompute_ref_log_probs replaces it with cached values: use one or the other")
+        if self.sams_pretrain != "none" and self.sams_context_source == "reference":
+            raise ValueError("scheduler pre-training has no reference forward: use sams_context_source=policy")
+        if self.sams_scheduler_init and not os.path.isfile(self.sams_scheduler_init):
+            raise ValueError(f"sams_scheduler_init={self.sams_scheduler_init!r}: no such file")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
 

@@ -2,7 +2,8 @@
 
 Every function takes summed completion log-probabilities (policy and reference, chosen and rejected)
 and a β that is either a float or a tensor with one value per pair. Nothing here reduces over the
-batch except the two `aot*` losses, whose definition sorts the batch (Azar et al.'s AOT couples pairs).
+batch except the two `aot*` losses, whose definition sorts the batch, and `kto_pair`, whose reference
+point is a batch mean.
 The trainer decides how per-pair losses are averaged, which is what lets β-DPO and SamS drop or
 reweight pairs without touching the losses.
 
@@ -158,6 +159,20 @@ def discopop_loss(p: PairLogps, beta: Beta, *, discopop_tau: float = 0.05, **_: 
     return -F.logsigmoid(logits) * (1 - modulation) + torch.exp(-logits) * modulation
 
 
+def kto_pair_loss(p: PairLogps, beta: Beta, **_: float) -> Tensor:
+    """Paired KTO (Ethayarajh et al. 2024, Eq. 7 of the HALOs paper), as TRL ≤ 0.11's ``kto_pair``.
+
+    The reference point of the chosen (rejected) half is the batch's mean rejected (chosen) log-ratio,
+    clamped at 0, with gradient, as TRL had it. TRL returns the 2n values [chosen terms; rejected terms];
+    pair i's loss here is the mean of its two terms, so the batch mean is the same number.
+    """
+    chosen_kl = p.chosen_logratios.mean().clamp(min=0)
+    rejected_kl = p.rejected_logratios.mean().clamp(min=0)
+    chosen_term = 1 - torch.sigmoid(beta * (p.chosen_logratios - rejected_kl))
+    rejected_term = 1 - torch.sigmoid(beta * (chosen_kl - p.rejected_logratios))
+    return 0.5 * (chosen_term + rejected_term)
+
+
 def sigmoid_norm_loss(p: PairLogps, beta: Beta, **_: float) -> Tensor:
     """DPO on per-token averaged log-ratios (TRL's `sigmoid_norm`, SimPO-style but with a reference)."""
     return -F.logsigmoid(beta * p.length_normalised_delta("sigmoid_norm"))
@@ -178,10 +193,14 @@ LOSSES: dict[str, Callable[..., Tensor]] = {
     "apo_down": apo_down_loss,
     "discopop": discopop_loss,
     "sigmoid_norm": sigmoid_norm_loss,
+    "kto_pair": kto_pair_loss,
 }
 LOSS_TYPES: tuple[str, ...] = tuple(LOSSES)
-#: losses whose output i is not tied to pair i (they sort the batch): per-pair masks do not apply to them.
-BATCH_COUPLED_LOSSES: frozenset[str] = frozenset({"aot", "aot_unpaired"})
+#: losses whose pair-i output depends on the other pairs of the batch (AOT sorts it, kto_pair averages it):
+#: under a mask, their batch is the pairs trained on.
+BATCH_COUPLED_LOSSES: frozenset[str] = frozenset({"aot", "aot_unpaired", "kto_pair"})
+#: the losses TRL 1.16's DPOTrainer has (kto_pair was removed from it in 0.12)
+TRL_LOSS_TYPES: tuple[str, ...] = tuple(t for t in LOSS_TYPES if t != "kto_pair")
 
 
 def preference_loss(

@@ -9,7 +9,7 @@ from typing import Any
 from .run_dir import PAIR_TRACE_FILE, read_jsonl, read_metrics
 
 PANELS = (
-    ("loss", ("loss", "eval_loss")),
+    ("loss", ("loss", "eval_loss", "sft/nll")),
     ("rewards/accuracies", ("rewards/accuracies", "eval_rewards/accuracies")),
     ("rewards/margins", ("rewards/margins", "eval_rewards/margins")),
     ("rewards", ("rewards/chosen", "rewards/rejected")),
@@ -61,7 +61,7 @@ def plot_training_curves(run_dir: str) -> str | None:
         ax.grid(alpha=0.3)
         if title == "rewards/accuracies":
             ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-        if ax.lines:
+        if any(not line.get_label().startswith("_") for line in ax.lines):
             ax.legend(fontsize=7)
     fig.suptitle(os.path.basename(os.path.abspath(run_dir)))
     return _save(fig, run_dir, "training_curves.png")
@@ -188,3 +188,55 @@ def plot_run(run_dir: str) -> list[str]:
     made = [plot_training_curves(run_dir), plot_margin_distributions(run_dir), plot_beta_dpo(run_dir),
             plot_sams(run_dir)]
     return [p for p in made if p]
+
+
+def plot_comparison(out_dir: str, results: dict[str, dict[str, Any]], reference_reward: float) -> list[str]:
+    """The demo's figures: gold metrics per method, reward vs KL, β trajectories, flipped-pair selection."""
+    plt = _pyplot()
+    names = list(results)
+    colors = [f"C{i}" for i in range(len(names))]
+    paths = []
+    # 1. the gold metrics per method
+    panels = [("gold/accuracy", "held-out accuracy (gold labels)", 0.5), ("gold/win_rate", "gold win rate vs reference",
+                                                                           0.5),
+              ("gold/reward", "mean gold reward of samples", reference_reward), ("kl", "KL(π‖π_ref)", 0.0)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    for ax, (key, title, baseline) in zip(axes, panels, strict=True):
+        ax.bar(names, [results[n][key] for n in names], color=colors)
+        ax.axhline(baseline, color="grey", lw=0.8, ls=":")
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+    paths.append(_save(fig, out_dir, "gold_metrics.png"))
+    # 2. reward vs KL
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    for n, c in zip(names, colors, strict=True):
+        ax.scatter(results[n]["kl"], results[n]["gold/reward"], color=c, label=n)
+    ax.scatter(0, reference_reward, color="black", marker="x", label="reference")
+    ax.set_xlabel("KL(π‖π_ref)")
+    ax.set_ylabel("mean gold reward")
+    ax.set_title("gold reward vs KL", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    paths.append(_save(fig, out_dir, "reward_vs_kl.png"))
+    # 3. β trajectories and 4. selection of flipped vs clean pairs
+    fig, (ax_beta, ax_sel) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for n, c in zip(names, colors, strict=True):
+        steps, betas = _series(read_metrics(os.path.join(out_dir, n)), "beta/batch")
+        if steps:
+            ax_beta.plot(steps, betas, color=c, label=n)
+    ax_beta.set_title("β per batch (β-DPO)", fontsize=9)
+    ax_beta.set_xlabel("step")
+    ax_beta.grid(alpha=0.3)
+    if ax_beta.lines:
+        ax_beta.legend(fontsize=7)
+    width = 0.38
+    xs = range(len(names))
+    ax_sel.bar([x - width / 2 for x in xs], [results[n]["flipped_trained_fraction"] for n in names], width,
+               label="flipped pairs", color="C3")
+    ax_sel.bar([x + width / 2 for x in xs], [results[n]["clean_trained_fraction"] for n in names], width,
+               label="clean pairs", color="C2")
+    ax_sel.set_xticks(list(xs), names, rotation=30, fontsize=7)
+    ax_sel.set_title("fraction of appearances trained on", fontsize=9)
+    ax_sel.legend(fontsize=7)
+    paths.append(_save(fig, out_dir, "beta_and_selection.png"))
+    return paths

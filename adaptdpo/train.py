@@ -29,6 +29,8 @@ from .trainer import AdaptiveDPOTrainer
 
 logger = logging.getLogger("adaptdpo")
 
+SCHEDULER_FILE = "sams_scheduler.pt"
+
 
 @dataclass
 class PreparedData:
@@ -133,6 +135,8 @@ def run_training(config: AdaptiveDPOConfig, extra_callbacks: list | None = None)
     os.makedirs(config.output_dir, exist_ok=True)
     data = prepare_rows(config)
     policy, reference, tokenizer = build_models(config, data.train_rows)
+    if config.sams_pretrain != "none":
+        reference = None  # scheduler pre-training trains on the chosen responses alone: no reference
     if config.use_peft:
         policy = apply_lora(config, policy)
     train_examples, train_truncated = tokenize_rows(data.train_rows, tokenizer, config.max_length,
@@ -184,8 +188,16 @@ def run_training(config: AdaptiveDPOConfig, extra_callbacks: list | None = None)
         extra["final_eval"] = trainer.evaluate()
     if config.should_save:
         trainer.save_model(os.path.join(config.output_dir, "final_model"))
+    if config.sams_pretrain != "none" and trainer.is_world_process_zero():
+        from .checkpointing import atomic_torch_save
+
+        scheduler_path = os.path.join(config.output_dir, SCHEDULER_FILE)
+        atomic_torch_save(trainer.step_policy.scheduler.network_state(), scheduler_path)
+        extra["sams_scheduler"] = scheduler_path
+        logger.info("pre-trained SamS scheduler written to %s (use it with --sams_scheduler_init %s)",
+                    scheduler_path, scheduler_path)
     summary = run_callback.write_summary(trainer.state, extra)
-    if trainer.is_world_process_zero():
+    if trainer.is_world_process_zero() and config.plots:
         from .report import plot_run
 
         plot_run(config.output_dir)

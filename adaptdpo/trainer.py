@@ -86,7 +86,7 @@ class AdaptiveDPOTrainer(Trainer):
             ref_model.eval()
             ref_model.requires_grad_(False)
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
-        elif not self.peft_reference:
+        elif not self.peft_reference and args.sams_pretrain == "none":
             raise ValueError("AdaptiveDPOTrainer needs a reference: pass ref_model (a frozen copy of the initial "
                              "policy), set precompute_ref_log_probs, or train a PEFT adapter")
 
@@ -98,13 +98,16 @@ class AdaptiveDPOTrainer(Trainer):
         return contextlib.nullcontext()
 
     @torch.no_grad()
-    def reference_logps(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Reference log-probs of a stacked batch: precomputed columns, the reference model, or the LoRA base."""
+    def reference_logps(self, batch: dict[str, Tensor],
+                        output_hidden_states: bool = False) -> tuple[Tensor, Tensor, Any]:
+        """Reference log-probs of a stacked batch (precomputed columns, the reference model, or the LoRA
+        base) and the reference forward's outputs (None for precomputed values)."""
         if "ref_chosen_logps" in batch:
-            return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+            return batch["ref_chosen_logps"], batch["ref_rejected_logps"], None
         model = self.ref_model if self.ref_model is not None else self.model
         with self._reference_context(), self.compute_loss_context_manager():
-            return sequence_logps(model, batch).split()
+            out = sequence_logps(model, batch, output_hidden_states=output_hidden_states)
+        return *out.split(), out.outputs
 
     def _reference_fingerprint(self, reference: torch.nn.Module, dataset: Any) -> str:
         h = hashlib.sha256()
@@ -233,31 +236,41 @@ class AdaptiveDPOTrainer(Trainer):
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Tensor], return_outputs: bool = False,
                      num_items_in_batch: Tensor | int | None = None) -> Tensor | tuple[Tensor, Any]:
         mode = "train" if model.training else "eval"
-        wants_contexts = mode == "train" and getattr(self.step_policy, "needs_contexts", False)
-        policy = sequence_logps(model, inputs, output_hidden_states=wants_contexts)
+        training = mode == "train"
+        if self.args.sams_pretrain != "none":
+            loss = self._scheduler_pretraining_loss(model, inputs, training, num_items_in_batch)
+            return (loss, None) if return_outputs else loss
+        wants_contexts = training and getattr(self.step_policy, "needs_contexts", False)
+        subset = wants_contexts and getattr(self.step_policy, "mode", "mask") == "subset"
+        context_source = self.args.sams_context_source if wants_contexts else None
+        # subset mode: this forward only scores the pairs; the gradient comes from a second, smaller one
+        with torch.no_grad() if subset else contextlib.nullcontext():
+            policy = sequence_logps(model, inputs, output_hidden_states=context_source == "policy")
         chosen_logps, rejected_logps = policy.split()
         chosen_lengths, rejected_lengths = policy.lengths.chunk(2, dim=0)
-        ref_chosen, ref_rejected = self.reference_logps(inputs)
+        ref_chosen, ref_rejected, ref_outputs = self.reference_logps(
+            inputs, output_hidden_states=context_source == "reference")
         ref_chosen, ref_rejected = ref_chosen.to(chosen_logps.dtype), ref_rejected.to(chosen_logps.dtype)
         extras: dict[str, Any] = {}
-        if mode == "train" and self._trace_path is not None and "pair_id" in inputs:
+        if training and self._trace_path is not None and "pair_id" in inputs:
             extras["pair_id"] = self._gather(inputs["pair_id"])[0]
-        if wants_contexts:
+        if context_source is not None:
             from .sams import layer_contexts
 
-            contexts = layer_contexts(policy.outputs.hidden_states, inputs["attention_mask"],
-                                      self.args.sams_context_combine)
-            policy.outputs.hidden_states = None
+            outputs = policy.outputs if context_source == "policy" else ref_outputs
+            contexts = layer_contexts(outputs.hidden_states, inputs["attention_mask"], self.args.sams_context_combine)
+            outputs.hidden_states = None
             extras["contexts"] = self._gather(contexts)[0]
-        plan, mine, gathered = self.plan_step(chosen_logps, rejected_logps, ref_chosen, ref_rejected,
-                                              mode == "train", extras)
+        plan, mine, gathered = self.plan_step(chosen_logps, rejected_logps, ref_chosen, ref_rejected, training, extras)
         beta = plan.beta.to(chosen_logps.device)
         if beta.dim() == 1:
             beta = beta[mine]
         pairs = [chosen_logps, rejected_logps, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths]
         keep = None if plan.train_mask is None else plan.train_mask[mine].to(chosen_logps.device)
+        if subset:
+            pairs, beta, keep = self._subset_forward(model, inputs, pairs, beta, keep)
         if keep is not None and self.args.loss_type in BATCH_COUPLED_LOSSES:
-            # AOT sorts the pairs of its batch: its batch is the kept pairs (dropped ones are not in it)
+            # AOT sorts the pairs of its batch, kto_pair averages them: their batch is the kept pairs
             kept = keep.nonzero().squeeze(1)
             pairs = [t[kept] for t in pairs]
             beta = beta[kept] if beta.dim() == 1 else beta
@@ -266,14 +279,70 @@ class AdaptiveDPOTrainer(Trainer):
                                  chosen_lengths=pairs[4], rejected_lengths=pairs[5],
                                  discopop_tau=self.args.discopop_tau)
         weights = torch.ones_like(losses) if keep is None else keep.to(losses.dtype)
-        if mode == "train" and num_items_in_batch is not None:
-            # sum / (pairs trained on in the whole optimizer step); DDP averages gradients over ranks, so
-            # multiply back by the number of processes to get the global mean
-            loss = (losses * weights).sum() / num_items_in_batch * self.accelerator.num_processes
-        else:
-            loss = (losses * weights).sum() / weights.sum().clamp(min=1)
+        loss = self._reduce(losses * weights, weights, training, num_items_in_batch)
         self._record_metrics(mode, chosen_logps, rejected_logps, ref_chosen, ref_rejected, plan, gathered)
         return (loss, None) if return_outputs else loss
+
+    def _reduce(self, weighted: Tensor, weights: Tensor, training: bool, num_items_in_batch: Any) -> Tensor:
+        if training and num_items_in_batch is not None:
+            # sum / (pairs trained on in the whole optimizer step); DDP averages gradients over ranks, so
+            # multiply back by the number of processes to get the global mean
+            return weighted.sum() / num_items_in_batch * self.accelerator.num_processes
+        return weighted.sum() / weights.sum().clamp(min=1)
+
+    def _subset_forward(self, model: torch.nn.Module, inputs: dict[str, Tensor], pairs: list[Tensor],
+                        beta: Tensor, keep: Tensor | None) -> tuple[list[Tensor], Tensor, Tensor | None]:
+        """SamS subset mode: forward and backward on this rank's selected pairs only.
+
+        Returns the per-pair inputs of the loss restricted to those pairs (policy log-probs now with
+        gradient), their β, and their weights. A rank with no selected pair still runs one pair with
+        weight 0, so that every rank takes part in the gradient all-reduce.
+        """
+        n = pairs[0].shape[0]
+        index = torch.arange(n, device=pairs[0].device) if keep is None else keep.nonzero().squeeze(1)
+        weights = None
+        if index.numel() == 0:
+            index = torch.zeros(1, dtype=torch.long, device=pairs[0].device)
+            weights = torch.zeros(1, dtype=torch.bool, device=pairs[0].device)
+        rows = torch.cat([index, index + n])
+        sub = {k: inputs[k][rows] for k in ("input_ids", "attention_mask", "completion_mask")}
+        width = int(sub["attention_mask"].sum(dim=1).max())  # right padding: drop columns no kept row uses
+        sub = {k: v[:, :width] for k, v in sub.items()}
+        chosen, rejected = sequence_logps(model, sub).split()
+        rest = [t[index] for t in pairs[2:]]
+        return [chosen, rejected, *rest], beta[index] if beta.dim() == 1 else beta, weights
+
+    def _scheduler_pretraining_loss(self, model: torch.nn.Module, inputs: dict[str, Tensor], training: bool,
+                                    num_items_in_batch: Any) -> Tensor:
+        """SamS scheduler pre-training (App. F.3): SFT on the chosen responses (``sams_pretrain: sft``) or a
+        frozen policy (``frozen``); the scheduler learns from every round's contexts and SFT loss.
+
+        The SFT loss of a pair is its chosen response's mean token NLL; the step's loss is their mean."""
+        n = inputs["input_ids"].shape[0] // 2
+        chosen = {k: inputs[k][:n] for k in ("input_ids", "attention_mask", "completion_mask")}
+        frozen = self.args.sams_pretrain == "frozen"
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            out = sequence_logps(model, chosen, output_hidden_states=training)
+        nll = -out.logps / out.lengths.clamp(min=1).to(out.logps.dtype)
+        m = self._metrics["train" if training else "eval"]
+        m["sft/nll"].append(nll.detach().mean())
+        m["logps/chosen"].append(out.logps.detach().mean())
+        if training:
+            from .sams import layer_contexts
+
+            mask = chosen["attention_mask"]
+            contexts = layer_contexts([torch.cat([h, h]) for h in out.outputs.hidden_states], torch.cat([mask, mask]),
+                                      self.args.sams_context_combine)
+            out.outputs.hidden_states = None
+            everything = self._gather(torch.stack([out.logps.detach().float(), nll.detach().float()], 1))[0]
+            metrics = self.step_policy.pretrain_round(self._gather(contexts)[0], everything[:, 0],
+                                                      float(everything[:, 1].mean()))
+            for key, value in metrics.items():
+                m[key].append(value)
+        if frozen and training:  # the policy stays fixed: a loss with no graph into it, so no gradient
+            return nll.detach().mean().clone().requires_grad_(True)
+        ones = torch.ones_like(nll)
+        return self._reduce(nll, ones, training, num_items_in_batch)
 
     # ------------------------------------------------------------------------------------ metrics
 

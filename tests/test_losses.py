@@ -39,6 +39,20 @@ def test_hand_computed(loss_type):
     assert out.item() == pytest.approx(HAND[loss_type], abs=1e-12)
 
 
+def test_kto_pair_by_hand():
+    """Two pairs; chosen log-ratios [0.5, 0], rejected [-1, 0.5] → KL_chosen = 0.25, KL_rejected = clamp(-0.25) = 0.
+
+    TRL ≤ 0.11 returned the 2n terms [1 − σ(β(ρ_w − KL_l)); 1 − σ(β(KL_w − ρ_l))]; ours is their mean per pair."""
+    sg = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    c, r = torch.tensor([-1.0, -2.0], dtype=torch.float64), torch.tensor([-3.0, -1.0], dtype=torch.float64)
+    rc, rr = torch.tensor([-1.5, -2.0], dtype=torch.float64), torch.tensor([-2.0, -1.5], dtype=torch.float64)
+    out = preference_loss(c, r, rc, rr, 0.5, "kto_pair")
+    chosen_terms = [1 - sg(0.5 * (0.5 - 0.0)), 1 - sg(0.5 * (0.0 - 0.0))]
+    rejected_terms = [1 - sg(0.5 * (0.25 + 1.0)), 1 - sg(0.5 * (0.25 - 0.5))]
+    assert out.tolist() == pytest.approx([0.5 * (a + b) for a, b in zip(chosen_terms, rejected_terms)], abs=1e-12)
+    assert out.mean().item() == pytest.approx(sum(chosen_terms + rejected_terms) / 4, abs=1e-12)
+
+
 def test_per_pair_beta():
     # pair 2: π(y_w)=-3, π(y_l)=-1, refs -2 → h = -2; with β=0.2: -ls(-0.4) = 0.9130152523999526
     c, r = torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -1.0])

@@ -10,7 +10,7 @@ import torch
 
 from adaptdpo.config import AdaptiveDPOConfig
 from adaptdpo.data import PreferenceCollator, tokenize_rows
-from adaptdpo.losses import LOSS_TYPES
+from adaptdpo.losses import TRL_LOSS_TYPES
 from adaptdpo.trainer import AdaptiveDPOTrainer
 
 trl = pytest.importorskip("trl")
@@ -44,7 +44,7 @@ def trl_loss_and_metrics(setup, loss_type, beta, label_smoothing, tmp_path):
     return loss, metrics
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", TRL_LOSS_TYPES)
 def test_loss_matches_trl(setup, loss_type, tmp_path):
     policy, reference, batch, _, tokenizer = setup
     beta = 0.3

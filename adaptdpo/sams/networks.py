@@ -38,20 +38,34 @@ PRESETS = {
 
 
 class LayerEncoder(nn.Module):
-    """[n, L, D] contexts → [n, encoder_dim], L2-normalised: connector MLP per layer, transformer over layers."""
+    """[n, L, D] contexts → [n, encoder_dim], L2-normalised: connector MLP per layer, transformer over layers.
 
-    def __init__(self, num_layers: int, context_dim: int, size: SchedulerSize):
+    ``backbone``: any BERT-style encoder module that takes ``inputs_embeds`` and returns
+    ``last_hidden_state`` (the paper uses all-MiniLM-L6-v2); its own position embeddings then tell the
+    layers apart, and ``size.encoder_dim`` must be its hidden size. Without one, a small
+    ``nn.TransformerEncoder`` with learned layer-position embeddings.
+    """
+
+    def __init__(self, num_layers: int, context_dim: int, size: SchedulerSize, backbone: nn.Module | None = None):
         super().__init__()
         self.connector = nn.Sequential(nn.Linear(context_dim, size.connector_hidden), nn.ReLU(),
                                        nn.Linear(size.connector_hidden, size.encoder_dim), nn.ReLU())
-        self.layer_position = nn.Embedding(num_layers, size.encoder_dim)
-        layer = nn.TransformerEncoderLayer(size.encoder_dim, size.encoder_heads, 4 * size.encoder_dim,
-                                           dropout=size.dropout, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, size.encoder_layers, enable_nested_tensor=False)
+        self.uses_backbone = backbone is not None
+        if backbone is None:
+            self.layer_position = nn.Embedding(num_layers, size.encoder_dim)
+            layer = nn.TransformerEncoderLayer(size.encoder_dim, size.encoder_heads, 4 * size.encoder_dim,
+                                               dropout=size.dropout, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, size.encoder_layers, enable_nested_tensor=False)
+        else:
+            self.encoder = backbone
 
     def forward(self, contexts: Tensor) -> Tensor:
-        tokens = self.connector(contexts) + self.layer_position.weight[None, : contexts.shape[1]]
-        return F.normalize(self.encoder(tokens).mean(dim=1), dim=-1)
+        tokens = self.connector(contexts)
+        if self.uses_backbone:
+            hidden = self.encoder(inputs_embeds=tokens).last_hidden_state
+        else:
+            hidden = self.encoder(tokens + self.layer_position.weight[None, : contexts.shape[1]])
+        return F.normalize(hidden.mean(dim=1), dim=-1)
 
 
 class ExploitationNet(nn.Module):

@@ -18,7 +18,7 @@ Nothing of round t trains the scheduler before round t is scored (the lag, sams.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -56,12 +56,20 @@ class SamsScheduler:
                  batch_reward_scale: float = 1.0, batch_reward_offset: float = 0.0, train_on: str = "all",
                  pool_capacity: int = 40_000, pool_batches: int = 32, fit_steps: int = 4, lr: float = 1e-4,
                  weight_decay: float = 1e-5, warmup_rounds: int = 10, seed: int = 0,
-                 size: SchedulerSize | None = None):
+                 size: SchedulerSize | None = None, encoder_backbone: torch.nn.Module | None = None,
+                 freeze_encoder: bool = False):
+        """``encoder_backbone``: a pretrained BERT-style encoder for the layer encoder (see :class:`LayerEncoder`).
+        ``freeze_encoder``: keep the layer encoder's transformer fixed (the paper, App. D.1, after
+        pre-training); the connector, f_S's MLP and f_S′ still learn."""
         if selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
         if train_on not in ("all", "selected"):
             raise ValueError(f"train_on must be 'all' or 'selected', got {train_on!r}")
         self.size = size or size_from(preset)
+        if encoder_backbone is not None:
+            self.size = replace(self.size, encoder_dim=int(encoder_backbone.config.hidden_size))
+        self.num_layers, self.context_dim = num_layers, context_dim
+        self.freeze_encoder = freeze_encoder
         self.ratio, self.selection, self.temperature = ratio, selection, temperature
         self.exploration_weight, self.use_exploration = exploration_weight, use_exploration
         self.gamma, self.delta = gamma, delta
@@ -70,12 +78,14 @@ class SamsScheduler:
         self.fit_steps, self.warmup_rounds = fit_steps, warmup_rounds
         torch_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
-        self.encoder = LayerEncoder(num_layers, context_dim, self.size)
+        self.encoder = LayerEncoder(num_layers, context_dim, self.size, encoder_backbone)
         self.exploit = ExploitationNet(self.size.encoder_dim, self.size)
         self.explore = ExplorationNet(self.size)
         torch.random.set_rng_state(torch_state)
-        self.exploit_optimizer = torch.optim.Adam([*self.encoder.parameters(), *self.exploit.parameters()], lr=lr,
-                                                  weight_decay=weight_decay)
+        if freeze_encoder:
+            self.encoder.encoder.requires_grad_(False)
+        trainable = [p for p in [*self.encoder.parameters(), *self.exploit.parameters()] if p.requires_grad]
+        self.exploit_optimizer = torch.optim.Adam(trainable, lr=lr, weight_decay=weight_decay)
         self.explore_optimizer = torch.optim.Adam(self.explore.parameters(), lr=lr, weight_decay=weight_decay)
         self.generator = torch.Generator().manual_seed(seed)
         self.dropout_rng = {"cpu": torch.Generator().manual_seed(seed + 1).get_state()}
@@ -135,6 +145,8 @@ class SamsScheduler:
         """f_S on r, then f_S′ on r − f_S's prediction at scoring time."""
         for module in self.modules():
             module.train()
+        if self.freeze_encoder:
+            self.encoder.encoder.eval()
         exploit_loss = self._regress(self.exploit_optimizer, lambda: self.exploit(self.encoder(contexts))[0],
                                      rewards)
         explore_loss = float("nan")
@@ -191,6 +203,24 @@ class SamsScheduler:
         return selected
 
     # ------------------------------------------------------------------------------------ state
+
+    def network_state(self) -> dict[str, Any]:
+        """The networks alone (what scheduler pre-training hands to a DPO run, App. F.3)."""
+        return {"encoder": self.encoder.state_dict(), "exploit": self.exploit.state_dict(),
+                "explore": self.explore.state_dict(), "num_layers": self.num_layers,
+                "context_dim": self.context_dim, "size": asdict(self.size)}
+
+    def load_networks(self, state: dict[str, Any], source: str = "the pre-trained scheduler") -> None:
+        """Warm-start f_S (with its encoder) and f_S′ from :meth:`network_state` (the official DPO run loads
+        both); optimisers, pool and lag buffer start fresh."""
+        got = (state["num_layers"], state["context_dim"], state["size"])
+        want = (self.num_layers, self.context_dim, asdict(self.size))
+        if got != want:
+            raise ValueError(f"{source} does not fit this run: it was trained on {got[0]} layers × {got[1]} "
+                             f"context dims with sizes {got[2]}; this run has {want[0]} × {want[1]} with {want[2]}")
+        self.encoder.load_state_dict(state["encoder"])
+        self.exploit.load_state_dict(state["exploit"])
+        self.explore.load_state_dict(state["explore"])
 
     def state_dict(self) -> dict[str, Any]:
         return {

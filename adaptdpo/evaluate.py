@@ -1,0 +1,89 @@
+"""Evaluation: gold-task metrics (exact judge) and implicit-reward metrics for any preference data.
+
+- :func:`preference_accuracy`: on held-out pairs labelled by the gold reward, how often the policy's
+  implicit reward β·(log π − log π_ref) ranks the gold-better response first (SamS's "test accuracy");
+  a tie (h = 0, e.g. policy = reference) counts ½.
+- :func:`gold_generation_metrics`: on held-out prompts, one sample from the policy and one from the
+  reference per prompt, drawn with the same random numbers; the gold win rate of the policy's sample
+  (tie ½; β-DPO's win rate with an exact judge instead of GPT-4), the mean gold reward of each, and
+  KL(π‖π_ref) estimated on the policy's samples as the mean of log π(y|x) − log π_ref(y|x).
+- :func:`selection_of_flipped_pairs`: from a run's pairs.jsonl, how often flipped and clean pairs were
+  trained on when they came up (β-DPO's filter, SamS's scheduler).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from .data import PreferenceCollator, tokenize_rows
+from .logprobs import sequence_logps
+from .sampling import completion_logps, sample_completions
+
+
+@torch.no_grad()
+def pair_logratios(policy: Any, reference: Any, tokenizer: Any, rows: Sequence[dict[str, Any]],
+                   max_length: int | None = 256, batch_size: int = 64) -> torch.Tensor:
+    """h = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)) per row (float64)."""
+    examples, _ = tokenize_rows(list(rows), tokenizer, max_length, None)
+    collate = PreferenceCollator(tokenizer.pad_token_id)
+    out = []
+    for model in (policy, reference):
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        values = []
+        for start in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size]).items() if k != "pair_id"}
+            chosen, rejected = sequence_logps(model, batch).split()
+            values.append((chosen.double() - rejected.double()).cpu())
+        model.train(was_training)
+        out.append(torch.cat(values))
+    return out[0] - out[1]
+
+
+def preference_accuracy(policy: Any, reference: Any, tokenizer: Any, rows: Sequence[dict[str, Any]],
+                        beta: float = 0.1) -> dict[str, float]:
+    """Accuracy and mean margin of the implicit reward on rows whose ``chosen`` is the better response."""
+    h = pair_logratios(policy, reference, tokenizer, rows)
+    accuracy = ((h > 0).double() + 0.5 * (h == 0).double()).mean()
+    return {"accuracy": float(accuracy), "margin": float(beta * h.mean())}
+
+
+def gold_generation_metrics(policy: Any, reference: Any, tokenizer: Any, prompts: Sequence[str],
+                            gold: Callable[[str, str], float], seed: int = 0, max_new_tokens: int = 24,
+                            samples_per_prompt: int = 2) -> dict[str, float]:
+    """Gold win rate against the reference, mean gold rewards, KL(π‖π_ref) on held-out prompts."""
+    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts] * samples_per_prompt
+    texts = list(prompts) * samples_per_prompt
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    ours = sample_completions(policy, prompt_ids, eos, pad, max_new_tokens, seed)
+    theirs = sample_completions(reference, prompt_ids, eos, pad, max_new_tokens, seed)
+    decode = lambda c: tokenizer.decode([t for t in c if t != eos])  # noqa: E731
+    r_ours = torch.tensor([gold(p, decode(c)) for p, c in zip(texts, ours, strict=True)], dtype=torch.float64)
+    r_theirs = torch.tensor([gold(p, decode(c)) for p, c in zip(texts, theirs, strict=True)], dtype=torch.float64)
+    wins = (r_ours > r_theirs).double() + 0.5 * (r_ours == r_theirs).double()
+    kl = completion_logps(policy, prompt_ids, ours, pad) - completion_logps(reference, prompt_ids, ours, pad)
+    return {"win_rate": float(wins.mean()), "reward": float(r_ours.mean()), "reference_reward": float(r_theirs.mean()),
+            "kl": float(kl.mean()), "mean_length": sum(len(c) for c in ours) / len(ours)}
+
+
+def selection_of_flipped_pairs(run_dir: str, flipped: set[int]) -> dict[str, float]:
+    """Fraction of the appearances of flipped pairs (and of clean pairs) that were trained on."""
+    counts = {True: [0, 0], False: [0, 0]}  # flipped? → [trained, seen]
+    path = os.path.join(run_dir, "pairs.jsonl")
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            record = json.loads(line)
+            if "pair_id" not in record:
+                raise ValueError(f"{path}: records carry no pair_id (was the run traced with trace_pairs?)")
+            for pair_id, trained in zip(record["pair_id"], record["trained"], strict=True):
+                c = counts[pair_id in flipped]
+                c[0] += int(trained)
+                c[1] += 1
+    return {"flipped_trained_fraction": counts[True][0] / max(1, counts[True][1]),
+            "clean_trained_fraction": counts[False][0] / max(1, counts[False][1])}

@@ -1,0 +1,309 @@
+"""Build (or load from its cache) the gold-reward task: language, tokenizer, reference model, pairs.
+
+    task = build_task(TaskSpec(seed=0, high_gap_fraction=0.5, flip_rate=0.2), cache_root="runs/gold-cache")
+    task.train_file, task.eval_file      # JSONL in the standard prompt/chosen/rejected format (+ gold fields)
+    task.reference_dir                  # the reference model (save_pretrained folder), also the tokenizer
+
+Steps, each cached under a folder named by a hash of the settings it depends on:
+
+1. the language (words, hidden features, base Markov chain) from the seed;
+2. a word-level tokenizer trained on a corpus of base-distribution text;
+3. the reference: a tiny GPT-2 trained by maximum likelihood on that corpus;
+4. a pool of on-policy pairs: two responses sampled from the reference for each prompt (re-drawn when
+   they are identical or empty), with their gold rewards; r* is rescaled to unit standard deviation over
+   the reference's responses;
+5. the training set: high-gap pairs (gold gap in the pool's top third) and low-gap pairs (bottom third)
+   mixed at ``high_gap_fraction``; Bradley–Terry labels P(y1 ≻ y2) = σ((r1 − r2)/bt_temperature); then a
+   ``flip_rate`` of the pairs get chosen and rejected swapped (recorded: ``flipped``);
+6. held-out pairs (other prompts, every gap, labelled by the gold reward, never flipped) and held-out
+   prompts for win rates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..modeling import SPECIAL_TOKENS, build_tiny_model, load_tokenizer, tiny_model_config
+from ..sampling import sample_completions
+from .language import Language
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    seed: int = 0
+    num_words: int = 48
+    feature_dim: int = 4
+    prompt_words: int = 3
+    corpus_size: int = 8000
+    reference_steps: int = 300
+    reference_hidden: int = 64
+    reference_layers: int = 2
+    pool_prompts: int = 2400  # prompts of the on-policy pair pool (one pair each)
+    train_pairs: int = 768
+    eval_pairs: int = 256
+    eval_prompts: int = 128
+    high_gap_fraction: float = 0.5
+    flip_rate: float = 0.2
+    bt_temperature: float = 0.1
+    data_seed: int | None = None  # which pairs and labels are drawn (default: seed)
+
+    def reference_key(self) -> dict[str, Any]:
+        keys = ("seed", "num_words", "feature_dim", "prompt_words", "corpus_size", "reference_steps",
+                "reference_hidden", "reference_layers")
+        return {k: getattr(self, k) for k in keys}
+
+    def pool_key(self) -> dict[str, Any]:
+        return {**self.reference_key(), "pool_prompts": self.pool_prompts, "eval_pairs": self.eval_pairs,
+                "eval_prompts": self.eval_prompts}
+
+
+def _digest(d: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass
+class GoldTask:
+    spec: TaskSpec
+    language: Language
+    reference_dir: str
+    train_file: str
+    eval_file: str
+    prompts_file: str
+    stats: dict[str, Any]
+
+    def eval_rows(self) -> list[dict[str, Any]]:
+        return _read_jsonl(self.eval_file)
+
+    def train_rows(self) -> list[dict[str, Any]]:
+        return _read_jsonl(self.train_file)
+
+    def eval_prompts(self) -> list[str]:
+        return [r["prompt"] for r in _read_jsonl(self.prompts_file)]
+
+    def flipped_pair_ids(self) -> set[int]:
+        return {i for i, r in enumerate(self.train_rows()) if r["flipped"]}
+
+
+def _read_jsonl(path: str) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def _write_jsonl_atomic(path: str, rows: list[dict[str, Any]]) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------ the reference
+
+
+def _corpus(language: Language, size: int, seed: int) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(size):
+        prompt = language.sample_prompt(rng)
+        out.append((language.prompt_text(prompt), language.response_text(language.sample_base_response(prompt, rng))))
+    return out
+
+
+def train_word_tokenizer(texts: list[str]) -> Any:
+    """A word-level tokenizer trained on the corpus: one token per word of the language (and "Q:", "A:")."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<|unk|>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    special = ["<|endoftext|>", "<|pad|>", "<|unk|>"]
+    tok.train_from_iterator(texts, trainer=trainers.WordLevelTrainer(special_tokens=special, show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<|unk|>", **SPECIAL_TOKENS)
+
+
+def _train_reference(spec: TaskSpec, language: Language, folder: str) -> None:
+    """Tokenizer + tiny GPT-2 trained by maximum likelihood on base-distribution text; saved to ``folder``."""
+    corpus = _corpus(language, spec.corpus_size, spec.seed)
+    tmp = f"{folder}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = train_word_tokenizer([p + r for p, r in corpus])
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    seqs = [tokenizer(p + r)["input_ids"] + [eos] for p, r in corpus]
+    cfg = tiny_model_config("tiny-gpt2", len(tokenizer), spec.reference_hidden, spec.reference_layers, 4, 64, pad, eos)
+    model = build_tiny_model(cfg, seed=spec.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / spec.reference_steps)))
+    rng = random.Random(spec.seed)
+    model.train()
+    for step in range(spec.reference_steps):
+        batch = rng.sample(seqs, 64)
+        width = max(len(s) for s in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, s in enumerate(batch):
+            ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+        labels = ids.masked_fill(mask == 0, -100)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 100 == 0 or step == spec.reference_steps - 1:
+            logger.info("reference MLE step %d/%d: loss %.3f", step + 1, spec.reference_steps, loss.item())
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    with open(os.path.join(tmp, "final_loss.json"), "w", encoding="utf-8") as fh:
+        json.dump({"mle_loss": loss.item()}, fh)
+    os.replace(tmp, folder)
+
+
+# ------------------------------------------------------------------------------------ pairs
+
+
+def _responses(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, seed: int) -> list[str]:
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    completions = sample_completions(model, ids, tokenizer.eos_token_id, tokenizer.pad_token_id, max_new_tokens, seed)
+    return [tokenizer.decode([t for t in c if t != tokenizer.eos_token_id]) for c in completions]
+
+
+def _sample_pairs(model: Any, tokenizer: Any, language: Language, prompts: list[str], seed: int) -> list[dict]:
+    """Two reference samples per prompt; a prompt whose two samples are identical or empty is re-drawn."""
+    pairs: list[dict] = []
+    todo, attempt = list(prompts), 0
+    max_new = 2 * language.max_words + 4
+    while todo and attempt < 20:
+        a = _responses(model, tokenizer, todo, max_new, seed * 1000 + 2 * attempt)
+        b = _responses(model, tokenizer, todo, max_new, seed * 1000 + 2 * attempt + 1)
+        retry = []
+        for prompt, ya, yb in zip(todo, a, b, strict=True):
+            if ya.strip() and yb.strip() and ya.strip() != yb.strip():
+                pairs.append({"prompt": prompt, "y1": ya, "y2": yb})
+            else:
+                retry.append(prompt)
+        todo, attempt = retry, attempt + 1
+    return pairs
+
+
+def _pool(spec: TaskSpec, language: Language, folder: str, reference_dir: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(reference_dir)
+    tokenizer = load_tokenizer(reference_dir)
+    rng = random.Random(spec.seed + 7)
+    n_prompts = spec.pool_prompts + spec.eval_pairs + spec.eval_prompts
+    prompts: list[str] = []
+    seen: set[str] = set()
+    while len(prompts) < n_prompts:
+        p = language.prompt_text(language.sample_prompt(rng))
+        if p not in seen:  # held-out prompts never appear in training
+            seen.add(p)
+            prompts.append(p)
+    # the scale: unit standard deviation of r* over the reference's own responses
+    scale_sample = _responses(model, tokenizer, prompts[:500], 2 * language.max_words + 4, spec.seed + 11)
+    raw = torch.tensor([language.gold_reward(p, y) for p, y in zip(prompts[:500], scale_sample, strict=True)])
+    language.scale = float(raw.std())
+    pool = _sample_pairs(model, tokenizer, language, prompts[: spec.pool_prompts], spec.seed + 1)
+    held = _sample_pairs(model, tokenizer, language, prompts[spec.pool_prompts: spec.pool_prompts + spec.eval_pairs],
+                         spec.seed + 2)
+    for row in pool + held:
+        row["gold1"], row["gold2"] = language.gold_reward(row["prompt"], row["y1"]), language.gold_reward(row["prompt"],
+                                                                                                         row["y2"])
+    tmp = f"{folder}.tmp-{os.getpid()}"
+    os.makedirs(tmp, exist_ok=True)
+    _write_jsonl_atomic(os.path.join(tmp, "pool.jsonl"), pool)
+    _write_jsonl_atomic(os.path.join(tmp, "held_out_pairs.jsonl"), held)
+    _write_jsonl_atomic(os.path.join(tmp, "prompts.jsonl"),
+                        [{"prompt": p} for p in prompts[spec.pool_prompts + spec.eval_pairs:]])
+    with open(os.path.join(tmp, "language.json"), "w", encoding="utf-8") as fh:
+        json.dump(language.to_dict(), fh)
+    os.replace(tmp, folder)
+
+
+def _oriented(row: dict, first_wins: bool) -> tuple[str, str, float, float]:
+    if first_wins:
+        return row["y1"], row["y2"], row["gold1"], row["gold2"]
+    return row["y2"], row["y1"], row["gold2"], row["gold1"]
+
+
+def _training_rows(spec: TaskSpec, pool: list[dict]) -> tuple[list[dict], dict[str, Any]]:
+    rng = random.Random(spec.data_seed if spec.data_seed is not None else spec.seed)
+    pool = [r for r in pool if r["gold1"] != r["gold2"]]
+    gaps = sorted(abs(r["gold1"] - r["gold2"]) for r in pool)
+    low_cut, high_cut = gaps[len(gaps) // 3], gaps[2 * len(gaps) // 3]
+    low = [r for r in pool if abs(r["gold1"] - r["gold2"]) <= low_cut]
+    high = [r for r in pool if abs(r["gold1"] - r["gold2"]) >= high_cut]
+    n_high = round(spec.high_gap_fraction * spec.train_pairs)
+    n_low = spec.train_pairs - n_high
+    if n_high > len(high) or n_low > len(low):
+        raise ValueError(f"the pool has {len(high)} high-gap and {len(low)} low-gap pairs; asked for {n_high} and "
+                         f"{n_low}: raise pool_prompts")
+    chosen_rows = [(r, "high") for r in rng.sample(high, n_high)] + [(r, "low") for r in rng.sample(low, n_low)]
+    rng.shuffle(chosen_rows)
+    rows, bt_wrong = [], 0
+    for r, group in chosen_rows:
+        p_first = 1 / (1 + math.exp(-(r["gold1"] - r["gold2"]) / spec.bt_temperature))
+        first_wins = rng.random() < p_first
+        flipped = rng.random() < spec.flip_rate
+        chosen, rejected, g_c, g_r = _oriented(r, first_wins != flipped)
+        bt_wrong += int((g_c < g_r) and not flipped)
+        rows.append({"prompt": r["prompt"], "chosen": chosen, "rejected": rejected, "gold_chosen": g_c,
+                     "gold_rejected": g_r, "gap_group": group, "flipped": flipped,
+                     "label_agrees_with_gold": g_c > g_r})
+    stats = {"low_gap_cut": low_cut, "high_gap_cut": high_cut, "flipped": sum(r["flipped"] for r in rows),
+             "bradley_terry_disagreements": bt_wrong,
+             "labels_agreeing_with_gold": sum(r["label_agrees_with_gold"] for r in rows) / len(rows)}
+    return rows, stats
+
+
+def build_task(spec: TaskSpec = TaskSpec(), cache_root: str = "runs/gold-cache") -> GoldTask:
+    """The task for ``spec``, built on first use and cached under ``cache_root`` (safe to interrupt)."""
+    os.makedirs(cache_root, exist_ok=True)
+    reference_dir = os.path.join(cache_root, "reference-" + _digest(spec.reference_key()))
+    language = Language.create(spec.seed, spec.num_words, spec.feature_dim, spec.prompt_words)
+    if not os.path.isdir(reference_dir):
+        logger.info("gold task: training the reference model (cached in %s)", reference_dir)
+        _train_reference(spec, language, reference_dir)
+    pool_dir = os.path.join(cache_root, "pool-" + _digest(spec.pool_key()))
+    if not os.path.isdir(pool_dir):
+        logger.info("gold task: sampling on-policy pairs from the reference (cached in %s)", pool_dir)
+        _pool(spec, language, pool_dir, reference_dir)
+    with open(os.path.join(pool_dir, "language.json"), encoding="utf-8") as fh:
+        language = Language.from_dict(json.load(fh))
+    task_dir = os.path.join(cache_root, "task-" + _digest(dataclasses.asdict(spec)))
+    if not os.path.isdir(task_dir):
+        rows, stats = _training_rows(spec, _read_jsonl(os.path.join(pool_dir, "pool.jsonl")))
+        held = []
+        for r in _read_jsonl(os.path.join(pool_dir, "held_out_pairs.jsonl")):
+            if r["gold1"] == r["gold2"]:
+                continue  # no gold preference to score against
+            chosen, rejected, g_c, g_r = _oriented(r, r["gold1"] > r["gold2"])
+            held.append({"prompt": r["prompt"], "chosen": chosen, "rejected": rejected, "gold_chosen": g_c,
+                         "gold_rejected": g_r, "flipped": False})
+        stats.update({"train_pairs": len(rows), "eval_pairs": len(held), "spec": dataclasses.asdict(spec)})
+        tmp = f"{task_dir}.tmp-{os.getpid()}"
+        os.makedirs(tmp, exist_ok=True)
+        _write_jsonl_atomic(os.path.join(tmp, "train.jsonl"), rows)
+        _write_jsonl_atomic(os.path.join(tmp, "eval.jsonl"), held)
+        shutil.copy(os.path.join(pool_dir, "prompts.jsonl"), os.path.join(tmp, "prompts.jsonl"))
+        with open(os.path.join(tmp, "task.json"), "w", encoding="utf-8") as fh:
+            json.dump(stats, fh, indent=2)
+        os.replace(tmp, task_dir)
+    with open(os.path.join(task_dir, "task.json"), encoding="utf-8") as fh:
+        stats = json.load(fh)
+    return GoldTask(spec, language, reference_dir, os.path.join(task_dir, "train.jsonl"),
+                    os.path.join(task_dir, "eval.jsonl"), os.path.join(task_dir, "prompts.jsonl"), stats)

@@ -1,0 +1,154 @@
+"""What a SamS step costs next to a DPO step: wall time (alternated in one process) and peak memory above
+idle (a fresh process per configuration), same model, same batch.
+
+    .venv/bin/python benchmarks/sams_cost.py [--rounds 8] [--out docs/sams_cost.md]
+
+Configurations: DPO; SamS ``mask`` (the paper's compute: one forward with gradient on all n pairs) and
+``subset`` (a no-grad forward on all n pairs, then forward and backward on the k selected ones), both at
+ratio 0.5 with the ``small`` scheduler; β-DPO+SamS subset. Each once with the live reference model and once
+with precomputed reference log-probs (then the reference forward is gone from every configuration).
+
+Memory on CPU: the process's resident-set high-water mark (VmHWM) during one step, after resetting it
+(``/proc/self/clear_refs``) once the model, the optimiser state and two warm-up steps are in place and
+freed memory has been handed back to the system (``malloc_trim``); "above idle" subtracts the resident set
+at that moment. On CUDA: ``max_memory_allocated`` minus the allocated memory before the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import build, device_line, emit_table, make_trainer, one_step
+
+SAMS = {"sams_ratio": 0.5, "sams_warmup_rounds": 1, "sams_preset": "small"}
+CONFIGS = {
+    "dpo": {"method": "dpo"},
+    "sams mask": {"method": "sams", "sams_mode": "mask", **SAMS},
+    "sams subset": {"method": "sams", "sams_mode": "subset", **SAMS},
+    "beta_dpo+sams subset": {"method": "beta_dpo+sams", "sams_mode": "subset", "beta_dpo_keep_ratio": 1.0, **SAMS},
+}
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _trim() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+
+
+def _with_reference_columns(trainer, batch):
+    """Precomputed reference: the batch carries the reference log-probs, as the cached dataset column would."""
+    ref_chosen, ref_rejected, _ = trainer.reference_logps(batch)
+    return {**batch, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
+
+
+def build_setup(ns, workdir, name: str, precomputed: bool):
+    cuda = torch.cuda.is_available()
+    policy, tok, batch = build(ns.pairs, ns.hidden, ns.layers, ns.max_length, workdir)
+    trainer = make_trainer(policy, tok, os.path.join(workdir, name.replace(" ", "_")), CONFIGS[name], cuda)
+    if precomputed:
+        batch = _with_reference_columns(trainer, {k: v.to(trainer.args.device) for k, v in batch.items()})
+        trainer.ref_model = None
+    return trainer, batch
+
+
+def measure_memory(ns, name: str, precomputed: bool) -> dict:
+    """In this (fresh) process: peak memory of one step above the idle baseline."""
+    with tempfile.TemporaryDirectory() as workdir:
+        trainer, batch = build_setup(ns, workdir, name, precomputed)
+        for _ in range(2):
+            one_step(trainer, batch)
+        _trim()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            idle = torch.cuda.memory_allocated()
+            one_step(trainer, batch)
+            return {"idle": idle, "peak": torch.cuda.max_memory_allocated()}
+        idle = _status("VmRSS")
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")  # reset VmHWM to the current resident set
+        one_step(trainer, batch)
+        return {"idle": idle, "peak": _status("VmHWM")}
+
+
+def memory_in_fresh_process(ns, name: str, precomputed: bool) -> dict:
+    argv = [sys.executable, __file__, "--memory-of", name, "--pairs", str(ns.pairs), "--hidden", str(ns.hidden),
+            "--layers", str(ns.layers), "--max_length", str(ns.max_length)] + (["--precomputed"] if precomputed else [])
+    out = subprocess.run(argv, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def time_steps(ns, precomputed: bool) -> dict[str, list[float]]:
+    """Per-round median step time of every configuration, alternated within rounds."""
+    with tempfile.TemporaryDirectory() as workdir:
+        setups = {name: build_setup(ns, workdir, name, precomputed) for name in CONFIGS}
+        for trainer, batch in setups.values():
+            for _ in range(2):  # warm-up; SamS's scheduler gets fitted from the second round on
+                one_step(trainer, batch)
+        rounds: dict[str, list[float]] = {name: [] for name in CONFIGS}
+        for r in range(ns.rounds):
+            for name, (trainer, batch) in setups.items():
+                rounds[name].append(statistics.median(one_step(trainer, batch) for _ in range(ns.steps)))
+            print(f"round {r + 1}/{ns.rounds}: " + ", ".join(f"{k} {v[-1] * 1e3:.0f} ms" for k, v in rounds.items()),
+                  file=sys.stderr)
+        return rounds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=2, help="steps per configuration per round")
+    parser.add_argument("--pairs", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--max_length", type=int, default=256)
+    parser.add_argument("--out", default=None, help="markdown file to write the table to")
+    parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--precomputed", action="store_true", help=argparse.SUPPRESS)
+    ns = parser.parse_args()
+    torch.manual_seed(0)
+    if ns.memory_of:
+        print(json.dumps(measure_memory(ns, ns.memory_of, ns.precomputed)))
+        return
+    lines = [f"Model: tiny-llama hidden {ns.hidden}, {ns.layers} layers, vocabulary 2048; {ns.pairs} HH pairs per "
+             f"step, max_length {ns.max_length}; {device_line(ns)}. SamS at ratio 0.5, `small` scheduler. Time: "
+             f"median over {ns.rounds} alternated rounds of the per-round median of {ns.steps} steps; ratio to DPO "
+             "per round, median [min–max]. Memory: peak above idle in a fresh process per configuration.", "",
+             "| reference | configuration | step time (ms) | time / DPO | peak above idle (MiB) | memory / DPO |",
+             "|---|---|---|---|---|---|"]
+    for precomputed in (False, True):
+        rounds = time_steps(ns, precomputed)
+        memory = {name: memory_in_fresh_process(ns, name, precomputed) for name in CONFIGS}
+        base_mem = memory["dpo"]["peak"] - memory["dpo"]["idle"]
+        for name in CONFIGS:
+            ratios = [a / b for a, b in zip(rounds[name], rounds["dpo"], strict=True)]
+            above = memory[name]["peak"] - memory[name]["idle"]
+            lines.append(f"| {'precomputed' if precomputed else 'live model'} | {name} | "
+                         f"{statistics.median(rounds[name]) * 1e3:.0f} | {statistics.median(ratios):.3f} "
+                         f"[{min(ratios):.3f}–{max(ratios):.3f}] | {above / 2**20:.0f} | {above / base_mem:.3f} |")
+    emit_table("\n".join(lines) + "\n", ns.out)
+
+
+if __name__ == "__main__":
+    main()
