@@ -256,7 +256,8 @@ def _training_rows(spec: TaskSpec, pool: list[dict]) -> tuple[list[dict], dict[s
     rng.shuffle(chosen_rows)
     rows, bt_wrong = [], 0
     for r, group in chosen_rows:
-        p_first = 1 / (1 + math.exp(-(r["gold1"] - r["gold2"]) / spec.bt_temperature))
+        z = (r["gold1"] - r["gold2"]) / spec.bt_temperature
+        p_first = 1 / (1 + math.exp(-z)) if z >= 0 else math.exp(z) / (1 + math.exp(z))
         first_wins = rng.random() < p_first
         flipped = rng.random() < spec.flip_rate
         chosen, rejected, g_c, g_r = _oriented(r, first_wins != flipped)
