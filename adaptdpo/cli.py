@@ -20,6 +20,9 @@ commands:
                                         (--sams_pretrain frozen: policy fixed) → <output_dir>/sams_scheduler.pt
   demo [--output_dir DIR] [--key value ...]
                                         the main job: DPO on the embedded default (tiny model, shipped HH slice)
+  eval MODEL_OR_RUN_DIR (--task TASK_DIR | --data FILE) [--reference REF] [--beta B]
+                                        gold-task metrics (accuracy, win rate, reward, KL) or implicit-reward
+                                        accuracy and margin on any preference file
   report RUN_DIR                        (re)draw the plots of a run directory (curves, margins, β)
   config-reference                      print the config reference (markdown)
 """
@@ -78,6 +81,54 @@ def cmd_demo(args: list[str]) -> int:
     return run_demo(args)
 
 
+def cmd_eval(args: list[str]) -> int:
+    from transformers import AutoModelForCausalLM
+
+    from .data import load_preference_rows
+    from .evaluate import preference_accuracy
+    from .modeling import load_tokenizer
+
+    parser = argparse.ArgumentParser(prog="adaptdpo eval")
+    parser.add_argument("model", help="a run directory (its final_model is used) or a model folder")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--task", help="a gold-task folder (train.jsonl, eval.jsonl, prompts.jsonl, task.json)")
+    source.add_argument("--data", help="preference data (any supported format); labels as given")
+    parser.add_argument("--reference", help="the reference model (default: the task's, or required with --data)")
+    parser.add_argument("--beta", type=float, default=0.1, help="β of the reported implicit-reward margin")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="also write the metrics to this JSON file")
+    ns = parser.parse_args(args)
+    model_dir = os.path.join(ns.model, "final_model") if os.path.isdir(os.path.join(ns.model, "final_model")) \
+        else ns.model
+    policy = AutoModelForCausalLM.from_pretrained(model_dir)
+    if ns.task:
+        from .gold import evaluate_on_task
+        from .synthetic import load_task
+
+        task = load_task(ns.task)
+        reference = AutoModelForCausalLM.from_pretrained(ns.reference or task.reference_dir)
+        tokenizer = load_tokenizer(task.reference_dir)
+        metrics = evaluate_on_task(policy, reference, tokenizer, task, ns.beta, seed=ns.seed)
+        if os.path.exists(os.path.join(ns.model, "pairs.jsonl")):
+            from .evaluate import selection_of_flipped_pairs
+
+            metrics.update(selection_of_flipped_pairs(ns.model, task.flipped_pair_ids()))
+    else:
+        if not ns.reference:
+            parser.error("--data needs --reference (the model the policy was trained from)")
+        reference = AutoModelForCausalLM.from_pretrained(ns.reference)
+        tokenizer = load_tokenizer(model_dir)
+        rows, report = load_preference_rows(ns.data, skip_invalid=True)
+        metrics = {f"eval/{k}": v for k, v in preference_accuracy(policy, reference, tokenizer, rows, ns.beta).items()}
+        metrics["eval/pairs"] = len(rows)
+        metrics["eval/skipped_rows"] = len(report.skipped)
+    print(json.dumps(metrics, indent=2))
+    if ns.out:
+        with open(ns.out, "w", encoding="utf-8") as fh:
+            json.dump(metrics, fh, indent=2)
+    return 0
+
+
 def cmd_report(args: list[str]) -> int:
     from .report import plot_run
 
@@ -111,7 +162,7 @@ def cmd_config_reference(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sft": cmd_sft, "demo": cmd_demo, "report": cmd_report,
+COMMANDS = {"train": cmd_train, "sft": cmd_sft, "demo": cmd_demo, "eval": cmd_eval, "report": cmd_report,
             "config-reference": cmd_config_reference}
 
 

@@ -125,3 +125,19 @@ def test_selection_of_flipped_pairs(tmp_path):
         fh.writelines(json.dumps(r) + "\n" for r in records)
     got = selection_of_flipped_pairs(str(tmp_path), flipped={1, 2})
     assert got == {"flipped_trained_fraction": 1 / 4, "clean_trained_fraction": 4 / 4}
+
+
+def test_eval_command_on_a_task_and_on_plain_data(cache, tmp_path, capsys):
+    """`adaptdpo eval`: the reference scored against itself gives KL 0, win rate ½, accuracy ½."""
+    import os
+
+    from adaptdpo.cli import main
+
+    task = build_task(TaskSpec(seed=3, **TINY), cache)
+    task_dir = os.path.dirname(task.train_file)
+    assert main(["eval", task.reference_dir, "--task", task_dir, "--out", str(tmp_path / "m.json")]) == 0
+    metrics = json.load(open(tmp_path / "m.json"))
+    assert metrics["kl"] == 0.0 and metrics["gold/win_rate"] == 0.5 and metrics["gold/accuracy"] == 0.5
+    assert main(["eval", task.reference_dir, "--data", task.eval_file, "--reference", task.reference_dir]) == 0
+    printed = json.loads(capsys.readouterr().out.split("\n}\n")[-2] + "\n}")
+    assert printed["eval/accuracy"] == 0.5 and printed["eval/pairs"] == len(task.eval_rows())

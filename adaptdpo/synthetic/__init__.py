@@ -2,6 +2,6 @@
 it, and on-policy preference pairs with controlled gold gaps and label flips (DESIGN.md §6)."""
 
 from .language import Language
-from .task import GoldTask, TaskSpec, build_task
+from .task import GoldTask, TaskSpec, build_task, load_task
 
-__all__ = ["GoldTask", "Language", "TaskSpec", "build_task"]
+__all__ = ["GoldTask", "Language", "TaskSpec", "build_task", "load_task"]

@@ -271,6 +271,16 @@ def _training_rows(spec: TaskSpec, pool: list[dict]) -> tuple[list[dict], dict[s
     return rows, stats
 
 
+def load_task(task_dir: str) -> GoldTask:
+    """A task folder written by :func:`build_task` (train/eval/prompts files, language, task.json)."""
+    with open(os.path.join(task_dir, "task.json"), encoding="utf-8") as fh:
+        stats = json.load(fh)
+    with open(os.path.join(task_dir, "language.json"), encoding="utf-8") as fh:
+        language = Language.from_dict(json.load(fh))
+    return GoldTask(TaskSpec(**stats["spec"]), language, stats["reference_dir"], os.path.join(task_dir, "train.jsonl"),
+                    os.path.join(task_dir, "eval.jsonl"), os.path.join(task_dir, "prompts.jsonl"), stats)
+
+
 def build_task(spec: TaskSpec = TaskSpec(), cache_root: str = "runs/gold-cache") -> GoldTask:
     """The task for ``spec``, built on first use and cached under ``cache_root`` (safe to interrupt)."""
     os.makedirs(cache_root, exist_ok=True)
@@ -301,10 +311,9 @@ def build_task(spec: TaskSpec = TaskSpec(), cache_root: str = "runs/gold-cache")
         _write_jsonl_atomic(os.path.join(tmp, "train.jsonl"), rows)
         _write_jsonl_atomic(os.path.join(tmp, "eval.jsonl"), held)
         shutil.copy(os.path.join(pool_dir, "prompts.jsonl"), os.path.join(tmp, "prompts.jsonl"))
+        shutil.copy(os.path.join(pool_dir, "language.json"), os.path.join(tmp, "language.json"))
+        stats["reference_dir"] = os.path.abspath(reference_dir)
         with open(os.path.join(tmp, "task.json"), "w", encoding="utf-8") as fh:
             json.dump(stats, fh, indent=2)
         os.replace(tmp, task_dir)
-    with open(os.path.join(task_dir, "task.json"), encoding="utf-8") as fh:
-        stats = json.load(fh)
-    return GoldTask(spec, language, reference_dir, os.path.join(task_dir, "train.jsonl"),
-                    os.path.join(task_dir, "eval.jsonl"), os.path.join(task_dir, "prompts.jsonl"), stats)
+    return load_task(task_dir)
