@@ -362,6 +362,11 @@ def _pad(seqs: list[list[int]], value: int, multiple: int | None) -> Tensor:
     return out
 
 
+def batch_to(batch: dict[str, Any], device: Any) -> dict[str, Any]:
+    """Move a collated batch's tensors to ``device`` (its ``logits_to_keep`` is a plain int and stays)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 @dataclass
 class PreferenceCollator:
     """Stack n pairs into one right-padded batch of 2n rows: all chosen rows first, then all rejected.
@@ -384,6 +389,9 @@ class PreferenceCollator:
             "attention_mask": _pad([[1] * len(s) for s in seqs], 0, self.pad_to_multiple_of),
             "completion_mask": _pad(completion, 0, self.pad_to_multiple_of),
         }
+        # the LM head only needs the positions from the shortest prompt on (see logprobs.completion_window)
+        width = batch["input_ids"].shape[1]
+        batch["logits_to_keep"] = width - max(1, min(len(e["prompt_ids"]) for e in examples)) + 1
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             if key in examples[0]:
                 batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .data import PreferenceCollator, tokenize_rows
+from .data import PreferenceCollator, batch_to, tokenize_rows
 from .logprobs import sequence_logps
 from .sampling import completion_logps, sample_completions
 
@@ -38,7 +38,7 @@ def pair_logratios(policy: Any, reference: Any, tokenizer: Any, rows: Sequence[d
         device = next(model.parameters()).device
         values = []
         for start in range(0, len(examples), batch_size):
-            batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size]).items() if k != "pair_id"}
+            batch = batch_to(collate(examples[start:start + batch_size]), device)
             chosen, rejected = sequence_logps(model, batch).split()
             values.append((chosen.double() - rejected.double()).cpu())
         model.train(was_training)

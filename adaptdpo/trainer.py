@@ -30,7 +30,7 @@ from transformers import Trainer
 
 from .checkpointing import CHECKPOINT_STATE_FILE, atomic_torch_save, mark_checkpoint_complete
 from .config import AdaptiveDPOConfig
-from .data import PreferenceCollator
+from .data import PreferenceCollator, batch_to
 from .logprobs import sequence_logps
 from .losses import BATCH_COUPLED_LOSSES, preference_loss
 from .methods import build_step_policy
@@ -154,7 +154,7 @@ class AdaptiveDPOTrainer(Trainer):
         context = self._reference_context() if reference is self.model else contextlib.nullcontext()
         with context:
             for batch in loader:
-                batch = {k: v.to(device) for k, v in batch.items()}
+                batch = batch_to(batch, device)
                 c, r = sequence_logps(reference, batch).split()
                 chosen.append(c.float().cpu())
                 rejected.append(r.float().cpu())

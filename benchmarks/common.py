@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from adaptdpo.config import AdaptiveDPOConfig
-from adaptdpo.data import PreferenceCollator, load_preference_rows, tokenize_rows
+from adaptdpo.data import PreferenceCollator, batch_to, load_preference_rows, tokenize_rows
 from adaptdpo.modeling import build_tiny_model, text_fingerprint, tiny_model_config, train_tokenizer
 from adaptdpo.trainer import AdaptiveDPOTrainer
 
@@ -56,7 +56,7 @@ def one_step(trainer, batch) -> float:
     policy = getattr(trainer, "step_policy", None)
     items = torch.tensor(policy.num_trained(n) if policy is not None else n)
     device = trainer.args.device
-    batch = {k: v.to(device) for k, v in batch.items() if k != "pair_id" or policy is not None}
+    batch = batch_to({k: v for k, v in batch.items() if k != "pair_id" or policy is not None}, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()

@@ -31,6 +31,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import build, device_line, emit_table, make_trainer, one_step
 
+from adaptdpo.data import batch_to
+
 SAMS = {"sams_ratio": 0.5, "sams_warmup_rounds": 1, "sams_preset": "small"}
 CONFIGS = {
     "dpo": {"method": "dpo"},
@@ -67,7 +69,7 @@ def build_setup(ns, workdir, name: str, precomputed: bool):
     policy, tok, batch = build(ns.pairs, ns.hidden, ns.layers, ns.max_length, workdir)
     trainer = make_trainer(policy, tok, os.path.join(workdir, name.replace(" ", "_")), CONFIGS[name], cuda)
     if precomputed:
-        batch = _with_reference_columns(trainer, {k: v.to(trainer.args.device) for k, v in batch.items()})
+        batch = _with_reference_columns(trainer, batch_to(batch, trainer.args.device))
         trainer.ref_model = None
     return trainer, batch
 
@@ -124,6 +126,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--max_length", type=int, default=256)
     parser.add_argument("--out", default=None, help="markdown file to write the table to")
+    parser.add_argument("--references", default="live,precomputed",
+                        help="which reference setups to measure: live, precomputed or both")
     parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--precomputed", action="store_true", help=argparse.SUPPRESS)
     ns = parser.parse_args()
@@ -137,7 +141,7 @@ def main() -> None:
              "per round, median [min–max]. Memory: peak above idle in a fresh process per configuration.", "",
              "| reference | configuration | step time (ms) | time / DPO | peak above idle (MiB) | memory / DPO |",
              "|---|---|---|---|---|---|"]
-    for precomputed in (False, True):
+    for precomputed in [kind == "precomputed" for kind in ns.references.split(",")]:
         rounds = time_steps(ns, precomputed)
         memory = {name: memory_in_fresh_process(ns, name, precomputed) for name in CONFIGS}
         base_mem = memory["dpo"]["peak"] - memory["dpo"]["idle"]
