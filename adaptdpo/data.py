@@ -344,8 +344,10 @@ def tokenize_rows(rows: Sequence[dict[str, Field]], tokenizer: Any, max_length: 
         if pair.chosen_ids == pair.rejected_ids:
             raise DataValidationError(source, int(row.get("pair_id", i)), "rejected",
                                       f"identical to chosen after tokenisation/truncation to max_length={max_length}")
+        # "length": the padded row width this pair needs (for train_sampling_strategy: group_by_length)
         examples.append({"prompt_ids": pair.prompt_ids, "chosen_ids": pair.chosen_ids,
-                         "rejected_ids": pair.rejected_ids, "pair_id": int(row.get("pair_id", i))})
+                         "rejected_ids": pair.rejected_ids, "pair_id": int(row.get("pair_id", i)),
+                         "length": len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))})
     return examples, truncated
 
 
