@@ -125,6 +125,10 @@ class AdaptiveDPOConfig(TrainingArguments):
                             "on the chosen responses while the scheduler learns) or frozen (the policy stays fixed; "
                             "only the scheduler learns). Writes <output_dir>/sams_scheduler.pt.",
                             choices=("none", "sft", "frozen"))
+    shared_prompt: str = _f("auto", "Encode each prompt once: one packed row [prompt, chosen, rejected] per pair "
+                            "with a branch attention mask (exact; less compute where prompts are long). auto: on "
+                            "when the model's attention takes a custom 4D mask (eager, sdpa); on; off (TRL's "
+                            "stacked layout).", choices=("auto", "on", "off"))
     plots: bool = _f(True, "Draw the run's plots (plots/*.png) at the end of training.")
     trace_pairs: bool = _f(True, "Write every training micro-batch's margins, trained mask and β to "
                            "pairs.jsonl (for the margin-distribution plots).")

@@ -63,13 +63,96 @@ def completion_window(batch: dict[str, Tensor]) -> int:
     return mask.shape[1] - max(first, 1) + 1
 
 
+PROMPT, CHOSEN, REJECTED = 1, 2, 3  # segment ids of a packed row (0 = padding)
+
+
+def supports_shared_prompt(model: torch.nn.Module) -> bool:
+    """Whether the packed [prompt, chosen, rejected] forward can run: a transformers model whose attention
+    takes a custom 4D mask (eager or sdpa) and explicit position ids."""
+    inner = model
+    while hasattr(inner, "module"):
+        inner = inner.module
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    config = getattr(inner, "config", None)
+    params = inspect.signature(inner.forward).parameters
+    return (config is not None and getattr(config, "_attn_implementation", None) in ("eager", "sdpa")
+            and "position_ids" in params and not getattr(config, "is_encoder_decoder", False))
+
+
+def branch_attention_mask(segments: Tensor, dtype: torch.dtype, boolean: bool) -> Tensor:
+    """[n, 1, L, L] mask of a packed batch: causal; every token sees the prompt; chosen and rejected tokens
+    see their own branch only. Padding positions see themselves (no empty softmax rows)."""
+    length = segments.shape[1]
+    q, k = segments[:, :, None], segments[:, None, :]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
+    allowed = causal & (k != 0) & ((k == PROMPT) | (k == q))
+    allowed |= torch.eye(length, dtype=torch.bool, device=segments.device) & (q == 0)
+    allowed = allowed[:, None]
+    if boolean:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def packed_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor],
+                          output_hidden_states: bool = False) -> SequenceLogps:
+    """The shared-prompt forward: one row [prompt, chosen, rejected] per pair, the prompt encoded once.
+
+    Exact against the stacked layout up to floating-point reassociation (tested): the chosen branch sees
+    the prompt and itself with positions P.., the rejected branch the prompt and itself with positions
+    restarting at P; the first rejected token is scored from the last prompt position, like the first
+    chosen one. Returns log-probs and lengths in the stacked order [chosen; rejected].
+    """
+    segments, ids = batch["segment_ids"], batch["input_ids"]
+    inner = model
+    while hasattr(inner, "module"):
+        inner = inner.module
+    attn = getattr(getattr(inner, "config", None), "_attn_implementation", "sdpa")
+    dtype = next(model.parameters()).dtype
+    mask = branch_attention_mask(segments, dtype, boolean=attn != "eager")
+    width = ids.shape[1]
+    keep = int(batch["logits_to_keep"]) if "logits_to_keep" in batch else width
+    kwargs = {"logits_to_keep": keep} if keep < width and accepts_logits_to_keep(model) else {}
+    keep = keep if kwargs else width
+    outputs = model(input_ids=ids, attention_mask=mask, position_ids=batch["position_ids"], use_cache=False,
+                    output_hidden_states=output_hidden_states, **kwargs)
+    logits = outputs.logits[:, -keep:]  # positions width−keep .. width−1
+    start = width - keep
+    per_token = selective_log_softmax(logits[:, :-1], ids[:, start + 1:])  # predicts position t+1 from t
+    nxt, cur = segments[:, start + 1:], segments[:, start:-1]
+    chosen = (per_token * (nxt == CHOSEN)).sum(dim=-1)
+    rejected = (per_token * ((nxt == REJECTED) & (cur == REJECTED))).sum(dim=-1)
+    # the first rejected token is predicted from the last prompt position (not from the last chosen token)
+    prompt_len = (segments == PROMPT).sum(dim=1)
+    chosen_len = (segments == CHOSEN).sum(dim=1)
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    last_prompt = logits[rows, prompt_len - 1 - start].float()
+    first_rejected = ids[rows, prompt_len + chosen_len]
+    rejected = rejected + (last_prompt.gather(-1, first_rejected[:, None]).squeeze(-1)
+                           - torch.logsumexp(last_prompt, dim=-1))
+    outputs.logits = None
+    lengths = torch.cat([chosen_len, (segments == REJECTED).sum(dim=1)])
+    return SequenceLogps(logps=torch.cat([chosen, rejected]), lengths=lengths, outputs=outputs)
+
+
+def branch_pooling_masks(segments: Tensor) -> Tensor:
+    """[2n, L] masks of the tokens each branch sees (prompt + chosen; prompt + rejected), for contexts."""
+    prompt = segments == PROMPT
+    return torch.cat([prompt | (segments == CHOSEN), prompt | (segments == REJECTED)]).long()
+
+
 def sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor],
                    output_hidden_states: bool = False) -> SequenceLogps:
     """Forward ``batch`` and sum log π(token) over the completion tokens of every row.
 
+    A packed batch (``segment_ids`` present, see :class:`adaptdpo.data.PreferenceCollator`) goes through
+    :func:`packed_sequence_logps`; the result has the same stacked layout either way.
+
     Where the model supports it, logits are computed only for the positions that predict completion
     tokens (``logits_to_keep``), not the whole sequence: the same numbers, less LM-head work and memory.
     """
+    if "segment_ids" in batch:
+        return packed_sequence_logps(model, batch, output_hidden_states)
     width = batch["input_ids"].shape[1]
     keep = completion_window(batch) if accepts_logits_to_keep(model) else width
     kwargs = {"logits_to_keep": keep} if keep < width else {}

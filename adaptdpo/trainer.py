@@ -30,8 +30,8 @@ from transformers import Trainer
 
 from .checkpointing import CHECKPOINT_STATE_FILE, atomic_torch_save, mark_checkpoint_complete
 from .config import AdaptiveDPOConfig
-from .data import PreferenceCollator, batch_to
-from .logprobs import sequence_logps
+from .data import PreferenceCollator, batch_to, pairs_in_batch
+from .logprobs import branch_pooling_masks, sequence_logps, supports_shared_prompt
 from .losses import BATCH_COUPLED_LOSSES, preference_loss
 from .methods import build_step_policy
 from .modeling import disable_dropout
@@ -57,7 +57,8 @@ class AdaptiveDPOTrainer(Trainer):
         if data_collator is None:
             if processing_class is None:
                 raise ValueError("pass processing_class (the tokenizer) or a data_collator")
-            data_collator = PreferenceCollator(processing_class.pad_token_id, args.pad_to_multiple_of)
+            data_collator = PreferenceCollator(processing_class.pad_token_id, args.pad_to_multiple_of,
+                                               shared_prompt=self._use_shared_prompt(args, model, ref_model))
         if args.disable_dropout:
             disable_dropout(model)
             if ref_model is not None:
@@ -89,6 +90,16 @@ class AdaptiveDPOTrainer(Trainer):
         elif not self.peft_reference and args.sams_pretrain == "none":
             raise ValueError("AdaptiveDPOTrainer needs a reference: pass ref_model (a frozen copy of the initial "
                              "policy), set precompute_ref_log_probs, or train a PEFT adapter")
+
+    @staticmethod
+    def _use_shared_prompt(args: AdaptiveDPOConfig, model: torch.nn.Module, ref_model: torch.nn.Module | None) -> bool:
+        if args.shared_prompt == "off" or args.sams_pretrain != "none":  # pre-training reads chosen rows only
+            return False
+        supported = supports_shared_prompt(model) and (ref_model is None or supports_shared_prompt(ref_model))
+        if args.shared_prompt == "on" and not supported:
+            raise ValueError("shared_prompt=on needs a transformers model whose attention takes a custom 4D mask "
+                             "(attn_implementation eager or sdpa) and position_ids; use auto or off")
+        return supported
 
     # ------------------------------------------------------------------------------------ reference
 
@@ -167,7 +178,7 @@ class AdaptiveDPOTrainer(Trainer):
         """Pairs trained on in this optimizer step, summed over micro-batches and ranks."""
         total = 0
         for batch in batch_samples:
-            local = torch.tensor([batch["input_ids"].shape[0] // 2], device=device)
+            local = torch.tensor([pairs_in_batch(batch)], device=device)
             n_global = int(self.accelerator.gather(local).sum()) if self.accelerator.num_processes > 1 else int(local)
             total += self.step_policy.num_trained(n_global)
         return torch.tensor(total, device=device)
@@ -258,7 +269,8 @@ class AdaptiveDPOTrainer(Trainer):
             from .sams import layer_contexts
 
             outputs = policy.outputs if context_source == "policy" else ref_outputs
-            contexts = layer_contexts(outputs.hidden_states, inputs["attention_mask"], self.args.sams_context_combine)
+            pool = branch_pooling_masks(inputs["segment_ids"]) if "segment_ids" in inputs else inputs["attention_mask"]
+            contexts = layer_contexts(outputs.hidden_states, pool, self.args.sams_context_combine)
             outputs.hidden_states = None
             extras["contexts"] = self._gather(contexts)[0]
         plan, mine, gathered = self.plan_step(chosen_logps, rejected_logps, ref_chosen, ref_rejected, training, extras)
@@ -304,8 +316,11 @@ class AdaptiveDPOTrainer(Trainer):
         if index.numel() == 0:
             index = torch.zeros(1, dtype=torch.long, device=pairs[0].device)
             weights = torch.zeros(1, dtype=torch.bool, device=pairs[0].device)
-        rows = torch.cat([index, index + n])
-        sub = {k: inputs[k][rows] for k in ("input_ids", "attention_mask", "completion_mask")}
+        if "segment_ids" in inputs:  # packed: one row per pair
+            sub = {k: inputs[k][index] for k in ("input_ids", "attention_mask", "segment_ids", "position_ids")}
+        else:
+            rows = torch.cat([index, index + n])
+            sub = {k: inputs[k][rows] for k in ("input_ids", "attention_mask", "completion_mask")}
         width = int(sub["attention_mask"].sum(dim=1).max())  # right padding: drop columns no kept row uses
         sub = {k: v[:, :width] for k, v in sub.items()}
         chosen, rejected = sequence_logps(model, sub).split()

@@ -1,5 +1,6 @@
 """Log-probs computed on the completion window only equal the full-logits computation."""
 
+import pytest
 import torch
 
 from adaptdpo.data import PreferenceCollator
@@ -57,3 +58,38 @@ def test_length_grouped_batches_pad_less(hh_rows, tokenizer, policy_and_referenc
         assert sum(b["input_ids"].shape[0] for b in batches) == 2 * len(examples)
         padding[strategy] = sum(int((b["attention_mask"] == 0).sum()) for b in batches)
     assert padding["group_by_length"] < 0.8 * padding["random"], padding  # chosen≠rejected padding stays
+
+
+def _tiny(preset, attn, tokenizer):
+    from adaptdpo.modeling import build_tiny_model, tiny_model_config
+
+    cfg = tiny_model_config(preset, len(tokenizer), 32, 2, 4, 256, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    return build_tiny_model(cfg, seed=5, attn_implementation=attn)
+
+
+@pytest.mark.parametrize("preset,attn", [("tiny-llama", "sdpa"), ("tiny-llama", "eager"), ("tiny-gpt2", "sdpa"),
+                                         ("tiny-gpt2", "eager")])
+def test_shared_prompt_forward_is_exact(models_and_examples, preset, attn):
+    """Packed [prompt, chosen, rejected] rows = the stacked layout: log-probs, lengths, loss gradients."""
+    from adaptdpo.logprobs import supports_shared_prompt
+    from adaptdpo.losses import preference_loss
+
+    _, _, examples, tokenizer = models_and_examples
+    model = _tiny(preset, attn, tokenizer)
+    assert supports_shared_prompt(model)
+    stacked_batch = PreferenceCollator(tokenizer.pad_token_id)(examples)
+    packed_batch = PreferenceCollator(tokenizer.pad_token_id, shared_prompt=True)(examples)
+    assert packed_batch["input_ids"].shape[0] == len(examples)
+    assert packed_batch["attention_mask"].sum() < stacked_batch["attention_mask"].sum()  # the prompt once
+    results = []
+    for batch in (stacked_batch, packed_batch):
+        model.zero_grad()
+        out = sequence_logps(model, batch)
+        chosen, rejected = out.split()
+        loss = preference_loss(chosen, rejected, chosen.detach() - 1.0, rejected.detach() + 0.5, 0.3).mean()
+        loss.backward()
+        results.append((out.logps.detach(), out.lengths, {k: p.grad.clone() for k, p in model.named_parameters()}))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=2e-5, rtol=1e-5)
+    assert torch.equal(results[1][1], results[0][1])
+    for key, grad in results[0][2].items():
+        torch.testing.assert_close(results[1][2][key], grad, atol=2e-6, rtol=2e-4, msg=key)

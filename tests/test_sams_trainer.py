@@ -207,3 +207,25 @@ def test_scheduler_pretraining_then_dpo_warm_start(hh_rows, tokenizer, tmp_path)
     a, b = final_params(str(frozen)), final_params(str(untrained))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (frozen / "sams_scheduler.pt").exists()
+
+
+@pytest.mark.parametrize("mode", ["mask", "subset"])
+def test_shared_prompt_batch_gives_the_same_sams_step(models_and_examples, tmp_path, mode):
+    """The packed layout (prompt encoded once) gives SamS the same contexts, selection, loss and gradients."""
+    _, _, examples, _ = models_and_examples
+    results = {}
+    for layout in ("stacked", "packed"):
+        trainer = make_trainer(models_and_examples, tmp_path / layout, method="sams", sams_warmup_rounds=1,
+                               sams_mode=mode)
+        collate = PreferenceCollator(0, shared_prompt=layout == "packed")
+        for shift in (3, 5):
+            rolled = examples[shift:] + examples[:shift]
+            trainer.compute_loss(trainer.model, dict(collate(rolled)), num_items_in_batch=torch.tensor(4))
+            trainer.model.zero_grad()
+        results[layout] = loss_and_grads(trainer, collate(examples), 4)
+        trainer.flush_trace()
+        results[layout + "_trace"] = _last_trace(tmp_path / layout)
+    assert results["packed_trace"]["trained"] == results["stacked_trace"]["trained"]
+    assert results["packed"][0] == pytest.approx(results["stacked"][0], abs=1e-5)
+    for key, grad in results["stacked"][1].items():
+        torch.testing.assert_close(results["packed"][1][key], grad, atol=2e-6, rtol=2e-4, msg=key)

@@ -19,8 +19,10 @@ def layer_contexts(hidden_states: Sequence[Tensor], attention_mask: Tensor, comb
 
     Args:
         hidden_states: the model's ``output_hidden_states`` tuple (embeddings first, then one entry per
-            layer), each [2n, T, D]; the embedding output is left out.
-        attention_mask: [2n, T], 1 on real tokens.
+            layer), each [2n, T, D] (stacked layout) or [n, T, D] (packed layout: one row per pair); the
+            embedding output is left out.
+        attention_mask: [2n, T], 1 on the tokens to pool: chosen rows then rejected rows (for a packed
+            batch, the tokens each branch sees, :func:`adaptdpo.logprobs.branch_pooling_masks`).
         combine: how chosen and rejected contexts are merged.
     """
     if combine not in ("mean", "concat"):
@@ -28,7 +30,14 @@ def layer_contexts(hidden_states: Sequence[Tensor], attention_mask: Tensor, comb
     mask = attention_mask.to(torch.float32).unsqueeze(-1)  # [2n, T, 1]
     count = mask.sum(dim=1).clamp(min=1.0)  # [2n, 1]
     # one layer at a time: never a stacked copy of every layer's full hidden states
-    pooled = torch.stack([(h.detach().float() * mask).sum(dim=1) / count for h in hidden_states[1:]], dim=1)
+    def pool(h: Tensor) -> Tensor:
+        h = h.detach().float()
+        if h.shape[0] * 2 == mask.shape[0]:  # packed: both branches pool the same rows with their own masks
+            n = h.shape[0]
+            return torch.cat([(h * mask[:n]).sum(dim=1), (h * mask[n:]).sum(dim=1)]) / count
+        return (h * mask).sum(dim=1) / count
+
+    pooled = torch.stack([pool(h) for h in hidden_states[1:]], dim=1)
     chosen, rejected = pooled.chunk(2, dim=0)
     if combine == "mean":
         return (chosen + rejected) / 2
