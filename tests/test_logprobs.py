@@ -34,14 +34,15 @@ def test_completion_window_matches_full_logits(models_and_examples):
     assert torch.equal(windowed.lengths, full.lengths)
 
 
-def test_length_grouped_batches_pad_less(hh_rows, tokenizer, policy_and_reference, tmp_path):
+@pytest.mark.parametrize("shared_prompt", ["off", "on"])
+def test_length_grouped_batches_pad_less(hh_rows, tokenizer, policy_and_reference, tmp_path, shared_prompt):
     """train_sampling_strategy: group_by_length uses the examples' length column: less padding per epoch."""
     import copy
 
     from datasets import Dataset
 
     from adaptdpo.config import AdaptiveDPOConfig
-    from adaptdpo.data import tokenize_rows
+    from adaptdpo.data import pairs_in_batch, tokenize_rows
     from adaptdpo.trainer import AdaptiveDPOTrainer
 
     examples, _ = tokenize_rows(hh_rows[:64], tokenizer, max_length=256, max_prompt_length=128)
@@ -50,14 +51,14 @@ def test_length_grouped_batches_pad_less(hh_rows, tokenizer, policy_and_referenc
     padding = {}
     for strategy in ("random", "group_by_length"):
         args = AdaptiveDPOConfig(output_dir=str(tmp_path / strategy), use_cpu=True, per_device_train_batch_size=8,
-                                 train_sampling_strategy=strategy, report_to="none")
+                                 train_sampling_strategy=strategy, report_to="none", shared_prompt=shared_prompt)
         policy, reference = policy_and_reference
         trainer = AdaptiveDPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args,
                                      train_dataset=Dataset.from_list(examples), processing_class=tokenizer)
         batches = list(trainer.get_train_dataloader())
-        assert sum(b["input_ids"].shape[0] for b in batches) == 2 * len(examples)
+        assert sum(pairs_in_batch(b) for b in batches) == len(examples)
         padding[strategy] = sum(int((b["attention_mask"] == 0).sum()) for b in batches)
-    assert padding["group_by_length"] < 0.8 * padding["random"], padding  # chosen≠rejected padding stays
+    assert padding["group_by_length"] < 0.8 * padding["random"], padding
 
 
 def _tiny(preset, attn, tokenizer):
