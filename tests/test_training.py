@@ -195,7 +195,9 @@ def test_two_processes_match_one(small, tmp_path, method):
         if method == "beta_dpo":
             keys += ["beta/batch", "beta/m0", "beta/sigma", "filter/kept_fraction"]
         for key in keys:
-            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), (x["step"], key)
+            # rel 1e-4: each rank pads its own 2 pairs, so matmul shapes (and rounding) differ from the 4-pair
+            # batch, and SGD at lr 0.5 carries that over 4 steps; a wrong gather or normalisation is off by %s
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-5), (x["step"], key)
     assert_same_params(one, two)
     assert_same_trace(one, two)
 
