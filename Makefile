@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast lint check clean
+.PHONY: install demo test test-fast lint check bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,15 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 check: lint test
+
+# throughput against TRL on the two CPU shapes of docs/performance.md, and SamS's cost (about 25 minutes)
+bench: $(STAMP)
+	mkdir -p runs/bench
+	$(BIN)/python benchmarks/throughput.py --hidden 64 --layers 2 --pairs 8 --max_length 128 --rounds 8 --memory \
+		--out runs/bench/throughput-tiny.md
+	$(BIN)/python benchmarks/throughput.py --hidden 256 --layers 4 --pairs 8 --max_length 256 --rounds 5 --memory \
+		--out runs/bench/throughput-larger.md
+	$(BIN)/python benchmarks/sams_cost.py --rounds 5 --out runs/bench/sams_cost.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info

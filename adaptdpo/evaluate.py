@@ -85,5 +85,6 @@ def selection_of_flipped_pairs(run_dir: str, flipped: set[int]) -> dict[str, flo
                 c = counts[pair_id in flipped]
                 c[0] += int(trained)
                 c[1] += 1
-    return {"flipped_trained_fraction": counts[True][0] / max(1, counts[True][1]),
-            "clean_trained_fraction": counts[False][0] / max(1, counts[False][1])}
+    nan = float("nan")  # no such pair seen (e.g. no flips): no fraction
+    return {"flipped_trained_fraction": counts[True][0] / counts[True][1] if counts[True][1] else nan,
+            "clean_trained_fraction": counts[False][0] / counts[False][1] if counts[False][1] else nan}

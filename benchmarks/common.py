@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from adaptdpo.config import AdaptiveDPOConfig
-from adaptdpo.data import PreferenceCollator, batch_to, load_preference_rows, tokenize_rows
+from adaptdpo.data import PreferenceCollator, batch_to, load_preference_rows, pairs_in_batch, tokenize_rows
 from adaptdpo.modeling import build_tiny_model, text_fingerprint, tiny_model_config, train_tokenizer
 from adaptdpo.trainer import AdaptiveDPOTrainer
 
@@ -22,8 +22,9 @@ HH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "
                   "harmless-base-test.jsonl.gz")
 
 
-def build(pairs: int, hidden: int, layers: int, max_length: int, workdir: str, vocab: int = 0):
-    """(policy, tokenizer, collated batch of ``pairs`` HH pairs)."""
+def build(pairs: int, hidden: int, layers: int, max_length: int, workdir: str, vocab: int = 0,
+          shared_prompt: bool = False):
+    """(policy, tokenizer, collated batch of ``pairs`` HH pairs; packed when ``shared_prompt``)."""
     rows, _ = load_preference_rows(HH, skip_invalid=True, limit=max(pairs, 256))
     texts = [r[k] for r in rows for k in ("prompt", "chosen", "rejected")]
     tok = train_tokenizer(texts, 2048, os.path.join(workdir, "tok-" + text_fingerprint(texts, 2048)))
@@ -31,7 +32,7 @@ def build(pairs: int, hidden: int, layers: int, max_length: int, workdir: str, v
                             tok.pad_token_id, tok.eos_token_id)
     policy = build_tiny_model(cfg, seed=0)
     examples, _ = tokenize_rows(rows[:pairs], tok, max_length=max_length, max_prompt_length=max_length // 2)
-    return policy, tok, PreferenceCollator(tok.pad_token_id)(examples)
+    return policy, tok, PreferenceCollator(tok.pad_token_id, shared_prompt=shared_prompt)(examples)
 
 
 def prepare(trainer: Any) -> Any:
@@ -52,7 +53,7 @@ def make_trainer(policy, tok, workdir, overrides, cuda: bool):
 
 def one_step(trainer, batch) -> float:
     """Wall time of one optimizer step (forward, backward, optimizer), synchronised on GPU."""
-    n = batch["input_ids"].shape[0] // 2
+    n = pairs_in_batch(batch)
     policy = getattr(trainer, "step_policy", None)
     items = torch.tensor(policy.num_trained(n) if policy is not None else n)
     device = trainer.args.device
@@ -65,6 +66,42 @@ def one_step(trainer, batch) -> float:
     trainer.model.zero_grad(set_to_none=True)
     sync()
     return time.perf_counter() - start
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def step_memory(trainer, batch) -> dict[str, int]:
+    """Peak memory of one step above the idle baseline (call in a fresh process, after warm-up steps).
+
+    CPU: the resident-set high-water mark (VmHWM) during the step, reset just before it through
+    /proc/self/clear_refs once freed memory went back to the system (malloc_trim); idle = the resident set
+    then. CUDA: max_memory_allocated during the step minus the allocated memory before it.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        idle = torch.cuda.memory_allocated()
+        one_step(trainer, batch)
+        return {"idle": idle, "peak": torch.cuda.max_memory_allocated()}
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+    idle = _status("VmRSS")
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+        fh.write("5")  # reset VmHWM to the current resident set
+    one_step(trainer, batch)
+    return {"idle": idle, "peak": _status("VmHWM")}
 
 
 def matmul_params(model: torch.nn.Module) -> int:

@@ -105,6 +105,8 @@ def main() -> None:
                 if key in done:
                     per_seed.append(done[key])
             if per_seed:
+                if task_over.get("flip_rate", 0.2) == 0:  # no flipped pair to count (older caches stored 0)
+                    per_seed = [{**r, "flipped_trained_fraction": float("nan")} for r in per_seed]
                 rows.append((label, per_seed))
         tables.append(format_table(exp, rows))
     text = "\n".join(tables)
@@ -115,6 +117,8 @@ def main() -> None:
 
 
 def _mean_std(values: list[float]) -> str:
+    if any(v != v for v in values):  # NaN: not applicable
+        return "–"
     if len(values) == 1:
         return f"{values[0]:.3f}"
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"

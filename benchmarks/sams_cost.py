@@ -17,8 +17,6 @@ at that moment. On CUDA: ``max_memory_allocated`` minus the allocated memory bef
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import statistics
@@ -29,7 +27,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import build, device_line, emit_table, make_trainer, one_step
+from common import build, device_line, emit_table, make_trainer, one_step, step_memory
 
 from adaptdpo.data import batch_to
 
@@ -40,22 +38,6 @@ CONFIGS = {
     "sams subset": {"method": "sams", "sams_mode": "subset", **SAMS},
     "beta_dpo+sams subset": {"method": "beta_dpo+sams", "sams_mode": "subset", "beta_dpo_keep_ratio": 1.0, **SAMS},
 }
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _trim() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc
-        pass
 
 
 def _with_reference_columns(trainer, batch):
@@ -80,18 +62,7 @@ def measure_memory(ns, name: str, precomputed: bool) -> dict:
         trainer, batch = build_setup(ns, workdir, name, precomputed)
         for _ in range(2):
             one_step(trainer, batch)
-        _trim()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            idle = torch.cuda.memory_allocated()
-            one_step(trainer, batch)
-            return {"idle": idle, "peak": torch.cuda.max_memory_allocated()}
-        idle = _status("VmRSS")
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
-            fh.write("5")  # reset VmHWM to the current resident set
-        one_step(trainer, batch)
-        return {"idle": idle, "peak": _status("VmHWM")}
+        return step_memory(trainer, batch)
 
 
 def memory_in_fresh_process(ns, name: str, precomputed: bool) -> dict:

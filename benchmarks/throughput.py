@@ -1,22 +1,26 @@
-"""Throughput of a DPO step: TRL 1.16's DPOTrainer against adaptdpo (DPO, β-DPO), side by side.
+"""Throughput of a preference step: TRL 1.16's DPOTrainer against every adaptdpo configuration, side by side.
 
-    .venv/bin/python benchmarks/throughput.py [--hidden 256 --layers 4 --pairs 8 --max_length 256]
+    .venv/bin/python benchmarks/throughput.py [--hidden 256 --layers 4 --pairs 8 --max_length 256] [--memory]
 
-Same model (a Llama-shaped random model), same batch (HH pairs, TRL's collated layout), same precision,
-gradient checkpointing off in all, the same optimizer; configurations alternate within each round and the
-table reports medians and ratios to TRL. Achieved FLOP/s use the 8·N·T model of a DPO step (6N policy
-forward+backward, 2N reference forward, N = matmul parameters, T = tokens of the stacked batch), and are
-compared with this machine's measured dense matmul throughput. Memory (CUDA only): the peak of
-max_memory_allocated during one step minus what was allocated before it (weights, gradients' absence,
-optimizer states of every trainer in the process), i.e. activations and temporaries of the step.
+Same model (a Llama-shaped random model), same HH pairs, same precision, gradient checkpointing off in
+all, the same optimizer; configurations alternate within each round and the table reports medians and
+ratios to TRL. TRL and "adaptdpo dpo (stacked)" get TRL's collated layout; the other configurations our
+default, the shared-prompt packed layout (each prompt encoded once). SamS at ratio 0.5 (`small`
+scheduler). Achieved FLOP/s use the 8·N·T model of a DPO step (6N policy forward+backward, 2N reference
+forward, N = matmul parameters, T = tokens of the stacked batch — the same T for every configuration, so
+a configuration that does less work shows a higher "effective" rate), compared with this machine's
+measured dense matmul throughput. Memory (``--memory``): the step's peak above idle, measured in a fresh
+process per configuration (see common.step_memory).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +31,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import build, device_line, emit_table, make_trainer, matmul_params, one_step, prepare
+from common import build, device_line, emit_table, make_trainer, matmul_params, one_step, prepare, step_memory
+
+SAMS = {"sams_ratio": 0.5, "sams_warmup_rounds": 1}
+OURS = {  # name → (config overrides, packed batch?)
+    "adaptdpo dpo (stacked)": ({"method": "dpo", "shared_prompt": "off"}, False),
+    "adaptdpo dpo": ({"method": "dpo"}, True),
+    "adaptdpo beta_dpo": ({"method": "beta_dpo"}, True),
+    "adaptdpo sams mask": ({"method": "sams", "sams_mode": "mask", **SAMS}, True),
+    "adaptdpo sams subset": ({"method": "sams", "sams_mode": "subset", **SAMS}, True),
+    "adaptdpo beta_dpo+sams subset": ({"method": "beta_dpo+sams", "sams_mode": "subset", **SAMS}, True),
+}
 
 
 def make_trl_trainer(policy, tok, workdir, cuda: bool):
@@ -65,6 +79,27 @@ def matmul_throughput(device: torch.device, dtype: torch.dtype, size: int, repea
     return 2 * size**3 / best
 
 
+def memory_of(ns, name: str) -> dict[str, int]:
+    """In this (fresh) process: build one configuration, warm it up, measure one step's peak above idle."""
+    cuda = torch.cuda.is_available()
+    with tempfile.TemporaryDirectory() as workdir:
+        shared = name != "TRL DPOTrainer" and OURS[name][1]
+        policy, tok, batch = build(ns.pairs, ns.hidden, ns.layers, ns.max_length, workdir, ns.vocab,
+                                   shared_prompt=shared)
+        trainer = (make_trl_trainer(policy, tok, os.path.join(workdir, "t"), cuda) if name == "TRL DPOTrainer"
+                   else make_trainer(policy, tok, os.path.join(workdir, "t"), OURS[name][0], cuda))
+        for _ in range(2):
+            one_step(trainer, batch)
+        return step_memory(trainer, batch)
+
+
+def memory_in_fresh_process(ns, name: str) -> dict[str, int]:
+    argv = [sys.executable, __file__, "--only", name, "--pairs", str(ns.pairs), "--hidden", str(ns.hidden),
+            "--layers", str(ns.layers), "--max_length", str(ns.max_length), "--vocab", str(ns.vocab)]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=10)
@@ -75,30 +110,33 @@ def main() -> None:
     parser.add_argument("--max_length", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=0)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--memory", action="store_true", help="also measure each step's peak memory above idle, "
+                        "in a fresh process per configuration")
+    parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: memory of one configuration
     ns = parser.parse_args()
+    if ns.only:
+        print(json.dumps(memory_of(ns, ns.only)))
+        return
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as workdir:
         policy, tok, batch = build(ns.pairs, ns.hidden, ns.layers, ns.max_length, workdir, ns.vocab)
-        trainers = {"TRL DPOTrainer": make_trl_trainer(policy, tok, os.path.join(workdir, "trl"), cuda),
-                    "adaptdpo dpo": make_trainer(policy, tok, os.path.join(workdir, "a"), {"method": "dpo"}, cuda),
-                    "adaptdpo beta_dpo": make_trainer(policy, tok, os.path.join(workdir, "b"),
-                                                      {"method": "beta_dpo"}, cuda)}
-        peak: dict[str, float] = {}
-        for name, trainer in trainers.items():  # warm-up, and peak memory one configuration at a time
-            one_step(trainer, batch)
-            if cuda:  # the step's own memory: peak above what is resident before it (all trainers' weights)
-                torch.cuda.synchronize()
-                resident = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-                one_step(trainer, batch)
-                peak[name] = (torch.cuda.max_memory_allocated() - resident) / 2**30
+        _, _, packed = build(ns.pairs, ns.hidden, ns.layers, ns.max_length, workdir, ns.vocab, shared_prompt=True)
+        trainers = {"TRL DPOTrainer": make_trl_trainer(policy, tok, os.path.join(workdir, "trl"), cuda)}
+        batches = {"TRL DPOTrainer": batch}
+        for i, (name, (overrides, is_packed)) in enumerate(OURS.items()):
+            trainers[name] = make_trainer(policy, tok, os.path.join(workdir, str(i)), overrides, cuda)
+            batches[name] = packed if is_packed else batch
+        for name, trainer in trainers.items():  # warm-up (SamS fits its scheduler from the second round on)
+            for _ in range(2):
+                one_step(trainer, batches[name])
         times: dict[str, list[float]] = {name: [] for name in trainers}
         for r in range(ns.rounds):
             order = list(trainers) if r % 2 == 0 else list(reversed(trainers))
             for name in order:
-                times[name].append(statistics.median(one_step(trainers[name], batch) for _ in range(ns.steps)))
+                times[name].append(statistics.median(one_step(trainers[name], batches[name])
+                                                     for _ in range(ns.steps)))
             print(f"round {r + 1}/{ns.rounds}: " + ", ".join(f"{k} {v[-1] * 1e3:.0f} ms" for k, v in times.items()),
                   file=sys.stderr)
         machine = matmul_throughput(device, torch.bfloat16 if cuda else torch.float32, 8192 if cuda else 1024,
@@ -114,9 +152,10 @@ def main() -> None:
         "",
         "| configuration | median step (ms) | step-time ratio to TRL (median over rounds) | pairs/s | tokens/s | "
         "achieved TFLOP/s (8·N·T) | share of matmul throughput |"
-        + (" step memory above resident (GiB) |" if cuda else ""),
-        "|---|---|---|---|---|---|---|" + ("---|" if cuda else ""),
+        + (" step memory above idle (MiB) | memory ratio to TRL |" if ns.memory else ""),
+        "|---|---|---|---|---|---|---|" + ("---|---|" if ns.memory else ""),
     ]
+    peak = {name: memory_in_fresh_process(ns, name) for name in times} if ns.memory else {}
     base = times["TRL DPOTrainer"]
     for name, values in times.items():
         step = statistics.median(values)
@@ -124,7 +163,11 @@ def main() -> None:
         flops = 8 * n_matmul * tokens / step
         row = (f"| {name} | {step * 1e3:.1f} | {ratio:.3f} | {ns.pairs / step:.1f} | {tokens / step:,.0f} | "
                f"{flops / 1e12:.3f} | {flops / machine:.1%} |")
-        lines.append(row + (f" {peak[name]:.2f} |" if cuda else ""))
+        if ns.memory:
+            above = peak[name]["peak"] - peak[name]["idle"]
+            trl = peak["TRL DPOTrainer"]["peak"] - peak["TRL DPOTrainer"]["idle"]
+            row += f" {above / 2**20:.0f} | {above / trl:.3f} |"
+        lines.append(row)
     emit_table("\n".join(lines) + "\n", ns.out)
 
 

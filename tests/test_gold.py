@@ -125,6 +125,7 @@ def test_selection_of_flipped_pairs(tmp_path):
         fh.writelines(json.dumps(r) + "\n" for r in records)
     got = selection_of_flipped_pairs(str(tmp_path), flipped={1, 2})
     assert got == {"flipped_trained_fraction": 1 / 4, "clean_trained_fraction": 4 / 4}
+    assert math.isnan(selection_of_flipped_pairs(str(tmp_path), flipped=set())["flipped_trained_fraction"])
 
 
 def test_eval_command_on_a_task_and_on_plain_data(cache, tmp_path, capsys):
