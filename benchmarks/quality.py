@@ -52,7 +52,10 @@ def experiments() -> dict[str, list[tuple[str, dict, dict]]]:
               for f in (0.0, 0.2) for name, preset in (("DPO", METHODS["dpo"]), ("DPO+SamS", SAMS))],
         "d": [*[(f"SamS ratio {r}", mixed20, {**SAMS, "sams_ratio": r}) for r in (0.25, 0.5, 0.75, 1.0)],
               ("SamS 0.5 without f_S′", mixed20, {**SAMS, "sams_use_exploration": False}),
-              ("random 50% (DPO 50%)", mixed20, {**SAMS, "sams_selection": "random"})],
+              ("random 50% (DPO 50%)", mixed20, {**SAMS, "sams_selection": "random"}),
+              # investigation: with the paper's mean of chosen and rejected contexts, a pair and its flipped
+              # copy have the same context; concatenating them keeps the order
+              ("SamS 0.5, concatenated contexts", mixed20, {**SAMS, "sams_context_combine": "concat"})],
         "e": [(name, mixed20, METHODS[name]) for name in ("dpo", "beta_dpo", "sams", "beta_dpo+sams")],
         "f": [(f"filter {flt}", mixed20, {"method": "beta_dpo", "beta_dpo_filter": flt})
               for flt in ("gaussian", "grad_head", "grad_tail", "grad_tail_head")]

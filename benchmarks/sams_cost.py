@@ -81,7 +81,9 @@ def time_steps(ns, precomputed: bool) -> dict[str, list[float]]:
                 one_step(trainer, batch)
         rounds: dict[str, list[float]] = {name: [] for name in CONFIGS}
         for r in range(ns.rounds):
-            for name, (trainer, batch) in setups.items():
+            order = list(setups) if r % 2 == 0 else list(reversed(setups))  # no configuration always first
+            for name in order:
+                trainer, batch = setups[name]
                 rounds[name].append(statistics.median(one_step(trainer, batch) for _ in range(ns.steps)))
             print(f"round {r + 1}/{ns.rounds}: " + ", ".join(f"{k} {v[-1] * 1e3:.0f} ms" for k, v in rounds.items()),
                   file=sys.stderr)
