@@ -47,7 +47,10 @@ def experiments() -> dict[str, list[tuple[str, dict, dict]]]:
               *[(f"mix {m}: β-DPO batch", {"high_gap_fraction": m, "flip_rate": 0.0}, {"method": "beta_dpo"})
                 for m in (0.2, 0.5, 0.8)],
               ("mix 0.5: β-DPO instance", {"high_gap_fraction": 0.5, "flip_rate": 0.0},
-               {"method": "beta_dpo", "beta_dpo_level": "instance"})],
+               {"method": "beta_dpo", "beta_dpo_level": "instance"}),
+              # the official code's setting: its a = 0.6 at β0 = 0.1 is α = 6 in the paper's units (ours)
+              *[(f"mix {m}: β-DPO batch, α=6 (code's a=0.6)", {"high_gap_fraction": m, "flip_rate": 0.0},
+                 {"method": "beta_dpo", "beta_dpo_alpha": 6.0}) for m in (0.2, 0.5, 0.8)]],
         "c": [(f"{int(f * 100)}% flips: {name}", {"high_gap_fraction": 0.5, "flip_rate": f}, preset)
               for f in (0.0, 0.2) for name, preset in (("DPO", METHODS["dpo"]), ("DPO+SamS", SAMS))],
         "d": [*[(f"SamS ratio {r}", mixed20, {**SAMS, "sams_ratio": r}) for r in (0.25, 0.5, 0.75, 1.0)],
