@@ -271,13 +271,14 @@ def _training_rows(spec: TaskSpec, pool: list[dict]) -> tuple[list[dict], dict[s
     return rows, stats
 
 
-def load_task(task_dir: str) -> GoldTask:
+def load_task(task_dir: str, reference_dir: str | None = None) -> GoldTask:
     """A task folder written by :func:`build_task` (train/eval/prompts files, language, task.json)."""
     with open(os.path.join(task_dir, "task.json"), encoding="utf-8") as fh:
         stats = json.load(fh)
     with open(os.path.join(task_dir, "language.json"), encoding="utf-8") as fh:
         language = Language.from_dict(json.load(fh))
-    return GoldTask(TaskSpec(**stats["spec"]), language, stats["reference_dir"], os.path.join(task_dir, "train.jsonl"),
+    reference_dir = reference_dir or stats["reference_dir"]
+    return GoldTask(TaskSpec(**stats["spec"]), language, reference_dir, os.path.join(task_dir, "train.jsonl"),
                     os.path.join(task_dir, "eval.jsonl"), os.path.join(task_dir, "prompts.jsonl"), stats)
 
 
@@ -316,4 +317,6 @@ def build_task(spec: TaskSpec = TaskSpec(), cache_root: str = "runs/gold-cache")
         with open(os.path.join(tmp, "task.json"), "w", encoding="utf-8") as fh:
             json.dump(stats, fh, indent=2)
         os.replace(tmp, task_dir)
-    return load_task(task_dir)
+    if not os.path.exists(os.path.join(task_dir, "language.json")):  # a cache from before tasks carried it
+        shutil.copy(os.path.join(pool_dir, "language.json"), os.path.join(task_dir, "language.json"))
+    return load_task(task_dir, reference_dir)
