@@ -3,8 +3,8 @@
 One reference model (a tiny GPT-2 trained by maximum likelihood on a synthetic language), one training set
 of on-policy pairs (half low-gap, half high-gap, 20% of the labels flipped), four methods with each paper's
 default settings, and an exact judge: the hidden gold reward. Prints a comparison table and writes a
-report directory (report.md, plots/, one run directory per method). About 3 minutes on 2 CPU cores;
-``--quick`` about 1 minute.
+report directory (report.md, plots/, one run directory per method). About 100 s on 2 CPU cores;
+``--quick`` about 55 s.
 
     adaptdpo demo [--quick] [--output_dir runs/demo] [--seed 0] [--key value ...]
 
