@@ -36,20 +36,33 @@ class SequenceLogps:
         return self.logps.chunk(2, dim=0)
 
 
-def _base_forward(model: torch.nn.Module) -> Any:
-    """The forward of the model inside DDP/FSDP/DeepSpeed and PEFT wrappers (for signature checks only)."""
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside DDP/FSDP/DeepSpeed (``.module``) and PEFT (``get_base_model``) wrappers."""
     inner = model
     while hasattr(inner, "module"):
         inner = inner.module
     if hasattr(inner, "get_base_model"):
         inner = inner.get_base_model()
-    return inner.forward
+    return inner
+
+
+PROMPT, CHOSEN, REJECTED = 1, 2, 3  # segment ids of a packed row (0 = padding)
+
+_FORWARD_PARAMETERS: dict[type, frozenset[str]] = {}
+
+
+def forward_parameters(model: torch.nn.Module) -> frozenset[str]:
+    """The argument names of the unwrapped model's forward (inspected once per model class)."""
+    cls = type(unwrap(model))
+    if cls not in _FORWARD_PARAMETERS:
+        _FORWARD_PARAMETERS[cls] = frozenset(inspect.signature(cls.forward).parameters)
+    return _FORWARD_PARAMETERS[cls]
 
 
 def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     """Whether the model's forward can compute the LM head on the last K positions only (transformers models
     with ``logits_to_keep``: Llama, GPT-2, Qwen, Mistral, ...)."""
-    return "logits_to_keep" in inspect.signature(_base_forward(model)).parameters
+    return "logits_to_keep" in forward_parameters(model)
 
 
 def completion_window(batch: dict[str, Tensor]) -> int:
@@ -58,26 +71,21 @@ def completion_window(batch: dict[str, Tensor]) -> int:
     ``logits_to_keep`` (a Python int: no host-device synchronisation); otherwise one sync here."""
     if "logits_to_keep" in batch:
         return int(batch["logits_to_keep"])
-    mask = batch["completion_mask"]
-    first = int(mask.int().argmax(dim=1).min()) if bool(mask.any()) else mask.shape[1] - 1
-    return mask.shape[1] - max(first, 1) + 1
-
-
-PROMPT, CHOSEN, REJECTED = 1, 2, 3  # segment ids of a packed row (0 = padding)
+    width = batch["input_ids"].shape[1]
+    if "segment_ids" in batch:  # packed: completions start after the prompt
+        first = int((batch["segment_ids"] == PROMPT).sum(dim=1).min())
+    else:
+        mask = batch["completion_mask"]
+        first = int(mask.int().argmax(dim=1).min()) if bool(mask.any()) else width - 1
+    return width - max(first, 1) + 1
 
 
 def supports_shared_prompt(model: torch.nn.Module) -> bool:
     """Whether the packed [prompt, chosen, rejected] forward can run: a transformers model whose attention
     takes a custom 4D mask (eager or sdpa) and explicit position ids."""
-    inner = model
-    while hasattr(inner, "module"):
-        inner = inner.module
-    if hasattr(inner, "get_base_model"):
-        inner = inner.get_base_model()
-    config = getattr(inner, "config", None)
-    params = inspect.signature(inner.forward).parameters
+    config = getattr(unwrap(model), "config", None)
     return (config is not None and getattr(config, "_attn_implementation", None) in ("eager", "sdpa")
-            and "position_ids" in params and not getattr(config, "is_encoder_decoder", False))
+            and "position_ids" in forward_parameters(model) and not getattr(config, "is_encoder_decoder", False))
 
 
 def branch_attention_mask(segments: Tensor, dtype: torch.dtype, boolean: bool) -> Tensor:
@@ -104,16 +112,12 @@ def packed_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor],
     chosen one. Returns log-probs and lengths in the stacked order [chosen; rejected].
     """
     segments, ids = batch["segment_ids"], batch["input_ids"]
-    inner = model
-    while hasattr(inner, "module"):
-        inner = inner.module
-    attn = getattr(getattr(inner, "config", None), "_attn_implementation", "sdpa")
+    attn = getattr(getattr(unwrap(model), "config", None), "_attn_implementation", "sdpa")
     dtype = next(model.parameters()).dtype
     mask = branch_attention_mask(segments, dtype, boolean=attn != "eager")
     width = ids.shape[1]
-    keep = int(batch["logits_to_keep"]) if "logits_to_keep" in batch else width
-    kwargs = {"logits_to_keep": keep} if keep < width and accepts_logits_to_keep(model) else {}
-    keep = keep if kwargs else width
+    keep = completion_window(batch) if accepts_logits_to_keep(model) else width
+    kwargs = {"logits_to_keep": keep} if keep < width else {}
     outputs = model(input_ids=ids, attention_mask=mask, position_ids=batch["position_ids"], use_cache=False,
                     output_hidden_states=output_hidden_states, **kwargs)
     logits = outputs.logits[:, -keep:]  # positions width−keep .. width−1

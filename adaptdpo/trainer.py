@@ -345,8 +345,8 @@ class AdaptiveDPOTrainer(Trainer):
         if training:
             from .sams import layer_contexts
 
-            mask = chosen["attention_mask"]
-            contexts = layer_contexts([torch.cat([h, h]) for h in out.outputs.hidden_states], torch.cat([mask, mask]),
+            mask = chosen["attention_mask"]  # both "branches" are the chosen row: n hidden rows, 2n masks
+            contexts = layer_contexts(out.outputs.hidden_states, torch.cat([mask, mask]),
                                       self.args.sams_context_combine)
             out.outputs.hidden_states = None
             everything = self._gather(torch.stack([out.logps.detach().float(), nll.detach().float()], 1))[0]

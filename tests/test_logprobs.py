@@ -27,6 +27,9 @@ def test_completion_window_matches_full_logits(models_and_examples):
     assert batch["logits_to_keep"] < batch["input_ids"].shape[1]  # the window really is smaller here
     without = {k: v for k, v in batch.items() if k != "logits_to_keep"}
     assert completion_window(without) == batch["logits_to_keep"]
+    packed = PreferenceCollator(0, shared_prompt=True)(examples)
+    assert packed["input_ids"].shape[1] - packed["logits_to_keep"] == shortest_prompt - 1
+    assert completion_window({k: v for k, v in packed.items() if k != "logits_to_keep"}) == packed["logits_to_keep"]
     assert accepts_logits_to_keep(policy) and not accepts_logits_to_keep(FullLogitsOnly(policy))
     windowed = sequence_logps(policy, batch)
     full = sequence_logps(FullLogitsOnly(policy), batch)
