@@ -116,6 +116,17 @@ def device_line(ns: Any) -> str:
             f"torch {torch.__version__}")
 
 
+def mean_std(values: list[float]) -> str:
+    """"mean ± sample std" over seeds ("–" where a value is NaN: not applicable)."""
+    import statistics
+
+    if any(v != v for v in values):
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
 def emit_table(table: str, out: str | None) -> None:
     """Print a markdown table and, when asked, write it to ``out``."""
     print(table)

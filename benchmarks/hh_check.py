@@ -17,11 +17,13 @@ import json
 import logging
 import os
 import random
-import statistics
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import mean_std
 
 from adaptdpo.config import parse_config
 from adaptdpo.data import load_preference_rows
@@ -45,12 +47,6 @@ def write_split(rows: list[dict], path: str, flip_rate: float, seed: int) -> Non
             flip = rng.random() < flip_rate
             chosen, rejected = (r["rejected"], r["chosen"]) if flip else (r["chosen"], r["rejected"])
             fh.write(json.dumps({"prompt": r["prompt"], "chosen": chosen, "rejected": rejected}) + "\n")
-
-
-def _fmt(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def main() -> None:
@@ -83,8 +79,8 @@ def main() -> None:
     lines = ["| labels | method | seeds | held-out implicit-reward accuracy | held-out margin |",
              "|---|---|---|---|---|"]
     for (name, flip), evs in results.items():
-        acc = _fmt([e["eval_rewards/accuracies"] for e in evs])
-        margin = _fmt([e["eval_rewards/margins"] for e in evs])
+        acc = mean_std([e["eval_rewards/accuracies"] for e in evs])
+        margin = mean_std([e["eval_rewards/margins"] for e in evs])
         lines.append(f"| {'clean' if flip == 0 else '20% flipped'} | {name} | {len(evs)} | {acc} | {margin} |")
     table = "\n".join(lines) + "\n"
     print(table)

@@ -22,11 +22,13 @@ import argparse
 import json
 import logging
 import os
-import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import mean_std
 
 from adaptdpo.gold import METHODS, train_and_evaluate
 from adaptdpo.synthetic import TaskSpec, build_task
@@ -122,21 +124,13 @@ def main() -> None:
             fh.write(text)
 
 
-def _mean_std(values: list[float]) -> str:
-    if any(v != v for v in values):  # NaN: not applicable
-        return "–"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
 def format_table(exp: str, rows: list[tuple[str, list[dict]]]) -> str:
     extra = [("flipped_trained_fraction", "flipped trained"), ("clean_trained_fraction", "clean trained")]
     keys = KEYS + (extra if exp in ("c", "d", "e", "f") else [])
     lines = [f"### Experiment {exp}", "", "| configuration | seeds | " + " | ".join(k[1] for k in keys) + " |",
              "|---|---|" + "---|" * len(keys)]
     for label, results in rows:
-        cells = [_mean_std([r[k] for r in results]) for k, _ in keys]
+        cells = [mean_std([r[k] for r in results]) for k, _ in keys]
         lines.append(f"| {label} | {len(results)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from ..checkpointing import atomic_write_text
 from ..modeling import SPECIAL_TOKENS, build_tiny_model, load_tokenizer, tiny_model_config
 from ..sampling import sample_completions
 from .language import Language
@@ -103,11 +104,7 @@ def _read_jsonl(path: str) -> list[dict[str, Any]]:
 
 
 def _write_jsonl_atomic(path: str, rows: list[dict[str, Any]]) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 # ------------------------------------------------------------------------------------ the reference
