@@ -398,6 +398,10 @@ class PreferenceCollator:
             batch = self._packed(examples)
         else:
             batch = self._stacked(examples)
+        # the LM head only needs the positions from the shortest prompt on (see logprobs.completion_window);
+        # both layouts start every row with its prompt
+        width = batch["input_ids"].shape[1]
+        batch["logits_to_keep"] = width - max(1, min(len(e["prompt_ids"]) for e in examples)) + 1
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             if key in examples[0]:
                 batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
@@ -415,9 +419,6 @@ class PreferenceCollator:
             "attention_mask": _pad([[1] * len(s) for s in seqs], 0, self.pad_to_multiple_of),
             "completion_mask": _pad(completion, 0, self.pad_to_multiple_of),
         }
-        # the LM head only needs the positions from the shortest prompt on (see logprobs.completion_window)
-        width = batch["input_ids"].shape[1]
-        batch["logits_to_keep"] = width - max(1, min(len(e["prompt_ids"]) for e in examples)) + 1
         return batch
 
     def _packed(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -433,6 +434,4 @@ class PreferenceCollator:
             "segment_ids": _pad(segments, 0, self.pad_to_multiple_of),
             "position_ids": _pad(positions, 0, self.pad_to_multiple_of),
         }
-        width = batch["input_ids"].shape[1]
-        batch["logits_to_keep"] = width - max(1, min(len(e["prompt_ids"]) for e in examples)) + 1
         return batch
