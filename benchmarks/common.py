@@ -68,6 +68,25 @@ def one_step(trainer, batch) -> float:
     return time.perf_counter() - start
 
 
+def warm_up(trainer, batch, steps: int = 2) -> None:
+    """``steps`` untimed steps; then a SamS scheduler's replay pool is topped up to its steady-state size.
+
+    The scheduler fits on the previous round plus ``sams_pool_batches`` pool rounds; a short benchmark
+    would otherwise time the fit on the few rounds seen so far. The pool is filled with copies of the
+    rounds it holds: the fit's cost depends on the number of rows, not on their values.
+    """
+    for _ in range(steps):
+        one_step(trainer, batch)
+    policy = getattr(trainer, "step_policy", None)
+    sams = getattr(policy, "sams", policy)  # β-DPO+SamS wraps a SamsPolicy
+    scheduler = getattr(sams, "scheduler", None)
+    if scheduler is not None and scheduler.pool:
+        held = list(scheduler.pool)
+        while len(scheduler.pool) < min(trainer.args.sams_pool_batches, trainer.args.sams_pool_capacity):
+            scheduler.pool.append(held[len(scheduler.pool) % len(held)])
+        one_step(trainer, batch)
+
+
 def _status(field: str) -> int:
     with open("/proc/self/status", encoding="ascii") as fh:
         for line in fh:

@@ -5,7 +5,8 @@ idle (a fresh process per configuration), same model, same batch.
 
 Configurations: DPO; SamS ``mask`` (the paper's compute: one forward with gradient on all n pairs) and
 ``subset`` (a no-grad forward on all n pairs, then forward and backward on the k selected ones), both at
-ratio 0.5 with the ``small`` scheduler; β-DPO+SamS subset. Each once with the live reference model and once
+ratio 0.5 with the ``small`` scheduler, in steady state (the replay pool holds the 32 rounds the scheduler
+fits on, common.warm_up); β-DPO+SamS subset. Each once with the live reference model and once
 with precomputed reference log-probs (then the reference forward is gone from every configuration).
 
 Memory on CPU: the process's resident-set high-water mark (VmHWM) during one step, after resetting it
@@ -27,7 +28,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import build, device_line, emit_table, make_trainer, one_step, step_memory
+from common import build, device_line, emit_table, make_trainer, one_step, step_memory, warm_up
 
 from adaptdpo.data import batch_to
 
@@ -60,8 +61,7 @@ def measure_memory(ns, name: str, precomputed: bool) -> dict:
     """In this (fresh) process: peak memory of one step above the idle baseline."""
     with tempfile.TemporaryDirectory() as workdir:
         trainer, batch = build_setup(ns, workdir, name, precomputed)
-        for _ in range(2):
-            one_step(trainer, batch)
+        warm_up(trainer, batch)
         return step_memory(trainer, batch)
 
 
@@ -76,9 +76,8 @@ def time_steps(ns, precomputed: bool) -> dict[str, list[float]]:
     """Per-round median step time of every configuration, alternated within rounds."""
     with tempfile.TemporaryDirectory() as workdir:
         setups = {name: build_setup(ns, workdir, name, precomputed) for name in CONFIGS}
-        for trainer, batch in setups.values():
-            for _ in range(2):  # warm-up; SamS's scheduler gets fitted from the second round on
-                one_step(trainer, batch)
+        for trainer, batch in setups.values():  # SamS: its scheduler fits on a full-size pool, as in a long run
+            warm_up(trainer, batch)
         rounds: dict[str, list[float]] = {name: [] for name in CONFIGS}
         for r in range(ns.rounds):
             order = list(setups) if r % 2 == 0 else list(reversed(setups))  # no configuration always first

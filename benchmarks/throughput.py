@@ -6,10 +6,11 @@ Same model (a Llama-shaped random model), same HH pairs, same precision, gradien
 all, the same optimizer; configurations alternate within each round and the table reports medians and
 ratios to TRL. TRL and "adaptdpo dpo (stacked)" get TRL's collated layout; the other configurations our
 default, the shared-prompt packed layout (each prompt encoded once). SamS at ratio 0.5 (`small`
-scheduler). Achieved FLOP/s use the 8·N·T model of a DPO step (6N policy forward+backward, 2N reference
-forward, N = matmul parameters, T = tokens of the stacked batch — the same T for every configuration, so
-a configuration that does less work shows a higher "effective" rate), compared with this machine's
-measured dense matmul throughput. Memory (``--memory``): the step's peak above idle, measured in a fresh
+scheduler), timed in steady state: its replay pool holds the 32 rounds the scheduler fits on
+(common.warm_up). Achieved FLOP/s use the 8·N·T model of a DPO step (6N policy forward+backward, 2N
+reference forward, N = matmul parameters, T = tokens of the stacked batch — the same T for every
+configuration, so a configuration that does less work shows a higher "effective" rate), compared with
+this machine's measured dense matmul throughput. Memory (``--memory``): the step's peak above idle, measured in a fresh
 process per configuration (see common.step_memory).
 """
 
@@ -31,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import build, device_line, emit_table, make_trainer, matmul_params, one_step, prepare, step_memory
+from common import build, device_line, emit_table, make_trainer, matmul_params, one_step, prepare, step_memory, warm_up
 
 SAMS = {"sams_ratio": 0.5, "sams_warmup_rounds": 1}
 OURS = {  # name → (config overrides, packed batch?)
@@ -88,8 +89,7 @@ def memory_of(ns, name: str) -> dict[str, int]:
                                    shared_prompt=shared)
         trainer = (make_trl_trainer(policy, tok, os.path.join(workdir, "t"), cuda) if name == "TRL DPOTrainer"
                    else make_trainer(policy, tok, os.path.join(workdir, "t"), OURS[name][0], cuda))
-        for _ in range(2):
-            one_step(trainer, batch)
+        warm_up(trainer, batch)
         return step_memory(trainer, batch)
 
 
@@ -128,9 +128,8 @@ def main() -> None:
         for i, (name, (overrides, is_packed)) in enumerate(OURS.items()):
             trainers[name] = make_trainer(policy, tok, os.path.join(workdir, str(i)), overrides, cuda)
             batches[name] = packed if is_packed else batch
-        for name, trainer in trainers.items():  # warm-up (SamS fits its scheduler from the second round on)
-            for _ in range(2):
-                one_step(trainer, batches[name])
+        for name, trainer in trainers.items():  # SamS: its scheduler fits on a full-size pool, as in a long run
+            warm_up(trainer, batches[name])
         times: dict[str, list[float]] = {name: [] for name in trainers}
         for r in range(ns.rounds):
             order = list(trainers) if r % 2 == 0 else list(reversed(trainers))

@@ -116,3 +116,54 @@ def test_invalid_options():
         make(selection="best")
     with pytest.raises(ValueError):
         make(train_on="some")
+
+
+def test_fast_dropout_law_per_lane_scale_gradient_and_determinism():
+    from adaptdpo.sams.networks import FastDropout
+
+    drop = FastDropout(0.3)
+    x = torch.ones(1 << 20)
+    torch.manual_seed(0)
+    out = drop(x)
+    kept = out != 0
+    assert torch.equal(out[kept], torch.full_like(out[kept], drop.scale))  # inverted dropout: x / (1 − p)
+    assert drop.dropped == round(0.3 * 2**15) and abs(drop.scale - 2**15 / (2**15 - drop.dropped)) < 1e-15
+    bound = 5 * (0.3 * 0.7 / (x.numel() / 4)) ** 0.5  # 5 σ of a lane's kept fraction
+    for lane in range(4):  # each 16-bit lane of a 64-bit draw is an independent decision (the top one too)
+        assert abs(float(kept[lane::4].float().mean()) - 0.7) < bound, lane
+    assert abs(float(out.mean()) - 1.0) < 5 * (0.3 / 0.7 / x.numel()) ** 0.5  # unbiased
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), out)  # the mask comes from the torch generator: seeded, resumable
+    y = torch.randn(3, 5, 7, requires_grad=True)
+    torch.manual_seed(1)
+    z = drop(y)
+    z.backward(torch.ones_like(z))
+    assert torch.equal(y.grad, (z != 0).float() * drop.scale)
+    drop.eval()
+    assert drop(y) is y
+    assert FastDropout(0.0).train()(y) is y
+    with pytest.raises(ValueError, match="dropout probability"):
+        FastDropout(1.0)
+
+
+def test_every_scheduler_dropout_is_the_fast_one():
+    from adaptdpo.sams.networks import FastDropout
+
+    s = make()
+    modules = [m for net in s.modules() for m in net.modules()]
+    assert not any(type(m) is torch.nn.Dropout for m in modules)
+    assert sum(isinstance(m, FastDropout) for m in modules) == 3 + 1 + 1  # encoder layer; f_S and f_S′ reuse one each
+
+
+def test_exploration_net_learns_from_the_activations_it_is_scored_on():
+    """f_S′'s training input is f_S's eval-mode activations (as at scoring), not a dropout-noised copy."""
+    s = make(fit_steps=1)
+    s.step(*round_inputs(0))
+    seen = []
+    s.explore.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    s.step(*round_inputs(1))  # fit on round 0 (f_S then f_S′), then score round 1
+    with torch.no_grad():
+        s.encoder.eval()
+        s.exploit.eval()
+        _, expected = s.exploit(s.encoder(round_inputs(0)[0]))
+    assert len(seen) == 2 and torch.equal(seen[0], expected)  # [0]: the fit, [1]: scoring round 1
