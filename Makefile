@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py --hidden 256 --layers 4 --pairs 8 --max_length 256 --rounds 5 --memory \
 		--out runs/bench/throughput-larger.md
 	$(BIN)/python benchmarks/sams_cost.py --rounds 5 --out runs/bench/sams_cost.md
+	$(BIN)/python benchmarks/sams_fit.py --out runs/bench/sams_fit.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info

@@ -149,18 +149,20 @@ def main() -> None:
         f"gradient checkpointing off in all. {ns.rounds} rounds × {ns.steps} steps, alternated. "
         f"Measured dense matmul throughput: {machine / 1e12:.2f} TFLOP/s.",
         "",
-        "| configuration | median step (ms) | step-time ratio to TRL (median over rounds) | pairs/s | tokens/s | "
-        "achieved TFLOP/s (8·N·T) | share of matmul throughput |"
-        + (" step memory above idle (MiB) | memory ratio to TRL |" if ns.memory else ""),
-        "|---|---|---|---|---|---|---|" + ("---|---|" if ns.memory else ""),
+        "| configuration | median step (ms) | step-time ratio to TRL (median over rounds) | step-time ratio to "
+        "adaptdpo dpo (median over rounds) | pairs/s | tokens/s | achieved TFLOP/s (8·N·T) | share of matmul "
+        "throughput |" + (" step memory above idle (MiB) | memory ratio to TRL |" if ns.memory else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|---|" if ns.memory else ""),
     ]
     peak = {name: memory_in_fresh_process(ns, name) for name in times} if ns.memory else {}
-    base = times["TRL DPOTrainer"]
+    def ratio_to(values: list[float], base: str) -> float:
+        return statistics.median(v / b for v, b in zip(values, times[base], strict=True))
+
     for name, values in times.items():
         step = statistics.median(values)
-        ratio = statistics.median(v / b for v, b in zip(values, base, strict=True))
         flops = 8 * n_matmul * tokens / step
-        row = (f"| {name} | {step * 1e3:.1f} | {ratio:.3f} | {ns.pairs / step:.1f} | {tokens / step:,.0f} | "
+        row = (f"| {name} | {step * 1e3:.1f} | {ratio_to(values, 'TRL DPOTrainer'):.3f} | "
+               f"{ratio_to(values, 'adaptdpo dpo'):.3f} | {ns.pairs / step:.1f} | {tokens / step:,.0f} | "
                f"{flops / 1e12:.3f} | {flops / machine:.1%} |")
         if ns.memory:
             above = peak[name]["peak"] - peak[name]["idle"]
