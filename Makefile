@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast lint check bench clean
+.PHONY: install demo test test-fast lint check bench gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ bench: $(STAMP)
 		--out runs/bench/throughput-larger.md
 	$(BIN)/python benchmarks/sams_cost.py --rounds 5 --out runs/bench/sams_cost.md
 	$(BIN)/python benchmarks/sams_fit.py --out runs/bench/sams_fit.md
+
+# the wheels the lent GPU machine lacks (it has torch and transformers; Python 3.12): see benchmarks/gpu_suite.sh
+gpu-wheels: $(STAMP)
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+		--platform any -d .whl trl==1.16.0 datasets==5.2.0 dill==0.4.0 multiprocess==0.70.18 pyarrow==26.0.1
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info

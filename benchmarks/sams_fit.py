@@ -51,20 +51,27 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     ns = parser.parse_args()
     names = ["shipped", "torch dropout", "torch dropout, unfused Adam"]
-    schedulers = {name: variant(name, ns.layers, ns.dim) for name in names}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    schedulers = {name: variant(name, ns.layers, ns.dim).to(device) for name in names}
     g = torch.Generator().manual_seed(0)
     rows = (ns.pool_batches + 1) * ns.pairs
-    contexts = torch.randn(rows, ns.layers, ns.dim, generator=g)
-    rewards, predictions = torch.rand(rows, generator=g), torch.rand(rows, generator=g)
+    contexts = torch.randn(rows, ns.layers, ns.dim, generator=g).to(device)
+    rewards, predictions = torch.rand(rows, generator=g).to(device), torch.rand(rows, generator=g).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     for scheduler in schedulers.values():
-        scheduler._fit(contexts, rewards, predictions)
+        with autocast:
+            scheduler._fit(contexts, rewards, predictions)
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(ns.rounds):
         for name in names if r % 2 == 0 else reversed(names):
             steps = []
             for _ in range(ns.steps):
+                sync()
                 start = time.perf_counter()
-                schedulers[name]._fit(contexts, rewards, predictions)
+                with autocast:  # as inside the trainer's compute_loss
+                    schedulers[name]._fit(contexts, rewards, predictions)
+                sync()
                 steps.append(time.perf_counter() - start)
             times[name].append(statistics.median(steps))
     base = times["shipped"]

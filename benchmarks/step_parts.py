@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--max_length", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=0, help="vocabulary size of the model (default: the tokenizer's)")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--out", default=None)
     ns = parser.parse_args()
@@ -67,7 +68,8 @@ def main() -> None:
     configs = {"dpo": {"method": "dpo"},
                "sams subset": {"method": "sams", "sams_mode": "subset", "sams_ratio": 0.5, "sams_warmup_rounds": 1}}
     with tempfile.TemporaryDirectory() as workdir:
-        policy, tok, batch = build(ns.pairs, ns.hidden, ns.layers, ns.max_length, workdir, shared_prompt=True)
+        policy, tok, batch = build(ns.pairs, ns.hidden, ns.layers, ns.max_length, workdir, ns.vocab,
+                                   shared_prompt=True)
         trainers = {name: make_trainer(policy, tok, os.path.join(workdir, name.replace(" ", "_")), overrides, cuda)
                     for name, overrides in configs.items()}
         for trainer in trainers.values():

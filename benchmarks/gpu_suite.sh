@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The GPU figures of docs/performance.md, one part per call (the device tool allows 10 minutes a command).
+#
+#   make gpu-wheels                      # on the dev machine: the wheels the GPU machine lacks, into .whl/
+#   bash benchmarks/gpu_suite.sh PART    # on the GPU machine (device tool, carry [".whl"]), from the source tree
+#
+# PART: throughput | beta_overhead | step_parts | sams_fit | all. Tables go to $OUT (the device tool's
+# folder that comes back) or runs/gpu. SHAPE overrides the model shape (default: the 0.47B Llama-shaped model,
+# bf16 autocast, 16 HH pairs of up to 512 tokens).
+set -euo pipefail
+PART=${1:-all}
+OUT=${OUT:-runs/gpu}
+SHAPE=${SHAPE:---hidden 1024 --layers 24 --vocab 32000 --pairs 16 --max_length 512}
+mkdir -p "$OUT"
+if ! python3 -c "import trl, datasets" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/adaptdpo-site .whl/*.whl
+fi
+export PYTHONPATH=/tmp/adaptdpo-site:$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU"
+  python3 -c "import torch, transformers, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__)"
+} > "$OUT/device.txt"
+run() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }
+# shellcheck disable=SC2086  # SHAPE is a list of arguments
+if run throughput; then python3 benchmarks/throughput.py $SHAPE --rounds 10 --memory --out "$OUT/throughput.md"; fi
+if run beta_overhead; then python3 benchmarks/beta_overhead.py $SHAPE --rounds 20 --steps 5 --out "$OUT/beta_overhead.md"; fi
+if run step_parts; then python3 benchmarks/step_parts.py $SHAPE --rounds 10 --out "$OUT/step_parts.md"; fi
+if run sams_fit; then python3 benchmarks/sams_fit.py --layers 24 --dim 1024 --pairs 16 --out "$OUT/sams_fit.md"; fi
