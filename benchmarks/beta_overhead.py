@@ -21,7 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import build, device_line, emit_table, make_trainer, matmul_params, one_step
+from common import add_shape_arguments, build, device_line, emit_table, make_trainer, matmul_params, one_step
 
 CONFIGS = {
     "dpo": {"method": "dpo"},
@@ -46,11 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--steps", type=int, default=3, help="steps per configuration per round")
-    parser.add_argument("--pairs", type=int, default=16)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--max_length", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=0, help="vocabulary size of the model (default: the tokenizer's)")
+    add_shape_arguments(parser, pairs=16, hidden=128, layers=2, max_length=256)
     parser.add_argument("--out", default=None, help="markdown file to write the table to")
     ns = parser.parse_args()
     torch.manual_seed(0)

@@ -35,6 +35,21 @@ def build(pairs: int, hidden: int, layers: int, max_length: int, workdir: str, v
     return policy, tok, PreferenceCollator(tok.pad_token_id, shared_prompt=shared_prompt)(examples)
 
 
+def add_shape_arguments(parser: Any, pairs: int, hidden: int, layers: int, max_length: int, vocab: int = 0) -> None:
+    """The model and batch shape every benchmark takes: ``--pairs --hidden --layers --max_length --vocab``."""
+    parser.add_argument("--pairs", type=int, default=pairs, help="preference pairs per step")
+    parser.add_argument("--hidden", type=int, default=hidden, help="hidden size of the Llama-shaped model")
+    parser.add_argument("--layers", type=int, default=layers, help="decoder layers")
+    parser.add_argument("--max_length", type=int, default=max_length, help="tokens per prompt + completion")
+    parser.add_argument("--vocab", type=int, default=vocab, help="vocabulary size of the model (0: the tokenizer's)")
+
+
+def shape_argv(ns: Any) -> list[str]:
+    """``ns``'s shape as command-line arguments (for a benchmark's fresh-process measurements)."""
+    return [arg for name in ("pairs", "hidden", "layers", "max_length", "vocab")
+            for arg in (f"--{name}", str(getattr(ns, name)))]
+
+
 def prepare(trainer: Any) -> Any:
     """What Trainer.train() does before the first step: wrap the policy (autocast on GPU), make the optimizer."""
     trainer.model = trainer.model_wrapped = trainer.accelerator.prepare_model(trainer.model)

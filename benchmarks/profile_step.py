@@ -13,16 +13,12 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import build, make_trainer, one_step
+from common import add_shape_arguments, build, make_trainer, one_step
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=24)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--pairs", type=int, default=16)
-    parser.add_argument("--max_length", type=int, default=512)
+    add_shape_arguments(parser, pairs=16, hidden=1024, layers=24, max_length=512, vocab=32000)
     parser.add_argument("--method", default="dpo")
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--shared_prompt", action="store_true", help="profile the packed (shared-prompt) layout")

@@ -28,7 +28,17 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import build, device_line, emit_table, make_trainer, one_step, step_memory, warm_up
+from common import (
+    add_shape_arguments,
+    build,
+    device_line,
+    emit_table,
+    make_trainer,
+    one_step,
+    shape_argv,
+    step_memory,
+    warm_up,
+)
 
 from adaptdpo.data import batch_to
 
@@ -49,7 +59,7 @@ def _with_reference_columns(trainer, batch):
 
 def build_setup(ns, workdir, name: str, precomputed: bool):
     cuda = torch.cuda.is_available()
-    policy, tok, batch = build(ns.pairs, ns.hidden, ns.layers, ns.max_length, workdir)
+    policy, tok, batch = build(ns.pairs, ns.hidden, ns.layers, ns.max_length, workdir, ns.vocab)
     trainer = make_trainer(policy, tok, os.path.join(workdir, name.replace(" ", "_")), CONFIGS[name], cuda)
     if precomputed:
         batch = _with_reference_columns(trainer, batch_to(batch, trainer.args.device))
@@ -66,8 +76,7 @@ def measure_memory(ns, name: str, precomputed: bool) -> dict:
 
 
 def memory_in_fresh_process(ns, name: str, precomputed: bool) -> dict:
-    argv = [sys.executable, __file__, "--memory-of", name, "--pairs", str(ns.pairs), "--hidden", str(ns.hidden),
-            "--layers", str(ns.layers), "--max_length", str(ns.max_length)] + (["--precomputed"] if precomputed else [])
+    argv = [sys.executable, __file__, "--memory-of", name, *shape_argv(ns)] + (["--precomputed"] if precomputed else [])
     out = subprocess.run(argv, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -93,10 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=2, help="steps per configuration per round")
-    parser.add_argument("--pairs", type=int, default=16)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--max_length", type=int, default=256)
+    add_shape_arguments(parser, pairs=16, hidden=256, layers=8, max_length=256)
     parser.add_argument("--out", default=None, help="markdown file to write the table to")
     parser.add_argument("--references", default="live,precomputed",
                         help="which reference setups to measure: live, precomputed or both")
@@ -107,10 +113,11 @@ def main() -> None:
     if ns.memory_of:
         print(json.dumps(measure_memory(ns, ns.memory_of, ns.precomputed)))
         return
-    lines = [f"Model: tiny-llama hidden {ns.hidden}, {ns.layers} layers, vocabulary 2048; {ns.pairs} HH pairs per "
-             f"step, max_length {ns.max_length}; {device_line(ns)}. SamS at ratio 0.5, `small` scheduler. Time: "
-             f"median over {ns.rounds} alternated rounds of the per-round median of {ns.steps} steps; ratio to DPO "
-             "per round, median [min–max]. Memory: peak above idle in a fresh process per configuration.", "",
+    lines = [f"Model: tiny-llama hidden {ns.hidden}, {ns.layers} layers, vocabulary {max(ns.vocab, 2048)}; "
+             f"{ns.pairs} HH pairs per step, max_length {ns.max_length}; {device_line(ns)}. SamS at ratio 0.5, "
+             f"`small` scheduler, full replay pool. Time: median over {ns.rounds} alternated rounds of the "
+             f"per-round median of {ns.steps} steps; ratio to DPO per round, median [min–max]. Memory: peak above "
+             "idle in a fresh process per configuration.", "",
              "| reference | configuration | step time (ms) | time / DPO | peak above idle (MiB) | memory / DPO |",
              "|---|---|---|---|---|---|"]
     for precomputed in [kind == "precomputed" for kind in ns.references.split(",")]:

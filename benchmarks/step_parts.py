@@ -22,7 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import build, device_line, emit_table, make_trainer, one_step, warm_up
+from common import add_shape_arguments, build, device_line, emit_table, make_trainer, one_step, warm_up
 
 import adaptdpo.sams.scheduler as scheduler_module
 import adaptdpo.trainer as trainer_module
@@ -53,11 +53,7 @@ def _timed_scheduler_step(original):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--pairs", type=int, default=8)
-    parser.add_argument("--max_length", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=0, help="vocabulary size of the model (default: the tokenizer's)")
+    add_shape_arguments(parser, pairs=8, hidden=256, layers=4, max_length=256)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--out", default=None)
     ns = parser.parse_args()

@@ -32,7 +32,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import build, device_line, emit_table, make_trainer, matmul_params, one_step, prepare, step_memory, warm_up
+from common import (
+    add_shape_arguments,
+    build,
+    device_line,
+    emit_table,
+    make_trainer,
+    matmul_params,
+    one_step,
+    prepare,
+    shape_argv,
+    step_memory,
+    warm_up,
+)
 
 SAMS = {"sams_ratio": 0.5, "sams_warmup_rounds": 1}
 OURS = {  # name → (config overrides, packed batch?)
@@ -94,8 +106,7 @@ def memory_of(ns, name: str) -> dict[str, int]:
 
 
 def memory_in_fresh_process(ns, name: str) -> dict[str, int]:
-    argv = [sys.executable, __file__, "--only", name, "--pairs", str(ns.pairs), "--hidden", str(ns.hidden),
-            "--layers", str(ns.layers), "--max_length", str(ns.max_length), "--vocab", str(ns.vocab)]
+    argv = [sys.executable, __file__, "--only", name, *shape_argv(ns)]
     out = subprocess.run(argv, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -104,11 +115,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--pairs", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--max_length", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=0)
+    add_shape_arguments(parser, pairs=8, hidden=256, layers=4, max_length=256)
     parser.add_argument("--out", default=None)
     parser.add_argument("--memory", action="store_true", help="also measure each step's peak memory above idle, "
                         "in a fresh process per configuration")
