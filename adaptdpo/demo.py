@@ -3,8 +3,8 @@
 One reference model (a tiny GPT-2 trained by maximum likelihood on a synthetic language), one training set
 of on-policy pairs (half low-gap, half high-gap, 20% of the labels flipped), four methods with each paper's
 default settings, and an exact judge: the hidden gold reward. Prints a comparison table and writes a
-report directory (report.md, plots/, one run directory per method). About 100 s on 2 CPU cores;
-``--quick`` about 55 s.
+report directory (report.md, plots/, one run directory per method). About 70 s on 2 CPU cores;
+``--quick`` about 35 s.
 
     adaptdpo demo [--quick] [--output_dir runs/demo] [--seed 0] [--key value ...]
 
@@ -60,7 +60,7 @@ def run_demo(args: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="adaptdpo demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a smaller task and shorter training (about 1 minute)")
+    parser.add_argument("--quick", action="store_true", help="a smaller task and shorter training (about 35 s)")
     parser.add_argument("--output_dir", default="runs/demo")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache_dir", default=None,
