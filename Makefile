@@ -33,15 +33,17 @@ lint: $(STAMP)
 
 check: lint test
 
-# throughput against TRL on the two CPU shapes of docs/performance.md, and SamS's cost (about 25 minutes)
+# the CPU tables of docs/performance.md, with the commands quoted there (about 30 minutes)
 bench: $(STAMP)
 	mkdir -p runs/bench
-	$(BIN)/python benchmarks/throughput.py --hidden 64 --layers 2 --pairs 8 --max_length 128 --rounds 8 --memory \
+	$(BIN)/python benchmarks/throughput.py --hidden 64 --layers 2 --pairs 8 --max_length 128 --rounds 6 --memory \
 		--out runs/bench/throughput-tiny.md
-	$(BIN)/python benchmarks/throughput.py --hidden 256 --layers 4 --pairs 8 --max_length 256 --rounds 5 --memory \
+	$(BIN)/python benchmarks/throughput.py --hidden 256 --layers 4 --pairs 8 --max_length 256 --rounds 8 --memory \
 		--out runs/bench/throughput-larger.md
-	$(BIN)/python benchmarks/sams_cost.py --rounds 5 --out runs/bench/sams_cost.md
+	$(BIN)/python benchmarks/sams_cost.py --rounds 4 --steps 2 --hidden 256 --layers 6 --max_length 192 \
+		--out runs/bench/sams_cost.md
 	$(BIN)/python benchmarks/sams_fit.py --out runs/bench/sams_fit.md
+	$(BIN)/python benchmarks/step_parts.py --out runs/bench/step_parts.md
 
 # the wheels the lent GPU machine lacks (it has torch and transformers; Python 3.12): see benchmarks/gpu_suite.sh
 gpu-wheels: $(STAMP)
