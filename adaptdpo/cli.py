@@ -25,6 +25,10 @@ commands:
                                         accuracy and margin on any preference file
   report RUN_DIR                        (re)draw the plots of a run directory (curves, margins, β)
   config-reference                      print the config reference (markdown)
+  export-model SRC DIR                  write a packaged model (smollm2-135m-instruct, all-minilm-l6-v2) or a
+                                        .gguf file as a plain float32 model folder (safetensors + tokenizer)
+
+Errors print one line and a hint; add --debug to any command for the full traceback.
 """
 
 
@@ -98,17 +102,27 @@ def cmd_eval(args: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="also write the metrics to this JSON file")
     ns = parser.parse_args(args)
+    from .modeling import check_model_source
+
     model_dir = os.path.join(ns.model, "final_model") if os.path.isdir(os.path.join(ns.model, "final_model")) \
         else ns.model
-    policy = AutoModelForCausalLM.from_pretrained(model_dir)
+    check_model_source(model_dir, "model")
+    if ns.reference:
+        check_model_source(ns.reference, "--reference")
     if ns.task:
         from .gold import evaluate_on_task
         from .synthetic import load_task
 
-        task = load_task(ns.task)
+        task = load_task(ns.task)  # checks every task file first
+        policy = AutoModelForCausalLM.from_pretrained(model_dir)
         reference = AutoModelForCausalLM.from_pretrained(ns.reference or task.reference_dir)
         tokenizer = load_tokenizer(task.reference_dir)
+        if policy.get_input_embeddings().num_embeddings < len(tokenizer):
+            raise ValueError(f"{model_dir}: its vocabulary ({policy.get_input_embeddings().num_embeddings} tokens) "
+                             f"does not cover the task's tokenizer ({len(tokenizer)} tokens): this model was not "
+                             f"trained on the task {ns.task}")
         metrics = evaluate_on_task(policy, reference, tokenizer, task, ns.beta, seed=ns.seed)
+        metrics["gold/eval_pairs"] = task.stats["eval_pairs"]
         if os.path.exists(os.path.join(ns.model, "pairs.jsonl")):
             from .evaluate import selection_of_flipped_pairs
 
@@ -116,6 +130,7 @@ def cmd_eval(args: list[str]) -> int:
     else:
         if not ns.reference:
             parser.error("--data needs --reference (the model the policy was trained from)")
+        policy = AutoModelForCausalLM.from_pretrained(model_dir)
         reference = AutoModelForCausalLM.from_pretrained(ns.reference)
         tokenizer = load_tokenizer(model_dir)
         rows, report = load_preference_rows(ns.data, skip_invalid=True)
@@ -162,12 +177,36 @@ def cmd_config_reference(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sft": cmd_sft, "demo": cmd_demo, "eval": cmd_eval, "report": cmd_report,
+def cmd_export_model(args: list[str]) -> int:
+    from .model_sources import PACKAGED_MODELS, export_model
+
+    parser = argparse.ArgumentParser(prog="adaptdpo export-model")
+    parser.add_argument("source", help=f"a packaged model ({', '.join(PACKAGED_MODELS)}), a .gguf file or a folder")
+    parser.add_argument("destination", help="the folder to write (must not exist or be empty)")
+    ns = parser.parse_args(args)
+    print(export_model(ns.source, ns.destination))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "export-model": cmd_export_model,
+            "sft": cmd_sft, "demo": cmd_demo, "eval": cmd_eval, "report": cmd_report,
             "config-reference": cmd_config_reference}
+
+
+def _hint(error: BaseException) -> str:
+    from .data import DataValidationError
+
+    if isinstance(error, DataValidationError):
+        return "fix that row, or set skip_invalid_rows: true to skip invalid rows (listed in skipped_rows.jsonl)"
+    if isinstance(error, KeyboardInterrupt):
+        return "run the same command again to resume from the last checkpoint"
+    return "add --debug for the full traceback"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("ADAPTDPO_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
@@ -176,7 +215,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     _setup_logging()
-    return COMMANDS[command](rest)
+    try:
+        return COMMANDS[command](rest)
+    except (Exception, KeyboardInterrupt) as error:
+        if debug:
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"adaptdpo {command}: error: {message}\n  hint: {_hint(error)}", file=sys.stderr)
+        return 130 if isinstance(error, KeyboardInterrupt) else 1
 
 
 if __name__ == "__main__":

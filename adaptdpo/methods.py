@@ -48,7 +48,11 @@ class BetaDPOPolicy:
 
 
 def load_encoder_backbone(path: str) -> torch.nn.Module:
-    """A local BERT-style encoder checkpoint (e.g. a saved all-MiniLM-L6-v2) for the SamS layer encoder."""
+    """A local BERT-style encoder checkpoint (e.g. a saved all-MiniLM-L6-v2, or the packaged ``all-minilm-l6-v2``)
+    for the SamS layer encoder."""
+    from .model_sources import resolve_model
+
+    path = resolve_model(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"sams_encoder_path={path!r}: not a folder (a local encoder checkpoint saved with "
                                 "save_pretrained is expected; nothing is downloaded)")

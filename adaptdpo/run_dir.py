@@ -1,4 +1,12 @@
-"""The run directory: resolved config, metrics.jsonl, summary.json (written by rank 0 only)."""
+"""The run directory: resolved config, metrics.jsonl, summary.json (written by rank 0 only).
+
+Rules that keep a run's record whole (docs/when-things-go-wrong.md):
+
+* ``summary.json`` covers the whole run, across resumes (``status: complete`` once training finished);
+* a resumed run must have the config it started with: :func:`config_changes` names what differs, and an
+  accepted change is recorded in ``config_changes.jsonl`` with the step from which it applies;
+* metrics logged after the checkpoint a run resumes from are dropped (:func:`truncate_metrics`).
+"""
 
 from __future__ import annotations
 
@@ -19,6 +27,17 @@ from .checkpointing import atomic_write_json, atomic_write_text
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
+CONFIG_CHANGES_FILE = "config_changes.jsonl"
+FINAL_MODEL_DIR = "final_model"
+
+#: fields that may differ between the invocations of one run: where and how it reports, not what it trains
+RESUME_NEUTRAL_FIELDS = frozenset({
+    "output_dir", "resume", "resume_from_checkpoint", "overwrite_output_dir", "accept_config_change", "logging_dir",
+    "disable_tqdm", "plots", "report_to", "run_name", "dataloader_num_workers", "dataloader_pin_memory",
+    "dataloader_persistent_workers", "dataloader_prefetch_factor", "log_level", "log_level_replica",
+    "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo", "hub_strategy", "hub_always_push",
+    "hub_revision", "save_total_limit", "ref_cache_dir", "trace_pairs",
+})
 PAIR_TRACE_FILE = "pairs.jsonl"
 
 
@@ -45,6 +64,65 @@ def peak_memory_bytes() -> dict[str, int]:
 
 def write_config(run_dir: str, config: dict[str, Any]) -> None:
     atomic_write_text(os.path.join(run_dir, CONFIG_FILE), yaml.safe_dump(config, sort_keys=True, allow_unicode=True))
+
+
+def read_config(run_dir: str) -> dict[str, Any] | None:
+    path = os.path.join(run_dir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        return yaml.safe_load(fh) or {}
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Fields whose value differs between a run's recorded config and a new one: {field: (old, new)}.
+
+    Both sides go through a YAML round trip first, so 10 and 10.0 or a tuple and a list compare equal.
+    """
+    old = yaml.safe_load(yaml.safe_dump(old))
+    new = yaml.safe_load(yaml.safe_dump(new))
+    out = {}
+    for key in sorted(set(old) | set(new)):
+        if key in RESUME_NEUTRAL_FIELDS:
+            continue
+        if old.get(key) != new.get(key):
+            out[key] = (old.get(key), new.get(key))
+    return out
+
+
+def record_config_changes(run_dir: str, step: int, changes: dict[str, tuple[Any, Any]]) -> None:
+    """Append an accepted change to config_changes.jsonl: from ``step`` on, the new values apply."""
+    record = {"from_step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "changes": {k: {"old": o, "new": n} for k, (o, n) in changes.items()}}
+    with open(os.path.join(run_dir, CONFIG_CHANGES_FILE), "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record, default=str) + "\n")
+
+
+def read_summary(run_dir: str) -> dict[str, Any] | None:
+    path = os.path.join(run_dir, SUMMARY_FILE)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def completed_run(run_dir: str) -> dict[str, Any] | None:
+    """The summary of a run that finished (status complete and its final model on disk), else None."""
+    summary = read_summary(run_dir)
+    if summary and summary.get("status") == "complete" and os.path.isdir(os.path.join(run_dir, FINAL_MODEL_DIR)):
+        return summary
+    return None
+
+
+def last_values(records: list[dict[str, Any]]) -> dict[str, float]:
+    """The last logged value of every numeric metric (a resumed run's summary starts from these)."""
+    out: dict[str, float] = {}
+    for record in records:
+        for key, value in record.items():
+            if key not in ("step", "epoch", "time") and isinstance(value, (int, float)):
+                out[key] = value
+    return out
 
 
 def truncate_metrics(run_dir: str, last_step: int, name: str = METRICS_FILE) -> None:
@@ -99,6 +177,7 @@ class RunDirectoryCallback(TrainerCallback):
 
     def write_summary(self, state: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         summary = {
+            "status": "complete",
             "final_metrics": self.final,
             "global_step": state.global_step,
             "wall_time_s": round(time.time() - self.start, 3),

@@ -2,29 +2,56 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
+import math
 import os
 import random
+import shutil
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .checkpointing import checkpoint_folders, last_complete_checkpoint, remove_incomplete_checkpoints
+from .checkpointing import (
+    checkpoint_folders,
+    last_complete_checkpoint,
+    remove_incomplete_checkpoints,
+    usable_checkpoint,
+    verify_checkpoint,
+)
 from .config import AdaptiveDPOConfig
-from .data import LoadReport, load_preference_rows, tokenize_rows
+from .data import LoadReport, load_preference_rows, text_row_as_messages, tokenize_rows
 from .modeling import (
     TINY_PRESETS,
     build_tiny_model,
+    check_half_precision_updates,
     load_pretrained,
     load_tokenizer,
     text_fingerprint,
     tiny_model_config,
     train_tokenizer,
 )
-from .run_dir import METRICS_FILE, PAIR_TRACE_FILE, RunDirectoryCallback, truncate_metrics, write_config
+from .run_dir import (
+    CONFIG_CHANGES_FILE,
+    CONFIG_FILE,
+    FINAL_MODEL_DIR,
+    METRICS_FILE,
+    PAIR_TRACE_FILE,
+    SUMMARY_FILE,
+    RunDirectoryCallback,
+    completed_run,
+    config_changes,
+    last_values,
+    read_config,
+    read_metrics,
+    record_config_changes,
+    truncate_metrics,
+    write_config,
+)
+from .run_lock import RunLock
 from .trainer import AdaptiveDPOTrainer
 
 logger = logging.getLogger("adaptdpo")
@@ -103,6 +130,29 @@ def build_models(config: AdaptiveDPOConfig, train_rows: list[dict[str, Any]]) ->
     return policy, reference, tokenizer
 
 
+def apply_chat_format(config: AdaptiveDPOConfig, data: PreparedData, tokenizer: Any) -> int:
+    """Render text rows through the chat template (``chat_format``); returns how many rows were converted."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if config.chat_format == "raw" or (config.chat_format == "auto" and (
+            config.model_name_or_path in TINY_PRESETS or not has_template)):
+        return 0
+    if not has_template:
+        raise ValueError("chat_format=messages needs a tokenizer with a chat template; this one has none "
+                         "(use chat_format: raw)")
+    converted = 0
+    for rows in (data.train_rows, data.eval_rows or []):
+        for i, row in enumerate(rows):
+            as_messages = text_row_as_messages(row, only_hh=config.chat_format == "auto")
+            if as_messages is not None:
+                rows[i] = as_messages
+                converted += 1
+    if converted:
+        logger.info("chat format: %d text rows rendered as chat messages through the tokenizer's template (HH "
+                    "'Human:/Assistant:' turns become user/assistant messages; chat_format: raw keeps the text)",
+                    converted)
+    return converted
+
+
 def apply_lora(config: AdaptiveDPOConfig, policy: Any) -> Any:
     try:
         from peft import LoraConfig, get_peft_model
@@ -113,47 +163,148 @@ def apply_lora(config: AdaptiveDPOConfig, policy: Any) -> Any:
     return get_peft_model(policy, lora)
 
 
+class ConfigChangedError(ValueError):
+    """A run directory is resumed with a config that differs from the one it was trained with."""
+
+
+#: what --overwrite_output_dir removes: the run's own record (caches keyed by content stay)
+RUN_RECORD = (CONFIG_FILE, CONFIG_CHANGES_FILE, METRICS_FILE, PAIR_TRACE_FILE, SUMMARY_FILE, "skipped_rows.jsonl",
+              FINAL_MODEL_DIR, "plots")
+
+
+def clear_run(run_dir: str) -> None:
+    """Remove a previous run's checkpoints and record from ``run_dir`` (--overwrite_output_dir)."""
+    for _, path, _ in checkpoint_folders(run_dir):
+        shutil.rmtree(path)
+    for name in RUN_RECORD:
+        path = os.path.join(run_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
+def _requested_checkpoint(config: AdaptiveDPOConfig) -> str | None:
+    """An explicit checkpoint: ``resume: PATH``, or TrainingArguments' ``resume_from_checkpoint`` (TRL's flag)."""
+    if config.resume not in ("auto", "never"):
+        return config.resume
+    value = config.resume_from_checkpoint
+    if value and str(value).lower() not in ("true", "false"):
+        return str(value)
+    return None
+
+
 def resolve_resume(config: AdaptiveDPOConfig) -> str | None:
-    if config.resume == "never":
+    """The checkpoint to resume from: an explicit one (verified), or with ``resume: auto`` the newest complete
+    checkpoint of output_dir whose files verify (damaged ones are set aside, reported, and skipped)."""
+    explicit = _requested_checkpoint(config)
+    if explicit:
+        if not os.path.isdir(explicit):
+            raise FileNotFoundError(f"resume checkpoint {explicit}: no such checkpoint folder")
+        problems = verify_checkpoint(explicit)
+        if problems:
+            raise ValueError(f"resume checkpoint {explicit} is damaged: " + "; ".join(problems))
+        return explicit
+    if config.resume == "never" or str(config.resume_from_checkpoint).lower() == "false":
         if any(ok for _, _, ok in checkpoint_folders(config.output_dir)):
-            raise FileExistsError(f"{config.output_dir} already has checkpoints; use --resume auto, or another "
-                                  "--output_dir")
+            raise FileExistsError(f"{config.output_dir} already has checkpoints; use --resume auto, "
+                                  "--overwrite_output_dir true, or another --output_dir")
         return None
-    if config.resume == "auto":
+    if not config.is_main_process:  # the main process has verified and set damaged folders aside already
         return last_complete_checkpoint(config.output_dir)
-    if not os.path.isdir(config.resume):
-        raise FileNotFoundError(f"--resume {config.resume}: no such checkpoint folder")
-    return config.resume
+    return usable_checkpoint(config.output_dir, log=logger.warning)
+
+
+def check_config_unchanged(config: AdaptiveDPOConfig, resume: str | None) -> None:
+    """A resumed run keeps its config: refuse a changed one, naming the changed fields, unless the user
+    accepts the change (``accept_config_change``), which is then recorded in config_changes.jsonl."""
+    old = read_config(config.output_dir)
+    if resume is None or old is None:
+        return
+    changes = config_changes(old, config.to_serialisable())
+    if not changes:
+        return
+    listed = ", ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in changes.items())
+    step = int(resume.rstrip("/").rsplit("-", 1)[1])
+    if not config.accept_config_change:
+        raise ConfigChangedError(
+            f"{config.output_dir} holds a run trained with another config (resuming from step {step}); changed: "
+            f"{listed}. Use the run's own config ({os.path.join(config.output_dir, CONFIG_FILE)}), another "
+            "--output_dir, --overwrite_output_dir true to start again, or --accept_config_change true to continue "
+            "with the new values from this step on (recorded in config_changes.jsonl)")
+    logger.warning("%s: continuing from step %d with a changed config (accepted): %s", config.output_dir, step, listed)
+    if config.should_save:
+        record_config_changes(config.output_dir, step, changes)
+
+
+def warn_about_short_epochs(config: AdaptiveDPOConfig, train_pairs: int) -> None:
+    micro_batches = math.ceil(train_pairs / max(1, config.per_device_train_batch_size * config.world_size))
+    if config.gradient_accumulation_steps > micro_batches:
+        logger.warning(
+            "gradient_accumulation_steps=%d is larger than the %d micro-batches of one epoch (%d pairs, "
+            "per_device_train_batch_size=%d, %d process(es)): each optimizer step will see only %d pairs, not "
+            "the %d asked for", config.gradient_accumulation_steps, micro_batches, train_pairs,
+            config.per_device_train_batch_size, config.world_size, train_pairs,
+            config.gradient_accumulation_steps * config.per_device_train_batch_size * config.world_size)
 
 
 def run_training(config: AdaptiveDPOConfig, extra_callbacks: list | None = None) -> dict[str, Any]:
-    """Train as ``config`` says and return the summary (also written to <output_dir>/summary.json)."""
+    """Train as ``config`` says and return the summary (also written to <output_dir>/summary.json).
+
+    The output directory is locked for the run (:mod:`adaptdpo.run_lock`). A finished run is reported and
+    left as it is unless ``overwrite_output_dir`` is set; an interrupted one resumes (``resume: auto``)."""
+    os.makedirs(config.output_dir, exist_ok=True)
+    lock = RunLock(config.output_dir) if config.is_main_process else contextlib.nullcontext()
+    with lock:
+        return _run_training(config, extra_callbacks)
+
+
+def _run_training(config: AdaptiveDPOConfig, extra_callbacks: list | None) -> dict[str, Any]:
     from datasets import Dataset
     from transformers import set_seed
 
+    done = completed_run(config.output_dir)
+    if done is not None and not config.overwrite_output_dir:
+        old = read_config(config.output_dir)
+        differs = config_changes(old, config.to_serialisable()) if old is not None else {}
+        logger.info("%s holds a complete run (step %s): nothing to do. To train again, use another --output_dir or "
+                    "--overwrite_output_dir true%s", config.output_dir, done.get("global_step"),
+                    f" (this config differs in: {', '.join(differs)})" if differs else "")
+        return {**done, "already_complete": True}
+    if config.overwrite_output_dir and config.is_main_process:
+        logger.warning("--overwrite_output_dir: removing the previous run's checkpoints and record in %s",
+                       config.output_dir)
+        clear_run(config.output_dir)
+    with config.main_process_first(desc="find the checkpoint to resume from"):
+        resume = resolve_resume(config)
+    check_config_unchanged(config, resume)
     set_seed(config.seed)
-    os.makedirs(config.output_dir, exist_ok=True)
     data = prepare_rows(config)
     policy, reference, tokenizer = build_models(config, data.train_rows)
     if config.sams_pretrain != "none":
         reference = None  # scheduler pre-training trains on the chosen responses alone: no reference
     if config.use_peft:
         policy = apply_lora(config, policy)
+    check_half_precision_updates(policy, config.learning_rate, config.allow_half_precision_updates)
+    chat_rows = apply_chat_format(config, data, tokenizer)
+    skip_report = (lambda i: data.reports[i]) if config.skip_invalid_rows else (lambda i: None)
     train_examples, train_truncated = tokenize_rows(data.train_rows, tokenizer, config.max_length,
-                                                    config.max_prompt_length, config.train_file)
+                                                    config.max_prompt_length, config.train_file, skip_report(0))
     train_dataset = Dataset.from_list(train_examples)
     eval_dataset, eval_truncated = None, 0
     if data.eval_rows:
         eval_examples, eval_truncated = tokenize_rows(data.eval_rows, tokenizer, config.max_length,
-                                                      config.max_prompt_length, config.eval_file or config.train_file)
+                                                      config.max_prompt_length, config.eval_file or config.train_file,
+                                                      skip_report(len(data.reports) - 1))
         eval_dataset = Dataset.from_list(eval_examples)
 
-    resume = resolve_resume(config)
+    warn_about_short_epochs(config, len(train_examples))
     data_summary = {
         "train_pairs": len(train_examples), "eval_pairs": len(eval_dataset) if eval_dataset is not None else 0,
         "train_truncated_pairs": train_truncated, "eval_truncated_pairs": eval_truncated,
         "skipped_rows": sum(len(r.skipped) for r in data.reports),
         "implicit_prompt_rows": sum(r.implicit_prompt_rows for r in data.reports),
+        "chat_formatted_rows": chat_rows,
     }
     if config.should_save:
         remove_incomplete_checkpoints(config.output_dir)
@@ -176,6 +327,8 @@ def run_training(config: AdaptiveDPOConfig, extra_callbacks: list | None = None)
 
     run_callback = RunDirectoryCallback(config.output_dir, {"data": data_summary,
                                                             "parameters": sum(p.numel() for p in policy.parameters())})
+    if resume is not None:  # the summary covers the whole run: start from what was logged before the resume
+        run_callback.final = last_values(read_metrics(config.output_dir))
     trainer = AdaptiveDPOTrainer(model=policy, args=config, ref_model=reference, train_dataset=train_dataset,
                                  eval_dataset=eval_dataset, processing_class=tokenizer,
                                  callbacks=[run_callback, *(extra_callbacks or [])])
@@ -183,11 +336,11 @@ def run_training(config: AdaptiveDPOConfig, extra_callbacks: list | None = None)
     if resume:
         logger.info("resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)
-    extra: dict[str, Any] = {"resumed_from": resume}
+    extra: dict[str, Any] = {"resumed_from": resume, "wall_time_s": round(trainer.run_wall_time(), 3)}
     if eval_dataset is not None:
         extra["final_eval"] = trainer.evaluate()
     if config.should_save:
-        trainer.save_model(os.path.join(config.output_dir, "final_model"))
+        trainer.save_model(os.path.join(config.output_dir, FINAL_MODEL_DIR))
     if config.sams_pretrain != "none" and trainer.is_world_process_zero():
         from .checkpointing import atomic_torch_save
 

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -43,6 +44,14 @@ logger = logging.getLogger(__name__)
 
 def _is_peft_model(model: torch.nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+class TrainingStalledError(RuntimeError):
+    """The gradient has been exactly zero for several optimizer steps while the loss stays above zero."""
+
+
+#: consecutive optimizer steps with an exactly-zero gradient norm (and a non-zero loss) that stop a run
+STALLED_STEPS = 3
 
 
 class AdaptiveDPOTrainer(Trainer):
@@ -77,6 +86,10 @@ class AdaptiveDPOTrainer(Trainer):
         self._metrics: dict[str, defaultdict[str, list[Tensor | float]]] = {"train": defaultdict(list),
                                                                             "eval": defaultdict(list)}
         self.ref_model: torch.nn.Module | None = None
+        # whole-run totals of the invocations before this one (restored from the checkpoint resumed from)
+        self.run_totals = {"loss_sum": 0.0, "train_time_s": 0.0}
+        self._invocation_start = time.time()
+        self._zero_grad_streak: Tensor | None = None  # on the device: no host sync per step
         self.peft_reference = ref_model is None and _is_peft_model(model)
         if args.precompute_ref_log_probs:
             reference = ref_model if ref_model is not None else model
@@ -269,6 +282,11 @@ class AdaptiveDPOTrainer(Trainer):
             from .sams import layer_contexts
 
             outputs = policy.outputs if context_source == "policy" else ref_outputs
+            if getattr(outputs, "hidden_states", None) is None:
+                raise ValueError(f"method {self.args.method} reads the hidden states of the {context_source} model, "
+                                 f"but {type(self.accelerator.unwrap_model(model)).__name__} returned none for "
+                                 "output_hidden_states=True; use a transformers causal LM that returns them, or "
+                                 "sams_context_source=" + ("reference" if context_source == "policy" else "policy"))
             pool = branch_pooling_masks(inputs["segment_ids"]) if "segment_ids" in inputs else inputs["attention_mask"]
             contexts = layer_contexts(outputs.hidden_states, pool, self.args.sams_context_combine)
             outputs.hidden_states = None
@@ -396,10 +414,57 @@ class AdaptiveDPOTrainer(Trainer):
         if mode == "eval":
             averaged = {f"eval_{key}": value for key, value in averaged.items()}
         logs.update(averaged)  # in place: evaluate() returns this same dict
+        if "train_loss" in logs:  # the final log: the mean over every step of the run, across resumes
+            steps_now = self.state.global_step - getattr(self, "_initial_global_step", 0)
+            total = self.run_totals["loss_sum"] + logs["train_loss"] * steps_now
+            logs["train_loss"] = total / max(self.state.global_step, 1)
+        self._check_not_stalled(logs)
         if self.is_world_process_zero():
             self.flush_trace()
         super().log(logs, start_time)
         self._metrics[mode].clear()
+
+    # ------------------------------------------------------------------------------------ stalled runs
+
+    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if grad_norm is not None and self.args.sams_pretrain != "frozen":  # frozen pre-training: no gradient at all
+            norm = torch.as_tensor(grad_norm).detach().float()
+            streak = self._zero_grad_streak
+            if streak is None:
+                streak = torch.zeros((), device=norm.device)
+            self._zero_grad_streak = torch.where(norm == 0, streak.to(norm.device) + 1, torch.zeros_like(streak))
+        return grad_norm
+
+    def _check_not_stalled(self, logs: dict[str, float]) -> None:
+        """Stop a run whose model no longer learns (an exploding learning rate leaves weights so large that
+        every gradient underflows to exactly 0 while the loss stays put), instead of saving it as a result."""
+        if self._zero_grad_streak is None:
+            return
+        streak = int(self._zero_grad_streak.item())
+        loss = logs.get("loss", logs.get("train_loss"))
+        if streak >= STALLED_STEPS and loss is not None and loss > 1e-4:
+            raise TrainingStalledError(
+                f"training stalled at step {self.state.global_step}: the gradient norm has been exactly 0 for the "
+                f"last {streak} optimizer steps while the loss stays at {loss:.4g}. The weights have most likely "
+                f"blown up (learning_rate={self.args.learning_rate:g}); lower learning_rate (or set max_grad_norm) "
+                f"and train again. No final model was saved; checkpoints so far are in {self.args.output_dir}")
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        self._invocation_start = time.time()
+        return super().train(*args, **kwargs)
+
+    def run_wall_time(self) -> float:
+        """Training wall time of the whole run: earlier invocations (up to the checkpoint resumed) + this one."""
+        return self.run_totals["train_time_s"] + time.time() - self._invocation_start
+
+    def _run_totals_now(self) -> dict[str, float]:
+        """Sum of every step's loss so far (the Trainer's own running sums, mean over ranks) and the time."""
+        pending = self._tr_loss.detach().float().reshape(1)
+        if self.accelerator.num_processes > 1:
+            pending = self.accelerator.gather(pending)
+        steps_loss = self._total_loss_scalar + float(pending.mean())
+        return {"loss_sum": self.run_totals["loss_sum"] + steps_loss, "train_time_s": self.run_wall_time()}
 
     def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None) -> tuple[Tensor, None, None]:
@@ -427,8 +492,9 @@ class AdaptiveDPOTrainer(Trainer):
             self.args.save_total_limit = limit
         run_dir = self._get_output_dir(trial=trial)
         folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        totals = self._run_totals_now()  # every rank: may gather
         if self.args.should_save:
-            atomic_torch_save({"step_policy": self.step_policy.state_dict()},
+            atomic_torch_save({"step_policy": self.step_policy.state_dict(), "run_totals": totals},
                               os.path.join(folder, CHECKPOINT_STATE_FILE))
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
@@ -436,9 +502,29 @@ class AdaptiveDPOTrainer(Trainer):
             rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """As transformers does; then, when a changed learning_rate was accepted on resume, the restored schedule
+        continues from the new base rate (without this the checkpoint's rate would silently win)."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        scheduler = self.lr_scheduler
+        base = getattr(scheduler, "base_lrs", None)
+        lambdas = getattr(scheduler, "lr_lambdas", None)
+        if not (checkpoint and base and lambdas and self.args.accept_config_change):
+            return
+        new = self.args.learning_rate
+        if all(abs(b - new) <= 1e-12 * max(abs(new), 1e-30) for b in base):
+            return
+        scheduler.base_lrs = [new] * len(base)
+        for group, factor in zip(self.optimizer.param_groups, lambdas):
+            group["initial_lr"] = new
+            group["lr"] = new * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # what get_last_lr() reports
+        logger.warning("learning rate schedule continues from the accepted new base rate %g (was %g)", new, base[0])
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = os.path.join(resume_from_checkpoint, CHECKPOINT_STATE_FILE)
         if os.path.exists(path):
             state = torch.load(path, weights_only=False)
             self.step_policy.load_state_dict(state["step_policy"])
+            self.run_totals = dict(state.get("run_totals", self.run_totals))

@@ -27,13 +27,13 @@ def test_unknown_yaml_key_is_named_with_a_suggestion(tmp_path):
 
 
 def test_invalid_values_are_rejected(tmp_path):
-    with pytest.raises(SystemExit):  # argparse choices
+    with pytest.raises(ValueError, match=r"argument --loss_type.*invalid choice: 'nope'"):  # no usage dump, no exit
         parse_config(["--loss_type", "nope", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="beta must be > 0"):
         parse_config(["--beta", "0", "--output_dir", str(tmp_path)])
 
 
-@pytest.mark.parametrize("name", ["tiny-cpu.yaml", "hh-1b-gpu.yaml"])
+@pytest.mark.parametrize("name", ["tiny-cpu.yaml", "hh-1b-gpu.yaml", "smollm2-hh-gpu.yaml", "beta-dpo-tiny-cpu.yaml"])
 def test_shipped_configs_parse(name):
     # bf16 needs a GPU to validate; everything else of the GPU config is checked here
     config = parse_config(["--bf16", "false", "--use_cpu", "true"], os.path.join(ROOT, "configs", name))

@@ -48,6 +48,20 @@ class PoolEntry:
     rewards: Tensor
     predictions: Tensor
 
+    def to(self, device: torch.device | str) -> PoolEntry:
+        return PoolEntry(self.contexts.to(device), self.rewards.to(device), self.predictions.to(device))
+
+
+def fit_batch(current: PoolEntry, pooled: list[PoolEntry]) -> tuple[Tensor, Tensor, Tensor]:
+    """One fit's data: the current round and pooled rounds, concatenated on the current round's device.
+
+    The pool lives on ``pool_device`` (the CPU by default, so that 40,000 rounds do not take GPU memory)
+    while the round and the networks live on the training device: every pooled round is moved first."""
+    device = current.contexts.device
+    batches = [current, *(entry.to(device) for entry in pooled)]
+    return (torch.cat([b.contexts for b in batches]), torch.cat([b.rewards.to(current.rewards.dtype) for b in batches]),
+            torch.cat([b.predictions.to(current.predictions.dtype) for b in batches]))
+
 
 class SamsScheduler:
     def __init__(self, num_layers: int, context_dim: int, preset: str = "small", ratio: float = 0.5,
@@ -57,7 +71,7 @@ class SamsScheduler:
                  pool_capacity: int = 40_000, pool_batches: int = 32, fit_steps: int = 4, lr: float = 1e-4,
                  weight_decay: float = 1e-5, warmup_rounds: int = 10, seed: int = 0,
                  size: SchedulerSize | None = None, encoder_backbone: torch.nn.Module | None = None,
-                 freeze_encoder: bool = False):
+                 freeze_encoder: bool = False, pool_device: torch.device | str = "cpu"):
         """``encoder_backbone``: a pretrained BERT-style encoder for the layer encoder (see :class:`LayerEncoder`).
         ``freeze_encoder``: keep the layer encoder's transformer fixed (the paper, App. D.1, after
         pre-training); the connector, f_S's MLP and f_S′ still learn."""
@@ -93,6 +107,7 @@ class SamsScheduler:
         self.dropout_rng = {"cpu": torch.Generator().manual_seed(seed + 1).get_state()}
         self.pool_rng = random.Random(seed)
         self.pool: list[PoolEntry] = []
+        self.pool_device = torch.device(pool_device)
         self.previous: Round | None = None
         self.rounds = 0
         self.last_metrics: dict[str, float] = {}
@@ -177,13 +192,11 @@ class SamsScheduler:
             return
         rewards, r_batch = self.rewards_for(previous, current_mean_loss)
         keep = previous.selected if self.train_on == "selected" else torch.ones_like(previous.selected)
-        entry = PoolEntry(previous.contexts[keep], rewards[keep], previous.predictions[keep])
+        device = previous.contexts.device
+        entry = PoolEntry(previous.contexts[keep], rewards.to(device)[keep], previous.predictions[keep])
         sampled = self.pool_rng.sample(range(len(self.pool)), min(len(self.pool), self.pool_batches))
-        batches = [entry] + [self.pool[i] for i in sampled]
-        exploit_loss, explore_loss = self._fit(torch.cat([b.contexts for b in batches]),
-                                               torch.cat([b.rewards for b in batches]),
-                                               torch.cat([b.predictions for b in batches]))
-        stored = PoolEntry(entry.contexts.cpu(), entry.rewards.cpu(), entry.predictions.cpu())
+        exploit_loss, explore_loss = self._fit(*fit_batch(entry, [self.pool[i] for i in sampled]))
+        stored = entry.to(self.pool_device)
         if len(self.pool) < self.pool_capacity:
             self.pool.append(stored)
         else:

@@ -98,9 +98,33 @@ class GoldTask:
         return {i for i, r in enumerate(self.train_rows()) if r["flipped"]}
 
 
+class TaskFileError(ValueError):
+    """A task folder's file is missing or broken (the message names the file and line)."""
+
+
 def _read_jsonl(path: str) -> list[dict[str, Any]]:
+    if not os.path.isfile(path):
+        raise TaskFileError(f"{path}: missing (the task folder is incomplete; rebuild it)")
+    rows = []
+    with open(path, encoding="utf-8", errors="strict") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise TaskFileError(f"{path}: line {line_no}: invalid JSON ({e.msg})") from None
+    return rows
+
+
+def _read_json(path: str) -> Any:
+    if not os.path.isfile(path):
+        raise TaskFileError(f"{path}: missing (the task folder is incomplete; rebuild it)")
     with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        try:
+            return json.load(fh)
+        except json.JSONDecodeError as e:
+            raise TaskFileError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from None
 
 
 def _write_jsonl_atomic(path: str, rows: list[dict[str, Any]]) -> None:
@@ -269,14 +293,28 @@ def _training_rows(spec: TaskSpec, pool: list[dict]) -> tuple[list[dict], dict[s
 
 
 def load_task(task_dir: str, reference_dir: str | None = None) -> GoldTask:
-    """A task folder written by :func:`build_task` (train/eval/prompts files, language, task.json)."""
-    with open(os.path.join(task_dir, "task.json"), encoding="utf-8") as fh:
-        stats = json.load(fh)
-    with open(os.path.join(task_dir, "language.json"), encoding="utf-8") as fh:
-        language = Language.from_dict(json.load(fh))
+    """A task folder written by :func:`build_task` (train/eval/prompts files, language, task.json).
+
+    Every file is checked here, before any work: present, parseable (errors name the file and line), and
+    the held-out pairs as many as task.json records."""
+    if not os.path.isdir(task_dir):
+        raise TaskFileError(f"{task_dir}: no such task folder")
+    stats = _read_json(os.path.join(task_dir, "task.json"))
+    language = Language.from_dict(_read_json(os.path.join(task_dir, "language.json")))
     reference_dir = reference_dir or stats["reference_dir"]
-    return GoldTask(TaskSpec(**stats["spec"]), language, reference_dir, os.path.join(task_dir, "train.jsonl"),
+    if not os.path.isfile(os.path.join(reference_dir, "config.json")):
+        raise TaskFileError(f"{os.path.join(task_dir, 'task.json')}: its reference model {reference_dir} is missing "
+                            "(rebuild the task, or pass --reference)")
+    task = GoldTask(TaskSpec(**stats["spec"]), language, reference_dir, os.path.join(task_dir, "train.jsonl"),
                     os.path.join(task_dir, "eval.jsonl"), os.path.join(task_dir, "prompts.jsonl"), stats)
+    for path, expected in ((task.eval_file, stats.get("eval_pairs")), (task.train_file, stats.get("train_pairs"))):
+        found = len(_read_jsonl(path))
+        if expected is not None and found != expected:
+            raise TaskFileError(f"{path}: {found} pairs, but task.json records {expected}: the file is cut short or "
+                                "altered; rebuild the task")
+    if not task.eval_prompts():
+        raise TaskFileError(f"{task.prompts_file}: no prompts")
+    return task
 
 
 def build_task(spec: TaskSpec = TaskSpec(), cache_root: str = "runs/gold-cache") -> GoldTask:
