@@ -36,8 +36,10 @@ def test_invalid_values_are_rejected(tmp_path):
 @pytest.mark.parametrize("name", ["tiny-cpu.yaml", "hh-1b-gpu.yaml", "smollm2-hh-gpu.yaml", "beta-dpo-tiny-cpu.yaml"])
 def test_shipped_configs_parse(name):
     # bf16 needs a GPU to validate; everything else of the GPU config is checked here
-    config = parse_config(["--bf16", "false", "--use_cpu", "true"], os.path.join(ROOT, "configs", name))
-    assert config.method == "dpo"
+    path = os.path.join(ROOT, "configs", name)
+    config = parse_config(["--bf16", "false", "--use_cpu", "true"], path)
+    assert config.method == yaml.safe_load(open(path))["method"]
+    assert config.dtype == "float32"  # master weights in float32 (bf16 weights lose DPO-sized updates)
 
 
 def test_help_lists_our_fields():
