@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/sams_cost.py --rounds 4 --steps 2 --hidden 256 --layers 6 --max_length 192 \
 		--out runs/bench/sams_cost.md
 	$(BIN)/python benchmarks/sams_fit.py --out runs/bench/sams_fit.md
+	$(BIN)/python benchmarks/noise_recovery.py --seeds 5 --out runs/bench/noise_recovery.md
 	$(BIN)/python benchmarks/step_parts.py --out runs/bench/step_parts.md
 
 # the wheels the lent GPU machine lacks (it has torch and transformers; Python 3.12): see benchmarks/gpu_suite.sh

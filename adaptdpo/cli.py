@@ -23,6 +23,10 @@ commands:
   eval MODEL_OR_RUN_DIR (--task TASK_DIR | --data FILE) [--reference REF] [--beta B]
                                         gold-task metrics (accuracy, win rate, reward, KL) or implicit-reward
                                         accuracy and margin on any preference file
+  audit DATA [CONFIG.yaml] [--folds K] [--output_dir DIR] [--clean drop|swap|none] [--key value ...]
+                                        find suspect pairs: K DPO models cross-fitted on the other folds score
+                                        every pair (audit.jsonl, report.md, cleaned.jsonl); training fields
+                                        (--model_name_or_path, --beta, ...) set the fold models
   report RUN_DIR                        (re)draw the plots of a run directory (curves, margins, β)
   config-reference                      print the config reference (markdown)
   export-model SRC DIR                  write a packaged model (smollm2-135m-instruct, all-minilm-l6-v2) or a
@@ -144,6 +148,54 @@ def cmd_eval(args: list[str]) -> int:
     return 0
 
 
+def audit_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adaptdpo audit DATA [CONFIG.yaml]", allow_abbrev=False,
+        description="Cross-fitted noise scores for every pair of DATA. Options below are the audit's; every other "
+                    "--key value is a training field for the fold models (`adaptdpo train --help`), e.g. "
+                    "--model_name_or_path (required: the reference the fold models start from), --beta, "
+                    "--num_train_epochs, --learning_rate. Docs: docs/audit.md.")
+    parser.add_argument("--output_dir", help="the audit folder (default: runs/audit-<data file name>)")
+    parser.add_argument("--folds", type=int, default=5, help="K: models trained on K-1 folds each (default 5)")
+    parser.add_argument("--fold_seed", type=int, default=0, help="seed of the fold assignment")
+    parser.add_argument("--clean", default="drop", choices=("drop", "swap", "none"),
+                        help="cleaned.jsonl: drop the top suspects (default), swap chosen/rejected of confident ones, "
+                             "or write all rows unchanged")
+    parser.add_argument("--drop_fraction", type=float, default=None,
+                        help="share of pairs dropped by --clean drop (default: the estimated flip rate)")
+    parser.add_argument("--swap_threshold", type=float, default=0.8,
+                        help="--clean swap: swap pairs whose flip probability is at least this (default 0.8)")
+    parser.add_argument("--truth_field", default="flipped",
+                        help="a boolean column marking known-bad pairs, used when every row has it (default flipped)")
+    parser.add_argument("--truth_file", help="known-bad pairs: a JSON list of row ids, or one row id per line")
+    parser.add_argument("--from_run", help="a training run on the same file: add its per-pair signals (mean margin, "
+                                           "margin z-score in its batch, share of appearances trained on)")
+    parser.add_argument("--score_batch_size", type=int, default=32, help="pairs per scoring forward")
+    parser.add_argument("--overwrite", action="store_true", help="start the audit again from scratch")
+    return parser
+
+
+def cmd_audit(args: list[str]) -> int:
+    from .audit import AuditOptions, run_audit
+
+    parser = audit_parser()
+    if not args or args[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if args else 2
+    data, rest = args[0], args[1:]
+    yaml_path, rest = _split_config_path(rest)
+    ns, train_args = parser.parse_known_args(rest)
+    stem = os.path.basename(data.rstrip("/")).split(".")[0] or "data"
+    options = AuditOptions(data=data, output_dir=ns.output_dir or os.path.join("runs", f"audit-{stem}"),
+                           folds=ns.folds, fold_seed=ns.fold_seed, clean=ns.clean, drop_fraction=ns.drop_fraction,
+                           swap_threshold=ns.swap_threshold, truth_field=ns.truth_field, truth_file=ns.truth_file,
+                           from_run=ns.from_run, score_batch_size=ns.score_batch_size, overwrite=ns.overwrite)
+    summary = run_audit(options, train_args, yaml_path)
+    keys = ("rows", "scored_pairs", "estimated_flip_rate", "cleaned_counts", "ground_truth", "wall_time_s")
+    print(json.dumps({"audit_dir": options.output_dir, **{k: summary[k] for k in keys if k in summary}}, indent=2))
+    return 0
+
+
 def cmd_report(args: list[str]) -> int:
     from .report import plot_run
 
@@ -188,7 +240,7 @@ def cmd_export_model(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "export-model": cmd_export_model,
+COMMANDS = {"train": cmd_train, "export-model": cmd_export_model, "audit": cmd_audit,
             "sft": cmd_sft, "demo": cmd_demo, "eval": cmd_eval, "report": cmd_report,
             "config-reference": cmd_config_reference}
 

@@ -18,6 +18,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from .beta import FILTERS, INITS, LEVELS
 from .losses import LOSS_TYPES
+from .pair_selection import ORDERS, POLICIES
 
 METHODS = ("dpo", "beta_dpo", "sams", "beta_dpo+sams")
 
@@ -73,6 +74,19 @@ class AdaptiveDPOConfig(TrainingArguments):
                                 "(prompt first, keeping its end; then completions, keeping their start).")
     max_prompt_length: int | None = _f(None, "Prompt tokens kept when a pair is too long; default max_length/2.")
     pad_to_multiple_of: int | None = _f(None, "Pad batches to a multiple of this length.")
+    # ---- data selection (Selective DPO and friends; scores from `adaptdpo audit`, docs/audit.md)
+    pair_selection: str = _f("all", "Which pairs to train on, from per-pair difficulty scores (pair_scores_file): "
+                             "all; easiest (Selective DPO: the pair_keep_ratio share with the lowest cross-fitted "
+                             "validation loss); hardest (the opposite end, arXiv 2508.04149).", choices=POLICIES)
+    pair_scores_file: str | None = _f(None, "Per-pair scores: an audit.jsonl written by `adaptdpo audit` on the same "
+                                      "training file (rows by their index in the file).")
+    pair_scores_field: str = _f("validation_loss", "The audit field used as difficulty (higher = harder): "
+                                "validation_loss (Selective DPO), score (suspected-flip probability), or another "
+                                "numeric field of the audit.")
+    pair_keep_ratio: float = _f(0.5, "Share of the pairs kept by pair_selection easiest/hardest (Selective DPO: 0.5).")
+    pair_order: str = _f("auto", "Training order: shuffled (the trainer's sampler), easy_to_hard (a curriculum by "
+                         "ascending difficulty, every epoch), hard_to_easy; auto = easy_to_hard with pair_selection "
+                         "easiest (Selective DPO), shuffled otherwise.", choices=("auto", *ORDERS))
     # ---- objective
     method: str = _f("dpo", "Training method: dpo (static β), beta_dpo (dynamic β + β-guided filtering), sams "
                      "(a contextual-bandit scheduler picks the pairs of each batch), beta_dpo+sams (SamS picks, "
@@ -199,6 +213,19 @@ class AdaptiveDPOConfig(TrainingArguments):
                              f"{self.sams_ratio}")
         if not 0.0 < self.beta_dpo_keep_ratio <= 1.0:
             raise ValueError(f"beta_dpo_keep_ratio must be in (0, 1], got {self.beta_dpo_keep_ratio}")
+        if not 0.0 < self.pair_keep_ratio <= 1.0:
+            raise ValueError(f"pair_keep_ratio must be in (0, 1], got {self.pair_keep_ratio}")
+        needs_scores = self.pair_selection != "all" or self.pair_order not in ("auto", "shuffled")
+        if needs_scores and not self.pair_scores_file:
+            raise ValueError(f"pair_selection={self.pair_selection} / pair_order={self.pair_order} need "
+                             "pair_scores_file (an audit.jsonl from `adaptdpo audit` on the training file)")
+        if self.pair_scores_file and not os.path.isfile(self.pair_scores_file):
+            raise ValueError(f"pair_scores_file={self.pair_scores_file!r}: no such file")
+        if self.resolved_pair_order != "shuffled":  # the curriculum is the dataset's order: read it as it is
+            if self.train_sampling_strategy not in ("random", "sequential"):
+                raise ValueError(f"pair_order={self.resolved_pair_order} needs the dataset's own order; "
+                                 f"train_sampling_strategy={self.train_sampling_strategy} would reorder it")
+            self.train_sampling_strategy = "sequential"
         if self.learning_rate < 0:
             raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}")
         if self.learning_rate == 0:
@@ -211,6 +238,13 @@ class AdaptiveDPOConfig(TrainingArguments):
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be at least 2 (a prompt token and a completion token), got "
                              f"{self.max_length}")
+
+    @property
+    def resolved_pair_order(self) -> str:
+        """pair_order with auto resolved: easy_to_hard for Selective DPO (pair_selection easiest), else shuffled."""
+        if self.pair_order == "auto":
+            return "easy_to_hard" if self.pair_selection == "easiest" else "shuffled"
+        return self.pair_order
 
     @property
     def is_main_process(self) -> bool:
@@ -240,7 +274,7 @@ def _field_names() -> set[str]:
 
 #: fields holding paths to things that must exist; in a YAML file they may be relative to the file's folder
 PATH_FIELDS = ("train_file", "eval_file", "model_name_or_path", "ref_model_name_or_path", "tokenizer_name_or_path",
-               "sams_encoder_path", "sams_scheduler_init", "resume_from_checkpoint")
+               "sams_encoder_path", "sams_scheduler_init", "resume_from_checkpoint", "pair_scores_file")
 
 
 def _resolve_yaml_paths(data: dict[str, Any], yaml_path: str) -> None:

@@ -8,7 +8,8 @@
   (tie ½; β-DPO's win rate with an exact judge instead of GPT-4), the mean gold reward of each, and
   KL(π‖π_ref) estimated on the policy's samples as the mean of log π(y|x) − log π_ref(y|x).
 - :func:`selection_of_flipped_pairs`: from a run's pairs.jsonl, how often flipped and clean pairs were
-  trained on when they came up (β-DPO's filter, SamS's scheduler).
+  trained on when they came up (β-DPO's filter, SamS's scheduler), and the share of flipped pairs among all
+  pairs trained on (which also counts data-level selection: Selective DPO's dropped pairs never come up).
 """
 
 from __future__ import annotations
@@ -26,23 +27,35 @@ from .sampling import completion_logps, sample_completions
 
 
 @torch.no_grad()
+def pair_completion_logps(model: Any, examples: Sequence[dict[str, Any]], pad_token_id: int, batch_size: int = 64,
+                          progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs (chosen, rejected), float64 on the CPU, of tokenised pairs
+    (``prompt_ids``/``chosen_ids``/``rejected_ids``), in eval mode; ``progress(n)`` after each batch."""
+    collate = PreferenceCollator(pad_token_id)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    chosen_out, rejected_out = [], []
+    for start in range(0, len(examples), batch_size):
+        batch = batch_to(collate(list(examples[start:start + batch_size])), device)
+        chosen, rejected = sequence_logps(model, batch).split()
+        chosen_out.append(chosen.double().cpu())
+        rejected_out.append(rejected.double().cpu())
+        if progress is not None:
+            progress(min(len(examples), start + batch_size))
+    model.train(was_training)
+    empty = torch.zeros(0, dtype=torch.float64)
+    return (torch.cat(chosen_out) if chosen_out else empty), (torch.cat(rejected_out) if rejected_out else empty)
+
+
 def pair_logratios(policy: Any, reference: Any, tokenizer: Any, rows: Sequence[dict[str, Any]],
                    max_length: int | None = 256, batch_size: int = 64) -> torch.Tensor:
     """h = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)) per row (float64)."""
     examples, _ = tokenize_rows(list(rows), tokenizer, max_length, None)
-    collate = PreferenceCollator(tokenizer.pad_token_id)
     out = []
     for model in (policy, reference):
-        was_training = model.training
-        model.eval()
-        device = next(model.parameters()).device
-        values = []
-        for start in range(0, len(examples), batch_size):
-            batch = batch_to(collate(examples[start:start + batch_size]), device)
-            chosen, rejected = sequence_logps(model, batch).split()
-            values.append((chosen.double() - rejected.double()).cpu())
-        model.train(was_training)
-        out.append(torch.cat(values))
+        chosen, rejected = pair_completion_logps(model, examples, tokenizer.pad_token_id, batch_size)
+        out.append(chosen - rejected)
     return out[0] - out[1]
 
 
@@ -86,5 +99,7 @@ def selection_of_flipped_pairs(run_dir: str, flipped: set[int]) -> dict[str, flo
                 c[0] += int(trained)
                 c[1] += 1
     nan = float("nan")  # no such pair seen (e.g. no flips): no fraction
+    trained = counts[True][0] + counts[False][0]
     return {"flipped_trained_fraction": counts[True][0] / counts[True][1] if counts[True][1] else nan,
-            "clean_trained_fraction": counts[False][0] / counts[False][1] if counts[False][1] else nan}
+            "clean_trained_fraction": counts[False][0] / counts[False][1] if counts[False][1] else nan,
+            "flipped_share_of_trained": counts[True][0] / trained if trained else nan}

@@ -51,6 +51,22 @@ def evaluate_on_task(policy: Any, reference: Any, tokenizer: Any, task: GoldTask
             "mean_length": gen["mean_length"]}
 
 
+def _rows(path: str) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def gold_train_arguments(task: GoldTask, overrides: dict[str, Any]) -> list[str]:
+    """``--key value`` flags for training on ``task`` (the gold defaults, the task's reference and data, then
+    ``overrides``)."""
+    settings = {**GOLD_TRAIN_DEFAULTS, "model_name_or_path": task.reference_dir, "train_file": task.train_file,
+                **overrides}
+    argv: list[str] = []
+    for key, value in settings.items():
+        argv += [f"--{key}", str(value)]
+    return argv
+
+
 def train_and_evaluate(task: GoldTask, overrides: dict[str, Any], output_dir: str, seed: int = 0,
                        plots: bool = True) -> dict[str, Any]:
     """Train on ``task`` with ``overrides`` (a method preset plus anything else), evaluate, write
@@ -62,10 +78,7 @@ def train_and_evaluate(task: GoldTask, overrides: dict[str, Any], output_dir: st
 
     settings = {**GOLD_TRAIN_DEFAULTS, "model_name_or_path": task.reference_dir, "train_file": task.train_file,
                 "output_dir": output_dir, "seed": seed, "plots": plots, "resume": "never", **overrides}
-    argv: list[str] = []
-    for key, value in settings.items():
-        argv += [f"--{key}", str(value)]
-    config = parse_config(argv)
+    config = parse_config(gold_train_arguments(task, settings))
     if os.path.isdir(output_dir):
         import shutil
 
@@ -75,7 +88,12 @@ def train_and_evaluate(task: GoldTask, overrides: dict[str, Any], output_dir: st
     policy = AutoModelForCausalLM.from_pretrained(os.path.join(output_dir, "final_model"))
     reference = AutoModelForCausalLM.from_pretrained(task.reference_dir)
     result = evaluate_on_task(policy, reference, tokenizer, task, config.beta, seed=seed)
-    result.update(selection_of_flipped_pairs(output_dir, task.flipped_pair_ids()))
+    if config.train_file == task.train_file:  # pair ids are rows of the task's file
+        result.update(selection_of_flipped_pairs(output_dir, task.flipped_pair_ids()))
+    else:  # another file (e.g. an audit's cleaned copy): its own `flipped` column, undone where the pair was swapped
+        flipped = {i for i, row in enumerate(_rows(config.train_file))
+                   if bool(row.get("flipped")) != (row.get("audit_action") == "swapped")}
+        result.update(selection_of_flipped_pairs(output_dir, flipped))
     result["wall_time_s"] = summary["wall_time_s"]
     result["steps"] = summary["global_step"]
     with open(os.path.join(output_dir, "gold_eval.json"), "w", encoding="utf-8") as fh:

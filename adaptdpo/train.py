@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .checkpointing import (
+    atomic_write_json,
     checkpoint_folders,
     last_complete_checkpoint,
     remove_incomplete_checkpoints,
@@ -90,6 +91,33 @@ def prepare_rows(config: AdaptiveDPOConfig) -> PreparedData:
         if config.max_train_samples is not None:
             train_rows = train_rows[: config.max_train_samples]
     return PreparedData(train_rows, eval_rows, reports)
+
+
+PAIR_SELECTION_FILE = "pair_selection.json"
+
+
+def apply_pair_selection(config: AdaptiveDPOConfig, data: PreparedData) -> dict[str, Any] | None:
+    """Keep and order the training rows as pair_selection / pair_order say (Selective DPO and friends), from the
+    audit's per-pair scores; returns what was kept and dropped (None when nothing is selected or reordered)."""
+    order = config.resolved_pair_order
+    if config.pair_selection == "all" and order == "shuffled":
+        return None
+    from .audit.scores_file import read_pair_scores
+    from .pair_selection import make_policy, select_pairs
+
+    scores = read_pair_scores(config.pair_scores_file, config.pair_scores_field, config.train_file)
+    by_id = {int(r["pair_id"]): r for r in data.train_rows}
+    missing = [i for i in by_id if i not in scores]
+    if missing:
+        raise ValueError(f"pair_scores_file={config.pair_scores_file}: no {config.pair_scores_field!r} for "
+                         f"{len(missing)} training row(s) of {config.train_file} (first rows: {sorted(missing)[:5]}); "
+                         "audit this training file")
+    selection = select_pairs(list(by_id), scores, make_policy(config.pair_selection, config.pair_keep_ratio), order)
+    data.train_rows = [by_id[i] for i in selection.kept]
+    logger.info("pair selection %s (%s, pair_keep_ratio %s), order %s: %s", config.pair_selection,
+                config.pair_scores_field, config.pair_keep_ratio, order, selection.summary())
+    return {"policy": config.pair_selection, "field": config.pair_scores_field, "keep_ratio": config.pair_keep_ratio,
+            "order": order, "kept": selection.kept, "dropped": sorted(selection.dropped)}
 
 
 def _texts(rows: list[dict[str, Any]]) -> list[str]:
@@ -169,7 +197,7 @@ class ConfigChangedError(ValueError):
 
 #: what --overwrite_output_dir removes: the run's own record (caches keyed by content stay)
 RUN_RECORD = (CONFIG_FILE, CONFIG_CHANGES_FILE, METRICS_FILE, PAIR_TRACE_FILE, SUMMARY_FILE, "skipped_rows.jsonl",
-              FINAL_MODEL_DIR, "plots")
+              FINAL_MODEL_DIR, "plots", PAIR_SELECTION_FILE)
 
 
 def clear_run(run_dir: str) -> None:
@@ -280,6 +308,7 @@ def _run_training(config: AdaptiveDPOConfig, extra_callbacks: list | None) -> di
     check_config_unchanged(config, resume)
     set_seed(config.seed)
     data = prepare_rows(config)
+    selection = apply_pair_selection(config, data)
     policy, reference, tokenizer = build_models(config, data.train_rows)
     if config.sams_pretrain != "none":
         reference = None  # scheduler pre-training trains on the chosen responses alone: no reference
@@ -306,6 +335,9 @@ def _run_training(config: AdaptiveDPOConfig, extra_callbacks: list | None) -> di
         "implicit_prompt_rows": sum(r.implicit_prompt_rows for r in data.reports),
         "chat_formatted_rows": chat_rows,
     }
+    if selection is not None:
+        data_summary["pair_selection"] = {"kept": len(selection["kept"]), "dropped": len(selection["dropped"]),
+                                          "order": selection["order"]}
     if config.should_save:
         remove_incomplete_checkpoints(config.output_dir)
         write_config(config.output_dir, config.to_serialisable())
@@ -314,6 +346,8 @@ def _run_training(config: AdaptiveDPOConfig, extra_callbacks: list | None) -> di
                 open(os.path.join(config.output_dir, name), "w").close()
             else:
                 truncate_metrics(config.output_dir, int(resume.rstrip("/").rsplit("-", 1)[1]), name)
+        if selection is not None:  # which rows were kept (in training order) and which were dropped, by row id
+            atomic_write_json(os.path.join(config.output_dir, PAIR_SELECTION_FILE), selection)
         with open(os.path.join(config.output_dir, "skipped_rows.jsonl"), "w", encoding="utf-8") as fh:
             for report in data.reports:
                 for err in report.skipped:

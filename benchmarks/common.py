@@ -167,3 +167,28 @@ def emit_table(table: str, out: str | None) -> None:
     if out:
         with open(out, "w", encoding="utf-8") as fh:
             fh.write(table)
+
+
+class ResultCache:
+    """A JSONL file of finished runs (``{"key": ..., "result": ...}`` per line): a benchmark that is interrupted
+    resumes where it stopped, and tables can be redrawn without training again."""
+
+    def __init__(self, workdir: str):
+        import json
+
+        os.makedirs(workdir, exist_ok=True)
+        self.path = os.path.join(workdir, "results.jsonl")
+        self.done: dict[str, dict] = {}
+        if os.path.exists(self.path):
+            with open(self.path, encoding="utf-8") as fh:
+                for line in fh:
+                    record = json.loads(line)
+                    self.done[record["key"]] = record["result"]
+
+    def add(self, key: str, result: dict) -> None:
+        import json
+
+        self.done[key] = result
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"key": key, "result": result}) + "\n")
+

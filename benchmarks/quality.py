@@ -28,7 +28,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import mean_std
+from common import ResultCache, mean_std
 
 from adaptdpo.gold import METHODS, train_and_evaluate
 from adaptdpo.synthetic import TaskSpec, build_task
@@ -81,14 +81,8 @@ def main() -> None:
     parser.add_argument("--tables_only", action="store_true", help="redraw the tables from the cache")
     ns = parser.parse_args()
     logging.disable(logging.WARNING)
-    os.makedirs(ns.workdir, exist_ok=True)
-    cache_path = os.path.join(ns.workdir, "results.jsonl")
-    done: dict[str, dict] = {}
-    if os.path.exists(cache_path):
-        with open(cache_path, encoding="utf-8") as fh:
-            for line in fh:
-                record = json.loads(line)
-                done[record["key"]] = record["result"]
+    cache = ResultCache(ns.workdir)
+    done = cache.done
     chosen = ns.experiments.split(",")
     plan = experiments()
     total = sum(len(plan[e]) for e in chosen) * ns.seeds
@@ -105,9 +99,7 @@ def main() -> None:
                     task = build_task(TaskSpec(seed=0, data_seed=seed, **task_over), os.path.join(ns.workdir, "cache"))
                     result = train_and_evaluate(task, {**train_over, "trace_pairs": True},
                                                 os.path.join(ns.workdir, "run"), seed=seed, plots=False)
-                    done[key] = result
-                    with open(cache_path, "a", encoding="utf-8") as fh:
-                        fh.write(json.dumps({"key": key, "result": result}) + "\n")
+                    cache.add(key, result)
                     print(f"[{count}/{total}] {exp}: {label} seed {seed}: acc {result['gold/accuracy']:.3f} "
                           f"win {result['gold/win_rate']:.3f} ({time.time() - started:.0f} s)", file=sys.stderr)
                 if key in done:

@@ -124,7 +124,9 @@ def test_selection_of_flipped_pairs(tmp_path):
     with open(tmp_path / "pairs.jsonl", "w") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in records)
     got = selection_of_flipped_pairs(str(tmp_path), flipped={1, 2})
-    assert got == {"flipped_trained_fraction": 1 / 4, "clean_trained_fraction": 4 / 4}
+    # flipped pairs trained on 1 of their 4 appearances, clean ones on 4 of 4: 1 of the 5 pairs trained is flipped
+    assert got == {"flipped_trained_fraction": 1 / 4, "clean_trained_fraction": 4 / 4,
+                   "flipped_share_of_trained": 1 / 5}
     assert math.isnan(selection_of_flipped_pairs(str(tmp_path), flipped=set())["flipped_trained_fraction"])
 
 

@@ -1,0 +1,487 @@
+"""``adaptdpo audit DATA``: cross-fitted noise scores for every pair of a preference file.
+
+1. Read and validate every row (the training reader: same formats, same errors naming file, row, field).
+2. Deal the usable pairs into K folds (:mod:`.folds`).
+3. For each fold k: train a DPO model from the reference on the other K − 1 folds with the ordinary
+   trainer (each fold is a run directory: it resumes, and a finished one is not trained again), then
+   score the held-out fold: implicit-reward log-ratios against the reference (computed once for all pairs).
+4. Signals per pair (:mod:`.signals`): margin, validation loss (Selective DPO's difficulty), suspected-flip
+   probability (its ``score``); optionally a training run's own view of each pair (``--from_run``).
+5. Ground truth when the data carries it (a ``flipped`` column, or ``--truth_file``): AUROC, average
+   precision, precision at the flip rate.
+6. Write ``audit.jsonl`` (one object per input row, ``row`` = its 0-based index in the input, counting every
+   row), ``audit_summary.json``, ``report.md`` with plots, and ``cleaned.jsonl`` (top suspects dropped, or
+   confident suspects swapped; every kept row carries ``audit_row``).
+
+Everything lands in one output folder, locked for the run; an interrupted audit resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..checkpointing import atomic_torch_save, atomic_write_json, atomic_write_text
+from ..config import AdaptiveDPOConfig, parse_config
+from ..data import DataValidationError, load_preference_rows, read_rows, tokenize_rows
+from ..modeling import TINY_PRESETS, load_pretrained, load_tokenizer
+from ..run_dir import FINAL_MODEL_DIR
+from ..run_lock import RunLock
+from .folds import assign_folds, fold_members
+from .ranking import auroc, average_precision, precision_at
+from .signals import fit_flip_mixture, validation_loss
+
+logger = logging.getLogger("adaptdpo.audit")
+
+AUDIT_FILE = "audit.jsonl"
+SUMMARY_FILE = "audit_summary.json"
+CLEANED_FILE = "cleaned.jsonl"
+REPORT_FILE = "report.md"
+FOLDS_FILE = "folds.json"
+REFERENCE_FILE = "reference_logps.pt"
+SCORES_FILE = "heldout_scores.json"
+CLEAN_MODES = ("drop", "swap", "none")
+#: config fields that do not change what a fold model learns (free to differ when an audit resumes)
+NEUTRAL_FIELDS = {"output_dir", "train_file", "logging_dir", "report_to", "plots", "trace_pairs", "disable_tqdm",
+                  "logging_steps", "save_strategy", "save_steps", "save_total_limit", "resume", "push_to_hub",
+                  "hub_model_id", "run_name", "overwrite_output_dir", "accept_config_change", "dataloader_num_workers"}
+
+
+class AuditError(ValueError):
+    """An audit that cannot run as asked (the message names the option or file)."""
+
+
+@dataclass
+class AuditOptions:
+    data: str
+    output_dir: str
+    folds: int = 5
+    fold_seed: int = 0
+    clean: str = "drop"
+    drop_fraction: float | None = None  # None: the estimated flip rate
+    swap_threshold: float = 0.8
+    truth_field: str = "flipped"
+    truth_file: str | None = None
+    from_run: str | None = None
+    score_batch_size: int = 32
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.clean not in CLEAN_MODES:
+            raise AuditError(f"--clean {self.clean!r}: choose one of {', '.join(CLEAN_MODES)}")
+        if self.drop_fraction is not None and not 0.0 <= self.drop_fraction < 1.0:
+            raise AuditError(f"--drop_fraction must be in [0, 1), got {self.drop_fraction}")
+        if not 0.0 < self.swap_threshold <= 1.0:
+            raise AuditError(f"--swap_threshold must be in (0, 1], got {self.swap_threshold}")
+        if self.folds < 2:
+            raise AuditError(f"--folds must be at least 2, got {self.folds}")
+
+
+def data_fingerprint(source: str) -> str:
+    """sha256 of a data file (of every file, by relative path, for a folder; of the name for a hub dataset)."""
+    digest = hashlib.sha256()
+    paths = [source] if os.path.isfile(source) else sorted(
+        os.path.join(d, f) for d, _, files in os.walk(source) for f in files) if os.path.isdir(source) else []
+    if not paths:
+        digest.update(source.encode())
+    for path in paths:
+        digest.update(os.path.relpath(path, source).encode() if path != source else b"")
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def fold_config(options: AuditOptions, train_args: list[str], yaml_path: str | None, train_file: str,
+                fold_dir: str) -> AdaptiveDPOConfig:
+    """The training config of one fold model: the user's settings, with the fold's data and run directory."""
+    return parse_config([*train_args, "--train_file", train_file, "--output_dir", fold_dir, "--eval_fraction", "0",
+                         "--plots", "false", "--trace_pairs", "false", "--resume", "auto",
+                         "--pair_selection", "all"], yaml_path)
+
+
+def _device(config: AdaptiveDPOConfig) -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() and not config.use_cpu else torch.device("cpu")
+
+
+def _load_reference(config: AdaptiveDPOConfig) -> Any:
+    return load_pretrained(config.ref_model_name_or_path or config.model_name_or_path, config.dtype,
+                           config.attn_implementation)
+
+
+def _load_fold_policy(config: AdaptiveDPOConfig, fold_dir: str) -> Any:
+    final = os.path.join(fold_dir, FINAL_MODEL_DIR)
+    if os.path.isfile(os.path.join(final, "adapter_config.json")):
+        from peft import PeftModel
+
+        base = load_pretrained(config.model_name_or_path, config.dtype, config.attn_implementation)
+        return PeftModel.from_pretrained(base, final)
+    return load_pretrained(final, config.dtype, config.attn_implementation)
+
+
+def _completion_logps(model: Any, examples: list[dict[str, Any]], pad_id: int, device: torch.device,
+                      batch_size: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..evaluate import pair_completion_logps
+
+    model.to(device)
+    started, last = time.time(), [0.0]
+
+    def progress(done: int) -> None:
+        if time.time() - last[0] > 10 or done == len(examples):
+            last[0] = time.time()
+            logger.info("audit: %s: %d/%d pairs scored (%.0f s)", what, done, len(examples), time.time() - started)
+
+    return pair_completion_logps(model, examples, pad_id, batch_size, progress)
+
+
+@dataclass
+class AuditData:
+    """The input, read once: normalised usable rows, tokenised examples, invalid rows, raw rows by index."""
+
+    rows: dict[int, dict[str, Any]]  # row id → normalised row (as the trainer reads it, before chat formatting)
+    examples: dict[int, dict[str, Any]]  # row id → tokenised pair
+    problems: dict[int, str]  # row id → why it cannot be scored
+    total_rows: int
+
+
+def read_audit_data(config: AdaptiveDPOConfig, tokenizer: Any) -> AuditData:
+    from ..train import PreparedData, apply_chat_format
+
+    rows, report = load_preference_rows(config.train_file, config.train_split, skip_invalid=config.skip_invalid_rows,
+                                        implicit_prompt_marker=config.implicit_prompt_marker)
+    problems = {int(e.row): f"{e.field}: {e.problem}" for e in report.skipped if e.row is not None}
+    originals = {int(r["pair_id"]): {k: v for k, v in r.items() if k != "pair_id"} for r in rows}
+    formatted = PreparedData([dict(r) for r in rows], None, [report])
+    apply_chat_format(config, formatted, tokenizer)
+    examples, _ = tokenize_rows(formatted.train_rows, tokenizer, config.max_length, config.max_prompt_length,
+                                config.train_file, report if config.skip_invalid_rows else None)
+    for e in report.skipped:
+        if e.row is not None:
+            problems.setdefault(int(e.row), f"{e.field}: {e.problem}")
+    by_id = {int(e["pair_id"]): e for e in examples}
+    usable = {i: r for i, r in originals.items() if i in by_id}
+    return AuditData(usable, by_id, problems, report.rows_read)
+
+
+def _settings(options: AuditOptions, config: AdaptiveDPOConfig, fingerprint: str) -> dict[str, Any]:
+    training = {k: v for k, v in config.to_serialisable().items() if k not in NEUTRAL_FIELDS}
+    return {"data": os.path.abspath(options.data), "data_sha256": fingerprint, "folds": options.folds,
+            "fold_seed": options.fold_seed, "training": training}
+
+
+def _check_resumable(path: str, settings: dict[str, Any]) -> None:
+    with open(path, encoding="utf-8") as fh:
+        old = json.load(fh)["settings"]
+    changed = [k for k in ("data_sha256", "folds", "fold_seed") if old.get(k) != settings[k]]
+    changed += [f"training.{k}" for k in sorted(set(old["training"]) | set(settings["training"]))
+                if old["training"].get(k) != settings["training"].get(k)]
+    if changed:
+        raise AuditError(f"{os.path.dirname(path)} holds an audit made with other settings (changed: "
+                         f"{', '.join(changed)}); use another --output_dir or --overwrite true")
+
+
+def _write_fold_file(path: str, rows: list[dict[str, Any]]) -> None:
+    if not os.path.exists(path):
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def reference_logratio_inputs(config: AdaptiveDPOConfig, options: AuditOptions, data: AuditData, pad_id: int,
+                              device: torch.device) -> dict[int, tuple[float, float]]:
+    """Reference log-probs (chosen, rejected) of every usable pair, computed once and cached."""
+    path = os.path.join(options.output_dir, REFERENCE_FILE)
+    ids = sorted(data.examples)
+    if os.path.exists(path):
+        cached = torch.load(path, weights_only=True)
+        if cached["ids"] == ids:
+            return {i: (float(c), float(r)) for i, c, r in zip(ids, cached["chosen"], cached["rejected"], strict=True)}
+    reference = _load_reference(config)
+    chosen, rejected = _completion_logps(reference, [data.examples[i] for i in ids], pad_id, device,
+                                         options.score_batch_size, "reference")
+    del reference
+    atomic_torch_save({"ids": ids, "chosen": chosen, "rejected": rejected}, path)
+    return {i: (float(c), float(r)) for i, c, r in zip(ids, chosen, rejected, strict=True)}
+
+
+def run_folds(options: AuditOptions, train_args: list[str], yaml_path: str | None, data: AuditData,
+              assignment: dict[int, int], pad_id: int, reference: dict[int, tuple[float, float]],
+              device: torch.device) -> dict[int, dict[str, float]]:
+    """Train and score every fold (resuming what exists); row id → held-out log-ratios and fold."""
+    from ..train import run_training
+
+    out: dict[int, dict[str, float]] = {}
+    for fold in range(options.folds):
+        fold_dir = os.path.join(options.output_dir, f"fold-{fold}")
+        scores_path = os.path.join(fold_dir, SCORES_FILE)
+        train_ids, held_ids = fold_members(assignment, fold)
+        if not os.path.exists(scores_path):
+            data_file = os.path.join(options.output_dir, "folds", f"fold-{fold}-train.jsonl")
+            os.makedirs(os.path.dirname(data_file), exist_ok=True)
+            _write_fold_file(data_file, [data.rows[i] for i in train_ids])
+            config = fold_config(options, train_args, yaml_path, data_file, fold_dir)
+            logger.info("audit: fold %d/%d: training on %d pairs, scoring %d held-out pairs (%s)", fold + 1,
+                        options.folds, len(train_ids), len(held_ids), fold_dir)
+            run_training(config)
+            policy = _load_fold_policy(config, fold_dir)
+            chosen, rejected = _completion_logps(policy, [data.examples[i] for i in held_ids], pad_id, device,
+                                                 options.score_batch_size, f"fold {fold + 1}/{options.folds}")
+            del policy
+            atomic_write_json(scores_path, {"fold": fold, "trained_on": len(train_ids), "rows": held_ids,
+                                            "chosen_logps": chosen.tolist(), "rejected_logps": rejected.tolist()})
+        with open(scores_path, encoding="utf-8") as fh:
+            scored = json.load(fh)
+        if scored["rows"] != held_ids:
+            raise AuditError(f"{scores_path}: scores for other rows than fold {fold} holds (remove the file)")
+        for i, c, r in zip(scored["rows"], scored["chosen_logps"], scored["rejected_logps"], strict=True):
+            ref_c, ref_r = reference[i]
+            out[i] = {"fold": fold, "chosen_logratio": c - ref_c, "rejected_logratio": r - ref_r}
+    return out
+
+
+def read_truth(options: AuditOptions, total_rows: int) -> dict[int, bool] | None:
+    """Known-bad pairs: ``--truth_file`` (a JSON list of row ids, or one id per line), or a boolean
+    ``truth_field`` column present in every row. None when neither is there."""
+    if options.truth_file:
+        if not os.path.isfile(options.truth_file):
+            raise AuditError(f"--truth_file {options.truth_file}: no such file")
+        with open(options.truth_file, encoding="utf-8") as fh:
+            text = fh.read()
+        try:
+            ids = json.loads(text) if text.lstrip().startswith("[") else [int(t) for t in text.split()]
+        except ValueError as e:
+            raise AuditError(f"--truth_file {options.truth_file}: expected a JSON list of row ids or one id per "
+                             f"line ({e})") from None
+        bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < total_rows]
+        if bad:
+            raise AuditError(f"--truth_file {options.truth_file}: row ids outside 0..{total_rows - 1}: {bad[:5]}")
+        flagged = set(ids)
+        return {i: i in flagged for i in range(total_rows)}
+    truth: dict[int, bool] = {}
+    for index, (raw, _) in enumerate(read_rows(options.data)):
+        if isinstance(raw, DataValidationError):
+            continue
+        value = raw.get(options.truth_field)
+        if not isinstance(value, bool):
+            return None
+        truth[index] = value
+    return truth or None
+
+
+def run_signals(run_dir: str, fingerprint: str) -> dict[int, dict[str, float]]:
+    """A training run's view of each pair (its pairs.jsonl): mean margin over the run, mean z-score of the margin
+    within its micro-batch (β-DPO's Gaussian view: (m − mean)/std of the batch), share of appearances trained on
+    (β-DPO's filter, SamS's selection). The run must have trained on the audited file."""
+    from ..run_dir import PAIR_TRACE_FILE, read_config
+
+    config = read_config(run_dir)
+    trace = os.path.join(run_dir, PAIR_TRACE_FILE)
+    if config is None or not os.path.isfile(trace):
+        raise AuditError(f"--from_run {run_dir}: not a run directory with a pair trace (config.yaml, pairs.jsonl)")
+    trained_on = config.get("train_file")
+    if not trained_on or not os.path.exists(trained_on) or data_fingerprint(trained_on) != fingerprint:
+        raise AuditError(f"--from_run {run_dir}: it trained on {trained_on}, not on the audited data (row ids "
+                         "would not line up)")
+    sums: dict[int, list[float]] = {}
+    with open(trace, encoding="utf-8") as fh:
+        for line in fh:
+            record = json.loads(line)
+            if "pair_id" not in record:
+                raise AuditError(f"--from_run {run_dir}: its pairs.jsonl has no pair ids")
+            margins = record["margin"]
+            mean = sum(margins) / len(margins)
+            std = math.sqrt(sum((m - mean) ** 2 for m in margins) / max(1, len(margins) - 1)) or 1.0
+            for pid, m, trained in zip(record["pair_id"], margins, record["trained"], strict=True):
+                acc = sums.setdefault(int(pid), [0.0, 0.0, 0.0, 0.0])
+                acc[0] += m
+                acc[1] += (m - mean) / std
+                acc[2] += trained
+                acc[3] += 1
+    return {pid: {"run_margin_mean": a[0] / a[3], "run_margin_z": a[1] / a[3], "run_trained_fraction": a[2] / a[3]}
+            for pid, a in sums.items()}
+
+
+def _swap_paired_fields(row: dict[str, Any]) -> dict[str, Any]:
+    """chosen ↔ rejected, and every field pair that describes them (score_chosen/score_rejected,
+    chosen_rating/rejected_rating, ...)."""
+    out = dict(row)
+    for key in row:
+        if key == "chosen":
+            twin = "rejected"
+        elif key.startswith("chosen_"):
+            twin = "rejected_" + key[len("chosen_"):]
+        elif key.endswith("_chosen"):
+            twin = key[: -len("chosen")] + "rejected"
+        else:
+            continue
+        if twin in row:
+            out[key], out[twin] = row[twin], row[key]
+    return out
+
+
+def decide_actions(options: AuditOptions, scored: dict[int, dict[str, Any]], flip_rate: float) -> dict[int, str]:
+    """Row id → keep / drop / swap, as ``--clean`` says."""
+    actions = {i: "keep" for i in scored}
+    if options.clean == "drop":
+        fraction = flip_rate if options.drop_fraction is None else options.drop_fraction
+        count = round(fraction * len(scored))
+        for i in sorted(scored, key=lambda i: (-scored[i]["score"], i))[:count]:
+            actions[i] = "drop"
+    elif options.clean == "swap":
+        for i, s in scored.items():
+            if s["flip_probability"] >= options.swap_threshold:
+                actions[i] = "swap"
+    return actions
+
+
+def write_cleaned(options: AuditOptions, actions: dict[int, str], path: str) -> dict[str, int]:
+    """The input rows minus dropped ones, swapped ones swapped, each with ``audit_row`` (and ``audit_action``
+    when changed); rows that could not be scored are left out (listed in audit.jsonl)."""
+    counts = {"kept": 0, "swapped": 0, "dropped": 0, "unscored": 0}
+    lines = []
+    for index, (raw, _) in enumerate(read_rows(options.data)):
+        action = actions.get(index)
+        if action is None or isinstance(raw, DataValidationError):
+            counts["unscored"] += 1
+            continue
+        if action == "drop":
+            counts["dropped"] += 1
+            continue
+        row = dict(raw)
+        if action == "swap":
+            row = _swap_paired_fields(row)
+            row["audit_action"] = "swapped"
+            counts["swapped"] += 1
+        row["audit_row"] = index
+        counts["kept"] += 1
+        lines.append(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+    atomic_write_text(path, "".join(lines))
+    return counts
+
+
+def truth_metrics(scored: dict[int, dict[str, Any]], truth: dict[int, bool], estimated_rate: float) -> dict[str, Any]:
+    ids = sorted(scored)
+    scores = [scored[i]["score"] for i in ids]
+    labels = [truth.get(i, False) for i in ids]
+    n_bad = sum(labels)
+    out: dict[str, Any] = {"known_bad_pairs": n_bad, "true_flip_rate": n_bad / len(ids)}
+    if 0 < n_bad < len(ids):
+        out["auroc"] = auroc(scores, labels)
+        out["average_precision"] = average_precision(scores, labels)
+        out["precision_at_flip_rate"] = precision_at(scores, labels, n_bad)
+        k = max(1, round(estimated_rate * len(ids)))
+        out["precision_at_estimated_rate"] = precision_at(scores, labels, min(k, len(ids)))
+    return out
+
+
+def run_audit(options: AuditOptions, train_args: list[str], yaml_path: str | None = None) -> dict[str, Any]:
+    """Run (or resume) the audit; returns the summary (also in <output_dir>/audit_summary.json)."""
+    os.makedirs(options.output_dir, exist_ok=True)
+    with RunLock(options.output_dir):
+        return _run_audit(options, train_args, yaml_path)
+
+
+def _run_audit(options: AuditOptions, train_args: list[str], yaml_path: str | None) -> dict[str, Any]:
+    import shutil
+
+    from transformers import set_seed
+
+    if not os.path.exists(options.data) and options.data.lower().endswith((".json", ".jsonl", ".gz", ".csv",
+                                                                            ".parquet")):
+        raise AuditError(f"{options.data}: no such file")
+    base = fold_config(options, train_args, yaml_path, options.data, os.path.join(options.output_dir, "fold-0"))
+    if base.model_name_or_path in TINY_PRESETS:
+        raise AuditError(f"model_name_or_path={base.model_name_or_path}: an audit needs a pretrained reference model "
+                         "(a folder, .gguf file or packaged model); a tiny preset has random weights")
+    if options.overwrite:
+        for name in os.listdir(options.output_dir):
+            path = os.path.join(options.output_dir, name)
+            if name != ".adaptdpo.lock":
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    started = time.time()
+    set_seed(base.seed)
+    fingerprint = data_fingerprint(options.data)
+    settings = _settings(options, base, fingerprint)
+    folds_path = os.path.join(options.output_dir, FOLDS_FILE)
+    if os.path.exists(folds_path):
+        _check_resumable(folds_path, settings)
+    tokenizer = load_tokenizer(base.tokenizer_name_or_path or base.model_name_or_path)
+    data = read_audit_data(base, tokenizer)
+    if len(data.examples) < options.folds:
+        raise AuditError(f"{options.data}: {len(data.examples)} usable pairs cannot be split into {options.folds} "
+                         "folds")
+    assignment = assign_folds(sorted(data.examples), options.folds, options.fold_seed)
+    if not os.path.exists(folds_path):
+        atomic_write_json(folds_path, {"settings": settings, "assignment": {str(k): v for k, v in
+                                                                            sorted(assignment.items())}})
+    logger.info("audit: %d of %d rows usable, %d folds, output %s", len(data.examples), data.total_rows,
+                options.folds, options.output_dir)
+    device = _device(base)
+    reference = reference_logratio_inputs(base, options, data, tokenizer.pad_token_id, device)
+    heldout = run_folds(options, train_args, yaml_path, data, assignment, tokenizer.pad_token_id, reference, device)
+
+    ids = sorted(heldout)
+    h = torch.tensor([heldout[i]["chosen_logratio"] - heldout[i]["rejected_logratio"] for i in ids],
+                     dtype=torch.float64)
+    margins = base.beta * h
+    mixture = fit_flip_mixture(margins)
+    p_flip = mixture.flip_probability(margins)
+    losses = validation_loss(margins)
+    scored: dict[int, dict[str, Any]] = {}
+    for j, i in enumerate(ids):
+        scored[i] = {"fold": heldout[i]["fold"], "score": float(p_flip[j]), "flip_probability": float(p_flip[j]),
+                     "margin": float(margins[j]), "validation_loss": float(losses[j]),
+                     "chosen_logratio": heldout[i]["chosen_logratio"],
+                     "rejected_logratio": heldout[i]["rejected_logratio"]}
+    # rank 1 = most suspect; ties (equal scores) broken by the lower margin, then the row id
+    for rank, i in enumerate(sorted(ids, key=lambda i: (-scored[i]["score"], scored[i]["margin"], i)), start=1):
+        scored[i]["suspect_rank"] = rank
+    if options.from_run:
+        signals = run_signals(options.from_run, fingerprint)
+        for i in ids:
+            scored[i].update(signals.get(i, {}))
+    truth = read_truth(options, data.total_rows)
+    actions = decide_actions(options, scored, mixture.flip_rate)
+    counts = write_cleaned(options, actions, os.path.join(options.output_dir, CLEANED_FILE))
+
+    records = []
+    for index in range(data.total_rows):
+        record: dict[str, Any] = {"row": index}
+        if index in scored:
+            record.update(scored[index])
+            record["action"] = actions[index]
+        else:
+            record.update({"score": None, "problem": data.problems.get(index, "not read"), "action": "unscored"})
+        if truth is not None and index in truth:
+            record["known_bad"] = truth[index]
+        records.append(record)
+    atomic_write_text(os.path.join(options.output_dir, AUDIT_FILE), "".join(json.dumps(r) + "\n" for r in records))
+
+    summary: dict[str, Any] = {
+        "data": options.data, "data_sha256": fingerprint, "rows": data.total_rows, "scored_pairs": len(ids),
+        "unscored_rows": data.total_rows - len(ids), "folds": options.folds, "fold_seed": options.fold_seed,
+        "beta": base.beta, "model": base.model_name_or_path, "method": base.method,
+        "estimated_flip_rate": mixture.flip_rate, "mixture": dataclasses.asdict(mixture),
+        "clean": options.clean, "cleaned_counts": counts,
+        "mean_validation_loss": float(losses.mean()), "heldout_accuracy_of_labels": float((h > 0).double().mean()),
+        "wall_time_s": round(time.time() - started, 1),
+    }
+    if truth is not None:
+        summary["ground_truth"] = truth_metrics(scored, truth, mixture.flip_rate)
+        dropped_or_swapped = [i for i, a in actions.items() if a != "keep"]
+        if dropped_or_swapped:
+            summary["ground_truth"]["cleaned_share_known_bad"] = (
+                sum(truth.get(i, False) for i in dropped_or_swapped) / len(dropped_or_swapped))
+    atomic_write_json(os.path.join(options.output_dir, SUMMARY_FILE), summary)
+    from .report import write_report
+
+    write_report(options.output_dir, summary, scored, truth, data.rows, mixture)
+    logger.info("audit: done in %.0f s: %s", time.time() - started, os.path.join(options.output_dir, REPORT_FILE))
+    return summary
