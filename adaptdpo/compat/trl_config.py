@@ -1,0 +1,76 @@
+"""A ``trl.DPOConfig`` (TRL 1.16) as an :class:`~adaptdpo.config.AdaptiveDPOConfig`.
+
+Every ``TrainingArguments`` field carries over unchanged (both configs extend it). TRL's own fields map to ours
+where we have them (``beta``, ``loss_type`` with one entry, ``label_smoothing``, ``max_length``, ...). A TRL field
+we do not implement is accepted at its TRL default and refused by name at any other value, so nothing a user set
+is silently ignored. Fields that only change speed or bookkeeping (``dataset_num_proc``,
+``precompute_ref_batch_size``, ``padding_free``) are accepted and logged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+from typing import Any
+
+logger = logging.getLogger("adaptdpo")
+
+#: TRL fields that change nothing in the result here (logged, then ignored)
+SPEED_ONLY = {"dataset_num_proc": "tokenisation runs in one process",
+              "precompute_ref_batch_size": "reference log-probs are precomputed at per_device_eval_batch_size",
+              "padding_free": "padded batches are used (TRL 1.16 also pads); shared_prompt encodes each prompt once",
+              "truncation_mode": "pairs are truncated by adaptdpo's rule: the prompt keeps its end, completions their "
+                                 "start, and no pair is dropped (docs/data-formats.md)",
+              "pad_token": "deprecated in TRL; set tokenizer.pad_token instead"}
+#: model_init_kwargs keys we map to our fields
+MODEL_INIT_KEYS = {"dtype": "dtype", "torch_dtype": "dtype", "attn_implementation": "attn_implementation"}
+
+
+def is_trl_config(args: Any) -> bool:
+    return type(args).__module__.startswith("trl.") and hasattr(args, "loss_type")
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+def from_trl_config(args: Any) -> Any:
+    """Our config for a ``trl.DPOConfig``; raises ValueError naming each TRL field we cannot honour."""
+    from ..config import AdaptiveDPOConfig
+
+    ours = {f.name for f in dataclasses.fields(AdaptiveDPOConfig) if f.init}
+    trl_defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else
+                             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+                    for f in dataclasses.fields(type(args)) if f.init}
+    values: dict[str, Any] = {}
+    refused: list[str] = []
+    for name, default in trl_defaults.items():
+        value = _plain(getattr(args, name))
+        if name == "loss_type":
+            types = [value] if isinstance(value, str) else list(value)
+            if len(types) != 1:
+                refused.append(f"loss_type={types} (a list of losses, RPO/MPO, is not supported yet: use one)")
+            else:
+                values["loss_type"] = types[0]
+        elif name == "model_init_kwargs":
+            for key, item in (value or {}).items():
+                if key in MODEL_INIT_KEYS:
+                    values[MODEL_INIT_KEYS[key]] = str(item).replace("torch.", "")
+                else:
+                    refused.append(f"model_init_kwargs[{key!r}]={item!r}")
+        elif name == "remove_unused_columns":
+            continue  # our collator needs the tokenised columns (TRL keeps them by setting its own signature)
+        elif name in ours:
+            values[name] = value
+        elif name in SPEED_ONLY:
+            if value != default:
+                logger.info("DPOConfig.%s=%r: %s", name, value, SPEED_ONLY[name])
+        elif value != default:
+            refused.append(f"{name}={value!r}")
+    if refused:
+        raise ValueError("trl.DPOConfig fields adaptdpo cannot honour (set them to TRL's defaults or drop them; "
+                         "docs/migrating-from-trl.md): " + ", ".join(refused))
+    if values.get("bf16") is None:
+        values.pop("bf16", None)
+    return AdaptiveDPOConfig(**values)

@@ -1,0 +1,181 @@
+"""TRL's documented quickstart with only the import changed: same first step as TRL 1.16 on the same model, data
+and seed (standard and conversational data, with peft_config), and a trl.DPOConfig mapped field by field."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+trl = pytest.importorskip("trl")
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+STANDARD = [{"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f" It is {2 * i}.",
+             "rejected": f" I do not know, maybe {i + 7}."} for i in range(8)]
+CONVERSATIONAL = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+                   "chosen": [{"role": "assistant", "content": r["chosen"].strip()}],
+                   "rejected": [{"role": "assistant", "content": r["rejected"].strip()}]} for r in STANDARD]
+COMPARED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tokenizer, tmp_path_factory):
+    """A small 'pretrained' model folder with its tokenizer (and a chat template), as a user would have."""
+    from adaptdpo.modeling import build_tiny_model, tiny_model_config
+
+    folder = tmp_path_factory.mktemp("dropin") / "model"
+    cfg = tiny_model_config("tiny-llama", len(tokenizer), 32, 2, 4, 256, tokenizer.pad_token_id,
+                            tokenizer.eos_token_id)
+    build_tiny_model(cfg, seed=1).save_pretrained(folder)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    tokenizer.chat_template = None
+    return str(folder)
+
+
+def quickstart(module_trainer, module_config, model_dir: str, rows: list[dict], out: str, **extra) -> dict:
+    """TRL's quickstart (model by name, raw Dataset, no ref_model, no tokenizer) for one step over all rows."""
+    from datasets import Dataset
+
+    args = module_config(output_dir=out, per_device_train_batch_size=len(rows), max_steps=1, learning_rate=1e-3,
+                         logging_steps=1, report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False,
+                         seed=0, save_strategy="no")
+    trainer = module_trainer(model=model_dir, args=args, train_dataset=Dataset.from_list(rows), **extra)
+    trainer.train()
+    return next(r for r in trainer.state.log_history if "loss" in r)
+
+
+@pytest.mark.parametrize("rows", [STANDARD, CONVERSATIONAL], ids=["standard", "conversational"])
+@pytest.mark.parametrize("with_peft", [False, True], ids=["full", "peft"])
+def test_quickstart_with_only_the_import_changed_matches_trl(model_dir, rows, with_peft, tmp_path):
+    from trl import DPOConfig as TRLConfig
+    from trl import DPOTrainer as TRLTrainer
+
+    from adaptdpo import DPOConfig, DPOTrainer
+
+    def extra() -> dict:
+        if not with_peft:
+            return {}
+        from peft import LoraConfig
+
+        return {"peft_config": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                          task_type="CAUSAL_LM")}
+
+    theirs = quickstart(TRLTrainer, TRLConfig, model_dir, rows, str(tmp_path / "trl"), **extra())
+    ours = quickstart(DPOTrainer, DPOConfig, model_dir, rows, str(tmp_path / "ours"), **extra())
+    assert ours["loss"] == pytest.approx(math.log(2), abs=1e-6)  # the policy starts as the reference
+    for key in COMPARED:
+        assert ours[key] == pytest.approx(theirs[key], abs=1e-4), key
+    assert ours["logps/chosen"] < -1  # real log-probs, not zeros
+
+
+def test_a_trl_config_object_is_mapped_field_by_field(model_dir, tmp_path):
+    from trl import DPOConfig as TRLConfig
+
+    from adaptdpo import DPOConfig
+    from adaptdpo.compat import from_trl_config
+
+    trl_args = TRLConfig(output_dir=str(tmp_path / "o"), beta=0.25, loss_type=["ipo"], max_length=300,
+                         learning_rate=3e-4, per_device_train_batch_size=3, gradient_accumulation_steps=2,
+                         label_smoothing=0.1, report_to="none", use_cpu=True, bf16=False, seed=7,
+                         model_init_kwargs={"dtype": "float32"})
+    ours = from_trl_config(trl_args)
+    assert isinstance(ours, DPOConfig)
+    assert (ours.beta, ours.loss_type, ours.max_length, ours.learning_rate, ours.label_smoothing) == (
+        0.25, "ipo", 300, 3e-4, 0.1)
+    assert (ours.per_device_train_batch_size, ours.gradient_accumulation_steps, ours.seed) == (3, 2, 7)
+    assert ours.output_dir == str(tmp_path / "o") and ours.dtype == "float32"
+    # fields we cannot honour are refused by name, never ignored
+    for kwargs, named in (({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0]}, "loss_type"),
+                          ({"use_weighting": True}, "use_weighting"), ({"ld_alpha": 0.5}, "ld_alpha"),
+                          ({"sync_ref_model": True}, "sync_ref_model"),
+                          ({"model_init_kwargs": {"revision": "main"}}, "revision")):
+        with pytest.raises(ValueError, match=named):
+            from_trl_config(TRLConfig(output_dir=str(tmp_path / "r"), report_to="none", use_cpu=True, **kwargs))
+
+
+def test_trainer_accepts_a_trl_config_and_named_eval_sets(model_dir, tmp_path):
+    from datasets import Dataset
+    from trl import DPOConfig as TRLConfig
+
+    from adaptdpo import DPOTrainer
+
+    args = TRLConfig(output_dir=str(tmp_path / "o"), per_device_train_batch_size=4, max_steps=1, report_to="none",
+                     use_cpu=True, bf16=False, gradient_checkpointing=False, save_strategy="no")
+    trainer = DPOTrainer(model=model_dir, args=args, train_dataset=Dataset.from_list(STANDARD),
+                         eval_dataset={"a": Dataset.from_list(STANDARD[:4]), "b": STANDARD[4:]})
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert metrics["eval_a_loss"] == pytest.approx(metrics["eval_b_loss"], abs=0.05)
+    assert "eval_b_rewards/accuracies" in metrics
+
+
+def test_raw_rows_are_validated_with_dataset_row_and_field(model_dir, tmp_path):
+    from datasets import Dataset
+
+    from adaptdpo import DPOConfig, DPOTrainer
+    from adaptdpo.data import DataValidationError
+
+    rows = [dict(r) for r in STANDARD]
+    rows[5] = {"prompt": "p", "chosen": "", "rejected": "r"}
+    args = DPOConfig(output_dir=str(tmp_path / "o"), report_to="none", use_cpu=True)
+    with pytest.raises(DataValidationError, match=r"train_dataset.*row 5.*chosen"):
+        DPOTrainer(model=model_dir, args=args, train_dataset=Dataset.from_list(rows))
+
+
+def test_trl_dpo_command_and_adaptdpo_train_with_the_same_flags(model_dir, tmp_path):
+    """`trl dpo ...` and `adaptdpo train ...` with TRL's flags (--dataset_name a folder of jsonl files): the same
+    first step (read from each run's checkpoint-1/trainer_state.json)."""
+    import json
+    import os
+    import sys
+
+    from helpers import run_command
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in STANDARD), encoding="utf-8")
+    flags = ["--model_name_or_path", model_dir, "--dataset_name", str(data), "--per_device_train_batch_size", "8",
+             "--max_steps", "1", "--logging_steps", "1", "--report_to", "none", "--use_cpu", "--bf16", "false",
+             "--gradient_checkpointing", "false", "--learning_rate", "1e-3", "--save_strategy", "steps",
+             "--save_steps", "1", "--seed", "0"]
+    bin_dir = os.path.dirname(sys.executable)
+    first_steps = {}
+    for name, command in (("trl", [os.path.join(bin_dir, "trl"), "dpo"]),
+                          ("ours", [os.path.join(bin_dir, "adaptdpo"), "train"])):
+        out = tmp_path / name
+        done = run_command([*command, *flags, "--output_dir", str(out)], timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        with open(out / "checkpoint-1" / "trainer_state.json", encoding="utf-8") as fh:
+            first_steps[name] = json.load(fh)["log_history"][0]
+    assert first_steps["ours"]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    for key in COMPARED:
+        assert first_steps["ours"][key] == pytest.approx(first_steps["trl"][key], abs=1e-4), key
+
+
+def test_trl_cli_names_in_the_config(tmp_path):
+    from adaptdpo.config import ConfigError, parse_config
+
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("model_name_or_path: tiny-llama\nbeta: 0.3\n", encoding="utf-8")
+    by_flag = parse_config(["--config", str(yaml_file), "--output_dir", str(tmp_path / "o")])
+    positional = parse_config(["--output_dir", str(tmp_path / "o")], str(yaml_file))
+    assert by_flag.beta == positional.beta == 0.3 and by_flag.model_name_or_path == "tiny-llama"
+    assert parse_config([f"--config={yaml_file}"]).beta == 0.3
+    with pytest.raises(ConfigError, match="two config files"):
+        parse_config(["--config", str(yaml_file)], str(yaml_file))
+    config = parse_config(["--dataset_name", "some/hub-set", "--dataset_config", "en", "--dataset_train_split", "tr",
+                           "--dataset_test_split", "te"])
+    assert (config.train_file, config.train_split, config.eval_file, config.eval_split, config.dataset_config) == (
+        "some/hub-set", "tr", "some/hub-set", "te", "en")
+    with pytest.raises(ValueError, match="two training sets"):
+        parse_config(["--dataset_name", "a/b", "--train_file", "c.jsonl"])
+
+
+def test_train_needs_a_model(tmp_path):
+    from adaptdpo.config import parse_config
+    from adaptdpo.train import run_training
+
+    with pytest.raises(ValueError, match="model_name_or_path is required"):
+        run_training(parse_config(["--output_dir", str(tmp_path / "o")]))
