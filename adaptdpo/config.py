@@ -77,7 +77,7 @@ class AdaptiveDPOConfig(TrainingArguments):
                                  "of stopping with an error naming file, row and field.")
     implicit_prompt_marker: str = _f("\n\nAssistant:", "For implicit-prompt text pairs: the prompt ends after "
                                      "the last occurrence of this string in the shared prefix.")
-    max_length: int | None = _f(512, "Maximum tokens of prompt + completion; longer pairs are truncated "
+    max_length: int | None = _f(1024, "Maximum tokens of prompt + completion; longer pairs are truncated "
                                 "(prompt first, keeping its end; then completions, keeping their start).")
     max_prompt_length: int | None = _f(None, "Prompt tokens kept when a pair is too long; default max_length/2.")
     pad_to_multiple_of: int | None = _f(None, "Pad batches to a multiple of this length.")
@@ -99,7 +99,11 @@ class AdaptiveDPOConfig(TrainingArguments):
                      "(a contextual-bandit scheduler picks the pairs of each batch), beta_dpo+sams (SamS picks, "
                      "β-DPO calibrates β on the picked pairs and filters them).", choices=METHODS)
     beta: float = _f(0.1, "β of the loss (τ for IPO): the strength of the KL regularisation toward the reference.")
-    loss_type: str = _f("sigmoid", "Pairwise loss: " + ", ".join(LOSS_TYPES) + ".", choices=LOSS_TYPES)
+    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"], metadata={
+        "help": "Pairwise loss, or several summed with loss_weights (TRL's list: --loss_type sigmoid sft is RPO; "
+                "YAML: a name or a list): " + ", ".join(LOSS_TYPES) + ".", "choices": LOSS_TYPES})
+    loss_weights: list[float] | None = _f(None, "Weights of the losses in loss_type (default 1 each); MPO is "
+                                          "loss_type [sigmoid, bco_pair, sft] with weights [0.8, 0.2, 1.0].")
     label_smoothing: float = _f(0.0, "Flip rate ε for robust; ε for exo_pair; smoothing for aot, aot_unpaired.")
     discopop_tau: float = _f(0.05, "Temperature τ of the discopop loss.")
     # ---- β-DPO (method: beta_dpo); paper units, see docs/beta_dpo.md
@@ -170,7 +174,7 @@ class AdaptiveDPOConfig(TrainingArguments):
     use_peft: bool = _f(False, "Train a LoRA adapter; the reference is the base model with adapters disabled.")
     lora_r: int = _f(16, "LoRA rank.")
     lora_alpha: int = _f(32, "LoRA alpha.")
-    lora_dropout: float = _f(0.0, "LoRA dropout.")
+    lora_dropout: float = _f(0.05, "LoRA dropout (TRL's default; with disable_dropout it is 0 in training, as in TRL).")
     lora_target_modules: list[str] | None = _f(None, "Module names to adapt; default: peft's choice for the model.")
     # ---- run
     resume: str = _f("auto", "auto: resume from the last complete checkpoint in output_dir if there is one; "
@@ -203,8 +207,17 @@ class AdaptiveDPOConfig(TrainingArguments):
         super().__post_init__()
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}: choose one of {METHODS}")
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type={self.loss_type!r}: choose one of {', '.join(LOSS_TYPES)}")
+        if isinstance(self.loss_type, str):  # YAML or Python: one name, or names separated by commas or spaces
+            self.loss_type = [t for t in self.loss_type.replace(",", " ").split() if t]
+        self.loss_type = list(self.loss_type)
+        unknown = [t for t in self.loss_type if t not in LOSS_TYPES]
+        if unknown or not self.loss_type:
+            raise ValueError(f"loss_type={self.loss_type!r}: choose one or more of {', '.join(LOSS_TYPES)}")
+        if self.loss_weights is not None:
+            self.loss_weights = [float(w) for w in self.loss_weights]
+            if len(self.loss_weights) != len(self.loss_type):
+                raise ValueError(f"loss_weights has {len(self.loss_weights)} values for the {len(self.loss_type)} "
+                                 f"losses of loss_type {self.loss_type}")
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if self.sams_context_source == "reference" and self.precompute_ref_log_probs:
@@ -422,7 +435,8 @@ def config_reference_markdown() -> str:
     fields = {f.name: f for f in dataclasses.fields(AdaptiveDPOConfig)}
     for name in AdaptiveDPOConfig.__annotations__:  # ours first, then the TrainingArguments defaults we change
         f = fields[name]
-        default = f.default if f.default is not dataclasses.MISSING else None
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         text = f.metadata.get("help", "").replace("|", "\\|").replace("\n", " ")
         lines.append(f"| `{f.name}` | `{default!r}` | {text} |")
     return "\n".join(lines) + "\n"

@@ -15,8 +15,9 @@ Conventions match TRL 1.16's ``DPOTrainer`` (checked number for number in the te
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -178,6 +179,16 @@ def sigmoid_norm_loss(p: PairLogps, beta: Beta, **_: float) -> Tensor:
     return -F.logsigmoid(beta * p.length_normalised_delta("sigmoid_norm"))
 
 
+def sft_loss(p: PairLogps, beta: Beta, **_: float) -> Tensor:
+    """The SFT term of RPO (Pang et al. 2024) and MPO, as TRL 1.16 computes it: the mean negative log-likelihood of
+    the batch's chosen tokens, −Σ log π(y_w) / Σ|y_w|. Spread over the pairs (pair i gets −log π(y_w,i)·n / Σ|y_w|),
+    so that the mean over pairs is that token mean; β plays no part."""
+    if p.chosen_lengths is None:
+        raise ValueError("loss_type 'sft' averages over chosen tokens: pass chosen_lengths (completion token counts)")
+    tokens = p.chosen_lengths.to(p.chosen.dtype).sum().clamp(min=1.0)
+    return -p.chosen * p.chosen.shape[0] / tokens
+
+
 LOSSES: dict[str, Callable[..., Tensor]] = {
     "sigmoid": sigmoid_loss,
     "hinge": hinge_loss,
@@ -193,13 +204,14 @@ LOSSES: dict[str, Callable[..., Tensor]] = {
     "apo_down": apo_down_loss,
     "discopop": discopop_loss,
     "sigmoid_norm": sigmoid_norm_loss,
+    "sft": sft_loss,
     "kto_pair": kto_pair_loss,
 }
 LOSS_TYPES: tuple[str, ...] = tuple(LOSSES)
-#: losses whose pair-i output depends on the other pairs of the batch (AOT sorts it, kto_pair averages it):
-#: under a mask, their batch is the pairs trained on.
-BATCH_COUPLED_LOSSES: frozenset[str] = frozenset({"aot", "aot_unpaired", "kto_pair"})
-#: the losses TRL 1.16's DPOTrainer has (kto_pair was removed from it in 0.12)
+#: losses whose pair-i output depends on the other pairs of the batch (AOT sorts it, kto_pair averages it, sft
+#: divides by the batch's chosen tokens): under a mask, their batch is the pairs trained on.
+BATCH_COUPLED_LOSSES: frozenset[str] = frozenset({"aot", "aot_unpaired", "kto_pair", "sft"})
+#: the losses TRL 1.16's DPOTrainer has (kto_pair was removed from it in 0.12; sft only makes sense in a mixture)
 TRL_LOSS_TYPES: tuple[str, ...] = tuple(t for t in LOSS_TYPES if t != "kto_pair")
 
 
@@ -248,3 +260,32 @@ def preference_loss(
 def implicit_rewards(logratios: Tensor, beta: Beta) -> Tensor:
     """The DPO implicit reward r = β·(log π − log π_ref) (Rafailov et al. 2023, Eq. 5), detached."""
     return (beta * logratios).detach()
+
+
+def combined_preference_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: Beta,
+    loss_types: Sequence[str] = ("sigmoid",),
+    loss_weights: Sequence[float] | None = None,
+    **kwargs: Any,
+) -> Tensor:
+    """Σ_k w_k·loss_k per pair, shape [n]: TRL 1.16's ``loss_type`` list with ``loss_weights`` (default 1 each).
+
+    TRL sums ``w_k · mean_i loss_k,i``; the mean over pairs of this per-pair sum is the same number, and keeping
+    it per pair lets β-DPO and SamS weight or drop pairs as with one loss. RPO = ``["sigmoid", "sft"]``; MPO =
+    ``["sigmoid", "bco_pair", "sft"]`` with weights ``[0.8, 0.2, 1.0]``."""
+    if isinstance(loss_types, str):
+        loss_types = [loss_types]
+    weights = [1.0] * len(loss_types) if loss_weights is None else list(loss_weights)
+    if len(weights) != len(loss_types):
+        raise ValueError(f"loss_weights has {len(weights)} values for {len(loss_types)} loss types")
+    total: Tensor | None = None
+    for loss_type, weight in zip(loss_types, weights, strict=True):
+        term = preference_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, loss_type,
+                               **kwargs)
+        total = term * weight if total is None else total + term * weight
+    assert total is not None, "loss_types is empty"
+    return total

@@ -74,16 +74,25 @@ def read_config(run_dir: str) -> dict[str, Any] | None:
         return yaml.safe_load(fh) or {}
 
 
-def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+def config_changes(old: dict[str, Any], new: dict[str, Any],
+                   defaults: dict[str, Any] | None = None) -> dict[str, tuple[Any, Any]]:
     """Fields whose value differs between a run's recorded config and a new one: {field: (old, new)}.
 
-    Both sides go through a YAML round trip first, so 10 and 10.0 or a tuple and a list compare equal.
+    Both sides go through a YAML round trip first, so 10 and 10.0 or a tuple and a list compare equal. A field
+    the recorded config does not have (added to adaptdpo since) counts as unchanged when the new value is its
+    default (``defaults``); a single loss name and a one-element ``loss_type`` list are the same.
     """
     old = yaml.safe_load(yaml.safe_dump(old))
     new = yaml.safe_load(yaml.safe_dump(new))
+    for side in (old, new):
+        if isinstance(side.get("loss_type"), str):
+            side["loss_type"] = [side["loss_type"]]
+    defaults = yaml.safe_load(yaml.safe_dump(defaults or {}))
     out = {}
     for key in sorted(set(old) | set(new)):
         if key in RESUME_NEUTRAL_FIELDS:
+            continue
+        if key not in old and key in defaults and new.get(key) == defaults[key]:
             continue
         if old.get(key) != new.get(key):
             out[key] = (old.get(key), new.get(key))

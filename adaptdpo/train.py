@@ -193,6 +193,20 @@ def apply_lora(config: AdaptiveDPOConfig, policy: Any) -> Any:
     return get_peft_model(policy, lora)
 
 
+def config_defaults() -> dict[str, Any]:
+    """Every config field's default, serialisable (for comparing with configs recorded by older versions)."""
+    import dataclasses
+
+    out = {}
+    for f in dataclasses.fields(AdaptiveDPOConfig):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return {k: getattr(v, "value", v) for k, v in out.items() if isinstance(getattr(v, "value", v),
+                                                                          (str, int, float, bool, list, type(None)))}
+
+
 class ConfigChangedError(ValueError):
     """A run directory is resumed with a config that differs from the one it was trained with."""
 
@@ -251,7 +265,7 @@ def check_config_unchanged(config: AdaptiveDPOConfig, resume: str | None) -> Non
     old = read_config(config.output_dir)
     if resume is None or old is None:
         return
-    changes = config_changes(old, config.to_serialisable())
+    changes = config_changes(old, config.to_serialisable(), config_defaults())
     if not changes:
         return
     listed = ", ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in changes.items())
@@ -300,7 +314,7 @@ def _run_training(config: AdaptiveDPOConfig, extra_callbacks: list | None) -> di
     done = completed_run(config.output_dir)
     if done is not None and not config.overwrite_output_dir:
         old = read_config(config.output_dir)
-        differs = config_changes(old, config.to_serialisable()) if old is not None else {}
+        differs = config_changes(old, config.to_serialisable(), config_defaults()) if old is not None else {}
         logger.info("%s holds a complete run (step %s): nothing to do. To train again, use another --output_dir or "
                     "--overwrite_output_dir true%s", config.output_dir, done.get("global_step"),
                     f" (this config differs in: {', '.join(differs)})" if differs else "")

@@ -7,9 +7,10 @@ The step, per training micro-batch:
    values precomputed once and cached on disk;
 3. the step policy (:mod:`adaptdpo.step_policy`) sees the detached log-ratios of the *global*
    micro-batch and returns β (scalar or per pair) and which pairs to train on;
-4. per-pair losses from :func:`adaptdpo.losses.preference_loss`; the loss is their sum over trained
-   pairs divided by the number of pairs trained on in the whole optimizer step (all micro-batches, all
-   ranks), so gradient accumulation and data parallelism give the same update as one big batch.
+4. per-pair losses from :func:`adaptdpo.losses.combined_preference_loss` (one loss type or TRL's weighted
+   list); the loss is their sum over trained pairs divided by the number of pairs trained on in the whole
+   optimizer step (all micro-batches, all ranks), so gradient accumulation and data parallelism give the
+   same update as one big batch.
 
 Metrics use TRL's names; the ``rewards/*`` metrics use the base β of the config.
 """
@@ -33,7 +34,7 @@ from .checkpointing import CHECKPOINT_STATE_FILE, atomic_torch_save, mark_checkp
 from .config import AdaptiveDPOConfig
 from .data import PreferenceCollator, batch_to, pairs_in_batch
 from .logprobs import branch_pooling_masks, sequence_logps, supports_shared_prompt
-from .losses import BATCH_COUPLED_LOSSES, preference_loss
+from .losses import BATCH_COUPLED_LOSSES, combined_preference_loss
 from .methods import build_step_policy
 from .modeling import disable_dropout
 from .run_dir import PAIR_TRACE_FILE
@@ -335,15 +336,15 @@ class AdaptiveDPOTrainer(Trainer):
         keep = None if plan.train_mask is None else plan.train_mask[mine].to(chosen_logps.device)
         if subset:
             pairs, beta, keep = self._subset_forward(model, inputs, pairs, beta, keep)
-        if keep is not None and self.args.loss_type in BATCH_COUPLED_LOSSES:
+        if keep is not None and any(t in BATCH_COUPLED_LOSSES for t in self.args.loss_type):
             # AOT sorts the pairs of its batch, kto_pair averages them: their batch is the kept pairs
             kept = keep.nonzero().squeeze(1)
             pairs = [t[kept] for t in pairs]
             beta = beta[kept] if beta.dim() == 1 else beta
             keep = None
-        losses = preference_loss(*pairs[:4], beta, self.args.loss_type, label_smoothing=self.args.label_smoothing,
-                                 chosen_lengths=pairs[4], rejected_lengths=pairs[5],
-                                 discopop_tau=self.args.discopop_tau)
+        losses = combined_preference_loss(*pairs[:4], beta, self.args.loss_type, self.args.loss_weights,
+                                          label_smoothing=self.args.label_smoothing, chosen_lengths=pairs[4],
+                                          rejected_lengths=pairs[5], discopop_tau=self.args.discopop_tau)
         weights = torch.ones_like(losses) if keep is None else keep.to(losses.dtype)
         loss = self._reduce(losses * weights, weights, training, num_items_in_batch)
         self._record_metrics(mode, chosen_logps, rejected_logps, ref_chosen, ref_rejected, plan, gathered)

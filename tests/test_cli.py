@@ -16,7 +16,7 @@ def test_yaml_then_command_line_overrides(tmp_path):
                                     "use_cpu": True}))
     config = parse_config(["--beta", "0.05", "--label_smoothing", "0.1"], str(path))
     assert config.beta == 0.05  # the command line wins
-    assert config.loss_type == "ipo" and config.max_length == 99 and config.label_smoothing == 0.1
+    assert config.loss_type == ["ipo"] and config.max_length == 99 and config.label_smoothing == 0.1
 
 
 def test_unknown_yaml_key_is_named_with_a_suggestion(tmp_path):

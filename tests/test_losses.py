@@ -117,3 +117,26 @@ def test_gradients_match_finite_differences(loss_type):
                                rejected_lengths=lengths[1], discopop_tau=0.5)
 
     assert torch.autograd.gradcheck(f, (*inputs, beta), eps=1e-6, atol=1e-6)
+
+
+def test_sft_term_and_weighted_loss_lists_by_hand():
+    from adaptdpo.losses import combined_preference_loss, preference_loss
+
+    chosen, rejected = torch.tensor([-4.0, -9.0]), torch.tensor([-6.0, -8.0])
+    ref_chosen, ref_rejected = torch.tensor([-5.0, -9.0]), torch.tensor([-5.0, -7.0])
+    lengths = torch.tensor([2.0, 3.0])
+    sft = preference_loss(chosen, rejected, ref_chosen, ref_rejected, 0.5, "sft", chosen_lengths=lengths,
+                          rejected_lengths=lengths)
+    # token mean NLL of the batch's chosen tokens: (4 + 9) / (2 + 3) = 2.6, spread so that the pair mean is 2.6
+    assert sft.tolist() == pytest.approx([4 * 2 / 5, 9 * 2 / 5])
+    assert sft.mean().item() == pytest.approx(2.6)
+    # RPO-style list: per pair, w1·sigmoid + w2·sft; h = (1 − (−1), 0 − (−1)) = (2, 1), β = 0.5
+    combined = combined_preference_loss(chosen, rejected, ref_chosen, ref_rejected, 0.5, ["sigmoid", "sft"],
+                                        [1.0, 0.25], chosen_lengths=lengths, rejected_lengths=lengths)
+    sigmoid = [math.log1p(math.exp(-0.5 * 2)), math.log1p(math.exp(-0.5 * 1))]
+    assert combined.tolist() == pytest.approx([sigmoid[0] + 0.25 * 1.6, sigmoid[1] + 0.25 * 3.6])
+    with pytest.raises(ValueError, match="loss_weights has 1 values for 2"):
+        combined_preference_loss(chosen, rejected, ref_chosen, ref_rejected, 0.5, ["sigmoid", "sft"], [1.0],
+                                 chosen_lengths=lengths)
+    with pytest.raises(ValueError, match="chosen_lengths"):
+        preference_loss(chosen, rejected, ref_chosen, ref_rejected, 0.5, "sft")

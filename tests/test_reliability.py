@@ -147,8 +147,8 @@ def test_resuming_with_a_changed_config_is_refused_then_recorded_when_accepted(s
     crashed_run(argv, 4)
     before = snapshot(out)
     changed = base_argv(data, tok, out, **{**common, "learning_rate": 1e-3, "loss_type": "ipo"})
-    with pytest.raises(ConfigChangedError, match=r"changed: learning_rate: 0\.005 -> 0\.001, loss_type: 'sigmoid' "
-                                                 r"-> 'ipo'\. .*--accept_config_change true"):
+    with pytest.raises(ConfigChangedError, match=r"changed: learning_rate: 0\.005 -> 0\.001, loss_type: \['sigmoid'\] "
+                                                 r"-> \['ipo'\]\. .*--accept_config_change true"):
         train_in_process(changed)
     after = snapshot(out)
     assert {k: v for k, v in after.items() if not k.endswith(".lock")} == \
@@ -159,9 +159,24 @@ def test_resuming_with_a_changed_config_is_refused_then_recorded_when_accepted(s
         record = json.loads(fh.readline())
     assert record["from_step"] == 3
     assert record["changes"] == {"learning_rate": {"old": 0.005, "new": 0.001},
-                                 "loss_type": {"old": "sigmoid", "new": "ipo"}}
+                                 "loss_type": {"old": ["sigmoid"], "new": ["ipo"]}}
     rates = {r["step"]: r["learning_rate"] for r in read_metrics(out) if "learning_rate" in r}
     assert rates[3] == pytest.approx(5e-3) and rates[4] == pytest.approx(1e-3) and rates[6] == pytest.approx(1e-3)
+
+
+def test_configs_recorded_by_older_versions_resume_unchanged():
+    """A run recorded before a field existed resumes when the field is at its default; a single loss name equals
+    a one-element loss_type list; a real change is still named."""
+    from adaptdpo.run_dir import config_changes
+    from adaptdpo.train import config_defaults
+
+    defaults = config_defaults()
+    old = {"beta": 0.1, "loss_type": "sigmoid"}
+    assert config_changes(old, {"beta": 0.1, "loss_type": ["sigmoid"], "pair_selection": "all"}, defaults) == {}
+    assert config_changes(old, {"beta": 0.1, "loss_type": ["sigmoid"], "pair_selection": "easiest"}, defaults) == {
+        "pair_selection": (None, "easiest")}
+    assert config_changes(old, {"beta": 0.2, "loss_type": ["sigmoid", "sft"]}, defaults) == {
+        "beta": (0.1, 0.2), "loss_type": (["sigmoid"], ["sigmoid", "sft"])}
 
 
 # ------------------------------------------------------------------------------------------------ faults

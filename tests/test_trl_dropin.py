@@ -83,12 +83,14 @@ def test_a_trl_config_object_is_mapped_field_by_field(model_dir, tmp_path):
     ours = from_trl_config(trl_args)
     assert isinstance(ours, DPOConfig)
     assert (ours.beta, ours.loss_type, ours.max_length, ours.learning_rate, ours.label_smoothing) == (
-        0.25, "ipo", 300, 3e-4, 0.1)
+        0.25, ["ipo"], 300, 3e-4, 0.1)
     assert (ours.per_device_train_batch_size, ours.gradient_accumulation_steps, ours.seed) == (3, 2, 7)
     assert ours.output_dir == str(tmp_path / "o") and ours.dtype == "float32"
     # fields we cannot honour are refused by name, never ignored
-    for kwargs, named in (({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0]}, "loss_type"),
-                          ({"use_weighting": True}, "use_weighting"), ({"ld_alpha": 0.5}, "ld_alpha"),
+    rpo = from_trl_config(TRLConfig(output_dir=str(tmp_path / "r"), report_to="none", use_cpu=True,
+                                    loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]))
+    assert (rpo.loss_type, rpo.loss_weights) == (["sigmoid", "sft"], [1.0, 0.5])
+    for kwargs, named in (({"use_weighting": True}, "use_weighting"), ({"ld_alpha": 0.5}, "ld_alpha"),
                           ({"sync_ref_model": True}, "sync_ref_model"),
                           ({"model_init_kwargs": {"revision": "main"}}, "revision")):
         with pytest.raises(ValueError, match=named):

@@ -83,3 +83,86 @@ def test_gradients_match_trl(setup, tmp_path):
     ours.compute_loss(ours.model, dict(batch), num_items_in_batch=torch.tensor(6)).backward()
     for (name, a), (_, b) in zip(ours.model.named_parameters(), theirs.model.named_parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("loss_types,weights", [(["sigmoid", "sft"], None),  # RPO
+                                                (["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0]),  # MPO
+                                                (["ipo", "hinge"], [0.5, 2.0])],
+                         ids=["rpo", "mpo", "ipo+hinge"])
+def test_loss_lists_with_weights_match_trl(setup, loss_types, weights, tmp_path):
+    """TRL's loss_type list with loss_weights (RPO, MPO): the same loss and gradients on the same batch."""
+    from trl import DPOConfig, DPOTrainer
+
+    policy, reference, batch, text, tokenizer = setup
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.2, loss_type=loss_types, loss_weights=weights,
+                     report_to="none", bf16=False, use_cpu=True, gradient_checkpointing=False, max_length=None)
+    theirs = DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args,
+                        train_dataset=text, processing_class=tokenizer)
+    theirs.model.train()
+    expected = theirs._compute_loss(theirs.model, dict(batch), False)
+    expected.backward()
+    ours = AdaptiveDPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference),
+                              args=AdaptiveDPOConfig(output_dir=str(tmp_path / "o"), beta=0.2, loss_type=loss_types,
+                                                     loss_weights=weights, use_cpu=True),
+                              processing_class=tokenizer)
+    ours.model.train()
+    loss = ours.compute_loss(ours.model, dict(batch), num_items_in_batch=torch.tensor(6))
+    loss.backward()
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5, rel=1e-5)
+    for (name, a), (_, b) in zip(ours.model.named_parameters(), theirs.model.named_parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_loss_list_from_the_command_line_and_yaml(tmp_path):
+    from adaptdpo.config import parse_config
+
+    config = parse_config(["--loss_type", "sigmoid", "sft", "--loss_weights", "1.0", "0.5"])
+    assert config.loss_type == ["sigmoid", "sft"] and config.loss_weights == [1.0, 0.5]
+    (tmp_path / "c.yaml").write_text("loss_type: [sigmoid, bco_pair, sft]\nloss_weights: [0.8, 0.2, 1.0]\n")
+    assert parse_config([], str(tmp_path / "c.yaml")).loss_type == ["sigmoid", "bco_pair", "sft"]
+    assert parse_config(["--loss_type", "ipo"]).loss_type == ["ipo"]
+    assert AdaptiveDPOConfig(output_dir=str(tmp_path), loss_type="robust").loss_type == ["robust"]
+    with pytest.raises(ValueError, match="loss_weights has 1 values for the 2 losses"):
+        AdaptiveDPOConfig(output_dir=str(tmp_path), loss_type=["sigmoid", "sft"], loss_weights=[1.0])
+
+
+def test_loss_list_composes_with_per_pair_beta_and_a_selection_mask(setup, tmp_path):
+    """How TRL's objectives compose with β-DPO and SamS: every term gets the pair's β (sft ignores it), and the
+    batch-coupled sft term averages over the pairs trained on only."""
+    from adaptdpo.losses import combined_preference_loss
+    from adaptdpo.step_policy import StepPlan
+
+    policy, reference, batch, _, tokenizer = setup
+    beta = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    keep = torch.tensor([True, False, True, True, False, True])
+
+    class FixedPlan:  # stands in for β-DPO's per-pair β and SamS's selection
+        def plan(self, view):
+            return StepPlan(beta=beta, train_mask=keep)
+
+        def num_trained(self, n_pairs):
+            return int(keep.sum())
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    args = AdaptiveDPOConfig(output_dir=str(tmp_path / "o"), loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5],
+                             use_cpu=True, trace_pairs=False)
+    trainer = AdaptiveDPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args,
+                                 processing_class=tokenizer, step_policy=FixedPlan())
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=torch.tensor(4))
+    with torch.no_grad():
+        from adaptdpo.logprobs import sequence_logps
+
+        pol = sequence_logps(trainer.model, dict(batch))
+        ref = sequence_logps(reference, dict(batch))
+    (c, r), (rc, rr) = pol.split(), ref.split()
+    lc, lr = pol.lengths.chunk(2)
+    k = keep.nonzero().squeeze(1)
+    expected = combined_preference_loss(c[k], r[k], rc[k], rr[k], beta[k], ["sigmoid", "sft"], [1.0, 0.5],
+                                        chosen_lengths=lc[k], rejected_lengths=lr[k]).sum() / 4
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)

@@ -1,7 +1,7 @@
 """A ``trl.DPOConfig`` (TRL 1.16) as an :class:`~adaptdpo.config.AdaptiveDPOConfig`.
 
 Every ``TrainingArguments`` field carries over unchanged (both configs extend it). TRL's own fields map to ours
-where we have them (``beta``, ``loss_type`` with one entry, ``label_smoothing``, ``max_length``, ...). A TRL field
+where we have them (``beta``, ``loss_type`` and ``loss_weights``, ``label_smoothing``, ``max_length``, ...). A TRL field
 we do not implement is accepted at its TRL default and refused by name at any other value, so nothing a user set
 is silently ignored. Fields that only change speed or bookkeeping (``dataset_num_proc``,
 ``precompute_ref_batch_size``, ``padding_free``) are accepted and logged.
@@ -48,11 +48,7 @@ def from_trl_config(args: Any) -> Any:
     for name, default in trl_defaults.items():
         value = _plain(getattr(args, name))
         if name == "loss_type":
-            types = [value] if isinstance(value, str) else list(value)
-            if len(types) != 1:
-                refused.append(f"loss_type={types} (a list of losses, RPO/MPO, is not supported yet: use one)")
-            else:
-                values["loss_type"] = types[0]
+            values["loss_type"] = [value] if isinstance(value, str) else list(value)
         elif name == "model_init_kwargs":
             for key, item in (value or {}).items():
                 if key in MODEL_INIT_KEYS:
