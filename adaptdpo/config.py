@@ -165,6 +165,9 @@ class AdaptiveDPOConfig(TrainingArguments):
                             "when the model's attention takes a custom 4D mask (eager, sdpa); on; off (TRL's "
                             "stacked layout).", choices=("auto", "on", "off"))
     plots: bool = _f(True, "Draw the run's plots (plots/*.png) at the end of training.")
+    token_metrics: bool = _f(True, "Log TRL's token metrics: entropy, logits/chosen, logits/rejected, "
+                             "mean_token_accuracy (an extra softmax over the completion positions; false skips it). "
+                             "num_tokens is always logged.")
     trace_pairs: bool = _f(True, "Write every training micro-batch's margins, trained mask and β to "
                            "pairs.jsonl (for the margin-distribution plots).")
     precompute_ref_log_probs: bool = _f(False, "Compute reference log-probs once before training, cache them "

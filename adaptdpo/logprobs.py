@@ -24,6 +24,52 @@ def selective_log_softmax(logits: Tensor, labels: Tensor, rows_per_chunk: int = 
     return out
 
 
+@torch.no_grad()
+def token_statistics(logits: Tensor, labels: Tensor, rows_per_chunk: int = 8) -> tuple[Tensor, Tensor, Tensor]:
+    """Per position, detached and in float32, a few rows at a time: the entropy of the predictive distribution,
+    the mean logit over the vocabulary, and whether the label is the top-1 prediction (TRL's ``entropy``,
+    ``logits/*`` and ``mean_token_accuracy``). ``logits`` [rows, T, V] (or [rows, V]), ``labels`` [rows, T]."""
+    entropy = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
+    mean_logit = torch.empty_like(entropy)
+    top1 = torch.empty(labels.shape, dtype=torch.bool, device=logits.device)
+    for start in range(0, logits.shape[0], rows_per_chunk):
+        chunk = logits[start : start + rows_per_chunk].detach().float()
+        log_p = torch.log_softmax(chunk, dim=-1)
+        entropy[start : start + rows_per_chunk] = -(log_p.exp() * log_p).sum(dim=-1)
+        mean_logit[start : start + rows_per_chunk] = chunk.mean(dim=-1)
+        top1[start : start + rows_per_chunk] = chunk.argmax(dim=-1) == labels[start : start + rows_per_chunk]
+    return entropy, mean_logit, top1
+
+
+@dataclass
+class TokenStats:
+    """Sums over completion tokens for TRL's token metrics (divide by the counts after gathering)."""
+
+    entropy_sum: Tensor
+    tokens: Tensor
+    chosen_logit_sum: Tensor
+    chosen_tokens: Tensor
+    rejected_logit_sum: Tensor
+    rejected_tokens: Tensor
+    chosen_top1: Tensor
+
+    @staticmethod
+    def of(logits: Tensor, labels: Tensor, chosen: Tensor, rejected: Tensor) -> TokenStats:
+        """Statistics of the positions where ``chosen`` / ``rejected`` (bool masks like ``labels``) are set."""
+        entropy, mean_logit, top1 = token_statistics(logits, labels)
+        chosen, rejected = chosen.bool(), rejected.bool()
+        both = chosen | rejected
+        return TokenStats((entropy * both).sum(), both.sum(), (mean_logit * chosen).sum(), chosen.sum(),
+                          (mean_logit * rejected).sum(), rejected.sum(), (top1 & chosen).sum())
+
+    def __add__(self, other: TokenStats) -> TokenStats:
+        return TokenStats(*(a + b for a, b in zip(self.values(), other.values(), strict=True)))
+
+    def values(self) -> list[Tensor]:
+        return [self.entropy_sum, self.tokens, self.chosen_logit_sum, self.chosen_tokens, self.rejected_logit_sum,
+                self.rejected_tokens, self.chosen_top1]
+
+
 @dataclass
 class SequenceLogps:
     """Per-row results of one forward over a stacked batch of 2n rows."""
@@ -31,6 +77,7 @@ class SequenceLogps:
     logps: Tensor  # [2n] summed over completion tokens
     lengths: Tensor  # [2n] completion token counts
     outputs: Any  # the model output (hidden states when requested)
+    stats: TokenStats | None = None  # TRL's token metrics, when asked for
 
     def split(self) -> tuple[Tensor, Tensor]:
         return self.logps.chunk(2, dim=0)
@@ -103,7 +150,7 @@ def branch_attention_mask(segments: Tensor, dtype: torch.dtype, boolean: bool) -
 
 
 def packed_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor],
-                          output_hidden_states: bool = False) -> SequenceLogps:
+                          output_hidden_states: bool = False, token_stats: bool = False) -> SequenceLogps:
     """The shared-prompt forward: one row [prompt, chosen, rejected] per pair, the prompt encoded once.
 
     Exact against the stacked layout up to floating-point reassociation (tested): the chosen branch sees
@@ -134,9 +181,15 @@ def packed_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor],
     first_rejected = ids[rows, prompt_len + chosen_len]
     rejected = rejected + (last_prompt.gather(-1, first_rejected[:, None]).squeeze(-1)
                            - torch.logsumexp(last_prompt, dim=-1))
+    stats = None
+    if token_stats:
+        in_rejected = (nxt == REJECTED) & (cur == REJECTED)
+        stats = TokenStats.of(logits[:, :-1], ids[:, start + 1:], nxt == CHOSEN, in_rejected)
+        first = torch.ones_like(first_rejected[:, None], dtype=torch.bool)
+        stats = stats + TokenStats.of(last_prompt[:, None], first_rejected[:, None], ~first, first)
     outputs.logits = None
     lengths = torch.cat([chosen_len, (segments == REJECTED).sum(dim=1)])
-    return SequenceLogps(logps=torch.cat([chosen, rejected]), lengths=lengths, outputs=outputs)
+    return SequenceLogps(logps=torch.cat([chosen, rejected]), lengths=lengths, outputs=outputs, stats=stats)
 
 
 def branch_pooling_masks(segments: Tensor) -> Tensor:
@@ -146,7 +199,7 @@ def branch_pooling_masks(segments: Tensor) -> Tensor:
 
 
 def sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor],
-                   output_hidden_states: bool = False) -> SequenceLogps:
+                   output_hidden_states: bool = False, token_stats: bool = False) -> SequenceLogps:
     """Forward ``batch`` and sum log π(token) over the completion tokens of every row.
 
     A packed batch (``segment_ids`` present, see :class:`adaptdpo.data.PreferenceCollator`) goes through
@@ -154,9 +207,12 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor],
 
     Where the model supports it, logits are computed only for the positions that predict completion
     tokens (``logits_to_keep``), not the whole sequence: the same numbers, less LM-head work and memory.
+
+    ``token_stats``: also the sums behind TRL's ``entropy``, ``logits/chosen|rejected`` and
+    ``mean_token_accuracy`` over the completion tokens (:class:`TokenStats`, detached).
     """
     if "segment_ids" in batch:
-        return packed_sequence_logps(model, batch, output_hidden_states)
+        return packed_sequence_logps(model, batch, output_hidden_states, token_stats)
     width = batch["input_ids"].shape[1]
     keep = completion_window(batch) if accepts_logits_to_keep(model) else width
     kwargs = {"logits_to_keep": keep} if keep < width else {}
@@ -168,5 +224,11 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor],
     per_token = selective_log_softmax(outputs.logits[:, -keep:-1], labels)
     logps = (per_token * mask).sum(dim=-1)
     lengths = batch["completion_mask"].sum(dim=-1)
+    stats = None
+    if token_stats:
+        in_completion = mask.bool()
+        is_chosen = (torch.arange(mask.shape[0], device=mask.device) < mask.shape[0] // 2)[:, None]
+        stats = TokenStats.of(outputs.logits[:, -keep:-1], labels, in_completion & is_chosen,
+                              in_completion & ~is_chosen)
     outputs.logits = None  # free the full logits early; nothing downstream needs them
-    return SequenceLogps(logps=logps, lengths=lengths, outputs=outputs)
+    return SequenceLogps(logps=logps, lengths=lengths, outputs=outputs, stats=stats)

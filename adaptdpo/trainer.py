@@ -124,6 +124,7 @@ class AdaptiveDPOTrainer(Trainer):
         self.run_totals = {"loss_sum": 0.0, "train_time_s": 0.0}
         self._invocation_start = time.time()
         self._zero_grad_streak: Tensor | None = None  # on the device: no host sync per step
+        self._tokens_this_run: Tensor | None = None  # training tokens of this invocation (num_tokens), on the device
         self.peft_reference = ref_model is None and _is_peft_model(model)
         if args.precompute_ref_log_probs:
             reference = ref_model if ref_model is not None else model
@@ -306,7 +307,8 @@ class AdaptiveDPOTrainer(Trainer):
         context_source = self.args.sams_context_source if wants_contexts else None
         # subset mode: this forward only scores the pairs; the gradient comes from a second, smaller one
         with torch.no_grad() if subset else contextlib.nullcontext():
-            policy = sequence_logps(model, inputs, output_hidden_states=context_source == "policy")
+            policy = sequence_logps(model, inputs, output_hidden_states=context_source == "policy",
+                                    token_stats=self.args.token_metrics)
         chosen_logps, rejected_logps = policy.split()
         chosen_lengths, rejected_lengths = policy.lengths.chunk(2, dim=0)
         ref_chosen, ref_rejected, ref_outputs = self.reference_logps(
@@ -348,6 +350,7 @@ class AdaptiveDPOTrainer(Trainer):
         weights = torch.ones_like(losses) if keep is None else keep.to(losses.dtype)
         loss = self._reduce(losses * weights, weights, training, num_items_in_batch)
         self._record_metrics(mode, chosen_logps, rejected_logps, ref_chosen, ref_rejected, plan, gathered)
+        self._record_token_metrics(mode, policy.stats, inputs)
         return (loss, None) if return_outputs else loss
 
     def _reduce(self, weighted: Tensor, weights: Tensor, training: bool, num_items_in_batch: Any) -> Tensor:
@@ -441,6 +444,28 @@ class AdaptiveDPOTrainer(Trainer):
         for key, value in plan.metrics.items():
             m[key].append(value)
 
+    def _record_token_metrics(self, mode: str, stats: Any, inputs: dict[str, Tensor]) -> None:
+        """TRL's ``entropy``, ``logits/chosen|rejected``, ``mean_token_accuracy`` (token-weighted over all ranks) and
+        ``num_tokens`` (training tokens so far, counted as TRL's stacked rows hold them: the prompt twice)."""
+        m = self._metrics[mode]
+        if stats is not None:
+            sums = torch.stack([v.float() for v in stats.values()])
+            if self.accelerator.num_processes > 1:
+                sums = self.accelerator.gather(sums[None]).sum(dim=0)
+            m["entropy"].append(sums[0] / sums[1].clamp(min=1))
+            m["logits/chosen"].append(sums[2] / sums[3].clamp(min=1))
+            m["logits/rejected"].append(sums[4] / sums[5].clamp(min=1))
+            m["mean_token_accuracy"].append(sums[6] / sums[3].clamp(min=1))
+        if mode == "train":
+            tokens = inputs["attention_mask"].sum()
+            if "segment_ids" in inputs:  # the packed row holds the prompt once; TRL's stacked rows hold it twice
+                tokens = tokens + (inputs["segment_ids"] == 1).sum()
+            tokens = tokens.float().reshape(1)
+            if self.accelerator.num_processes > 1:
+                tokens = self.accelerator.gather(tokens)
+            self._tokens_this_run = tokens.sum() + (0 if self._tokens_this_run is None else self._tokens_this_run)
+            m["num_tokens"] = [self._tokens_this_run + self.run_totals.get("num_tokens", 0.0)]
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
         averaged = {}
@@ -502,7 +527,9 @@ class AdaptiveDPOTrainer(Trainer):
         if self.accelerator.num_processes > 1:
             pending = self.accelerator.gather(pending)
         steps_loss = self._total_loss_scalar + float(pending.mean())
-        return {"loss_sum": self.run_totals["loss_sum"] + steps_loss, "train_time_s": self.run_wall_time()}
+        tokens = 0.0 if self._tokens_this_run is None else float(self._tokens_this_run)
+        return {"loss_sum": self.run_totals["loss_sum"] + steps_loss, "train_time_s": self.run_wall_time(),
+                "num_tokens": self.run_totals.get("num_tokens", 0.0) + tokens}
 
     def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None) -> tuple[Tensor, None, None]:

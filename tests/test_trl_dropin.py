@@ -16,7 +16,8 @@ STANDARD = [{"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f" It i
 CONVERSATIONAL = [{"prompt": [{"role": "user", "content": r["prompt"]}],
                    "chosen": [{"role": "assistant", "content": r["chosen"].strip()}],
                    "rejected": [{"role": "assistant", "content": r["rejected"].strip()}]} for r in STANDARD]
-COMPARED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
+COMPARED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
+            "entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy", "num_tokens")
 
 
 @pytest.fixture(scope="module")

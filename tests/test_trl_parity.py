@@ -61,7 +61,7 @@ def test_loss_matches_trl(setup, loss_type, tmp_path):
     assert loss.item() == pytest.approx(expected.item(), abs=1e-5, rel=1e-5)
     ours_metrics = {k: float(v[-1]) for k, v in ours._metrics["train"].items()}
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-                "logps/rejected"):
+                "logps/rejected", "entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy", "num_tokens"):
         assert ours_metrics[key] == pytest.approx(trl_metrics[key], abs=1e-4, rel=1e-5), key
 
 
