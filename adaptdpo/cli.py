@@ -97,7 +97,7 @@ def cmd_eval(args: list[str]) -> int:
     from .modeling import load_tokenizer
 
     parser = argparse.ArgumentParser(prog="adaptdpo eval")
-    parser.add_argument("model", help="a run directory (its final_model is used) or a model folder")
+    parser.add_argument("model", help="a run directory (its final model is used) or a model folder")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--task", help="a gold-task folder (train.jsonl, eval.jsonl, prompts.jsonl, task.json)")
     source.add_argument("--data", help="preference data (any supported format); labels as given")
@@ -107,9 +107,9 @@ def cmd_eval(args: list[str]) -> int:
     parser.add_argument("--out", help="also write the metrics to this JSON file")
     ns = parser.parse_args(args)
     from .modeling import check_model_source
+    from .run_dir import final_model_path
 
-    model_dir = os.path.join(ns.model, "final_model") if os.path.isdir(os.path.join(ns.model, "final_model")) \
-        else ns.model
+    model_dir = final_model_path(ns.model) or ns.model
     check_model_source(model_dir, "model")
     if ns.reference:
         check_model_source(ns.reference, "--reference")

@@ -85,7 +85,9 @@ def train_and_evaluate(task: GoldTask, overrides: dict[str, Any], output_dir: st
         shutil.rmtree(output_dir)
     summary = run_training(config)
     tokenizer = load_tokenizer(task.reference_dir)
-    policy = AutoModelForCausalLM.from_pretrained(os.path.join(output_dir, "final_model"))
+    from .run_dir import final_model_path
+
+    policy = AutoModelForCausalLM.from_pretrained(final_model_path(output_dir))
     reference = AutoModelForCausalLM.from_pretrained(task.reference_dir)
     result = evaluate_on_task(policy, reference, tokenizer, task, config.beta, seed=seed)
     if config.train_file == task.train_file:  # pair ids are rows of the task's file

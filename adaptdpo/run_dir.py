@@ -28,7 +28,7 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
 CONFIG_CHANGES_FILE = "config_changes.jsonl"
-FINAL_MODEL_DIR = "final_model"
+FINAL_MODEL_DIR = "final_model"  # where runs before the TRL layout kept the final model
 
 #: fields that may differ between the invocations of one run: where and how it reports, not what it trains
 RESUME_NEUTRAL_FIELDS = frozenset({
@@ -116,10 +116,27 @@ def read_summary(run_dir: str) -> dict[str, Any] | None:
         return None
 
 
+#: what save_model writes at the root of output_dir (TRL's layout), removed by --overwrite_output_dir
+MODEL_FILE_PATTERNS = ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+                       "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json",
+                       "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "tokenizer.json",
+                       "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "vocab.json",
+                       "merges.txt", "tokenizer.model", "added_tokens.json", "training_args.bin", "README.md")
+
+
+def final_model_path(run_dir: str) -> str | None:
+    """Where a run's final model is: the run directory itself (TRL's layout), or ``final_model/`` for runs made
+    before; None when there is none."""
+    if any(os.path.isfile(os.path.join(run_dir, name)) for name in ("config.json", "adapter_config.json")):
+        return run_dir
+    legacy = os.path.join(run_dir, FINAL_MODEL_DIR)
+    return legacy if os.path.isdir(legacy) else None
+
+
 def completed_run(run_dir: str) -> dict[str, Any] | None:
     """The summary of a run that finished (status complete and its final model on disk), else None."""
     summary = read_summary(run_dir)
-    if summary and summary.get("status") == "complete" and os.path.isdir(os.path.join(run_dir, FINAL_MODEL_DIR)):
+    if summary and summary.get("status") == "complete" and final_model_path(run_dir) is not None:
         return summary
     return None
 

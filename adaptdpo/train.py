@@ -40,6 +40,7 @@ from .run_dir import (
     CONFIG_FILE,
     FINAL_MODEL_DIR,
     METRICS_FILE,
+    MODEL_FILE_PATTERNS,
     PAIR_TRACE_FILE,
     SUMMARY_FILE,
     RunDirectoryCallback,
@@ -217,9 +218,14 @@ RUN_RECORD = (CONFIG_FILE, CONFIG_CHANGES_FILE, METRICS_FILE, PAIR_TRACE_FILE, S
 
 
 def clear_run(run_dir: str) -> None:
-    """Remove a previous run's checkpoints and record from ``run_dir`` (--overwrite_output_dir)."""
+    """Remove a previous run's checkpoints, record and final model from ``run_dir`` (--overwrite_output_dir)."""
+    import glob
+
     for _, path, _ in checkpoint_folders(run_dir):
         shutil.rmtree(path)
+    for pattern in MODEL_FILE_PATTERNS:
+        for path in glob.glob(os.path.join(glob.escape(run_dir), pattern)):
+            os.remove(path)
     for name in RUN_RECORD:
         path = os.path.join(run_dir, name)
         if os.path.isdir(path):
@@ -393,8 +399,8 @@ def _run_training(config: AdaptiveDPOConfig, extra_callbacks: list | None) -> di
     extra: dict[str, Any] = {"resumed_from": resume, "wall_time_s": round(trainer.run_wall_time(), 3)}
     if eval_dataset is not None:
         extra["final_eval"] = trainer.evaluate()
-    if config.should_save:
-        trainer.save_model(os.path.join(config.output_dir, FINAL_MODEL_DIR))
+    if config.should_save:  # the final model and tokenizer at the root of output_dir, as TRL saves them
+        trainer.save_model(config.output_dir)
     if config.sams_pretrain != "none" and trainer.is_world_process_zero():
         from .checkpointing import atomic_torch_save
 
@@ -404,6 +410,10 @@ def _run_training(config: AdaptiveDPOConfig, extra_callbacks: list | None) -> di
         logger.info("pre-trained SamS scheduler written to %s (use it with --sams_scheduler_init %s)",
                     scheduler_path, scheduler_path)
     summary = run_callback.write_summary(trainer.state, extra)
+    if config.should_save:
+        from .model_card import write_model_card
+
+        write_model_card(config.output_dir, config, summary)
     if trainer.is_world_process_zero() and config.plots:
         from .report import plot_run
 

@@ -47,6 +47,37 @@ def _is_peft_model(model: torch.nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
+#: the run directory's own files: never uploaded by push_to_hub (the hub repository gets the model, tokenizer and card)
+RUN_FILE_PATTERNS = ["config.yaml", "config_changes.jsonl", "metrics.jsonl", "pairs.jsonl", "summary.json",
+                     "skipped_rows.jsonl", "pair_selection.json", "sams_scheduler.pt", ".adaptdpo.lock", "plots/*",
+                     "ref_logps/*", "tokenizer-*/*", "final_model/*", "runs/*"]
+
+
+@contextlib.contextmanager
+def model_files_only() -> Any:
+    """While active, the Trainer's hub uploads skip the run directory's own files (RUN_FILE_PATTERNS)."""
+    import transformers.trainer as trainer_module
+
+    original = trainer_module.hf_api
+
+    class ModelOnlyApi:
+        def __init__(self, api: Any):
+            self._api = api
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._api, name)
+
+        def upload_folder(self, **kwargs: Any) -> Any:
+            kwargs["ignore_patterns"] = [*(kwargs.get("ignore_patterns") or []), *RUN_FILE_PATTERNS]
+            return self._api.upload_folder(**kwargs)
+
+    trainer_module.hf_api = lambda *a, **k: ModelOnlyApi(original(*a, **k))
+    try:
+        yield
+    finally:
+        trainer_module.hf_api = original
+
+
 class TrainingStalledError(RuntimeError):
     """The gradient has been exactly zero for several optimizer steps while the loss stays above zero."""
 
@@ -530,6 +561,26 @@ class AdaptiveDPOTrainer(Trainer):
         tokens = 0.0 if self._tokens_this_run is None else float(self._tokens_this_run)
         return {"loss_sum": self.run_totals["loss_sum"] + steps_loss, "train_time_s": self.run_wall_time(),
                 "num_tokens": self.run_totals.get("num_tokens", 0.0) + tokens}
+
+    # ------------------------------------------------------------------------------------ hub
+
+    def create_model_card(self, model_name: str | None = None, **kwargs: Any) -> None:
+        """Our model card (method, settings, data, final metrics, citations), not transformers' generic one."""
+        if not self.is_world_process_zero():
+            return
+        from .model_card import write_model_card
+        from .run_dir import read_summary
+
+        write_model_card(self.args.output_dir, self.args, read_summary(self.args.output_dir), model_name)
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' push_to_hub, uploading the model, tokenizer and card, not the run's own files."""
+        with model_files_only():
+            return super().push_to_hub(*args, **kwargs)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        with model_files_only():
+            super()._push_from_checkpoint(checkpoint_folder)
 
     def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None) -> tuple[Tensor, None, None]:

@@ -50,7 +50,7 @@ def train_logs(output_dir: str) -> list[dict]:
 def final_params(output_dir: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(os.path.join(output_dir, "final_model", "model.safetensors"))
+    return load_file(os.path.join(output_dir, "model.safetensors"))  # the final model, at the root as TRL
 
 
 def run_command(command: list[str], env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -208,7 +208,7 @@ def test_swap_mode_swaps_chosen_rejected_and_their_fields(audited, hand_built):
 def test_audit_resumes_without_retraining_and_refuses_changed_settings(audited, hand_built):
     data, reference, _ = hand_built
     out, _, records = audited
-    final = os.path.join(out, "fold-0", "final_model", "model.safetensors")
+    final = os.path.join(out, "fold-0", "model.safetensors")
     before = os.path.getmtime(final)
     os.remove(os.path.join(out, "fold-3", "heldout_scores.json"))  # as if killed while scoring fold 3
     run_audit(AuditOptions(data=data, output_dir=out, folds=4, drop_fraction=0.05), fold_training_args(reference))

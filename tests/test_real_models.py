@@ -163,7 +163,7 @@ def test_two_lora_dpo_steps_change_the_adapter_and_keep_the_base(hh_file, tmp_pa
     assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert logs[1]["loss"] != pytest.approx(math.log(2), abs=1e-6)
     assert summary["data"]["chat_formatted_rows"] == 4  # HH text rendered through SmolLM2's ChatML template
-    adapter = load_file(os.path.join(out, "final_model", "adapter_model.safetensors"))
+    adapter = load_file(os.path.join(out, "adapter_model.safetensors"))
     lora_b = [v for k, v in adapter.items() if "lora_B" in k]
     assert lora_b and all(v.abs().max() > 0 for v in lora_b)  # B starts at 0: it moved
     assert all("lora_" in k for k in adapter)  # only the adapter is saved

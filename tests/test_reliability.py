@@ -242,7 +242,7 @@ def test_a_model_that_stops_learning_stops_the_run(small, tmp_path):
     with pytest.raises(TrainingStalledError, match=r"gradient norm has been exactly 0 for the last \d+ optimizer "
                                                    r"steps while the loss stays at .*learning_rate=1e\+06"):
         train_in_process(base_argv(data, tok, out, max_steps=12, learning_rate=1e6, max_grad_norm=0))
-    assert not os.path.exists(os.path.join(out, "final_model"))
+    assert not os.path.exists(os.path.join(out, "model.safetensors"))
     assert not os.path.exists(os.path.join(out, "summary.json"))
 
 

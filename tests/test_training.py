@@ -45,8 +45,13 @@ def test_first_loss_is_log2_and_training_moves(small, tmp_path):
     assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert logs[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
     assert logs[-1]["loss"] != pytest.approx(math.log(2), abs=1e-3)
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", "final_model", "plots/training_curves.png"):
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "plots/training_curves.png",
+                 "config.json", "model.safetensors", "tokenizer.json", "README.md"):  # the final model at the root
         assert os.path.exists(os.path.join(out, name)), name
+    card = open(os.path.join(out, "README.md"), encoding="utf-8").read()
+    assert card.startswith("---\nlibrary_name: transformers\n") and "- adaptdpo" in card
+    assert "| `beta` | 0.2 |" in card and "@inproceedings{rafailov2023direct" in card
+    assert f"| `loss` | {logs[-1]['loss']:.4g} |" in card
     assert summary["global_step"] == 6 and summary["peak_rss_bytes"] > 0
     assert {"torch", "transformers", "accelerate", "datasets"} <= set(summary["versions"])
 
@@ -116,7 +121,7 @@ def test_kill_and_resume_gives_the_same_run(small, tmp_path, method):
     killed = run_command([sys.executable, os.path.join(ROOT, "tests", "kill_at_step.py"), "5", *argv])
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert os.path.isdir(os.path.join(crashed, "checkpoint-3"))
-    assert not os.path.exists(os.path.join(crashed, "final_model"))
+    assert not os.path.exists(os.path.join(crashed, "model.safetensors"))
     # a checkpoint folder cut short mid-write (no completion marker) must be ignored, not loaded
     partial = os.path.join(crashed, "checkpoint-4")
     shutil.copytree(os.path.join(crashed, "checkpoint-3"), partial)

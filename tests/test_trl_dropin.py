@@ -182,3 +182,38 @@ def test_train_needs_a_model(tmp_path):
 
     with pytest.raises(ValueError, match="model_name_or_path is required"):
         run_training(parse_config(["--output_dir", str(tmp_path / "o")]))
+
+
+def test_push_to_hub_uploads_the_model_not_the_run_directory(model_dir, tmp_path, monkeypatch):
+    """The hub repository gets the model, tokenizer and our model card; the run's own files stay local."""
+    import transformers.trainer as trainer_module
+    from datasets import Dataset
+    from huggingface_hub.utils import filter_repo_objects
+
+    from adaptdpo import DPOConfig, DPOTrainer
+
+    calls = []
+
+    class FakeApi:
+        def upload_folder(self, **kwargs):
+            calls.append(kwargs)
+
+    monkeypatch.setattr(trainer_module, "hf_api", lambda *a, **k: FakeApi())
+    out = tmp_path / "run"
+    args = DPOConfig(output_dir=str(out), per_device_train_batch_size=4, max_steps=1, report_to="none",
+                     use_cpu=True, save_strategy="no", method="beta_dpo")
+    trainer = DPOTrainer(model=model_dir, args=args, train_dataset=Dataset.from_list(STANDARD))
+    trainer.train()
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "plots/margins.png", "ref_logps/train-x.pt"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("run file")
+    trainer.hub_model_id = "someone/model"
+    trainer.push_to_hub()
+    assert len(calls) == 1 and calls[0]["folder_path"] == str(out)
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    uploaded = set(filter_repo_objects(files, ignore_patterns=calls[0]["ignore_patterns"]))
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md"} <= uploaded
+    assert not uploaded & {"config.yaml", "metrics.jsonl", "summary.json", "pairs.jsonl", "plots/margins.png",
+                           "ref_logps/train-x.pt"}
+    card = (out / "README.md").read_text()
+    assert "- beta-dpo" in card and "| `beta_dpo_alpha` | 0.6 |" in card and "wu2024beta" in card

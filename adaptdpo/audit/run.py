@@ -34,7 +34,7 @@ from ..checkpointing import atomic_torch_save, atomic_write_json, atomic_write_t
 from ..config import AdaptiveDPOConfig, parse_config
 from ..data import DataValidationError, load_preference_rows, read_rows, tokenize_rows
 from ..modeling import TINY_PRESETS, load_pretrained, load_tokenizer
-from ..run_dir import FINAL_MODEL_DIR
+from ..run_dir import final_model_path
 from ..run_lock import RunLock
 from .folds import assign_folds, fold_members
 from .ranking import auroc, average_precision, precision_at
@@ -119,7 +119,9 @@ def _load_reference(config: AdaptiveDPOConfig) -> Any:
 
 
 def _load_fold_policy(config: AdaptiveDPOConfig, fold_dir: str) -> Any:
-    final = os.path.join(fold_dir, FINAL_MODEL_DIR)
+    final = final_model_path(fold_dir)
+    if final is None:
+        raise AuditError(f"{fold_dir}: the fold's run has no final model")
     if os.path.isfile(os.path.join(final, "adapter_config.json")):
         from peft import PeftModel
 
