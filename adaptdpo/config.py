@@ -17,7 +17,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from .beta import FILTERS, INITS, LEVELS
-from .losses import LOSS_TYPES
+from .losses import F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSS_TYPES
 from .pair_selection import ORDERS, POLICIES
 
 METHODS = ("dpo", "beta_dpo", "sams", "beta_dpo+sams")
@@ -106,6 +106,16 @@ class AdaptiveDPOConfig(TrainingArguments):
                                           "loss_type [sigmoid, bco_pair, sft] with weights [0.8, 0.2, 1.0].")
     label_smoothing: float = _f(0.0, "Flip rate ε for robust; ε for exo_pair; smoothing for aot, aot_unpaired.")
     discopop_tau: float = _f(0.05, "Temperature τ of the discopop loss.")
+    f_divergence_type: str = _f("reverse_kl", "f-DPO regulariser (Wang et al. 2024): reverse_kl (DPO), forward_kl, "
+                                "js_divergence, alpha_divergence; other than reverse_kl only with the losses built on "
+                                "the chosen − rejected difference (sigmoid, sigmoid_norm, hinge, ipo, exo_pair, "
+                                "robust, discopop, sft).", choices=F_DIVERGENCES)
+    f_alpha_divergence_coef: float = _f(0.5, "α of f_divergence_type alpha_divergence.")
+    sync_ref_model: bool = _f(False, "TR-DPO (Gorbatovski et al. 2024): every ref_model_sync_steps optimizer steps the "
+                              "reference becomes α·policy + (1 − α)·reference (α = ref_model_mixup_alpha); saved with "
+                              "every checkpoint. Needs a separate reference (not PEFT, not precomputed log-probs).")
+    ref_model_mixup_alpha: float = _f(0.6, "TR-DPO α: the policy's share in each reference update.")
+    ref_model_sync_steps: int = _f(512, "TR-DPO τ: optimizer steps between reference updates.")
     # ---- β-DPO (method: beta_dpo); paper units, see docs/beta_dpo.md
     beta_dpo_alpha: float = _f(0.6, "β-DPO α in the paper's units (margin M = β·h); 0 = static β (the "
                                "filtering-only ablation). The official code's `a` is α·β.")
@@ -216,6 +226,16 @@ class AdaptiveDPOConfig(TrainingArguments):
         unknown = [t for t in self.loss_type if t not in LOSS_TYPES]
         if unknown or not self.loss_type:
             raise ValueError(f"loss_type={self.loss_type!r}: choose one or more of {', '.join(LOSS_TYPES)}")
+        if self.f_divergence_type != "reverse_kl" and not set(self.loss_type) <= F_DIVERGENCE_LOSSES:
+            raise ValueError(f"f_divergence_type={self.f_divergence_type} works with the losses built on the chosen − "
+                             f"rejected difference only ({', '.join(sorted(F_DIVERGENCE_LOSSES))}); loss_type is "
+                             f"{self.loss_type}")
+        if self.sync_ref_model and (self.use_peft or self.precompute_ref_log_probs):
+            raise ValueError("sync_ref_model (TR-DPO) updates a separate reference model: it cannot be used with "
+                             "use_peft (the reference is the adapter-disabled policy) or precompute_ref_log_probs")
+        if self.sync_ref_model and (not 0.0 < self.ref_model_mixup_alpha <= 1.0 or self.ref_model_sync_steps < 1):
+            raise ValueError("sync_ref_model needs ref_model_mixup_alpha in (0, 1] and ref_model_sync_steps >= 1, got "
+                             f"{self.ref_model_mixup_alpha} and {self.ref_model_sync_steps}")
         if self.loss_weights is not None:
             self.loss_weights = [float(w) for w in self.loss_weights]
             if len(self.loss_weights) != len(self.loss_type):

@@ -215,6 +215,32 @@ BATCH_COUPLED_LOSSES: frozenset[str] = frozenset({"aot", "aot_unpaired", "kto_pa
 TRL_LOSS_TYPES: tuple[str, ...] = tuple(t for t in LOSS_TYPES if t != "kto_pair")
 
 
+#: f-DPO (Wang et al. 2024): the divergences TRL 1.16 offers, and the losses that admit them (the
+#: reparameterisation leaves a β·log Z(x) term that cancels only in the chosen − rejected difference)
+F_DIVERGENCES: tuple[str, ...] = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+F_DIVERGENCE_LOSSES: frozenset[str] = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust",
+                                                 "discopop", "sft"})
+
+
+def f_divergence_scores(logratios: Tensor, divergence: str, alpha: float = 0.5) -> Tensor:
+    """f′(π/π_ref) evaluated at the log-ratio ρ = log π − log π_ref (f-DPO, Wang et al. 2024, Table 1), as TRL:
+    reverse KL ρ; forward KL 1 − e^(−ρ); JS log 2 + log σ(ρ); α-divergence (e^((α−1)ρ) − 1)/(α − 1) (→ ρ as α → 1;
+    the exponent is clamped at 80 in float32 and bfloat16, 11 in float16, as TRL does)."""
+    if divergence == "reverse_kl":
+        return logratios
+    if divergence == "forward_kl":
+        return 1 - torch.exp(-logratios)
+    if divergence == "js_divergence":
+        return math.log(2) + F.logsigmoid(logratios)
+    if divergence == "alpha_divergence":
+        if abs(alpha - 1.0) < 1e-6:
+            return logratios
+        t = (alpha - 1.0) * logratios
+        limit = {torch.float16: 11.0}.get(t.dtype, 80.0)
+        return (torch.exp(torch.clamp(t.float(), max=limit)) - 1.0).to(t.dtype) / (alpha - 1.0)
+    raise ValueError(f"f_divergence_type {divergence!r}: choose one of {', '.join(F_DIVERGENCES)}")
+
+
 def preference_loss(
     chosen_logps: Tensor,
     rejected_logps: Tensor,
@@ -227,6 +253,8 @@ def preference_loss(
     chosen_lengths: Tensor | None = None,
     rejected_lengths: Tensor | None = None,
     discopop_tau: float = 0.05,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
 ) -> Tensor:
     """Per-pair losses, shape [n], for one of :data:`LOSS_TYPES`.
 
@@ -238,6 +266,8 @@ def preference_loss(
         label_smoothing: the flip rate ε of ``robust``, the ε of ``exo_pair``, the smoothing of ``aot*``.
         chosen_lengths, rejected_lengths: completion token counts, required by ``ipo`` and ``sigmoid_norm``.
         discopop_tau: the temperature τ of ``discopop``.
+        f_divergence_type, f_alpha_divergence_coef: f-DPO: the log-ratios enter the loss through
+            :func:`f_divergence_scores` (reverse_kl = DPO); only :data:`F_DIVERGENCE_LOSSES` admit another one.
     """
     try:
         fn = LOSSES[loss_type]
@@ -254,6 +284,16 @@ def preference_loss(
         beta = beta.to(chosen_logps.dtype)
     pairs = PairLogps(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                       chosen_lengths, rejected_lengths)
+    if f_divergence_type != "reverse_kl":
+        if loss_type not in F_DIVERGENCE_LOSSES:
+            raise ValueError(f"f_divergence_type={f_divergence_type!r} works with the losses built on the chosen − "
+                             f"rejected difference only ({', '.join(sorted(F_DIVERGENCE_LOSSES))}), not {loss_type!r}")
+        if loss_type != "sft":  # the SFT term reads the policy's log-probs, not the log-ratios
+            zeros = torch.zeros_like(chosen_logps)
+            pairs = PairLogps(f_divergence_scores(pairs.chosen_logratios, f_divergence_type, f_alpha_divergence_coef),
+                              f_divergence_scores(pairs.rejected_logratios, f_divergence_type,
+                                                  f_alpha_divergence_coef),
+                              zeros, zeros, chosen_lengths, rejected_lengths)
     return fn(pairs, beta, label_smoothing=label_smoothing, discopop_tau=discopop_tau)
 
 

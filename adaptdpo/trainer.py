@@ -28,12 +28,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from .checkpointing import CHECKPOINT_STATE_FILE, atomic_torch_save, mark_checkpoint_complete
 from .config import AdaptiveDPOConfig
 from .data import PreferenceCollator, batch_to, pairs_in_batch
-from .logprobs import branch_pooling_masks, sequence_logps, supports_shared_prompt
+from .logprobs import branch_pooling_masks, sequence_logps, supports_shared_prompt, unwrap
 from .losses import BATCH_COUPLED_LOSSES, combined_preference_loss
 from .methods import build_step_policy
 from .modeling import disable_dropout
@@ -76,6 +76,37 @@ def model_files_only() -> Any:
         yield
     finally:
         trainer_module.hf_api = original
+
+
+#: TR-DPO's moving reference, saved with every checkpoint (sync_ref_model)
+REFERENCE_STATE_FILE = "reference_model.safetensors"
+
+
+def save_reference(reference: torch.nn.Module, path: str) -> None:
+    from safetensors.torch import save_model
+
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_model(unwrap(reference), tmp)
+    os.replace(tmp, path)
+
+
+class ReferenceSyncCallback(TrainerCallback):
+    """TR-DPO (Gorbatovski et al. 2024, Eq. 4, soft update): every ``ref_model_sync_steps`` optimizer steps,
+    π_ref ← α·π_θ + (1 − α)·π_ref with α = ``ref_model_mixup_alpha``, as TRL's SyncRefModelCallback. Every rank
+    holds the same policy after the step, so every rank's reference stays identical."""
+
+    def __init__(self, trainer: Any):
+        self.trainer = trainer
+
+    @torch.no_grad()
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step % args.ref_model_sync_steps != 0:
+            return
+        policy = unwrap(self.trainer.accelerator.unwrap_model(self.trainer.model))
+        reference = unwrap(self.trainer.ref_model)
+        alpha = args.ref_model_mixup_alpha
+        for ref_param, param in zip(reference.parameters(), policy.parameters(), strict=True):
+            ref_param.mul_(1.0 - alpha).add_(param.to(ref_param.dtype), alpha=alpha)
 
 
 class TrainingStalledError(RuntimeError):
@@ -172,6 +203,11 @@ class AdaptiveDPOTrainer(Trainer):
         elif not self.peft_reference and args.sams_pretrain == "none":
             raise ValueError("AdaptiveDPOTrainer needs a reference: pass ref_model (a frozen copy of the initial "
                              "policy), set precompute_ref_log_probs, or train a PEFT adapter")
+        if args.sync_ref_model:
+            if self.ref_model is None:
+                raise ValueError("sync_ref_model (TR-DPO) needs a separate reference model: not with a PEFT adapter's "
+                                 "base or precomputed reference log-probs")
+            self.add_callback(ReferenceSyncCallback(self))
 
     @staticmethod
     def _use_shared_prompt(args: AdaptiveDPOConfig, model: torch.nn.Module, ref_model: torch.nn.Module | None) -> bool:
@@ -377,7 +413,9 @@ class AdaptiveDPOTrainer(Trainer):
             keep = None
         losses = combined_preference_loss(*pairs[:4], beta, self.args.loss_type, self.args.loss_weights,
                                           label_smoothing=self.args.label_smoothing, chosen_lengths=pairs[4],
-                                          rejected_lengths=pairs[5], discopop_tau=self.args.discopop_tau)
+                                          rejected_lengths=pairs[5], discopop_tau=self.args.discopop_tau,
+                                          f_divergence_type=self.args.f_divergence_type,
+                                          f_alpha_divergence_coef=self.args.f_alpha_divergence_coef)
         weights = torch.ones_like(losses) if keep is None else keep.to(losses.dtype)
         loss = self._reduce(losses * weights, weights, training, num_items_in_batch)
         self._record_metrics(mode, chosen_logps, rejected_logps, ref_chosen, ref_rejected, plan, gathered)
@@ -612,6 +650,8 @@ class AdaptiveDPOTrainer(Trainer):
         if self.args.should_save:
             atomic_torch_save({"step_policy": self.step_policy.state_dict(), "run_totals": totals},
                               os.path.join(folder, CHECKPOINT_STATE_FILE))
+            if self.args.sync_ref_model:  # TR-DPO: the reference has moved; resume must start from where it is
+                save_reference(self.ref_model, os.path.join(folder, REFERENCE_STATE_FILE))
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             mark_checkpoint_complete(folder)
@@ -644,3 +684,8 @@ class AdaptiveDPOTrainer(Trainer):
             state = torch.load(path, weights_only=False)
             self.step_policy.load_state_dict(state["step_policy"])
             self.run_totals = dict(state.get("run_totals", self.run_totals))
+        reference_state = os.path.join(resume_from_checkpoint, REFERENCE_STATE_FILE)
+        if self.args.sync_ref_model and os.path.exists(reference_state):
+            from safetensors.torch import load_model
+
+            load_model(unwrap(self.ref_model), reference_state)

@@ -16,7 +16,7 @@ import time
 
 import pytest
 import torch
-from helpers import ROOT, base_argv, final_params, run_cli, train_in_process, write_small_dataset
+from helpers import ROOT, base_argv, final_params, run_cli, train_in_process, train_logs, write_small_dataset
 from transformers import TrainerCallback
 
 from adaptdpo.checkpointing import atomic_write_text, usable_checkpoint, verify_checkpoint
@@ -544,3 +544,22 @@ def test_sams_scheduler_on_cuda_with_a_cpu_pool():
     assert mask.device.type == "cuda" and len(scheduler.pool) == 4
     assert all(entry.contexts.device.type == "cpu" for entry in scheduler.pool)
 
+
+
+def test_tr_dpo_moving_reference_resumes_exactly(small, tmp_path):
+    """TR-DPO's reference changes during training: a run killed after step 3 and resumed from checkpoint 2 ends
+    with the same weights as the uninterrupted run (the reference is saved with every checkpoint)."""
+    data, tok = small
+    common = dict(max_steps=5, save_strategy="steps", save_steps=2, sync_ref_model="true", ref_model_sync_steps=1,
+                  ref_model_mixup_alpha=0.5)
+    whole, crashed = str(tmp_path / "whole"), str(tmp_path / "crashed")
+    train_in_process(base_argv(data, tok, whole, **common))
+    crashed_run(base_argv(data, tok, crashed, **common), 3)
+    assert os.path.exists(os.path.join(crashed, "checkpoint-2", "reference_model.safetensors"))
+    summary = train_in_process(base_argv(data, tok, crashed, **common))
+    assert summary["resumed_from"].endswith("checkpoint-2")
+    a, b = final_params(whole), final_params(crashed)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    losses = [r["loss"] for r in train_logs(whole)], [r["loss"] for r in train_logs(crashed)]
+    assert losses[0] == losses[1]

@@ -92,7 +92,6 @@ def test_a_trl_config_object_is_mapped_field_by_field(model_dir, tmp_path):
                                     loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]))
     assert (rpo.loss_type, rpo.loss_weights) == (["sigmoid", "sft"], [1.0, 0.5])
     for kwargs, named in (({"use_weighting": True}, "use_weighting"), ({"ld_alpha": 0.5}, "ld_alpha"),
-                          ({"sync_ref_model": True}, "sync_ref_model"),
                           ({"model_init_kwargs": {"revision": "main"}}, "revision")):
         with pytest.raises(ValueError, match=named):
             from_trl_config(TRLConfig(output_dir=str(tmp_path / "r"), report_to="none", use_cpu=True, **kwargs))
@@ -217,3 +216,36 @@ def test_push_to_hub_uploads_the_model_not_the_run_directory(model_dir, tmp_path
                            "ref_logps/train-x.pt"}
     card = (out / "README.md").read_text()
     assert "- beta-dpo" in card and "| `beta_dpo_alpha` | 0.6 |" in card and "wu2024beta" in card
+
+
+def test_tr_dpo_reference_updates_match_trl(model_dir, tmp_path):
+    """TR-DPO: after 3 steps with a reference update after every step (α 0.5), the reference and the policy equal
+    TRL's (to 1e-5: Adam turns the float reassociation of our packed layout into ~1e-6 at lr 1e-3; the reference
+    moves by ~1.5e-3, so a wrong update could not pass)."""
+    import torch
+    from datasets import Dataset
+    from trl import DPOConfig as TRLConfig
+    from trl import DPOTrainer as TRLTrainer
+
+    from adaptdpo import DPOConfig, DPOTrainer
+
+    trainers = {}
+    for name, trainer_cls, config_cls in (("trl", TRLTrainer, TRLConfig), ("ours", DPOTrainer, DPOConfig)):
+        args = config_cls(output_dir=str(tmp_path / name), per_device_train_batch_size=8, max_steps=3,
+                          learning_rate=1e-3, report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False,
+                          seed=0, save_strategy="no", sync_ref_model=True, ref_model_sync_steps=1,
+                          ref_model_mixup_alpha=0.5)
+        trainer = trainer_cls(model=model_dir, args=args, train_dataset=Dataset.from_list(STANDARD))
+        trainer.train()
+        trainers[name] = trainer
+    initial = trainers["ours"].model.__class__.from_pretrained(model_dir)
+    moved = False
+    for (name, ours), (_, theirs), (_, start) in zip(trainers["ours"].ref_model.named_parameters(),
+                                                    trainers["trl"].ref_model.named_parameters(),
+                                                    initial.named_parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5, msg=name)
+        moved |= bool((ours - start).abs().max() > 1e-4)
+    assert moved  # the reference did move away from the initial model
+    for (name, ours), (_, theirs) in zip(trainers["ours"].model.named_parameters(),
+                                         trainers["trl"].model.named_parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5, msg=name)

@@ -4,6 +4,7 @@ Same batch, same policy and reference (two different tiny random models), both i
 """
 
 import copy
+import math
 
 import pytest
 import torch
@@ -166,3 +167,42 @@ def test_loss_list_composes_with_per_pair_beta_and_a_selection_mask(setup, tmp_p
     expected = combined_preference_loss(c[k], r[k], rc[k], rr[k], beta[k], ["sigmoid", "sft"], [1.0, 0.5],
                                         chosen_lengths=lc[k], rejected_lengths=lr[k]).sum() / 4
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "js_divergence", "alpha_divergence"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "robust"])
+def test_f_divergences_match_trl(setup, divergence, loss_type, tmp_path):
+    from trl import DPOConfig, DPOTrainer
+
+    policy, reference, batch, text, tokenizer = setup
+    smoothing = 0.1 if loss_type == "robust" else 0.0
+    settings = dict(beta=0.3, loss_type=[loss_type], f_divergence_type=divergence, f_alpha_divergence_coef=0.3,
+                    label_smoothing=smoothing)
+    theirs = DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), train_dataset=text,
+                        processing_class=tokenizer,
+                        args=DPOConfig(output_dir=str(tmp_path / "trl"), report_to="none", bf16=False, use_cpu=True,
+                                       gradient_checkpointing=False, max_length=None, **settings))
+    theirs.model.train()
+    expected = theirs._compute_loss(theirs.model, dict(batch), False)
+    ours = AdaptiveDPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference),
+                              processing_class=tokenizer,
+                              args=AdaptiveDPOConfig(output_dir=str(tmp_path / "o"), use_cpu=True, **settings))
+    ours.model.train()
+    loss = ours.compute_loss(ours.model, dict(batch), num_items_in_batch=torch.tensor(6))
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5, rel=1e-5)
+    with pytest.raises(ValueError, match="chosen − rejected difference"):
+        AdaptiveDPOConfig(output_dir=str(tmp_path / "x"), loss_type="bco_pair", f_divergence_type=divergence)
+
+
+def test_f_divergence_scores_by_hand():
+    from adaptdpo.losses import f_divergence_scores
+
+    rho = torch.tensor([0.5, -1.0])
+    assert f_divergence_scores(rho, "reverse_kl").tolist() == pytest.approx([0.5, -1.0])
+    assert f_divergence_scores(rho, "forward_kl").tolist() == pytest.approx([1 - math.exp(-0.5), 1 - math.exp(1.0)])
+    assert f_divergence_scores(rho, "js_divergence").tolist() == pytest.approx(
+        [math.log(2) + math.log(1 / (1 + math.exp(-0.5))), math.log(2) + math.log(1 / (1 + math.exp(1.0)))])
+    a = 0.3
+    assert f_divergence_scores(rho, "alpha_divergence", a).tolist() == pytest.approx(
+        [(math.exp((a - 1) * 0.5) - 1) / (a - 1), (math.exp((a - 1) * -1.0) - 1) / (a - 1)])
+    assert f_divergence_scores(rho, "alpha_divergence", 1.0).tolist() == pytest.approx([0.5, -1.0])
