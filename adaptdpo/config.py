@@ -111,6 +111,11 @@ class AdaptiveDPOConfig(TrainingArguments):
                                 "the chosen − rejected difference (sigmoid, sigmoid_norm, hinge, ipo, exo_pair, "
                                 "robust, discopop, sft).", choices=F_DIVERGENCES)
     f_alpha_divergence_coef: float = _f(0.5, "α of f_divergence_type alpha_divergence.")
+    use_weighting: bool = _f(False, "WPO (Zhou et al. 2024): weight each pair's loss by the policy's "
+                             "length-normalised, aligned probabilities of its two completions (detached), as TRL.")
+    ld_alpha: float | None = _f(None, "LD-DPO (Liu et al. 2024): completion tokens beyond the pair's shared length "
+                                "count with weight α in the log-probs of policy and reference (1 = DPO, 0 = ignored); "
+                                "None = off.")
     sync_ref_model: bool = _f(False, "TR-DPO (Gorbatovski et al. 2024): every ref_model_sync_steps optimizer steps the "
                               "reference becomes α·policy + (1 − α)·reference (α = ref_model_mixup_alpha); saved with "
                               "every checkpoint. Needs a separate reference (not PEFT, not precomputed log-probs).")
@@ -230,6 +235,11 @@ class AdaptiveDPOConfig(TrainingArguments):
             raise ValueError(f"f_divergence_type={self.f_divergence_type} works with the losses built on the chosen − "
                              f"rejected difference only ({', '.join(sorted(F_DIVERGENCE_LOSSES))}); loss_type is "
                              f"{self.loss_type}")
+        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
+            raise ValueError(f"ld_alpha must be in [0, 1] (or unset), got {self.ld_alpha}")
+        if self.use_weighting and set(self.loss_type) & {"aot", "aot_unpaired"}:
+            raise ValueError("use_weighting (WPO) cannot be used with aot / aot_unpaired: they sort the batch, so "
+                             "per-pair weights would not line up (as in TRL)")
         if self.sync_ref_model and (self.use_peft or self.precompute_ref_log_probs):
             raise ValueError("sync_ref_model (TR-DPO) updates a separate reference model: it cannot be used with "
                              "use_peft (the reference is the adapter-disabled policy) or precompute_ref_log_probs")

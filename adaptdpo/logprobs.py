@@ -41,6 +41,25 @@ def token_statistics(logits: Tensor, labels: Tensor, rows_per_chunk: int = 8) ->
     return entropy, mean_logit, top1
 
 
+@torch.no_grad()
+def log_sum_squared_probs(logits: Tensor, rows_per_chunk: int = 8) -> Tensor:
+    """log Σ_v p_v² per position (WPO's alignment term, Zhou et al. 2024, Eq. 2), detached, in float32."""
+    out = torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device)
+    for start in range(0, logits.shape[0], rows_per_chunk):
+        log_p = torch.log_softmax(logits[start : start + rows_per_chunk].detach().float(), dim=-1)
+        out[start : start + rows_per_chunk] = torch.logsumexp(2 * log_p, dim=-1)
+    return out
+
+
+def ld_weights(positions: Tensor, shared: Tensor, alpha: float | None) -> Tensor:
+    """LD-DPO (Liu et al. 2024): weight 1 for a completion token within the pair's shared length (the shorter
+    completion's), α beyond it (α = 1: DPO; α = 0: the tail is ignored). ``positions``: the token's index in its
+    completion; ``shared``: that length, broadcastable."""
+    if alpha is None:
+        return torch.ones_like(positions, dtype=torch.float32)
+    return torch.where(positions < shared, 1.0, float(alpha))
+
+
 @dataclass
 class TokenStats:
     """Sums over completion tokens for TRL's token metrics (divide by the counts after gathering)."""
@@ -78,6 +97,7 @@ class SequenceLogps:
     lengths: Tensor  # [2n] completion token counts
     outputs: Any  # the model output (hidden states when requested)
     stats: TokenStats | None = None  # TRL's token metrics, when asked for
+    wpo_mean: Tensor | None = None  # [2n] WPO: mean of log p − log Σp² over each completion's tokens (detached)
 
     def split(self) -> tuple[Tensor, Tensor]:
         return self.logps.chunk(2, dim=0)
@@ -149,8 +169,9 @@ def branch_attention_mask(segments: Tensor, dtype: torch.dtype, boolean: bool) -
     return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def packed_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor],
-                          output_hidden_states: bool = False, token_stats: bool = False) -> SequenceLogps:
+def packed_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], output_hidden_states: bool = False,
+                          token_stats: bool = False, ld_alpha: float | None = None,
+                          wpo: bool = False) -> SequenceLogps:
     """The shared-prompt forward: one row [prompt, chosen, rejected] per pair, the prompt encoded once.
 
     Exact against the stacked layout up to floating-point reassociation (tested): the chosen branch sees
@@ -171,25 +192,37 @@ def packed_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor],
     start = width - keep
     per_token = selective_log_softmax(logits[:, :-1], ids[:, start + 1:])  # predicts position t+1 from t
     nxt, cur = segments[:, start + 1:], segments[:, start:-1]
-    chosen = (per_token * (nxt == CHOSEN)).sum(dim=-1)
-    rejected = (per_token * ((nxt == REJECTED) & (cur == REJECTED))).sum(dim=-1)
-    # the first rejected token is predicted from the last prompt position (not from the last chosen token)
+    in_chosen, in_rejected = nxt == CHOSEN, (nxt == REJECTED) & (cur == REJECTED)
     prompt_len = (segments == PROMPT).sum(dim=1)
     chosen_len = (segments == CHOSEN).sum(dim=1)
+    rejected_len = (segments == REJECTED).sum(dim=1)
+    shared = torch.minimum(chosen_len, rejected_len)[:, None]
+    # a token's index in its completion: chosen from 0; rejected from 1 (its first token is scored below)
+    chosen_w = ld_weights(in_chosen.cumsum(dim=1) - 1, shared, ld_alpha)
+    rejected_w = ld_weights(in_rejected.cumsum(dim=1), shared, ld_alpha)
+    chosen = (per_token * in_chosen * chosen_w).sum(dim=-1)
+    rejected = (per_token * in_rejected * rejected_w).sum(dim=-1)
+    # the first rejected token is predicted from the last prompt position (not from the last chosen token)
     rows = torch.arange(ids.shape[0], device=ids.device)
     last_prompt = logits[rows, prompt_len - 1 - start].float()
     first_rejected = ids[rows, prompt_len + chosen_len]
-    rejected = rejected + (last_prompt.gather(-1, first_rejected[:, None]).squeeze(-1)
-                           - torch.logsumexp(last_prompt, dim=-1))
+    first_logp = last_prompt.gather(-1, first_rejected[:, None]).squeeze(-1) - torch.logsumexp(last_prompt, dim=-1)
+    rejected = rejected + first_logp
+    wpo_mean = None
+    if wpo:
+        aligned = per_token.detach() - log_sum_squared_probs(logits[:, :-1])
+        first = first_logp.detach() - log_sum_squared_probs(last_prompt)
+        wpo_mean = torch.cat([(aligned * in_chosen).sum(dim=-1) / chosen_len.clamp(min=1),
+                              ((aligned * in_rejected).sum(dim=-1) + first) / rejected_len.clamp(min=1)])
     stats = None
     if token_stats:
-        in_rejected = (nxt == REJECTED) & (cur == REJECTED)
-        stats = TokenStats.of(logits[:, :-1], ids[:, start + 1:], nxt == CHOSEN, in_rejected)
+        stats = TokenStats.of(logits[:, :-1], ids[:, start + 1:], in_chosen, in_rejected)
         first = torch.ones_like(first_rejected[:, None], dtype=torch.bool)
         stats = stats + TokenStats.of(last_prompt[:, None], first_rejected[:, None], ~first, first)
     outputs.logits = None
-    lengths = torch.cat([chosen_len, (segments == REJECTED).sum(dim=1)])
-    return SequenceLogps(logps=torch.cat([chosen, rejected]), lengths=lengths, outputs=outputs, stats=stats)
+    lengths = torch.cat([chosen_len, rejected_len])
+    return SequenceLogps(logps=torch.cat([chosen, rejected]), lengths=lengths, outputs=outputs, stats=stats,
+                         wpo_mean=wpo_mean)
 
 
 def branch_pooling_masks(segments: Tensor) -> Tensor:
@@ -198,8 +231,8 @@ def branch_pooling_masks(segments: Tensor) -> Tensor:
     return torch.cat([prompt | (segments == CHOSEN), prompt | (segments == REJECTED)]).long()
 
 
-def sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor],
-                   output_hidden_states: bool = False, token_stats: bool = False) -> SequenceLogps:
+def sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], output_hidden_states: bool = False,
+                   token_stats: bool = False, ld_alpha: float | None = None, wpo: bool = False) -> SequenceLogps:
     """Forward ``batch`` and sum log π(token) over the completion tokens of every row.
 
     A packed batch (``segment_ids`` present, see :class:`adaptdpo.data.PreferenceCollator`) goes through
@@ -209,10 +242,12 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor],
     tokens (``logits_to_keep``), not the whole sequence: the same numbers, less LM-head work and memory.
 
     ``token_stats``: also the sums behind TRL's ``entropy``, ``logits/chosen|rejected`` and
-    ``mean_token_accuracy`` over the completion tokens (:class:`TokenStats`, detached).
+    ``mean_token_accuracy`` over the completion tokens (:class:`TokenStats`, detached). ``ld_alpha``: LD-DPO's
+    weighting of the tokens beyond the pair's shared length (:func:`ld_weights`). ``wpo``: also WPO's per-sequence
+    mean aligned log-prob (``wpo_mean``).
     """
     if "segment_ids" in batch:
-        return packed_sequence_logps(model, batch, output_hidden_states, token_stats)
+        return packed_sequence_logps(model, batch, output_hidden_states, token_stats, ld_alpha, wpo)
     width = batch["input_ids"].shape[1]
     keep = completion_window(batch) if accepts_logits_to_keep(model) else width
     kwargs = {"logits_to_keep": keep} if keep < width else {}
@@ -222,8 +257,17 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor],
     labels = batch["input_ids"][:, start:]
     mask = batch["completion_mask"][:, start:].to(torch.float32)
     per_token = selective_log_softmax(outputs.logits[:, -keep:-1], labels)
-    logps = (per_token * mask).sum(dim=-1)
     lengths = batch["completion_mask"].sum(dim=-1)
+    weights = mask
+    if ld_alpha is not None:
+        n = mask.shape[0] // 2
+        shared = torch.minimum(lengths[:n], lengths[n:]).repeat(2)[:, None]
+        weights = mask * ld_weights(mask.cumsum(dim=1) - 1, shared, ld_alpha)
+    logps = (per_token * weights).sum(dim=-1)
+    wpo_mean = None
+    if wpo:
+        aligned = per_token.detach() - log_sum_squared_probs(outputs.logits[:, -keep:-1])
+        wpo_mean = (aligned * mask).sum(dim=-1) / lengths.clamp(min=1)
     stats = None
     if token_stats:
         in_completion = mask.bool()
@@ -231,4 +275,4 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor],
         stats = TokenStats.of(outputs.logits[:, -keep:-1], labels, in_completion & is_chosen,
                               in_completion & ~is_chosen)
     outputs.logits = None  # free the full logits early; nothing downstream needs them
-    return SequenceLogps(logps=logps, lengths=lengths, outputs=outputs, stats=stats)
+    return SequenceLogps(logps=logps, lengths=lengths, outputs=outputs, stats=stats, wpo_mean=wpo_mean)

@@ -235,7 +235,7 @@ class AdaptiveDPOTrainer(Trainer):
             return batch["ref_chosen_logps"], batch["ref_rejected_logps"], None
         model = self.ref_model if self.ref_model is not None else self.model
         with self._reference_context(), self.compute_loss_context_manager():
-            out = sequence_logps(model, batch, output_hidden_states=output_hidden_states)
+            out = sequence_logps(model, batch, output_hidden_states=output_hidden_states, ld_alpha=self.args.ld_alpha)
         return *out.split(), out.outputs
 
     def _reference_fingerprint(self, reference: torch.nn.Module, dataset: Any) -> str:
@@ -248,6 +248,7 @@ class AdaptiveDPOTrainer(Trainer):
         for param in params[:: max(1, len(params) // 8)]:
             h.update(param.detach().float().cpu().numpy().tobytes())
         h.update(str(self.peft_reference).encode())
+        h.update(f"ld_alpha={self.args.ld_alpha}".encode())  # LD-DPO weights the reference's tokens too
         return h.hexdigest()[:20]
 
     def _with_reference_logps(self, reference: torch.nn.Module, dataset: Any, name: str) -> Any:
@@ -284,7 +285,7 @@ class AdaptiveDPOTrainer(Trainer):
         with context:
             for batch in loader:
                 batch = batch_to(batch, device)
-                c, r = sequence_logps(reference, batch).split()
+                c, r = sequence_logps(reference, batch, ld_alpha=self.args.ld_alpha).split()
                 chosen.append(c.float().cpu())
                 rejected.append(r.float().cpu())
         reference.train(was_training)
@@ -375,7 +376,8 @@ class AdaptiveDPOTrainer(Trainer):
         # subset mode: this forward only scores the pairs; the gradient comes from a second, smaller one
         with torch.no_grad() if subset else contextlib.nullcontext():
             policy = sequence_logps(model, inputs, output_hidden_states=context_source == "policy",
-                                    token_stats=self.args.token_metrics)
+                                    token_stats=self.args.token_metrics, ld_alpha=self.args.ld_alpha,
+                                    wpo=self.args.use_weighting)
         chosen_logps, rejected_logps = policy.split()
         chosen_lengths, rejected_lengths = policy.lengths.chunk(2, dim=0)
         ref_chosen, ref_rejected, ref_outputs = self.reference_logps(
@@ -402,6 +404,9 @@ class AdaptiveDPOTrainer(Trainer):
         if beta.dim() == 1:
             beta = beta[mine]
         pairs = [chosen_logps, rejected_logps, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths]
+        if self.args.use_weighting:  # WPO (Zhou et al. 2024, Eq. 2): w = exp(mean aligned log p)(y_w)·(same)(y_l)
+            chosen_wpo, rejected_wpo = policy.wpo_mean.chunk(2, dim=0)
+            pairs.append(torch.exp(chosen_wpo + rejected_wpo).to(chosen_logps.dtype))
         keep = None if plan.train_mask is None else plan.train_mask[mine].to(chosen_logps.device)
         if subset:
             pairs, beta, keep = self._subset_forward(model, inputs, pairs, beta, keep)
@@ -416,6 +421,8 @@ class AdaptiveDPOTrainer(Trainer):
                                           rejected_lengths=pairs[5], discopop_tau=self.args.discopop_tau,
                                           f_divergence_type=self.args.f_divergence_type,
                                           f_alpha_divergence_coef=self.args.f_alpha_divergence_coef)
+        if self.args.use_weighting:
+            losses = losses * pairs[6]
         weights = torch.ones_like(losses) if keep is None else keep.to(losses.dtype)
         loss = self._reduce(losses * weights, weights, training, num_items_in_batch)
         self._record_metrics(mode, chosen_logps, rejected_logps, ref_chosen, ref_rejected, plan, gathered)
@@ -450,7 +457,7 @@ class AdaptiveDPOTrainer(Trainer):
             sub = {k: inputs[k][rows] for k in ("input_ids", "attention_mask", "completion_mask")}
         width = int(sub["attention_mask"].sum(dim=1).max())  # right padding: drop columns no kept row uses
         sub = {k: v[:, :width] for k, v in sub.items()}
-        chosen, rejected = sequence_logps(model, sub).split()
+        chosen, rejected = sequence_logps(model, sub, ld_alpha=self.args.ld_alpha).split()
         rest = [t[index] for t in pairs[2:]]
         return [chosen, rejected, *rest], beta[index] if beta.dim() == 1 else beta, weights
 

@@ -91,7 +91,8 @@ def test_a_trl_config_object_is_mapped_field_by_field(model_dir, tmp_path):
     rpo = from_trl_config(TRLConfig(output_dir=str(tmp_path / "r"), report_to="none", use_cpu=True,
                                     loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]))
     assert (rpo.loss_type, rpo.loss_weights) == (["sigmoid", "sft"], [1.0, 0.5])
-    for kwargs, named in (({"use_weighting": True}, "use_weighting"), ({"ld_alpha": 0.5}, "ld_alpha"),
+    for kwargs, named in (({"trust_remote_code": True}, "trust_remote_code"),
+                          ({"activation_offloading": True}, "activation_offloading"),
                           ({"model_init_kwargs": {"revision": "main"}}, "revision")):
         with pytest.raises(ValueError, match=named):
             from_trl_config(TRLConfig(output_dir=str(tmp_path / "r"), report_to="none", use_cpu=True, **kwargs))

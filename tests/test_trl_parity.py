@@ -206,3 +206,46 @@ def test_f_divergence_scores_by_hand():
     assert f_divergence_scores(rho, "alpha_divergence", a).tolist() == pytest.approx(
         [(math.exp((a - 1) * 0.5) - 1) / (a - 1), (math.exp((a - 1) * -1.0) - 1) / (a - 1)])
     assert f_divergence_scores(rho, "alpha_divergence", 1.0).tolist() == pytest.approx([0.5, -1.0])
+
+
+@pytest.mark.parametrize("settings", [{"use_weighting": True}, {"ld_alpha": 0.5}, {"ld_alpha": 0.0},
+                                      # (TRL 1.16's WPO scales each loss in place: with sft or hinge its backward
+                                      # fails; sigmoid and ipo are safe there)
+                                      {"use_weighting": True, "ld_alpha": 0.3, "loss_type": ["sigmoid", "ipo"],
+                                       "loss_weights": [1.0, 0.5]}],
+                         ids=["wpo", "ld-0.5", "ld-0", "wpo+ld+two-losses"])
+@pytest.mark.parametrize("layout", ["stacked", "packed"])
+def test_wpo_and_ld_dpo_match_trl(setup, settings, layout, tmp_path, hh_rows):
+    """WPO's pair weights and LD-DPO's length-desensitised log-probs: loss, gradients and metrics equal TRL's,
+    in TRL's stacked layout and in our shared-prompt one."""
+    from trl import DPOConfig, DPOTrainer
+
+    from adaptdpo.data import PreferenceCollator, tokenize_rows
+
+    policy, reference, batch, text, tokenizer = setup
+    theirs = DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), train_dataset=text,
+                        processing_class=tokenizer,
+                        args=DPOConfig(output_dir=str(tmp_path / "trl"), report_to="none", bf16=False, use_cpu=True,
+                                       gradient_checkpointing=False, max_length=None, beta=0.2, **settings))
+    theirs.model.train()
+    expected = theirs._compute_loss(theirs.model, dict(batch), False)
+    expected.backward()
+    trl_metrics = {k: float(v[-1]) for k, v in theirs._metrics["train"].items()}
+    ours = AdaptiveDPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference),
+                              processing_class=tokenizer,
+                              args=AdaptiveDPOConfig(output_dir=str(tmp_path / "o"), use_cpu=True, beta=0.2,
+                                                     trace_pairs=False, **settings))
+    ours.model.train()
+    ours_batch = dict(batch)
+    if layout == "packed":
+        examples, _ = tokenize_rows(hh_rows[:6], tokenizer, max_length=96, max_prompt_length=48)
+        ours_batch = PreferenceCollator(tokenizer.pad_token_id, shared_prompt=True)(examples)
+        ours_batch.pop("pair_id")
+    loss = ours.compute_loss(ours.model, ours_batch, num_items_in_batch=torch.tensor(6))
+    loss.backward()
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5, rel=1e-5)
+    ours_metrics = {k: float(v[-1]) for k, v in ours._metrics["train"].items()}
+    for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+        assert ours_metrics[key] == pytest.approx(trl_metrics[key], abs=1e-4, rel=1e-5), key
+    for (name, a), (_, b) in zip(ours.model.named_parameters(), theirs.model.named_parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-4, msg=name)
