@@ -81,6 +81,9 @@ class AdaptiveDPOConfig(TrainingArguments):
                                 "(prompt first, keeping its end; then completions, keeping their start).")
     max_prompt_length: int | None = _f(None, "Prompt tokens kept when a pair is too long; default max_length/2.")
     pad_to_multiple_of: int | None = _f(None, "Pad batches to a multiple of this length.")
+    dataset_num_proc: int | None = _f(None, "Processes for tokenising the data (datasets' Dataset.map); the result is "
+                                      "cached by content under $ADAPTDPO_CACHE/tokenized (default "
+                                      "~/.cache/adaptdpo/tokenized) and made once by the main process.")
     # ---- data selection (Selective DPO and friends; scores from `adaptdpo audit`, docs/audit.md)
     pair_selection: str = _f("all", "Which pairs to train on, from per-pair difficulty scores (pair_scores_file): "
                              "all; easiest (Selective DPO: the pair_keep_ratio share with the lowest cross-fitted "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 import math
@@ -24,7 +25,7 @@ from .checkpointing import (
     verify_checkpoint,
 )
 from .config import AdaptiveDPOConfig
-from .data import LoadReport, load_preference_rows, text_row_as_messages, tokenize_rows
+from .data import LoadReport, load_preference_rows, text_row_as_messages
 from .modeling import (
     TINY_PRESETS,
     build_tiny_model,
@@ -54,6 +55,7 @@ from .run_dir import (
     write_config,
 )
 from .run_lock import RunLock
+from .tokenization import tokenize_dataset
 from .trainer import AdaptiveDPOTrainer
 
 logger = logging.getLogger("adaptdpo")
@@ -310,7 +312,6 @@ def run_training(config: AdaptiveDPOConfig, extra_callbacks: list | None = None)
 
 
 def _run_training(config: AdaptiveDPOConfig, extra_callbacks: list | None) -> dict[str, Any]:
-    from datasets import Dataset
     from transformers import set_seed
 
     if not config.model_name_or_path:
@@ -343,19 +344,18 @@ def _run_training(config: AdaptiveDPOConfig, extra_callbacks: list | None) -> di
     check_half_precision_updates(policy, config.learning_rate, config.allow_half_precision_updates)
     chat_rows = apply_chat_format(config, data, tokenizer)
     skip_report = (lambda i: data.reports[i]) if config.skip_invalid_rows else (lambda i: None)
-    train_examples, train_truncated = tokenize_rows(data.train_rows, tokenizer, config.max_length,
-                                                    config.max_prompt_length, config.train_file, skip_report(0))
-    train_dataset = Dataset.from_list(train_examples)
+    tokenize = functools.partial(tokenize_dataset, tokenizer=tokenizer, max_length=config.max_length,
+                                 max_prompt_length=config.max_prompt_length, num_proc=config.dataset_num_proc,
+                                 main_process_first=config.main_process_first)
+    train_dataset, train_truncated = tokenize(data.train_rows, source=config.train_file, report=skip_report(0))
     eval_dataset, eval_truncated = None, 0
     if data.eval_rows:
-        eval_examples, eval_truncated = tokenize_rows(data.eval_rows, tokenizer, config.max_length,
-                                                      config.max_prompt_length, config.eval_file or config.train_file,
-                                                      skip_report(len(data.reports) - 1))
-        eval_dataset = Dataset.from_list(eval_examples)
+        eval_dataset, eval_truncated = tokenize(data.eval_rows, source=config.eval_file or config.train_file,
+                                                report=skip_report(len(data.reports) - 1))
 
-    warn_about_short_epochs(config, len(train_examples))
+    warn_about_short_epochs(config, len(train_dataset))
     data_summary = {
-        "train_pairs": len(train_examples), "eval_pairs": len(eval_dataset) if eval_dataset is not None else 0,
+        "train_pairs": len(train_dataset), "eval_pairs": len(eval_dataset) if eval_dataset is not None else 0,
         "train_truncated_pairs": train_truncated, "eval_truncated_pairs": eval_truncated,
         "skipped_rows": sum(len(r.skipped) for r in data.reports),
         "implicit_prompt_rows": sum(r.implicit_prompt_rows for r in data.reports),

@@ -1,5 +1,6 @@
 import gzip
 import json
+import os
 
 import pytest
 import torch
@@ -197,3 +198,31 @@ def test_collator_layout_matches_trl():
     assert ours["pair_id"].tolist() == [0, 1]
     padded = PreferenceCollator(pad_token_id=0, pad_to_multiple_of=8)(examples)
     assert padded["input_ids"].shape == (4, 8)
+
+
+def test_tokenize_dataset_equals_tokenize_rows_cached_and_parallel(hh_rows, tokenizer, tmp_path, monkeypatch):
+    """Dataset.map tokenisation (1 and 2 worker processes) gives exactly tokenize_rows' pairs; a second call reads
+    the cache; a pair identical after truncation is refused by row and field, or skipped into the report."""
+    from adaptdpo.data import DataValidationError, LoadReport, tokenize_rows
+    from adaptdpo.tokenization import cache_root, tokenize_dataset
+
+    monkeypatch.setenv("ADAPTDPO_CACHE", str(tmp_path / "cache"))
+    rows = [{**r, "pair_id": i} for i, r in enumerate(hh_rows[:40])]
+    expected, expected_truncated = tokenize_rows(rows, tokenizer, 96, 48)
+    for workers in (None, 2):
+        got, truncated = tokenize_dataset(rows, tokenizer, 96, 48, "hh", num_proc=workers)
+        assert [dict(r) for r in got] == expected and truncated == expected_truncated > 0
+    entries = os.listdir(cache_root())
+    assert len(entries) == 1  # one key for the same rows and settings, whatever the number of workers
+    stamp = os.path.getmtime(os.path.join(cache_root(), entries[0]))
+    again, _ = tokenize_dataset(rows, tokenizer, 96, 48, "hh")
+    assert [dict(r) for r in again] == expected and os.path.getmtime(os.path.join(cache_root(), entries[0])) == stamp
+    tokenize_dataset(rows, tokenizer, 64, 32, "hh")
+    assert len(os.listdir(cache_root())) == 2  # other settings, another entry
+    bad = [*rows[:3], {**rows[3], "chosen": rows[3]["rejected"]}, *rows[4:6]]
+    with pytest.raises(DataValidationError, match=r"hh.*row 3.*rejected.*identical"):
+        tokenize_dataset(bad, tokenizer, 96, 48, "hh")
+    report = LoadReport(source="hh", rows_kept=6)
+    kept, _ = tokenize_dataset(bad, tokenizer, 96, 48, "hh", report=report)
+    assert [r["pair_id"] for r in kept] == [0, 1, 2, 4, 5]
+    assert [(e.row, e.field) for e in report.skipped] == [(3, "rejected")] and report.rows_kept == 5

@@ -110,7 +110,8 @@ def prepare_dataset(dataset: Any, tokenizer: Any, args: Any, name: str) -> Any:
         return {key: prepare_dataset(value, tokenizer, args, f"{name}[{key!r}]") for key, value in dataset.items()}
     if is_tokenised(dataset):
         return dataset if isinstance(dataset, datasets.Dataset) else datasets.Dataset.from_list(list(dataset))
-    from ..data import DataValidationError, normalise_row, text_row_as_messages, tokenize_rows
+    from ..data import DataValidationError, normalise_row, text_row_as_messages
+    from ..tokenization import tokenize_dataset
 
     rows = []
     kind = None
@@ -127,7 +128,8 @@ def prepare_dataset(dataset: Any, tokenizer: Any, args: Any, name: str) -> Any:
         rows.append(row)
     if not rows:
         raise ValueError(f"{name}: no rows")
-    examples, truncated = tokenize_rows(rows, tokenizer, args.max_length, args.max_prompt_length, name)
-    logger.info("%s: %d pairs tokenised (%d truncated to max_length=%s)", name, len(examples), truncated,
+    tokenised, truncated = tokenize_dataset(rows, tokenizer, args.max_length, args.max_prompt_length, name,
+                                            num_proc=args.dataset_num_proc, main_process_first=args.main_process_first)
+    logger.info("%s: %d pairs tokenised (%d truncated to max_length=%s)", name, len(tokenised), truncated,
                 args.max_length)
-    return datasets.Dataset.from_list(examples)
+    return tokenised
