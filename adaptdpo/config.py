@@ -11,7 +11,7 @@ import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
@@ -30,6 +30,8 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class AdaptiveDPOConfig(TrainingArguments):
     """Configuration of an adaptdpo run. Fields above ``output_dir`` are ours; the rest are TrainingArguments."""
+
+    _VALID_DICT_FIELDS: ClassVar[list[str]] = [*TrainingArguments._VALID_DICT_FIELDS, "model_init_kwargs"]
 
     # ---- model
     model_name_or_path: str | None = _f(None, "Required by `adaptdpo train` (as by `trl dpo`): a local folder, hub id "
@@ -57,6 +59,12 @@ class AdaptiveDPOConfig(TrainingArguments):
                           choices=("auto", "messages", "raw"))
     attn_implementation: str | None = _f(None, "Attention implementation (eager, sdpa, flash_attention_2, ...); "
                                          "default: the model's.")
+    model_init_kwargs: dict[str, Any] | str | None = _f(None, "Extra from_pretrained arguments for the policy and "
+                                                        "reference (TRL's field; a JSON object on the command "
+                                                        "line): revision, device_map, ...; its dtype / "
+                                                        "attn_implementation set those fields.")
+    model_revision: str | None = _f(None, "The model's revision (branch, tag or commit) on the hub (TRL's flag).")
+    trust_remote_code: bool = _f(False, "Allow models and tokenizers with custom code (TRL's field).")
     disable_dropout: bool = _f(True, "Set dropout to 0 in policy and reference (DPO log-probs must be "
                                "deterministic).")
     # ---- data
@@ -226,6 +234,21 @@ class AdaptiveDPOConfig(TrainingArguments):
                              and torch.cuda.is_bf16_supported())
         self._apply_trl_dataset_names()
         super().__post_init__()
+        if isinstance(self.model_init_kwargs, str):  # TrainingArguments parses JSON for _VALID_DICT_FIELDS; in case
+            import json
+
+            self.model_init_kwargs = json.loads(self.model_init_kwargs)
+        init = dict(self.model_init_kwargs or {})
+        for key in ("dtype", "torch_dtype"):
+            if key in init:
+                self.dtype = str(init.pop(key)).replace("torch.", "")
+        if "attn_implementation" in init:
+            self.attn_implementation = init.pop("attn_implementation")
+        if "revision" in init:
+            self.model_revision = init.pop("revision")
+        if "trust_remote_code" in init:
+            self.trust_remote_code = bool(init.pop("trust_remote_code"))
+        self.model_init_kwargs = init or None
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}: choose one of {METHODS}")
         if isinstance(self.loss_type, str):  # YAML or Python: one name, or names separated by commas or spaces
@@ -310,6 +333,15 @@ class AdaptiveDPOConfig(TrainingArguments):
             self.eval_split = self.dataset_test_split
             if self.eval_file is None:
                 self.eval_file = self.train_file
+
+    def from_pretrained_kwargs(self) -> dict[str, Any]:
+        """What from_pretrained gets besides dtype and attention: model_init_kwargs, revision, trust_remote_code."""
+        out = dict(self.model_init_kwargs or {})
+        if self.model_revision:
+            out["revision"] = self.model_revision
+        if self.trust_remote_code:
+            out["trust_remote_code"] = True
+        return out
 
     @property
     def resolved_pair_order(self) -> str:
@@ -470,6 +502,8 @@ def config_reference_markdown() -> str:
     lines = ["| field | default | meaning |", "|---|---|---|"]
     fields = {f.name: f for f in dataclasses.fields(AdaptiveDPOConfig)}
     for name in AdaptiveDPOConfig.__annotations__:  # ours first, then the TrainingArguments defaults we change
+        if name not in fields:  # class variables
+            continue
         f = fields[name]
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)

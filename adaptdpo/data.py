@@ -232,8 +232,19 @@ def _check_messages(value: Any, name: str, src: str, row: int, line: int | None)
         if role not in CHAT_ROLES:
             raise DataValidationError(src, row, f"{name}[{i}].role", f"unknown role {role!r}; use one of "
                                       f"{', '.join(CHAT_ROLES)}", line)
-        if not isinstance(message.get("content"), str):
-            raise DataValidationError(src, row, f"{name}[{i}].content", "missing or not a string", line)
+        content = message.get("content")
+        if content is None and message.get("tool_calls"):
+            continue  # an assistant turn that only calls tools (TRL's and OpenAI's convention)
+        if isinstance(content, list):  # content as a list of parts: text parts only (no images here)
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise DataValidationError(src, row, f"{name}[{i}].content[{j}]", "expected a text part "
+                                              "{'type': 'text', 'text': ...} (image parts need a vision model, which "
+                                              "adaptdpo does not train)", line)
+            continue
+        if not isinstance(content, str):
+            raise DataValidationError(src, row, f"{name}[{i}].content", "missing or not a string (null only with "
+                                      "tool_calls; a list only of text parts)", line)
 
 
 def _check_turn_order(prompt: list[Message], completion: list[Message], name: str, src: str, row: int,
@@ -304,7 +315,24 @@ def normalise_row(raw: dict[str, Any], src: str, row: int, line: int | None = No
             raise DataValidationError(src, row, name, "empty completion", line)
         if conversational:
             _check_turn_order(prompt, value, name, src, row, line)
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    out: dict[str, Any] = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    if conversational:  # TRL's row-level template inputs: the tools the assistant may call, extra template kwargs
+        tools = raw.get("tools")
+        if isinstance(tools, str):
+            try:
+                tools = json.loads(tools)
+            except json.JSONDecodeError as e:
+                raise DataValidationError(src, row, "tools", f"not valid JSON ({e.msg})", line) from None
+        if tools is not None:
+            if not isinstance(tools, list):
+                raise DataValidationError(src, row, "tools", "expected a list of tool schemas (or their JSON)", line)
+            out["tools"] = tools
+        kwargs = raw.get("chat_template_kwargs")
+        if kwargs is not None:
+            if not isinstance(kwargs, dict):
+                raise DataValidationError(src, row, "chat_template_kwargs", "expected a mapping", line)
+            out["chat_template_kwargs"] = kwargs
+    return out
 
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
@@ -408,9 +436,13 @@ def tokenize_pair(row: dict[str, Field], tokenizer: Any, max_length: int | None 
     """
     prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
     if isinstance(chosen, list):
+        extra = dict(row.get("chat_template_kwargs") or {})
+        if row.get("tools") is not None:
+            extra["tools"] = row["tools"]
+
         def render(messages: list[Message], generation: bool) -> list[int]:
             out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation,
-                                                return_dict=True)
+                                                return_dict=True, **extra)
             return list(out["input_ids"])
 
         prompt_ids = render(prompt, True) if prompt else []

@@ -117,13 +117,16 @@ def check_model_source(name_or_path: str, key: str = "model_name_or_path", needs
                               "reached to download it (no network?)")
 
 
-def load_tokenizer(name_or_path: str) -> Any:
+def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     from .model_sources import resolve_model
 
     check_model_source(name_or_path, "tokenizer", needs="")
-    tok = AutoTokenizer.from_pretrained(resolve_model(name_or_path))
+    extra: dict[str, Any] = {"revision": revision} if revision else {}
+    if trust_remote_code:
+        extra["trust_remote_code"] = True
+    tok = AutoTokenizer.from_pretrained(resolve_model(name_or_path), **extra)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -168,11 +171,13 @@ def build_tiny_model(config: Any, seed: int, attn_implementation: str | None = N
         return AutoModelForCausalLM.from_config(config, **kwargs)
 
 
-def load_pretrained(name_or_path: str, dtype: str = "float32", attn_implementation: str | None = None) -> Any:
+def load_pretrained(name_or_path: str, dtype: str = "float32", attn_implementation: str | None = None,
+                    **from_pretrained_kwargs: Any) -> Any:
     """A pretrained causal LM from a folder, hub id, packaged model name or GGUF file (docs/models.md).
 
     ``dtype`` float32 by default: fp32 master weights, with bf16 autocast for the compute (``bf16``), as TRL
-    does; ``auto`` takes the checkpoint's dtype (often bfloat16: see :func:`check_half_precision_updates`)."""
+    does; ``auto`` takes the checkpoint's dtype (often bfloat16: see :func:`check_half_precision_updates`).
+    ``from_pretrained_kwargs``: anything else from_pretrained takes (revision, trust_remote_code, device_map, ...)."""
     from transformers import AutoModelForCausalLM
 
     from .model_sources import resolve_model
@@ -181,7 +186,7 @@ def load_pretrained(name_or_path: str, dtype: str = "float32", attn_implementati
     kwargs: dict[str, Any] = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    return AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path), **kwargs)
+    return AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path), **kwargs, **from_pretrained_kwargs)
 
 
 #: the relative spacing of representable numbers near 1 (one unit in the last place): 2^-7 for bfloat16

@@ -58,8 +58,7 @@ def _tokenize_batch(batch: dict[str, list], tokenizer: Any, max_length: int | No
                     max_prompt_length: int | None) -> dict[str, list]:
     out: dict[str, list] = {name: [] for name in (*COLUMNS, "truncated", "problem_field", "problem")}
     for i in range(len(batch["pair_id"])):
-        row = {k: json.loads(batch[k][i]) for k in ("prompt", "chosen", "rejected")}
-        pair = tokenize_pair(row, tokenizer, max_length, max_prompt_length)
+        pair = tokenize_pair(json.loads(batch["row"][i]), tokenizer, max_length, max_prompt_length)
         field, problem = None, None
         if not pair.chosen_ids or not pair.rejected_ids:
             field = "chosen" if not pair.chosen_ids else "rejected"
@@ -94,10 +93,11 @@ def tokenize_dataset(rows: list[dict[str, Any]], tokenizer: Any, max_length: int
             tokenised = datasets.load_from_disk(folder)
             logger.info("%s: %d tokenised pairs loaded from the cache %s", source, len(tokenised), folder)
         else:
-            # the three fields as JSON text: text and message rows, tool calls and content parts all fit one schema
-            fields = {k: [json.dumps(row[k], ensure_ascii=False) for row in rows]
-                      for k in ("prompt", "chosen", "rejected")}
-            raw = datasets.Dataset.from_dict({**fields, "pair_id": [int(row["pair_id"]) for row in rows]})
+            # each row as JSON text: text and message rows, tool calls, tools and content parts all fit one schema
+            wanted = ("prompt", "chosen", "rejected", "tools", "chat_template_kwargs")
+            raw = datasets.Dataset.from_dict({
+                "row": [json.dumps({k: row[k] for k in wanted if k in row}, ensure_ascii=False) for row in rows],
+                "pair_id": [int(row["pair_id"]) for row in rows]})
             workers = num_proc if num_proc and num_proc > 1 and len(rows) >= 2 * num_proc else None
             tokenised = raw.map(_tokenize_batch, batched=True, batch_size=256, num_proc=workers,
                                 remove_columns=raw.column_names, desc=f"tokenising {source}",

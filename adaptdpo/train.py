@@ -154,12 +154,14 @@ def build_models(config: AdaptiveDPOConfig, train_rows: list[dict[str, Any]]) ->
         if config.ref_model_name_or_path:
             reference = load_pretrained(config.ref_model_name_or_path, config.dtype, config.attn_implementation)
         return policy, reference, tokenizer
-    tokenizer = load_tokenizer(config.tokenizer_name_or_path or config.model_name_or_path)
-    policy = load_pretrained(config.model_name_or_path, config.dtype, config.attn_implementation)
+    tokenizer = load_tokenizer(config.tokenizer_name_or_path or config.model_name_or_path, config.model_revision,
+                               config.trust_remote_code)
+    extra = config.from_pretrained_kwargs()
+    policy = load_pretrained(config.model_name_or_path, config.dtype, config.attn_implementation, **extra)
     reference = None
     if not config.use_peft or config.ref_model_name_or_path:
         reference = load_pretrained(config.ref_model_name_or_path or config.model_name_or_path, config.dtype,
-                                    config.attn_implementation)
+                                    config.attn_implementation, **extra)
     return policy, reference, tokenizer
 
 

@@ -146,7 +146,7 @@ class AdaptiveDPOTrainer(Trainer):
         args = resolve_args(args, model)
         model = resolve_model(model, args)
         if processing_class is not None or data_collator is None:
-            processing_class = resolve_tokenizer(processing_class, model)
+            processing_class = resolve_tokenizer(processing_class, model, args)
         if peft_config is not None:
             from transformers import set_seed
 

@@ -87,13 +87,17 @@ def test_a_trl_config_object_is_mapped_field_by_field(model_dir, tmp_path):
         0.25, ["ipo"], 300, 3e-4, 0.1)
     assert (ours.per_device_train_batch_size, ours.gradient_accumulation_steps, ours.seed) == (3, 2, 7)
     assert ours.output_dir == str(tmp_path / "o") and ours.dtype == "float32"
+    remote = from_trl_config(TRLConfig(output_dir=str(tmp_path / "r"), report_to="none", use_cpu=True,
+                                       trust_remote_code=True,
+                                       model_init_kwargs={"revision": "v2", "dtype": "bfloat16", "device_map": None}))
+    assert (remote.trust_remote_code, remote.model_revision, remote.dtype) == (True, "v2", "bfloat16")
+    assert remote.from_pretrained_kwargs() == {"device_map": None, "revision": "v2", "trust_remote_code": True}
     # fields we cannot honour are refused by name, never ignored
     rpo = from_trl_config(TRLConfig(output_dir=str(tmp_path / "r"), report_to="none", use_cpu=True,
                                     loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]))
     assert (rpo.loss_type, rpo.loss_weights) == (["sigmoid", "sft"], [1.0, 0.5])
-    for kwargs, named in (({"trust_remote_code": True}, "trust_remote_code"),
-                          ({"activation_offloading": True}, "activation_offloading"),
-                          ({"model_init_kwargs": {"revision": "main"}}, "revision")):
+    for kwargs, named in (({"activation_offloading": True}, "activation_offloading"),
+                          ({"router_aux_loss_coef": 0.5}, "router_aux_loss_coef")):
         with pytest.raises(ValueError, match=named):
             from_trl_config(TRLConfig(output_dir=str(tmp_path / "r"), report_to="none", use_cpu=True, **kwargs))
 
@@ -250,3 +254,74 @@ def test_tr_dpo_reference_updates_match_trl(model_dir, tmp_path):
     for (name, ours), (_, theirs) in zip(trainers["ours"].model.named_parameters(),
                                          trainers["trl"].model.named_parameters(), strict=True):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5, msg=name)
+
+
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|tools|>{% for t in tools %}{{ t['function']['name'] }} {% endfor %}\n{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>{% if m['content'] is string %}{{ m['content'] }}"
+    "{% elif m['content'] %}{% for p in m['content'] %}{{ p['text'] }}{% endfor %}{% endif %}"
+    "{% if m['tool_calls'] %}[call {{ m['tool_calls'][0]['function']['name'] }}]{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_tools_content_parts_and_tool_calls_tokenise_as_trl(model_dir, tokenizer, tmp_path):
+    """TRL's `tools` column (JSON text), content as a list of text parts, and an assistant turn with only tool calls
+    (content None): validated, rendered through the template with the tools, the same ids as TRL's."""
+    import copy
+    import json
+
+    from datasets import Dataset
+    from trl import DPOConfig as TRLConfig
+    from trl import DPOTrainer as TRLTrainer
+
+    from adaptdpo import DPOConfig, DPOTrainer
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = TOOLS_TEMPLATE
+    tools = json.dumps([{"type": "function", "function": {"name": "get_weather", "parameters": {}}}])
+    call = {"role": "assistant", "content": None,
+            "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]}
+    rows = [{"prompt": [{"role": "user", "content": [{"type": "text", "text": f"Weather in city {i}?"}]}],
+             "chosen": [call], "rejected": [{"role": "assistant", "content": f"No idea {i}."}], "tools": tools}
+            for i in range(4)]
+    datasets_seen = {}
+    for name, trainer_cls, config_cls in (("trl", TRLTrainer, TRLConfig), ("ours", DPOTrainer, DPOConfig)):
+        args = config_cls(output_dir=str(tmp_path / name), report_to="none", use_cpu=True, bf16=False,
+                          gradient_checkpointing=False)
+        trainer = trainer_cls(model=model_dir, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+        datasets_seen[name] = trainer.train_dataset
+    for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        assert datasets_seen["ours"][key] == datasets_seen["trl"][key], key
+    prompt = tok.decode(datasets_seen["ours"][0]["prompt_ids"])
+    assert "get_weather" in prompt and "Weather in city 0?" in prompt  # the tools and the text part are rendered
+    assert "[call get_weather]" in tok.decode(datasets_seen["ours"][0]["chosen_ids"])
+
+
+def test_message_content_rules_name_the_field():
+    from adaptdpo.data import DataValidationError, normalise_row
+
+    ok = {"prompt": [{"role": "user", "content": "q"}], "rejected": [{"role": "assistant", "content": "b"}]}
+    with pytest.raises(DataValidationError, match=r"row 2.*chosen\[0\]\.content.*null only with tool_calls"):
+        normalise_row({**ok, "chosen": [{"role": "assistant", "content": None}]}, "d.jsonl", 2)
+    with pytest.raises(DataValidationError, match=r"chosen\[0\]\.content\[1\].*text part"):
+        normalise_row({**ok, "chosen": [{"role": "assistant", "content": [
+            {"type": "text", "text": "a"}, {"type": "image", "url": "x.png"}]}]}, "d.jsonl", 2)
+    with pytest.raises(DataValidationError, match=r"row 2, field 'tools'.*not valid JSON"):
+        normalise_row({**ok, "chosen": [{"role": "assistant", "content": "a"}], "tools": "[{"}, "d.jsonl", 2)
+    row = normalise_row({**ok, "chosen": [{"role": "assistant", "content": "a"}], "tools": '[{"name": "f"}]',
+                         "chat_template_kwargs": {"enable_thinking": False}}, "d.jsonl", 2)
+    assert row["tools"] == [{"name": "f"}] and row["chat_template_kwargs"] == {"enable_thinking": False}
+
+
+def test_model_init_kwargs_reach_from_pretrained(model_dir, tmp_path):
+    from datasets import Dataset
+
+    from adaptdpo import DPOConfig, DPOTrainer
+    from adaptdpo.config import parse_config
+
+    args = DPOConfig(output_dir=str(tmp_path / "o"), report_to="none", use_cpu=True,
+                     model_init_kwargs={"attn_implementation": "eager"})
+    trainer = DPOTrainer(model=model_dir, args=args, train_dataset=Dataset.from_list(STANDARD))
+    assert trainer.model.config._attn_implementation == "eager"
+    config = parse_config(["--model_init_kwargs", '{"revision": "v1", "dtype": "bfloat16", "device_map": "cpu"}'])
+    assert (config.model_revision, config.dtype, config.model_init_kwargs) == ("v1", "bfloat16", {"device_map": "cpu"})

@@ -42,10 +42,10 @@ def resolve_model(model: Any, args: Any) -> Any:
         return model
     from ..modeling import load_pretrained
 
-    return load_pretrained(model, args.dtype, args.attn_implementation)
+    return load_pretrained(model, args.dtype, args.attn_implementation, **args.from_pretrained_kwargs())
 
 
-def resolve_tokenizer(processing_class: Any, model: Any) -> Any:
+def resolve_tokenizer(processing_class: Any, model: Any, args: Any = None) -> Any:
     if processing_class is None:
         from ..modeling import load_tokenizer
 
@@ -53,7 +53,8 @@ def resolve_tokenizer(processing_class: Any, model: Any) -> Any:
         if not name:
             raise ValueError("processing_class is None and the model does not say where it was loaded from: pass the "
                              "tokenizer as processing_class")
-        processing_class = load_tokenizer(name)
+        processing_class = load_tokenizer(name, getattr(args, "model_revision", None),
+                                          bool(getattr(args, "trust_remote_code", False)))
     if getattr(processing_class, "pad_token", None) is None and getattr(processing_class, "eos_token", None):
         processing_class.pad_token = processing_class.eos_token
     return processing_class

@@ -22,8 +22,6 @@ SPEED_ONLY = {"precompute_ref_batch_size": "reference log-probs are precomputed 
               "truncation_mode": "pairs are truncated by adaptdpo's rule: the prompt keeps its end, completions their "
                                  "start, and no pair is dropped (docs/data-formats.md)",
               "pad_token": "deprecated in TRL; set tokenizer.pad_token instead"}
-#: model_init_kwargs keys we map to our fields
-MODEL_INIT_KEYS = {"dtype": "dtype", "torch_dtype": "dtype", "attn_implementation": "attn_implementation"}
 
 
 def is_trl_config(args: Any) -> bool:
@@ -48,12 +46,6 @@ def from_trl_config(args: Any) -> Any:
         value = _plain(getattr(args, name))
         if name == "loss_type":
             values["loss_type"] = [value] if isinstance(value, str) else list(value)
-        elif name == "model_init_kwargs":
-            for key, item in (value or {}).items():
-                if key in MODEL_INIT_KEYS:
-                    values[MODEL_INIT_KEYS[key]] = str(item).replace("torch.", "")
-                else:
-                    refused.append(f"model_init_kwargs[{key!r}]={item!r}")
         elif name == "remove_unused_columns":
             continue  # our collator needs the tokenised columns (TRL keeps them by setting its own signature)
         elif name in ours:
