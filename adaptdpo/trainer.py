@@ -156,6 +156,14 @@ class AdaptiveDPOTrainer(Trainer):
         if needs_copy:
             ref_model = frozen_copy(model)
         model = apply_peft(model, peft_config)
+        import datasets
+
+        if isinstance(train_dataset, datasets.IterableDataset):
+            if args.precompute_ref_log_probs:
+                raise ValueError("precompute_ref_log_probs needs the whole training set up front; a streamed "
+                                 "IterableDataset has none: use a Dataset, or a live reference")
+            # as TRL: batches of a stream cannot be dispatched from one process (they are not concatenable)
+            args.accelerator_config.dispatch_batches = False
         train_dataset = prepare_dataset(train_dataset, processing_class, args, "train_dataset")
         eval_dataset = prepare_dataset(eval_dataset, processing_class, args, "eval_dataset")
         if data_collator is None:

@@ -325,3 +325,33 @@ def test_model_init_kwargs_reach_from_pretrained(model_dir, tmp_path):
     assert trainer.model.config._attn_implementation == "eager"
     config = parse_config(["--model_init_kwargs", '{"revision": "v1", "dtype": "bfloat16", "device_map": "cpu"}'])
     assert (config.model_revision, config.dtype, config.model_init_kwargs) == ("v1", "bfloat16", {"device_map": "cpu"})
+
+
+def test_a_streamed_iterable_dataset_trains_like_trl(model_dir, tmp_path):
+    """An IterableDataset is validated and tokenised as it streams (nothing read ahead): the first step equals
+    TRL's on the same stream; a bad row stops training naming the dataset, the row and the field."""
+    from datasets import Dataset
+    from trl import DPOConfig as TRLConfig
+    from trl import DPOTrainer as TRLTrainer
+
+    from adaptdpo import DPOConfig, DPOTrainer
+    from adaptdpo.data import DataValidationError
+
+    firsts = {}
+    for name, trainer_cls, config_cls in (("trl", TRLTrainer, TRLConfig), ("ours", DPOTrainer, DPOConfig)):
+        args = config_cls(output_dir=str(tmp_path / name), per_device_train_batch_size=8, max_steps=2,
+                          logging_steps=1, report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False,
+                          save_strategy="no", learning_rate=1e-3)
+        stream = Dataset.from_list(STANDARD * 2).to_iterable_dataset()
+        trainer = trainer_cls(model=model_dir, args=args, train_dataset=stream)
+        trainer.train()
+        firsts[name] = next(r for r in trainer.state.log_history if "loss" in r)
+    for key in COMPARED:
+        assert firsts["ours"][key] == pytest.approx(firsts["trl"][key], abs=1e-4), key
+    rows = [dict(r) for r in STANDARD * 2]
+    rows[11] = {"prompt": "p", "chosen": "c", "rejected": None}
+    args = DPOConfig(output_dir=str(tmp_path / "bad"), per_device_train_batch_size=4, max_steps=4, report_to="none",
+                     use_cpu=True, save_strategy="no")
+    trainer = DPOTrainer(model=model_dir, args=args, train_dataset=Dataset.from_list(rows).to_iterable_dataset())
+    with pytest.raises(DataValidationError, match=r"train_dataset.*row 11.*rejected"):
+        trainer.train()

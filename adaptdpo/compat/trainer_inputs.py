@@ -5,7 +5,8 @@
 - ``processing_class``: default the model's tokenizer; a missing pad token becomes EOS (as TRL);
 - ``ref_model``: None → a frozen copy of the initial policy, or, with ``peft_config`` or a PEFT model, the base
   with adapters disabled; with ``precompute_ref_log_probs`` the policy itself scores the data once;
-- datasets: ``datasets.Dataset`` / ``IterableDataset`` / lists of dicts, raw (TRL's formats: standard or
+- datasets: ``datasets.Dataset`` / ``IterableDataset`` (validated and tokenised lazily as it streams) / lists of
+  dicts, raw (TRL's formats: standard or
   conversational, explicit or implicit prompt; every row validated, errors name the dataset, row and field) or
   already tokenised (``prompt_ids``/``chosen_ids``/``rejected_ids``); ``eval_dataset`` may be a dict of them.
 """
@@ -85,17 +86,37 @@ def frozen_copy(model: Any) -> Any:
 def _rows_of(dataset: Any, name: str) -> list[dict[str, Any]]:
     import datasets
 
-    if isinstance(dataset, datasets.IterableDataset):
-        logger.info("%s is an IterableDataset: its rows are read into memory once for tokenisation", name)
-        return [dict(row) for row in dataset]
     if isinstance(dataset, (datasets.Dataset, list, tuple)):
         return [dict(row) for row in dataset]
     raise TypeError(f"{name} must be a datasets.Dataset, an IterableDataset or a list of dicts, got "
                     f"{type(dataset).__name__}")
 
 
+def streamed_dataset(dataset: Any, tokenizer: Any, args: Any, name: str) -> Any:
+    """An ``IterableDataset`` validated and tokenised lazily, row by row, as it streams (nothing is read ahead);
+    a bad row stops training with an error naming the dataset, the row (its index in the stream) and the field."""
+    from ..data import DataValidationError, normalise_row, text_row_as_messages, tokenize_pair
+
+    def tokenise(raw: dict[str, Any], index: int) -> dict[str, Any]:
+        row = normalise_row(dict(raw), name, index, None, args.implicit_prompt_marker)
+        if args.chat_format == "messages" and not isinstance(row["chosen"], list):
+            row = text_row_as_messages(row, only_hh=False) or row
+        pair = tokenize_pair(row, tokenizer, args.max_length, args.max_prompt_length)
+        if not pair.chosen_ids or not pair.rejected_ids:
+            raise DataValidationError(name, index, "chosen" if not pair.chosen_ids else "rejected",
+                                      "completion has no tokens after tokenisation")
+        if pair.chosen_ids == pair.rejected_ids:
+            raise DataValidationError(name, index, "rejected", "identical to chosen after tokenisation/truncation "
+                                      f"to max_length={args.max_length}")
+        return {"prompt_ids": pair.prompt_ids, "chosen_ids": pair.chosen_ids, "rejected_ids": pair.rejected_ids,
+                "pair_id": index, "length": len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))}
+
+    return dataset.map(tokenise, with_indices=True).select_columns(
+        ["prompt_ids", "chosen_ids", "rejected_ids", "pair_id", "length"])
+
+
 def is_tokenised(dataset: Any) -> bool:
-    columns = getattr(dataset, "column_names", None)
+    columns = getattr(dataset, "column_names", None)  # None for a stream whose features are unknown
     if columns is None and isinstance(dataset, (list, tuple)) and dataset:
         columns = list(dataset[0])
     return bool(columns) and all(c in columns for c in TOKENISED_COLUMNS)
@@ -109,6 +130,10 @@ def prepare_dataset(dataset: Any, tokenizer: Any, args: Any, name: str) -> Any:
         return None
     if isinstance(dataset, (dict, datasets.DatasetDict, datasets.IterableDatasetDict)):
         return {key: prepare_dataset(value, tokenizer, args, f"{name}[{key!r}]") for key, value in dataset.items()}
+    if isinstance(dataset, datasets.IterableDataset):
+        if tokenizer is None:
+            raise ValueError(f"{name} is raw data: pass processing_class (the tokenizer)")
+        return dataset if is_tokenised(dataset) else streamed_dataset(dataset, tokenizer, args, name)
     if is_tokenised(dataset):
         return dataset if isinstance(dataset, datasets.Dataset) else datasets.Dataset.from_list(list(dataset))
     from ..data import DataValidationError, normalise_row, text_row_as_messages
