@@ -109,6 +109,19 @@ class ReferenceSyncCallback(TrainerCallback):
             ref_param.mul_(1.0 - alpha).add_(param.to(ref_param.dtype), alpha=alpha)
 
 
+def warn_about_moe_aux_loss(model: torch.nn.Module) -> None:
+    """TRL adds a mixture-of-experts model's load-balancing loss (its config's router_aux_loss_coef) to the DPO
+    loss; adaptdpo does not yet: say so instead of differing silently."""
+    config = getattr(unwrap(model), "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    coef = getattr(text_config, "router_aux_loss_coef", 0.0) if hasattr(text_config, "output_router_logits") else 0.0
+    if coef:
+        logger.warning("%s is a mixture-of-experts model: TRL adds its router load-balancing loss "
+                       "(router_aux_loss_coef %g) to the DPO loss, adaptdpo does not yet, so the experts' balance is "
+                       "not trained",
+                       type(unwrap(model)).__name__, coef)
+
+
 class TrainingStalledError(RuntimeError):
     """The gradient has been exactly zero for several optimizer steps while the loss stays above zero."""
 
@@ -171,6 +184,7 @@ class AdaptiveDPOTrainer(Trainer):
                 raise ValueError("pass processing_class (the tokenizer) or a data_collator")
             data_collator = PreferenceCollator(processing_class.pad_token_id, args.pad_to_multiple_of,
                                                shared_prompt=self._use_shared_prompt(args, model, ref_model))
+        warn_about_moe_aux_loss(model)
         if args.disable_dropout:
             disable_dropout(model)
             if ref_model is not None:

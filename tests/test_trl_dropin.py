@@ -355,3 +355,19 @@ def test_a_streamed_iterable_dataset_trains_like_trl(model_dir, tmp_path):
     trainer = DPOTrainer(model=model_dir, args=args, train_dataset=Dataset.from_list(rows).to_iterable_dataset())
     with pytest.raises(DataValidationError, match=r"train_dataset.*row 11.*rejected"):
         trainer.train()
+
+
+def test_a_mixture_of_experts_model_is_not_silently_trained_without_its_aux_loss(tokenizer, tmp_path, caplog):
+    import logging
+
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from adaptdpo import DPOConfig, DPOTrainer
+
+    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1,
+                           router_aux_loss_coef=0.02)
+    with caplog.at_level(logging.WARNING, logger="adaptdpo"):
+        DPOTrainer(model=MixtralForCausalLM(config), args=DPOConfig(output_dir=str(tmp_path), use_cpu=True,
+                                                                   report_to="none"), processing_class=tokenizer)
+    assert "mixture-of-experts" in caplog.text and "0.02" in caplog.text
