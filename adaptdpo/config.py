@@ -497,6 +497,21 @@ def make_parser() -> HfArgumentParser:
     return ConfigParser()
 
 
+def field_default(f: dataclasses.Field) -> Any:
+    """A dataclass field's default (its factory called), None when it has none."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def config_defaults() -> dict[str, Any]:
+    """Every config field's plain default (for comparing with configs recorded by older versions)."""
+    out = {f.name: getattr(field_default(f), "value", field_default(f)) for f in dataclasses.fields(AdaptiveDPOConfig)}
+    return {k: v for k, v in out.items() if isinstance(v, (str, int, float, bool, list, type(None)))}
+
+
 def config_reference_markdown() -> str:
     """The config reference table (docs/config.md), generated from the dataclass metadata."""
     lines = ["| field | default | meaning |", "|---|---|---|"]
@@ -505,8 +520,7 @@ def config_reference_markdown() -> str:
         if name not in fields:  # class variables
             continue
         f = fields[name]
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        default = field_default(f)
         text = f.metadata.get("help", "").replace("|", "\\|").replace("\n", " ")
         lines.append(f"| `{f.name}` | `{default!r}` | {text} |")
     return "\n".join(lines) + "\n"

@@ -472,6 +472,23 @@ def tokenize_pair(row: dict[str, Field], tokenizer: Any, max_length: int | None 
     return pair
 
 
+def pair_problem(pair: TokenizedPair, max_length: int | None) -> tuple[str, str] | None:
+    """(field, problem) when a tokenised pair carries no preference signal (a completion without tokens, or two
+    completions with the same ids, possible after truncation), else None."""
+    if not pair.chosen_ids or not pair.rejected_ids:
+        return ("chosen" if not pair.chosen_ids else "rejected"), "completion has no tokens after tokenisation"
+    if pair.chosen_ids == pair.rejected_ids:
+        return "rejected", f"identical to chosen after tokenisation/truncation to max_length={max_length}"
+    return None
+
+
+def pair_example(pair: TokenizedPair, pair_id: int) -> dict[str, Any]:
+    """The trainer's columns for one pair; ``length`` is the padded row width it needs (group_by_length)."""
+    return {"prompt_ids": pair.prompt_ids, "chosen_ids": pair.chosen_ids, "rejected_ids": pair.rejected_ids,
+            "pair_id": int(pair_id),
+            "length": len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))}
+
+
 def tokenize_rows(rows: Sequence[dict[str, Field]], tokenizer: Any, max_length: int | None,
                   max_prompt_length: int | None, source: str = "<data>",
                   report: LoadReport | None = None) -> tuple[list[dict[str, Any]], int]:
@@ -483,24 +500,16 @@ def tokenize_rows(rows: Sequence[dict[str, Field]], tokenizer: Any, max_length: 
     examples, truncated = [], 0
     for i, row in enumerate(rows):
         pair = tokenize_pair(row, tokenizer, max_length, max_prompt_length)
-        problem = None
-        if not pair.chosen_ids or not pair.rejected_ids:
-            problem = DataValidationError(source, int(row.get("pair_id", i)), "chosen" if not pair.chosen_ids else
-                                          "rejected", "completion has no tokens after tokenisation")
-        elif pair.chosen_ids == pair.rejected_ids:
-            problem = DataValidationError(source, int(row.get("pair_id", i)), "rejected", "identical to chosen after "
-                                          f"tokenisation/truncation to max_length={max_length}")
-        if problem is not None:
+        found = pair_problem(pair, max_length)
+        if found is not None:
+            problem = DataValidationError(source, int(row.get("pair_id", i)), *found)
             if report is None:
                 raise problem
             report.skipped.append(problem)
             report.rows_kept -= 1
             continue
         truncated += pair.truncated
-        # "length": the padded row width this pair needs (for train_sampling_strategy: group_by_length)
-        examples.append({"prompt_ids": pair.prompt_ids, "chosen_ids": pair.chosen_ids,
-                         "rejected_ids": pair.rejected_ids, "pair_id": int(row.get("pair_id", i)),
-                         "length": len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))})
+        examples.append(pair_example(pair, int(row.get("pair_id", i))))
     return examples, truncated
 
 

@@ -21,7 +21,7 @@ import os
 import shutil
 from typing import Any
 
-from .data import DataValidationError, LoadReport, tokenize_pair
+from .data import DataValidationError, LoadReport, pair_example, pair_problem, tokenize_pair
 
 logger = logging.getLogger("adaptdpo")
 
@@ -59,18 +59,9 @@ def _tokenize_batch(batch: dict[str, list], tokenizer: Any, max_length: int | No
     out: dict[str, list] = {name: [] for name in (*COLUMNS, "truncated", "problem_field", "problem")}
     for i in range(len(batch["pair_id"])):
         pair = tokenize_pair(json.loads(batch["row"][i]), tokenizer, max_length, max_prompt_length)
-        field, problem = None, None
-        if not pair.chosen_ids or not pair.rejected_ids:
-            field = "chosen" if not pair.chosen_ids else "rejected"
-            problem = "completion has no tokens after tokenisation"
-        elif pair.chosen_ids == pair.rejected_ids:
-            field = "rejected"
-            problem = f"identical to chosen after tokenisation/truncation to max_length={max_length}"
-        out["prompt_ids"].append(pair.prompt_ids)
-        out["chosen_ids"].append(pair.chosen_ids)
-        out["rejected_ids"].append(pair.rejected_ids)
-        out["pair_id"].append(int(batch["pair_id"][i]))
-        out["length"].append(len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids)))
+        field, problem = pair_problem(pair, max_length) or (None, None)
+        for key, value in pair_example(pair, batch["pair_id"][i]).items():
+            out[key].append(value)
         out["truncated"].append(bool(pair.truncated))
         out["problem_field"].append(field)
         out["problem"].append(problem)

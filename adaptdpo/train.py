@@ -24,7 +24,7 @@ from .checkpointing import (
     usable_checkpoint,
     verify_checkpoint,
 )
-from .config import AdaptiveDPOConfig
+from .config import AdaptiveDPOConfig, config_defaults
 from .data import LoadReport, load_preference_rows, text_row_as_messages
 from .modeling import (
     TINY_PRESETS,
@@ -196,20 +196,6 @@ def apply_lora(config: AdaptiveDPOConfig, policy: Any) -> Any:
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=config.lora_target_modules, task_type="CAUSAL_LM")
     return get_peft_model(policy, lora)
-
-
-def config_defaults() -> dict[str, Any]:
-    """Every config field's default, serialisable (for comparing with configs recorded by older versions)."""
-    import dataclasses
-
-    out = {}
-    for f in dataclasses.fields(AdaptiveDPOConfig):
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            out[f.name] = f.default_factory()
-    return {k: getattr(v, "value", v) for k, v in out.items() if isinstance(getattr(v, "value", v),
-                                                                          (str, int, float, bool, list, type(None)))}
 
 
 class ConfigChangedError(ValueError):

@@ -167,8 +167,8 @@ def test_resuming_with_a_changed_config_is_refused_then_recorded_when_accepted(s
 def test_configs_recorded_by_older_versions_resume_unchanged():
     """A run recorded before a field existed resumes when the field is at its default; a single loss name equals
     a one-element loss_type list; a real change is still named."""
+    from adaptdpo.config import config_defaults
     from adaptdpo.run_dir import config_changes
-    from adaptdpo.train import config_defaults
 
     defaults = config_defaults()
     old = {"beta": 0.1, "loss_type": "sigmoid"}

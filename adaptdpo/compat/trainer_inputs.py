@@ -92,24 +92,29 @@ def _rows_of(dataset: Any, name: str) -> list[dict[str, Any]]:
                     f"{type(dataset).__name__}")
 
 
+def normalised_row(raw: dict[str, Any], index: int, args: Any, name: str) -> dict[str, Any]:
+    """One raw row validated and normalised (errors name ``name``, the row and the field); with
+    ``chat_format: messages``, plain text becomes messages."""
+    from ..data import normalise_row, text_row_as_messages
+
+    row = normalise_row(dict(raw), name, index, None, args.implicit_prompt_marker)
+    if args.chat_format == "messages" and not isinstance(row["chosen"], list):
+        row = text_row_as_messages(row, only_hh=False) or row
+    return row
+
+
 def streamed_dataset(dataset: Any, tokenizer: Any, args: Any, name: str) -> Any:
     """An ``IterableDataset`` validated and tokenised lazily, row by row, as it streams (nothing is read ahead);
     a bad row stops training with an error naming the dataset, the row (its index in the stream) and the field."""
-    from ..data import DataValidationError, normalise_row, text_row_as_messages, tokenize_pair
+    from ..data import DataValidationError, pair_example, pair_problem, tokenize_pair
 
     def tokenise(raw: dict[str, Any], index: int) -> dict[str, Any]:
-        row = normalise_row(dict(raw), name, index, None, args.implicit_prompt_marker)
-        if args.chat_format == "messages" and not isinstance(row["chosen"], list):
-            row = text_row_as_messages(row, only_hh=False) or row
-        pair = tokenize_pair(row, tokenizer, args.max_length, args.max_prompt_length)
-        if not pair.chosen_ids or not pair.rejected_ids:
-            raise DataValidationError(name, index, "chosen" if not pair.chosen_ids else "rejected",
-                                      "completion has no tokens after tokenisation")
-        if pair.chosen_ids == pair.rejected_ids:
-            raise DataValidationError(name, index, "rejected", "identical to chosen after tokenisation/truncation "
-                                      f"to max_length={args.max_length}")
-        return {"prompt_ids": pair.prompt_ids, "chosen_ids": pair.chosen_ids, "rejected_ids": pair.rejected_ids,
-                "pair_id": index, "length": len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))}
+        pair = tokenize_pair(normalised_row(raw, index, args, name), tokenizer, args.max_length,
+                             args.max_prompt_length)
+        found = pair_problem(pair, args.max_length)
+        if found is not None:
+            raise DataValidationError(name, index, *found)
+        return pair_example(pair, index)
 
     return dataset.map(tokenise, with_indices=True).select_columns(
         ["prompt_ids", "chosen_ids", "rejected_ids", "pair_id", "length"])
@@ -136,20 +141,18 @@ def prepare_dataset(dataset: Any, tokenizer: Any, args: Any, name: str) -> Any:
         return dataset if is_tokenised(dataset) else streamed_dataset(dataset, tokenizer, args, name)
     if is_tokenised(dataset):
         return dataset if isinstance(dataset, datasets.Dataset) else datasets.Dataset.from_list(list(dataset))
-    from ..data import DataValidationError, normalise_row, text_row_as_messages
+    from ..data import DataValidationError
     from ..tokenization import tokenize_dataset
 
     rows = []
     kind = None
     for index, raw in enumerate(_rows_of(dataset, name)):
-        row = normalise_row(raw, name, index, None, args.implicit_prompt_marker)
-        is_conversational = isinstance(row["chosen"], list)
+        row = normalised_row(raw, index, args, name)  # validated first: errors name the field
+        is_conversational = isinstance(raw["chosen"], list)
         if kind is None:
             kind = is_conversational
         elif kind != is_conversational:
             raise DataValidationError(name, index, "chosen", "mixes conversational and plain-text rows")
-        if args.chat_format == "messages" and not is_conversational:
-            row = text_row_as_messages(row, only_hh=False) or row
         row["pair_id"] = index
         rows.append(row)
     if not rows:
