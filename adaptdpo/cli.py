@@ -15,7 +15,9 @@ import sys
 USAGE = """adaptdpo <command> [...]
 
 commands:
-  train CONFIG.yaml [--key value ...]   train with a YAML config; every field can be overridden (--help lists them)
+  train CONFIG.yaml [--key value ...]   train with a YAML config; every field can be overridden (--help lists them);
+                                        --accelerate_config NAME|FILE [--num_processes N] launches it through
+                                        accelerate (multi_gpu, fsdp2, zero1/2/3, single_gpu, cpu-2proc)
   sft CONFIG.yaml [--key value ...]     SamS scheduler pre-training (paper App. F.3): SFT on the chosen responses
                                         (--sams_pretrain frozen: policy fixed) → <output_dir>/sams_scheduler.pt
   demo [--output_dir DIR] [--key value ...]
@@ -41,6 +43,9 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    # bitsandbytes (installed for QLoRA) says at import, on every command, that an optional CPU 4-bit kernel
+    # package is missing; it only changes CPU 4-bit speed
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def _split_config_path(args: list[str]) -> tuple[str | None, list[str]]:
@@ -49,9 +54,68 @@ def _split_config_path(args: list[str]) -> tuple[str | None, list[str]]:
     return None, args
 
 
+#: names --accelerate_config takes besides a file path (TRL's names, and ours)
+ACCELERATE_ALIASES = {"ddp": "multi_gpu", "fsdp": "fsdp2"}
+
+
+def accelerate_config_path(value: str) -> str:
+    """``--accelerate_config``: a file, or the name of a shipped config (TRL's: single_gpu, multi_gpu, zero1,
+    zero2, zero3, fsdp2; ours: cpu-2proc)."""
+    if os.path.isfile(value):
+        return value
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "accelerate_configs")
+    name = ACCELERATE_ALIASES.get(value, value)
+    path = os.path.join(folder, f"{name}.yaml")
+    if not os.path.isfile(path):
+        names = sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml"))
+        from .config import ConfigError
+
+        raise ConfigError(f"--accelerate_config {value}: no such file, and not a shipped config ({', '.join(names)})")
+    return path
+
+
+def accelerate_launch_command(args: list[str], command: str = "train") -> list[str] | None:
+    """``adaptdpo train ... --accelerate_config X [--num_processes N]`` as the ``accelerate launch`` command that
+    runs the same training in as many processes as the config says (as ``trl dpo --accelerate_config``); None
+    without ``--accelerate_config``."""
+    from .config import ConfigError
+
+    launcher: list[str] = []
+    rest: list[str] = []
+    found = False
+    i = 0
+    while i < len(args):
+        flag, _, inline = args[i].partition("=")
+        if flag in ("--accelerate_config", "--num_processes", "--main_process_port"):
+            value = inline or (args[i + 1] if i + 1 < len(args) else None)
+            if value is None:
+                raise ConfigError(f"{flag} needs a value")
+            if flag == "--accelerate_config":
+                launcher += ["--config_file", accelerate_config_path(value)]
+                found = True
+            else:
+                launcher += [flag, value]
+            i += 1 if inline else 2
+            continue
+        rest.append(args[i])
+        i += 1
+    if not found:
+        if launcher:
+            raise ConfigError(f"{launcher[0]} is a launcher flag: use it with --accelerate_config")
+        return None
+    return [sys.executable, "-m", "accelerate.commands.launch", *launcher, "-m", "adaptdpo.cli", command, *rest]
+
+
 def cmd_train(args: list[str]) -> int:
     from .config import make_parser, parse_config
     from .train import run_training
+
+    launch = accelerate_launch_command(args)
+    if launch is not None:
+        import subprocess
+
+        logging.getLogger("adaptdpo").info("launching: %s", " ".join(launch))
+        return subprocess.call(launch)
 
     if any(a in ("-h", "--help") for a in args):
         parser = make_parser()

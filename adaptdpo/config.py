@@ -89,6 +89,19 @@ class AdaptiveDPOConfig(TrainingArguments):
                                 "(prompt first, keeping its end; then completions, keeping their start).")
     max_prompt_length: int | None = _f(None, "Prompt tokens kept when a pair is too long; default max_length/2.")
     pad_to_multiple_of: int | None = _f(None, "Pad batches to a multiple of this length.")
+    dataset_streaming: bool = _f(False, "Stream the training (and test-split) data instead of reading it first (TRL's "
+                                 "flag; datasets' streaming=True): rows are validated and tokenised as they arrive, "
+                                 "max_steps must be set, and everything that needs all rows up front is refused "
+                                 "(eval_fraction, pair_selection, skip_invalid_rows, precompute_ref_log_probs).")
+    datasets: list[dict[str, Any]] | str | None = _f(None, "A dataset mixture (TRL's `datasets:`): a list of entries "
+                                                     "{path, name, data_dir, data_files, split, columns, fraction}, "
+                                                     "each loaded like datasets.load_dataset (a local file as "
+                                                     "train_file is) and concatenated; fraction (set for all or "
+                                                     "none) keeps the first rows of each in those shares. Replaces "
+                                                     "train_file. A JSON list on the command line.")
+    test_split_size: float | None = _f(None, "Hold out this share (or number, when >= 1) of the training rows (of "
+                                       "the mixture, with datasets) for evaluation when eval_file is unset (TRL's "
+                                       "field; drawn with data_seed or seed).")
     dataset_num_proc: int | None = _f(None, "Processes for tokenising the data (datasets' Dataset.map); the result is "
                                       "cached by content under $ADAPTDPO_CACHE/tokenized (default "
                                       "~/.cache/adaptdpo/tokenized) and made once by the main process.")
@@ -205,6 +218,29 @@ class AdaptiveDPOConfig(TrainingArguments):
     lora_alpha: int = _f(32, "LoRA alpha.")
     lora_dropout: float = _f(0.05, "LoRA dropout (TRL's default; with disable_dropout it is 0 in training, as in TRL).")
     lora_target_modules: list[str] | None = _f(None, "Module names to adapt; default: peft's choice for the model.")
+    lora_target_parameters: list[str] | None = _f(None, "Parameter names to adapt directly (peft's target_parameters, "
+                                                  "e.g. mixture-of-experts weights).")
+    lora_modules_to_save: list[str] | None = _f(None, "Modules trained in full beside the adapter (e.g. lm_head, "
+                                                "embed_tokens); saved with it.")
+    lora_task_type: str = _f("CAUSAL_LM", "peft task type of the adapter.")
+    use_rslora: bool = _f(False, "Rank-stabilised LoRA: the adapter scale is lora_alpha/√r instead of lora_alpha/r.")
+    use_dora: bool = _f(False, "DoRA: weight-decomposed LoRA (a learned magnitude per output, the direction by LoRA).")
+    # ---- quantised base model (QLoRA; needs `pip install adaptdpo[quantization]`, i.e. bitsandbytes)
+    load_in_4bit: bool = _f(False, "Load the base model in 4 bits with bitsandbytes (QLoRA; needs use_peft).")
+    load_in_8bit: bool = _f(False, "Load the base model in 8 bits with bitsandbytes (needs use_peft).")
+    bnb_4bit_quant_type: str = _f("nf4", "4-bit data type.", choices=("nf4", "fp4"))
+    use_bnb_nested_quant: bool = _f(False, "Quantise the 4-bit quantisation constants too (double quantisation).")
+    bnb_4bit_quant_storage: str | None = _f(None, "dtype the 4-bit weights are stored in (for FSDP: the model's "
+                                            "dtype); default uint8.")
+    # ---- mixture-of-experts models and memory
+    router_aux_loss_coef: float | None = _f(None, "Weight of a mixture-of-experts model's router load-balancing loss "
+                                            "added to the preference loss (logged as aux_loss); None: the model "
+                                            "config's router_aux_loss_coef (0 for dense models), as TRL.")
+    activation_offloading: bool = _f(False, "Keep the activations saved for backward in (pinned) CPU memory instead "
+                                     "of the accelerator's (torch's save_on_cpu): less accelerator memory, more "
+                                     "transfer time.")
+    ignore_bias_buffers: bool = _f(False, "DDP: leave the model's boolean buffers (attention bias masks) out of the "
+                                   "broadcast (TRL's debug flag for models whose bool buffers break DDP).")
     # ---- run
     resume: str = _f("auto", "auto: resume from the last complete checkpoint in output_dir if there is one; "
                      "never: start fresh (fails if output_dir has checkpoints); or a checkpoint path.")
@@ -221,6 +257,12 @@ class AdaptiveDPOConfig(TrainingArguments):
     learning_rate: float = _f(1e-6, "Initial learning rate (TRL's DPO default).")
     logging_steps: float = _f(10, "Log every N optimizer steps (a float < 1 is a fraction of the run).")
     remove_unused_columns: bool = _f(False, "Keep dataset columns the model's forward does not take (needed).")
+    activation_checkpointing: bool | None = _f(None, "Recompute activations in backward instead of keeping them "
+                                               "(transformers' new name of gradient_checkpointing, which sets it "
+                                               "too); unset: on, TRL's DPO default. About half the step memory for "
+                                               "about 1.25× the step time (docs/performance.md): false when memory "
+                                               "allows. It changes no number, so a run may resume with it changed.",
+                                               nargs="?", const=True)
     bf16: bool | None = _f(None, "bf16 autocast for the compute (weights stay in dtype): auto (unset) = on for CUDA "
                            "devices that support it, off on CPU; true; false.")
 
@@ -233,6 +275,8 @@ class AdaptiveDPOConfig(TrainingArguments):
             self.bf16 = bool(not self.use_cpu and not self.fp16 and torch.cuda.is_available()
                              and torch.cuda.is_bf16_supported())
         self._apply_trl_dataset_names()
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True  # TRL's DPO default (gradient_checkpointing=True)
         super().__post_init__()
         if isinstance(self.model_init_kwargs, str):  # TrainingArguments parses JSON for _VALID_DICT_FIELDS; in case
             import json
@@ -249,6 +293,34 @@ class AdaptiveDPOConfig(TrainingArguments):
         if "trust_remote_code" in init:
             self.trust_remote_code = bool(init.pop("trust_remote_code"))
         self.model_init_kwargs = init or None
+        self.datasets = parse_dataset_mixture(self.datasets)
+        if self.datasets is not None and self.dataset_name is not None:
+            raise ValueError("datasets (a mixture) and dataset_name both name the training data; give one")
+        if self.test_split_size is not None and self.test_split_size <= 0:
+            raise ValueError(f"test_split_size must be > 0 (a share below 1 or a number of rows), got "
+                             f"{self.test_split_size}")
+        if self.test_split_size is not None and self.eval_fraction > 0:
+            raise ValueError("test_split_size and eval_fraction both hold out training rows; give one")
+        if self.dataset_streaming:
+            if self.max_steps is None or self.max_steps <= 0:
+                raise ValueError("dataset_streaming needs max_steps (a stream has no length, so epochs cannot be "
+                                 "counted), as in TRL")
+            needs_all = {"eval_fraction": self.eval_fraction > 0, "test_split_size": self.test_split_size is not None,
+                         "pair_selection": self.pair_selection != "all",
+                         "pair_order": self.pair_order not in ("auto", "shuffled"),
+                         "skip_invalid_rows": self.skip_invalid_rows,
+                         "precompute_ref_log_probs": self.precompute_ref_log_probs}
+            refused = [key for key, is_set in needs_all.items() if is_set]
+            if refused:
+                raise ValueError(f"dataset_streaming reads each row once as it arrives; {', '.join(refused)} "
+                                 "need(s) every row up front: drop it or stream no more")
+        if self.datasets is not None and (self.pair_selection != "all" or self.pair_order not in ("auto", "shuffled")):
+            raise ValueError("pair_selection / pair_order read an audit of train_file; with a datasets mixture, "
+                             "write the mixture to one file, audit it and train on that file")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("load_in_4bit and load_in_8bit: choose one")
+        if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
+            raise ValueError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}: choose one of {METHODS}")
         if isinstance(self.loss_type, str):  # YAML or Python: one name, or names separated by commas or spaces
@@ -335,13 +407,58 @@ class AdaptiveDPOConfig(TrainingArguments):
                 self.eval_file = self.train_file
 
     def from_pretrained_kwargs(self) -> dict[str, Any]:
-        """What from_pretrained gets besides dtype and attention: model_init_kwargs, revision, trust_remote_code."""
+        """What from_pretrained gets besides dtype and attention: model_init_kwargs, revision, trust_remote_code,
+        and the bitsandbytes config of load_in_4bit / load_in_8bit."""
         out = dict(self.model_init_kwargs or {})
         if self.model_revision:
             out["revision"] = self.model_revision
         if self.trust_remote_code:
             out["trust_remote_code"] = True
+        quantization = self.quantization_config()
+        if quantization is not None:
+            if "quantization_config" in out:
+                raise ValueError("load_in_4bit/load_in_8bit and model_init_kwargs.quantization_config both quantise "
+                                 "the model; give one")
+            out["quantization_config"] = quantization
         return out
+
+    def quantization_config(self) -> Any:
+        """TRL's ``get_quantization_config``: a ``BitsAndBytesConfig`` for load_in_4bit / load_in_8bit (compute in
+        the weights' dtype), else None."""
+        if not (self.load_in_4bit or self.load_in_8bit):
+            return None
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as e:
+            raise ImportError("load_in_4bit / load_in_8bit need bitsandbytes: pip install 'adaptdpo[quantization]'") \
+                from e
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        if self.load_in_8bit:
+            return BitsAndBytesConfig(load_in_8bit=True)
+        compute = None if self.dtype == "auto" else getattr(torch, self.dtype)
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute,
+                                  bnb_4bit_quant_type=self.bnb_4bit_quant_type,
+                                  bnb_4bit_use_double_quant=self.use_bnb_nested_quant,
+                                  bnb_4bit_quant_storage=self.bnb_4bit_quant_storage)
+
+    def lora_config(self) -> Any:
+        """TRL's ``get_peft_config``: the ``peft.LoraConfig`` of use_peft and the lora_* fields."""
+        try:
+            from peft import LoraConfig
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError("use_peft needs peft: pip install 'adaptdpo[peft]'") from e
+        targets = self.lora_target_modules
+        # peft's keyword is a string; TRL passes any single name as a string, which peft then reads as a regex
+        # over full module paths, so `--lora_target_modules q_proj` matches nothing there: only the keyword here
+        if targets == ["all-linear"]:
+            targets = "all-linear"
+        extra = {"target_parameters": self.lora_target_parameters} if self.lora_target_parameters else {}
+        return LoraConfig(task_type=self.lora_task_type, r=self.lora_r, target_modules=targets,
+                          lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, bias="none",
+                          use_rslora=self.use_rslora, use_dora=self.use_dora,
+                          modules_to_save=self.lora_modules_to_save, **extra)
 
     @property
     def resolved_pair_order(self) -> str:
@@ -367,9 +484,58 @@ class AdaptiveDPOConfig(TrainingArguments):
                 isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float, bool)) for v in value)
             ):
                 out[f.name] = list(value) if isinstance(value, tuple) else value
-            elif isinstance(value, dict):
+            elif isinstance(value, dict) or (isinstance(value, list) and all(isinstance(v, dict) for v in value)):
                 out[f.name] = value
         return out
+
+
+#: the keys of one entry of a dataset mixture (TRL's DatasetConfig: datasets.load_dataset's arguments)
+MIXTURE_KEYS = ("path", "name", "data_dir", "data_files", "split", "columns", "fraction")
+
+
+def parse_dataset_mixture(value: Any) -> list[dict[str, Any]] | None:
+    """``datasets`` (a list of entries, or its JSON / YAML text from the command line) checked entry by entry;
+    errors name ``datasets[i].key``."""
+    if value is None or value == [] or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)  # JSON is YAML
+        except yaml.YAMLError as e:
+            raise ValueError(f"datasets: not a JSON/YAML list of entries: {e}".replace("\n", " ")) from None
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"datasets must be a list of entries {{path, name, data_files, ...}}, got "
+                         f"{type(value).__name__}")
+    entries = []
+    for i, entry in enumerate(value):
+        if dataclasses.is_dataclass(entry):  # a trl DatasetConfig
+            entry = dataclasses.asdict(entry)
+        if isinstance(entry, str):
+            entry = {"path": entry}
+        if not isinstance(entry, dict):
+            raise ValueError(f"datasets[{i}] must be a mapping with a path, got {type(entry).__name__}")
+        unknown = sorted(set(entry) - set(MIXTURE_KEYS))
+        if unknown:
+            raise ValueError(f"datasets[{i}]: unknown key(s) {', '.join(unknown)}; an entry has "
+                             f"{', '.join(MIXTURE_KEYS)}")
+        if not entry.get("path"):
+            raise ValueError(f"datasets[{i}].path is required (a hub name, a local file or folder, or a builder "
+                             "such as json with data_files)")
+        fraction = entry.get("fraction")
+        if fraction is not None and not (isinstance(fraction, (int, float)) and fraction >= 0):
+            raise ValueError(f"datasets[{i}].fraction must be a number >= 0, got {fraction!r}")
+        columns = entry.get("columns")
+        if columns is not None and (isinstance(columns, str) or not all(isinstance(c, str) for c in columns)):
+            raise ValueError(f"datasets[{i}].columns must be a list of column names, got {columns!r}")
+        entries.append({"split": "train", **{k: v for k, v in entry.items() if v is not None}})
+    given = [e.get("fraction") is not None for e in entries]
+    if any(given) and not all(given):
+        raise ValueError("datasets: fraction must be set for every entry of the mixture or for none")
+    if all(given) and not sum(e["fraction"] for e in entries) > 0:
+        raise ValueError("datasets: the fractions add up to 0")
+    return entries
 
 
 def _field_names() -> set[str]:

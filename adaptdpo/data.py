@@ -370,12 +370,15 @@ def text_row_as_messages(row: dict[str, Field], only_hh: bool) -> dict[str, Fiel
 
 def load_preference_rows(source: str, split: str = "train", *, skip_invalid: bool = False,
                          implicit_prompt_marker: str | None = "\n\nAssistant:", limit: int | None = None,
-                         config_name: str | None = None) -> tuple[list[dict[str, Field]], LoadReport]:
-    """Read and validate every row of ``source``; return normalised rows and a report."""
+                         config_name: str | None = None,
+                         raw_rows: Iterable[RowOrError] | None = None) -> tuple[list[dict[str, Field]], LoadReport]:
+    """Read and validate every row of ``source`` (or of ``raw_rows``, rows already read, with ``source`` naming
+    them in errors); return normalised rows and a report."""
     report = LoadReport(source=source)
     rows: list[dict[str, Field]] = []
     kind: bool | None = None
-    for index, (raw, line) in enumerate(read_rows(source, split, config_name)):
+    raw_rows = read_rows(source, split, config_name) if raw_rows is None else raw_rows
+    for index, (raw, line) in enumerate(raw_rows):
         if limit is not None and report.rows_kept >= limit:
             break
         report.rows_read += 1

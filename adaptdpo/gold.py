@@ -27,6 +27,7 @@ GOLD_TRAIN_DEFAULTS: dict[str, Any] = {
     "logging_steps": 8,
     "save_strategy": "no",
     "report_to": "none",
+    "activation_checkpointing": False,  # a 0.1 M-parameter model has no memory to save; recomputing costs time
     "use_cpu": True,
     "disable_tqdm": True,
     "dataloader_num_workers": 0,

@@ -232,7 +232,8 @@ def branch_pooling_masks(segments: Tensor) -> Tensor:
 
 
 def sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], output_hidden_states: bool = False,
-                   token_stats: bool = False, ld_alpha: float | None = None, wpo: bool = False) -> SequenceLogps:
+                   token_stats: bool = False, ld_alpha: float | None = None, wpo: bool = False,
+                   model_kwargs: dict[str, Any] | None = None) -> SequenceLogps:
     """Forward ``batch`` and sum log π(token) over the completion tokens of every row.
 
     A packed batch (``segment_ids`` present, see :class:`adaptdpo.data.PreferenceCollator`) goes through
@@ -244,13 +245,17 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], output_hidd
     ``token_stats``: also the sums behind TRL's ``entropy``, ``logits/chosen|rejected`` and
     ``mean_token_accuracy`` over the completion tokens (:class:`TokenStats`, detached). ``ld_alpha``: LD-DPO's
     weighting of the tokens beyond the pair's shared length (:func:`ld_weights`). ``wpo``: also WPO's per-sequence
-    mean aligned log-prob (``wpo_mean``).
+    mean aligned log-prob (``wpo_mean``). ``model_kwargs``: more arguments of the forward (e.g.
+    ``output_router_logits``; the stacked layout only).
     """
     if "segment_ids" in batch:
+        if model_kwargs:
+            raise ValueError(f"the shared-prompt layout takes no extra forward arguments ({', '.join(model_kwargs)})")
         return packed_sequence_logps(model, batch, output_hidden_states, token_stats, ld_alpha, wpo)
     width = batch["input_ids"].shape[1]
     keep = completion_window(batch) if accepts_logits_to_keep(model) else width
     kwargs = {"logits_to_keep": keep} if keep < width else {}
+    kwargs.update(model_kwargs or {})
     outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
                     output_hidden_states=output_hidden_states, **kwargs)
     start = width - keep + 1  # the first label position covered

@@ -37,6 +37,9 @@ RESUME_NEUTRAL_FIELDS = frozenset({
     "dataloader_persistent_workers", "dataloader_prefetch_factor", "log_level", "log_level_replica",
     "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo", "hub_strategy", "hub_always_push",
     "hub_revision", "save_total_limit", "ref_cache_dir", "trace_pairs",
+    # memory and speed only: the same numbers either way (tested), so a run stopped for memory can resume with them
+    "gradient_checkpointing", "gradient_checkpointing_kwargs", "activation_checkpointing",
+    "activation_checkpointing_kwargs", "activation_offloading", "dataset_num_proc",
 })
 PAIR_TRACE_FILE = "pairs.jsonl"
 

@@ -71,14 +71,27 @@ class PreparedData:
 
 
 def prepare_rows(config: AdaptiveDPOConfig) -> PreparedData:
-    train_rows, train_report = load_preference_rows(
-        config.train_file, config.train_split, skip_invalid=config.skip_invalid_rows,
-        config_name=config.dataset_config,
-        implicit_prompt_marker=config.implicit_prompt_marker,
-        limit=None if config.eval_file is None and config.eval_fraction > 0 else config.max_train_samples)
-    reports = [train_report]
+    held_out_later = config.eval_file is None and (config.eval_fraction > 0 or config.test_split_size is not None)
+    limit = None if held_out_later else config.max_train_samples
+    if config.datasets:
+        from .data_sources import load_mixture_rows
+
+        train_rows, reports = load_mixture_rows(config.datasets, skip_invalid=config.skip_invalid_rows,
+                                                implicit_prompt_marker=config.implicit_prompt_marker, limit=limit)
+    else:
+        train_rows, train_report = load_preference_rows(
+            config.train_file, config.train_split, skip_invalid=config.skip_invalid_rows,
+            config_name=config.dataset_config, implicit_prompt_marker=config.implicit_prompt_marker, limit=limit)
+        reports = [train_report]
     eval_rows = None
-    if config.eval_file:
+    seed = config.data_seed if config.data_seed is not None else config.seed
+    if config.test_split_size is not None and config.eval_file is None:
+        from .data_sources import split_off_test_rows
+
+        train_rows, eval_rows = split_off_test_rows(train_rows, config.test_split_size, seed)
+        eval_rows = eval_rows[: config.max_eval_samples]
+        train_rows = train_rows[: config.max_train_samples]
+    elif config.eval_file:
         eval_rows, eval_report = load_preference_rows(
             config.eval_file, config.eval_split, skip_invalid=config.skip_invalid_rows,
             config_name=config.dataset_config if config.eval_file == config.train_file else None,
@@ -86,7 +99,7 @@ def prepare_rows(config: AdaptiveDPOConfig) -> PreparedData:
         reports.append(eval_report)
     elif config.eval_fraction > 0:
         order = list(range(len(train_rows)))
-        random.Random(config.data_seed if config.data_seed is not None else config.seed).shuffle(order)
+        random.Random(seed).shuffle(order)
         n_eval = max(1, round(config.eval_fraction * len(train_rows)))
         held = set(order[:n_eval])
         eval_rows = [r for i, r in enumerate(train_rows) if i in held]
@@ -165,19 +178,27 @@ def build_models(config: AdaptiveDPOConfig, train_rows: list[dict[str, Any]]) ->
     return policy, reference, tokenizer
 
 
-def apply_chat_format(config: AdaptiveDPOConfig, data: PreparedData, tokenizer: Any) -> int:
-    """Render text rows through the chat template (``chat_format``); returns how many rows were converted."""
+def chat_conversion(config: AdaptiveDPOConfig, tokenizer: Any) -> str | None:
+    """Which text rows ``chat_format`` renders as chat messages: "all", "hh" (Anthropic HH text only) or None."""
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if config.chat_format == "raw" or (config.chat_format == "auto" and (
             config.model_name_or_path in TINY_PRESETS or not has_template)):
-        return 0
+        return None
     if not has_template:
         raise ValueError("chat_format=messages needs a tokenizer with a chat template; this one has none "
                          "(use chat_format: raw)")
+    return "hh" if config.chat_format == "auto" else "all"
+
+
+def apply_chat_format(config: AdaptiveDPOConfig, data: PreparedData, tokenizer: Any) -> int:
+    """Render text rows through the chat template (``chat_format``); returns how many rows were converted."""
+    conversion = chat_conversion(config, tokenizer)
+    if conversion is None:
+        return 0
     converted = 0
     for rows in (data.train_rows, data.eval_rows or []):
         for i, row in enumerate(rows):
-            as_messages = text_row_as_messages(row, only_hh=config.chat_format == "auto")
+            as_messages = text_row_as_messages(row, only_hh=conversion == "hh")
             if as_messages is not None:
                 rows[i] = as_messages
                 converted += 1
@@ -188,14 +209,50 @@ def apply_chat_format(config: AdaptiveDPOConfig, data: PreparedData, tokenizer: 
     return converted
 
 
+#: rows of a stream read to train a tiny preset's tokenizer
+TOKENIZER_SAMPLE_ROWS = 2000
+
+
+def streamed_sources(config: AdaptiveDPOConfig) -> tuple[Any, Any]:
+    """``dataset_streaming``: the raw training and evaluation streams (``IterableDataset``; eval None without
+    eval_file / dataset_test_split)."""
+    from .data_sources import streamed_mixture, streamed_source
+
+    if config.datasets:
+        train = streamed_mixture(config.datasets)
+    else:
+        train = streamed_source(config.train_file, config.train_split, config.dataset_config)
+    if config.max_train_samples is not None:
+        train = train.take(config.max_train_samples)
+    evaluation = None
+    if config.eval_file:
+        evaluation = streamed_source(config.eval_file, config.eval_split,
+                                     config.dataset_config if config.eval_file == config.train_file else None)
+        if config.max_eval_samples is not None:
+            evaluation = evaluation.take(config.max_eval_samples)
+    return train, evaluation
+
+
+def stream_sample_rows(config: AdaptiveDPOConfig, stream: Any) -> list[dict[str, Any]]:
+    """The first rows of a stream, validated (a tiny preset trains its tokenizer on them)."""
+    import itertools
+
+    from .compat.trainer_inputs import normalised_row
+
+    head = itertools.islice(iter(stream), TOKENIZER_SAMPLE_ROWS)
+    return [normalised_row(raw, i, config, stream_label(config)) for i, raw in enumerate(head)]
+
+
+def stream_label(config: AdaptiveDPOConfig, evaluation: bool = False) -> str:
+    if evaluation:
+        return f"{config.eval_file} (streamed)"
+    return "datasets mixture (streamed)" if config.datasets else f"{config.train_file} (streamed)"
+
+
 def apply_lora(config: AdaptiveDPOConfig, policy: Any) -> Any:
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("use_peft needs peft: pip install 'adaptdpo[peft]'") from e
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=config.lora_target_modules, task_type="CAUSAL_LM")
-    return get_peft_model(policy, lora)
+    from peft import get_peft_model
+
+    return get_peft_model(policy, config.lora_config())
 
 
 class ConfigChangedError(ValueError):
@@ -306,6 +363,13 @@ def _run_training(config: AdaptiveDPOConfig, extra_callbacks: list | None) -> di
         raise ValueError("model_name_or_path is required: a local model folder, a .gguf file, a packaged model "
                          f"(smollm2-135m-instruct) or a hub id; or a tiny preset ({', '.join(TINY_PRESETS)}) for a "
                          "small model with random weights")
+    if config.load_in_4bit or config.load_in_8bit:
+        if not config.use_peft:
+            raise ValueError("load_in_4bit / load_in_8bit train a LoRA adapter on a quantised base (QLoRA): set "
+                             "use_peft true")
+        if config.model_name_or_path in TINY_PRESETS:
+            raise ValueError(f"load_in_4bit / load_in_8bit quantise a model as it is loaded; the tiny preset "
+                             f"{config.model_name_or_path} is built, not loaded: save it and pass its folder")
     done = completed_run(config.output_dir)
     if done is not None and not config.overwrite_output_dir:
         old = read_config(config.output_dir)
@@ -322,33 +386,51 @@ def _run_training(config: AdaptiveDPOConfig, extra_callbacks: list | None) -> di
         resume = resolve_resume(config)
     check_config_unchanged(config, resume)
     set_seed(config.seed)
-    data = prepare_rows(config)
-    selection = apply_pair_selection(config, data)
+    streams = streamed_sources(config) if config.dataset_streaming else None
+    if streams is not None:
+        data = PreparedData(stream_sample_rows(config, streams[0]), None, [])
+        selection = None
+    else:
+        data = prepare_rows(config)
+        selection = apply_pair_selection(config, data)
     policy, reference, tokenizer = build_models(config, data.train_rows)
     if config.sams_pretrain != "none":
         reference = None  # scheduler pre-training trains on the chosen responses alone: no reference
     if config.use_peft:
         policy = apply_lora(config, policy)
     check_half_precision_updates(policy, config.learning_rate, config.allow_half_precision_updates)
-    chat_rows = apply_chat_format(config, data, tokenizer)
-    skip_report = (lambda i: data.reports[i]) if config.skip_invalid_rows else (lambda i: None)
-    tokenize = functools.partial(tokenize_dataset, tokenizer=tokenizer, max_length=config.max_length,
-                                 max_prompt_length=config.max_prompt_length, num_proc=config.dataset_num_proc,
-                                 main_process_first=config.main_process_first)
-    train_dataset, train_truncated = tokenize(data.train_rows, source=config.train_file, report=skip_report(0))
-    eval_dataset, eval_truncated = None, 0
-    if data.eval_rows:
-        eval_dataset, eval_truncated = tokenize(data.eval_rows, source=config.eval_file or config.train_file,
-                                                report=skip_report(len(data.reports) - 1))
+    if streams is not None:
+        from .compat.trainer_inputs import streamed_dataset
 
-    warn_about_short_epochs(config, len(train_dataset))
-    data_summary = {
-        "train_pairs": len(train_dataset), "eval_pairs": len(eval_dataset) if eval_dataset is not None else 0,
-        "train_truncated_pairs": train_truncated, "eval_truncated_pairs": eval_truncated,
-        "skipped_rows": sum(len(r.skipped) for r in data.reports),
-        "implicit_prompt_rows": sum(r.implicit_prompt_rows for r in data.reports),
-        "chat_formatted_rows": chat_rows,
-    }
+        hh_as_messages = chat_conversion(config, tokenizer) == "hh"
+        train_dataset = streamed_dataset(streams[0], tokenizer, config, stream_label(config), hh_as_messages)
+        eval_dataset = None if streams[1] is None else streamed_dataset(
+            streams[1], tokenizer, config, stream_label(config, evaluation=True), hh_as_messages)
+        data_summary: dict[str, Any] = {"streamed": True, "train_pairs": None, "eval_pairs": None,
+                                        "max_steps": config.max_steps}
+        logger.info("dataset_streaming: rows are validated and tokenised as they arrive; training stops after "
+                    "max_steps=%d", config.max_steps)
+    else:
+        chat_rows = apply_chat_format(config, data, tokenizer)
+        skip_report = (lambda i: data.reports[i]) if config.skip_invalid_rows else (lambda i: None)
+        tokenize = functools.partial(tokenize_dataset, tokenizer=tokenizer, max_length=config.max_length,
+                                     max_prompt_length=config.max_prompt_length, num_proc=config.dataset_num_proc,
+                                     main_process_first=config.main_process_first)
+        train_source = "datasets mixture" if config.datasets else config.train_file
+        train_dataset, train_truncated = tokenize(data.train_rows, source=train_source, report=skip_report(0))
+        eval_dataset, eval_truncated = None, 0
+        if data.eval_rows:
+            eval_dataset, eval_truncated = tokenize(data.eval_rows, source=config.eval_file or train_source,
+                                                    report=skip_report(len(data.reports) - 1))
+
+        warn_about_short_epochs(config, len(train_dataset))
+        data_summary = {
+            "train_pairs": len(train_dataset), "eval_pairs": len(eval_dataset) if eval_dataset is not None else 0,
+            "train_truncated_pairs": train_truncated, "eval_truncated_pairs": eval_truncated,
+            "skipped_rows": sum(len(r.skipped) for r in data.reports),
+            "implicit_prompt_rows": sum(r.implicit_prompt_rows for r in data.reports),
+            "chat_formatted_rows": chat_rows,
+        }
     if selection is not None:
         data_summary["pair_selection"] = {"kept": len(selection["kept"]), "dropped": len(selection["dropped"]),
                                           "order": selection["order"]}

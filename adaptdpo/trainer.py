@@ -109,17 +109,20 @@ class ReferenceSyncCallback(TrainerCallback):
             ref_param.mul_(1.0 - alpha).add_(param.to(ref_param.dtype), alpha=alpha)
 
 
-def warn_about_moe_aux_loss(model: torch.nn.Module) -> None:
-    """TRL adds a mixture-of-experts model's load-balancing loss (its config's router_aux_loss_coef) to the DPO
-    loss; adaptdpo does not yet: say so instead of differing silently."""
+def router_aux_loss_coefficient(model: torch.nn.Module, args: AdaptiveDPOConfig) -> float:
+    """The weight of a mixture-of-experts model's router load-balancing loss in the training loss, as TRL:
+    ``router_aux_loss_coef``, or the model config's own when unset; 0 for a dense model (a value set for one is
+    an error: there is nothing to weight)."""
     config = getattr(unwrap(model), "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    coef = getattr(text_config, "router_aux_loss_coef", 0.0) if hasattr(text_config, "output_router_logits") else 0.0
-    if coef:
-        logger.warning("%s is a mixture-of-experts model: TRL adds its router load-balancing loss "
-                       "(router_aux_loss_coef %g) to the DPO loss, adaptdpo does not yet, so the experts' balance is "
-                       "not trained",
-                       type(unwrap(model)).__name__, coef)
+    is_moe = hasattr(text_config, "output_router_logits")
+    coef = args.router_aux_loss_coef
+    if coef and not is_moe:
+        raise ValueError(f"router_aux_loss_coef={coef}, but {type(unwrap(model)).__name__} is not a "
+                         "mixture-of-experts model that returns router logits: there is no auxiliary loss to weight")
+    if coef is None:
+        coef = getattr(text_config, "router_aux_loss_coef", 0.0) if is_moe else 0.0
+    return float(coef or 0.0)
 
 
 class TrainingStalledError(RuntimeError):
@@ -139,8 +142,8 @@ class AdaptiveDPOTrainer(Trainer):
     def __init__(self, model: torch.nn.Module | str, ref_model: torch.nn.Module | None = None,
                  args: AdaptiveDPOConfig | Any = None, data_collator: Any = None, train_dataset: Any = None,
                  eval_dataset: Any = None, processing_class: Any = None, compute_metrics: Any = None,
-                 callbacks: list | None = None, optimizers: tuple[Any, Any] = (None, None), peft_config: Any = None,
-                 step_policy: StepPolicy | None = None):
+                 callbacks: list | None = None, optimizers: tuple[Any, Any] = (None, None),
+                 quantization_config: Any = None, peft_config: Any = None, step_policy: StepPolicy | None = None):
         """TRL 1.16 ``DPOTrainer``'s signature (same order and names), plus ``step_policy``.
 
         ``model`` may be a name or path; ``args`` may be None or a ``trl.DPOConfig``; without ``ref_model`` the
@@ -157,7 +160,7 @@ class AdaptiveDPOTrainer(Trainer):
         )
 
         args = resolve_args(args, model)
-        model = resolve_model(model, args)
+        model = resolve_model(model, args, quantization_config)
         if processing_class is not None or data_collator is None:
             processing_class = resolve_tokenizer(processing_class, model, args)
         if peft_config is not None:
@@ -169,6 +172,8 @@ class AdaptiveDPOTrainer(Trainer):
         if needs_copy:
             ref_model = frozen_copy(model)
         model = apply_peft(model, peft_config)
+        if _is_peft_model(model) and args.gradient_checkpointing:
+            model.enable_input_require_grads()  # as TRL: checkpointed layers need an input that requires grad
         import datasets
 
         if isinstance(train_dataset, datasets.IterableDataset):
@@ -179,12 +184,16 @@ class AdaptiveDPOTrainer(Trainer):
             args.accelerator_config.dispatch_batches = False
         train_dataset = prepare_dataset(train_dataset, processing_class, args, "train_dataset")
         eval_dataset = prepare_dataset(eval_dataset, processing_class, args, "eval_dataset")
+        self.router_aux_loss_coef = router_aux_loss_coefficient(model, args)
         if data_collator is None:
             if processing_class is None:
                 raise ValueError("pass processing_class (the tokenizer) or a data_collator")
-            data_collator = PreferenceCollator(processing_class.pad_token_id, args.pad_to_multiple_of,
-                                               shared_prompt=self._use_shared_prompt(args, model, ref_model))
-        warn_about_moe_aux_loss(model)
+            data_collator = PreferenceCollator(
+                processing_class.pad_token_id, args.pad_to_multiple_of,
+                shared_prompt=self._use_shared_prompt(args, model, ref_model, self.router_aux_loss_coef > 0))
+        if args.ignore_bias_buffers:  # TRL's DDP workaround: boolean buffers (attention masks) stay out of the sync
+            model._ddp_params_and_buffers_to_ignore = [name for name, buffer in model.named_buffers()
+                                                       if buffer.dtype == torch.bool]
         if args.disable_dropout:
             disable_dropout(model)
             if ref_model is not None:
@@ -232,8 +241,17 @@ class AdaptiveDPOTrainer(Trainer):
             self.add_callback(ReferenceSyncCallback(self))
 
     @staticmethod
-    def _use_shared_prompt(args: AdaptiveDPOConfig, model: torch.nn.Module, ref_model: torch.nn.Module | None) -> bool:
+    def _use_shared_prompt(args: AdaptiveDPOConfig, model: torch.nn.Module, ref_model: torch.nn.Module | None,
+                           router_aux_loss: bool = False) -> bool:
         if args.shared_prompt == "off" or args.sams_pretrain != "none":  # pre-training reads chosen rows only
+            return False
+        if router_aux_loss:  # the router's load statistics take a 2D padding mask, not the branch mask
+            if args.shared_prompt == "on":
+                raise ValueError("shared_prompt=on cannot be used with a mixture-of-experts model's router loss "
+                                 "(router_aux_loss_coef): its token counts need the stacked layout; use auto or off, "
+                                 "or router_aux_loss_coef 0")
+            logger.info("mixture-of-experts model with router_aux_loss_coef %g: the stacked layout (shared_prompt "
+                        "off), whose padding mask the router's load-balancing loss reads", args.router_aux_loss_coef)
             return False
         supported = supports_shared_prompt(model) and (ref_model is None or supports_shared_prompt(ref_model))
         if args.shared_prompt == "on" and not supported:
@@ -396,10 +414,12 @@ class AdaptiveDPOTrainer(Trainer):
         subset = wants_contexts and getattr(self.step_policy, "mode", "mask") == "subset"
         context_source = self.args.sams_context_source if wants_contexts else None
         # subset mode: this forward only scores the pairs; the gradient comes from a second, smaller one
+        router = {"output_router_logits": True} if self.router_aux_loss_coef else None
         with torch.no_grad() if subset else contextlib.nullcontext():
             policy = sequence_logps(model, inputs, output_hidden_states=context_source == "policy",
                                     token_stats=self.args.token_metrics, ld_alpha=self.args.ld_alpha,
-                                    wpo=self.args.use_weighting)
+                                    wpo=self.args.use_weighting, model_kwargs=None if subset else router)
+        aux_loss = getattr(policy.outputs, "aux_loss", None) if router else None
         chosen_logps, rejected_logps = policy.split()
         chosen_lengths, rejected_lengths = policy.lengths.chunk(2, dim=0)
         ref_chosen, ref_rejected, ref_outputs = self.reference_logps(
@@ -431,7 +451,7 @@ class AdaptiveDPOTrainer(Trainer):
             pairs.append(torch.exp(chosen_wpo + rejected_wpo).to(chosen_logps.dtype))
         keep = None if plan.train_mask is None else plan.train_mask[mine].to(chosen_logps.device)
         if subset:
-            pairs, beta, keep = self._subset_forward(model, inputs, pairs, beta, keep)
+            pairs, beta, keep, aux_loss = self._subset_forward(model, inputs, pairs, beta, keep, router)
         if keep is not None and any(t in BATCH_COUPLED_LOSSES for t in self.args.loss_type):
             # AOT sorts the pairs of its batch, kto_pair averages them: their batch is the kept pairs
             kept = keep.nonzero().squeeze(1)
@@ -447,9 +467,20 @@ class AdaptiveDPOTrainer(Trainer):
             losses = losses * pairs[6]
         weights = torch.ones_like(losses) if keep is None else keep.to(losses.dtype)
         loss = self._reduce(losses * weights, weights, training, num_items_in_batch)
+        if aux_loss is not None:  # MoE router load balancing (TRL adds it to its per-micro-batch mean loss)
+            loss = loss + self.router_aux_loss_coef * aux_loss / self._micro_batches_per_step(training,
+                                                                                              num_items_in_batch)
+            self._metrics[mode]["aux_loss"].append(self._gather(aux_loss.detach().float()[None])[0].mean())
         self._record_metrics(mode, chosen_logps, rejected_logps, ref_chosen, ref_rejected, plan, gathered)
         self._record_token_metrics(mode, policy.stats, inputs)
         return (loss, None) if return_outputs else loss
+
+    def _micro_batches_per_step(self, training: bool, num_items_in_batch: Any) -> int:
+        """The micro-batches of this optimizer step, by which a per-micro-batch loss term is divided (as the Trainer
+        divides a loss not scaled for accumulation); 1 outside training."""
+        if not training or num_items_in_batch is None:
+            return 1
+        return int(getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps))
 
     def _reduce(self, weighted: Tensor, weights: Tensor, training: bool, num_items_in_batch: Any) -> Tensor:
         if training and num_items_in_batch is not None:
@@ -459,12 +490,14 @@ class AdaptiveDPOTrainer(Trainer):
         return weighted.sum() / weights.sum().clamp(min=1)
 
     def _subset_forward(self, model: torch.nn.Module, inputs: dict[str, Tensor], pairs: list[Tensor],
-                        beta: Tensor, keep: Tensor | None) -> tuple[list[Tensor], Tensor, Tensor | None]:
+                        beta: Tensor, keep: Tensor | None, model_kwargs: dict[str, Any] | None = None,
+                        ) -> tuple[list[Tensor], Tensor, Tensor | None, Tensor | None]:
         """SamS subset mode: forward and backward on this rank's selected pairs only.
 
         Returns the per-pair inputs of the loss restricted to those pairs (policy log-probs now with
-        gradient), their β, and their weights. A rank with no selected pair still runs one pair with
-        weight 0, so that every rank takes part in the gradient all-reduce.
+        gradient), their β, their weights, and the MoE router loss of this forward (None unless asked for with
+        ``model_kwargs``). A rank with no selected pair still runs one pair with weight 0, so that every rank takes
+        part in the gradient all-reduce.
         """
         n = pairs[0].shape[0]
         index = torch.arange(n, device=pairs[0].device) if keep is None else keep.nonzero().squeeze(1)
@@ -479,9 +512,11 @@ class AdaptiveDPOTrainer(Trainer):
             sub = {k: inputs[k][rows] for k in ("input_ids", "attention_mask", "completion_mask")}
         width = int(sub["attention_mask"].sum(dim=1).max())  # right padding: drop columns no kept row uses
         sub = {k: v[:, :width] for k, v in sub.items()}
-        chosen, rejected = sequence_logps(model, sub, ld_alpha=self.args.ld_alpha).split()
+        out = sequence_logps(model, sub, ld_alpha=self.args.ld_alpha, model_kwargs=model_kwargs)
+        chosen, rejected = out.split()
         rest = [t[index] for t in pairs[2:]]
-        return [chosen, rejected, *rest], beta[index] if beta.dim() == 1 else beta, weights
+        aux_loss = getattr(out.outputs, "aux_loss", None) if model_kwargs else None
+        return [chosen, rejected, *rest], beta[index] if beta.dim() == 1 else beta, weights, aux_loss
 
     def _scheduler_pretraining_loss(self, model: torch.nn.Module, inputs: dict[str, Tensor], training: bool,
                                     num_items_in_batch: Any) -> Tensor:
@@ -648,6 +683,14 @@ class AdaptiveDPOTrainer(Trainer):
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         with model_files_only():
             super()._push_from_checkpoint(checkpoint_folder)
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Tensor:
+        """One micro-batch's forward and backward; with ``activation_offloading`` the activations saved for
+        backward wait in (pinned) CPU memory (``torch.autograd.graph.save_on_cpu``)."""
+        if not self.args.activation_offloading:
+            return super().training_step(*args, **kwargs)
+        with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+            return super().training_step(*args, **kwargs)
 
     def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None) -> tuple[Tensor, None, None]:

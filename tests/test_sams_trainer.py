@@ -75,9 +75,9 @@ def test_subset_mode_rank_without_selected_pairs_still_joins_backward(models_and
     trainer = make_trainer(models_and_examples, tmp_path / "z", method="sams", sams_mode="subset")
     batch = dict(PreferenceCollator(0)(models_and_examples[2][:2]))
     pairs = [torch.zeros(2, requires_grad=False) for _ in range(6)]
-    pairs, _, weights = trainer._subset_forward(trainer.model, batch, pairs, torch.tensor(0.2),
+    pairs, _, weights, aux = trainer._subset_forward(trainer.model, batch, pairs, torch.tensor(0.2),
                                                    torch.zeros(2, dtype=torch.bool))
-    assert pairs[0].shape == (1,) and pairs[0].requires_grad and weights.tolist() == [False]
+    assert pairs[0].shape == (1,) and pairs[0].requires_grad and weights.tolist() == [False] and aux is None
 
 
 def test_beta_dpo_plus_sams_trains_on_the_selected_then_kept_pairs(models_and_examples, tmp_path):

@@ -38,12 +38,23 @@ def resolve_args(args: Any, model: Any) -> Any:
     return args
 
 
-def resolve_model(model: Any, args: Any) -> Any:
+def resolve_model(model: Any, args: Any, quantization_config: Any = None) -> Any:
+    """``model`` itself, or the model a name/path names, loaded with ``model_init_kwargs`` (and
+    ``quantization_config``, TRL's trainer argument, for a quantised base)."""
     if not isinstance(model, str):
+        if quantization_config is not None:
+            raise ValueError("quantization_config quantises a model as it is loaded, but the model is already "
+                             "loaded: pass its name or path, or drop quantization_config (as TRL)")
         return model
     from ..modeling import load_pretrained
 
-    return load_pretrained(model, args.dtype, args.attn_implementation, **args.from_pretrained_kwargs())
+    kwargs = args.from_pretrained_kwargs()
+    if quantization_config is not None:
+        if "quantization_config" in kwargs:
+            raise ValueError("quantization_config is given both to the trainer and in args (model_init_kwargs or "
+                             "load_in_4bit/8bit); give one")
+        kwargs["quantization_config"] = quantization_config
+    return load_pretrained(model, args.dtype, args.attn_implementation, **kwargs)
 
 
 def resolve_tokenizer(processing_class: Any, model: Any, args: Any = None) -> Any:
@@ -92,32 +103,38 @@ def _rows_of(dataset: Any, name: str) -> list[dict[str, Any]]:
                     f"{type(dataset).__name__}")
 
 
-def normalised_row(raw: dict[str, Any], index: int, args: Any, name: str) -> dict[str, Any]:
+def normalised_row(raw: dict[str, Any], index: int, args: Any, name: str,
+                   hh_as_messages: bool = False) -> dict[str, Any]:
     """One raw row validated and normalised (errors name ``name``, the row and the field); with
-    ``chat_format: messages``, plain text becomes messages."""
+    ``chat_format: messages``, plain text becomes messages (with ``hh_as_messages``, Anthropic HH text does)."""
     from ..data import normalise_row, text_row_as_messages
 
     row = normalise_row(dict(raw), name, index, None, args.implicit_prompt_marker)
-    if args.chat_format == "messages" and not isinstance(row["chosen"], list):
-        row = text_row_as_messages(row, only_hh=False) or row
+    if (args.chat_format == "messages" or hh_as_messages) and not isinstance(row["chosen"], list):
+        row = text_row_as_messages(row, only_hh=args.chat_format != "messages") or row
     return row
 
 
-def streamed_dataset(dataset: Any, tokenizer: Any, args: Any, name: str) -> Any:
+def streamed_dataset(dataset: Any, tokenizer: Any, args: Any, name: str, hh_as_messages: bool = False) -> Any:
     """An ``IterableDataset`` validated and tokenised lazily, row by row, as it streams (nothing is read ahead);
     a bad row stops training with an error naming the dataset, the row (its index in the stream) and the field."""
     from ..data import DataValidationError, pair_example, pair_problem, tokenize_pair
 
     def tokenise(raw: dict[str, Any], index: int) -> dict[str, Any]:
-        pair = tokenize_pair(normalised_row(raw, index, args, name), tokenizer, args.max_length,
+        pair = tokenize_pair(normalised_row(raw, index, args, name, hh_as_messages), tokenizer, args.max_length,
                              args.max_prompt_length)
         found = pair_problem(pair, args.max_length)
         if found is not None:
             raise DataValidationError(name, index, *found)
         return pair_example(pair, index)
 
-    return dataset.map(tokenise, with_indices=True).select_columns(
-        ["prompt_ids", "chosen_ids", "rejected_ids", "pair_id", "length"])
+    import datasets
+
+    ids = datasets.List(datasets.Value("int64"))
+    features = datasets.Features({"prompt_ids": ids, "chosen_ids": ids, "rejected_ids": ids,
+                                  "pair_id": datasets.Value("int64"), "length": datasets.Value("int64")})
+    mapped = dataset.map(tokenise, with_indices=True)
+    return mapped.select_columns(list(features)).cast(features)  # known columns: the trainer sees it is tokenised
 
 
 def is_tokenised(dataset: Any) -> bool:
