@@ -222,3 +222,29 @@ def test_conversational_data_trains_end_to_end(hh_rows, small, tmp_path):
     logs = train_logs(out)
     assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and len(logs) == 3
     assert summary["data"]["implicit_prompt_rows"] == 16 and summary["data"]["train_pairs"] == 16
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dpo", "beta_dpo+sams_subset"])
+def test_every_rank_holds_the_same_gradients_and_parameters_after_a_ddp_step(small, tmp_path, method):
+    """2 gloo processes: the gradients each rank applies and its parameters after the step are identical, bit for
+    bit, on both ranks, and non-zero (the ranks train on different pairs; SamS subset runs a second, smaller forward:
+    the path where skipping the wrapped model would skip the all-reduce, TRL #7245)."""
+    data, tok = small
+    dumps = tmp_path / "dumps"
+    settings = {**METHODS[method], "max_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 0.1}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               os.path.join(ROOT, "adaptdpo", "accelerate_configs", "cpu-2proc.yaml"),
+               os.path.join(ROOT, "tests", "ddp_probe.py"), str(dumps),
+               *base_argv(data, tok, str(tmp_path / "run"), **settings)]
+    done = run_command(command, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for step in (1, 2):
+        rank0 = torch.load(dumps / f"rank0-step{step}.pt")
+        rank1 = torch.load(dumps / f"rank1-step{step}.pt")
+        assert rank0["grads"].keys() == rank1["grads"].keys() and len(rank0["grads"]) > 0
+        for name, grad in rank0["grads"].items():
+            assert torch.equal(grad, rank1["grads"][name]), (step, name)
+        assert sum(float(g.abs().sum()) for g in rank0["grads"].values()) > 0
+        for name, value in rank0["params"].items():
+            assert torch.equal(value, rank1["params"][name]), (step, name)
