@@ -76,6 +76,11 @@ class TokenStats:
     def of(logits: Tensor, labels: Tensor, chosen: Tensor, rejected: Tensor) -> TokenStats:
         """Statistics of the positions where ``chosen`` / ``rejected`` (bool masks like ``labels``) are set."""
         entropy, mean_logit, top1 = token_statistics(logits, labels)
+        return TokenStats.of_tokens(entropy, mean_logit, top1, chosen, rejected)
+
+    @staticmethod
+    def of_tokens(entropy: Tensor, mean_logit: Tensor, top1: Tensor, chosen: Tensor, rejected: Tensor) -> TokenStats:
+        """The same from per-position entropy, mean logit and top-1 hit (the chunked head's statistics)."""
         chosen, rejected = chosen.bool(), rejected.bool()
         both = chosen | rejected
         return TokenStats((entropy * both).sum(), both.sum(), (mean_logit * chosen).sum(), chosen.sum(),
@@ -171,7 +176,7 @@ def branch_attention_mask(segments: Tensor, dtype: torch.dtype, boolean: bool) -
 
 def packed_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], output_hidden_states: bool = False,
                           token_stats: bool = False, ld_alpha: float | None = None,
-                          wpo: bool = False) -> SequenceLogps:
+                          wpo: bool = False, head_chunk: int | None = None) -> SequenceLogps:
     """The shared-prompt forward: one row [prompt, chosen, rejected] per pair, the prompt encoded once.
 
     Exact against the stacked layout up to floating-point reassociation (tested): the chosen branch sees
@@ -179,6 +184,8 @@ def packed_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], outp
     restarting at P; the first rejected token is scored from the last prompt position, like the first
     chosen one. Returns log-probs and lengths in the stacked order [chosen; rejected].
     """
+    from .lm_head import forward_window
+
     segments, ids = batch["segment_ids"], batch["input_ids"]
     attn = getattr(getattr(unwrap(model), "config", None), "_attn_implementation", "sdpa")
     dtype = next(model.parameters()).dtype
@@ -186,11 +193,12 @@ def packed_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], outp
     width = ids.shape[1]
     keep = completion_window(batch) if accepts_logits_to_keep(model) else width
     kwargs = {"logits_to_keep": keep} if keep < width else {}
-    outputs = model(input_ids=ids, attention_mask=mask, position_ids=batch["position_ids"], use_cache=False,
-                    output_hidden_states=output_hidden_states, **kwargs)
-    logits = outputs.logits[:, -keep:]  # positions width−keep .. width−1
-    start = width - keep
-    per_token = selective_log_softmax(logits[:, :-1], ids[:, start + 1:])  # predicts position t+1 from t
+    outputs, window = forward_window(model, keep, head_chunk, input_ids=ids, attention_mask=mask,
+                                     position_ids=batch["position_ids"], use_cache=False,
+                                     output_hidden_states=output_hidden_states, **kwargs)
+    start = width - keep  # the window holds positions width−keep .. width−1
+    scores = window.scores(lambda x: x[:, :-1], ids[:, start + 1:], token_stats, wpo)
+    per_token = scores.logp  # predicts position t+1 from t
     nxt, cur = segments[:, start + 1:], segments[:, start:-1]
     in_chosen, in_rejected = nxt == CHOSEN, (nxt == REJECTED) & (cur == REJECTED)
     prompt_len = (segments == PROMPT).sum(dim=1)
@@ -204,21 +212,23 @@ def packed_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], outp
     rejected = (per_token * in_rejected * rejected_w).sum(dim=-1)
     # the first rejected token is predicted from the last prompt position (not from the last chosen token)
     rows = torch.arange(ids.shape[0], device=ids.device)
-    last_prompt = logits[rows, prompt_len - 1 - start].float()
     first_rejected = ids[rows, prompt_len + chosen_len]
-    first_logp = last_prompt.gather(-1, first_rejected[:, None]).squeeze(-1) - torch.logsumexp(last_prompt, dim=-1)
+    last_prompt = window.scores(lambda x: x[rows, prompt_len - 1 - start][:, None], first_rejected[:, None],
+                                token_stats, wpo)
+    first_logp = last_prompt.logp[:, 0]
     rejected = rejected + first_logp
     wpo_mean = None
     if wpo:
-        aligned = per_token.detach() - log_sum_squared_probs(logits[:, :-1])
-        first = first_logp.detach() - log_sum_squared_probs(last_prompt)
+        aligned = per_token.detach() - scores.log_sum_sq
+        first = first_logp.detach() - last_prompt.log_sum_sq[:, 0]
         wpo_mean = torch.cat([(aligned * in_chosen).sum(dim=-1) / chosen_len.clamp(min=1),
                               ((aligned * in_rejected).sum(dim=-1) + first) / rejected_len.clamp(min=1)])
     stats = None
     if token_stats:
-        stats = TokenStats.of(logits[:, :-1], ids[:, start + 1:], in_chosen, in_rejected)
+        stats = TokenStats.of_tokens(scores.entropy, scores.mean_logit, scores.top1, in_chosen, in_rejected)
         first = torch.ones_like(first_rejected[:, None], dtype=torch.bool)
-        stats = stats + TokenStats.of(last_prompt[:, None], first_rejected[:, None], ~first, first)
+        stats = stats + TokenStats.of_tokens(last_prompt.entropy, last_prompt.mean_logit, last_prompt.top1, ~first,
+                                             first)
     outputs.logits = None
     lengths = torch.cat([chosen_len, rejected_len])
     return SequenceLogps(logps=torch.cat([chosen, rejected]), lengths=lengths, outputs=outputs, stats=stats,
@@ -233,7 +243,7 @@ def branch_pooling_masks(segments: Tensor) -> Tensor:
 
 def sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], output_hidden_states: bool = False,
                    token_stats: bool = False, ld_alpha: float | None = None, wpo: bool = False,
-                   model_kwargs: dict[str, Any] | None = None) -> SequenceLogps:
+                   model_kwargs: dict[str, Any] | None = None, head_chunk: int | None = None) -> SequenceLogps:
     """Forward ``batch`` and sum log π(token) over the completion tokens of every row.
 
     A packed batch (``segment_ids`` present, see :class:`adaptdpo.data.PreferenceCollator`) goes through
@@ -246,22 +256,28 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], output_hidd
     ``mean_token_accuracy`` over the completion tokens (:class:`TokenStats`, detached). ``ld_alpha``: LD-DPO's
     weighting of the tokens beyond the pair's shared length (:func:`ld_weights`). ``wpo``: also WPO's per-sequence
     mean aligned log-prob (``wpo_mean``). ``model_kwargs``: more arguments of the forward (e.g.
-    ``output_router_logits``; the stacked layout only).
+    ``output_router_logits``; the stacked layout only). ``head_chunk``: compute the LM head and log-softmax this
+    many positions at a time, forward and backward (:mod:`adaptdpo.lm_head`; the plain head where the model's head
+    does not allow it).
     """
+    from .lm_head import forward_window
+
     if "segment_ids" in batch:
         if model_kwargs:
             raise ValueError(f"the shared-prompt layout takes no extra forward arguments ({', '.join(model_kwargs)})")
-        return packed_sequence_logps(model, batch, output_hidden_states, token_stats, ld_alpha, wpo)
+        return packed_sequence_logps(model, batch, output_hidden_states, token_stats, ld_alpha, wpo, head_chunk)
     width = batch["input_ids"].shape[1]
     keep = completion_window(batch) if accepts_logits_to_keep(model) else width
     kwargs = {"logits_to_keep": keep} if keep < width else {}
     kwargs.update(model_kwargs or {})
-    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                    output_hidden_states=output_hidden_states, **kwargs)
+    outputs, window = forward_window(model, keep, head_chunk, input_ids=batch["input_ids"],
+                                     attention_mask=batch["attention_mask"], use_cache=False,
+                                     output_hidden_states=output_hidden_states, **kwargs)
     start = width - keep + 1  # the first label position covered
     labels = batch["input_ids"][:, start:]
     mask = batch["completion_mask"][:, start:].to(torch.float32)
-    per_token = selective_log_softmax(outputs.logits[:, -keep:-1], labels)
+    scores = window.scores(lambda x: x[:, :-1], labels, token_stats, wpo)
+    per_token = scores.logp
     lengths = batch["completion_mask"].sum(dim=-1)
     weights = mask
     if ld_alpha is not None:
@@ -271,13 +287,13 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], output_hidd
     logps = (per_token * weights).sum(dim=-1)
     wpo_mean = None
     if wpo:
-        aligned = per_token.detach() - log_sum_squared_probs(outputs.logits[:, -keep:-1])
+        aligned = per_token.detach() - scores.log_sum_sq
         wpo_mean = (aligned * mask).sum(dim=-1) / lengths.clamp(min=1)
     stats = None
     if token_stats:
         in_completion = mask.bool()
         is_chosen = (torch.arange(mask.shape[0], device=mask.device) < mask.shape[0] // 2)[:, None]
-        stats = TokenStats.of(outputs.logits[:, -keep:-1], labels, in_completion & is_chosen,
-                              in_completion & ~is_chosen)
+        stats = TokenStats.of_tokens(scores.entropy, scores.mean_logit, scores.top1, in_completion & is_chosen,
+                                     in_completion & ~is_chosen)
     outputs.logits = None  # free the full logits early; nothing downstream needs them
     return SequenceLogps(logps=logps, lengths=lengths, outputs=outputs, stats=stats, wpo_mean=wpo_mean)

@@ -39,7 +39,7 @@ RESUME_NEUTRAL_FIELDS = frozenset({
     "hub_revision", "save_total_limit", "ref_cache_dir", "trace_pairs",
     # memory and speed only: the same numbers either way (tested), so a run stopped for memory can resume with them
     "gradient_checkpointing", "gradient_checkpointing_kwargs", "activation_checkpointing",
-    "activation_checkpointing_kwargs", "activation_offloading", "dataset_num_proc",
+    "activation_checkpointing_kwargs", "activation_offloading", "dataset_num_proc", "lm_head_chunk_size",
 })
 PAIR_TRACE_FILE = "pairs.jsonl"
 

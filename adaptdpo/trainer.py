@@ -33,6 +33,7 @@ from transformers import Trainer, TrainerCallback
 from .checkpointing import CHECKPOINT_STATE_FILE, atomic_torch_save, mark_checkpoint_complete
 from .config import AdaptiveDPOConfig
 from .data import PreferenceCollator, batch_to, pairs_in_batch
+from .lm_head import chunkable_head
 from .logprobs import branch_pooling_masks, sequence_logps, supports_shared_prompt, unwrap
 from .losses import BATCH_COUPLED_LOSSES, combined_preference_loss
 from .methods import build_step_policy
@@ -185,6 +186,12 @@ class AdaptiveDPOTrainer(Trainer):
         train_dataset = prepare_dataset(train_dataset, processing_class, args, "train_dataset")
         eval_dataset = prepare_dataset(eval_dataset, processing_class, args, "eval_dataset")
         self.router_aux_loss_coef = router_aux_loss_coefficient(model, args)
+        self.head_chunk = args.lm_head_chunk_size
+        if self.head_chunk and chunkable_head(model) is None:
+            logger.info("lm_head_chunk_size=%d: %s's LM head is not a plain bias-free Linear holding its whole "
+                        "weight (or its logits are transformed after it), so the plain head is used",
+                        self.head_chunk, type(unwrap(model)).__name__)
+            self.head_chunk = None
         if data_collator is None:
             if processing_class is None:
                 raise ValueError("pass processing_class (the tokenizer) or a data_collator")
@@ -203,6 +210,9 @@ class AdaptiveDPOTrainer(Trainer):
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
                          compute_metrics=compute_metrics, optimizers=optimizers)
+        if self.head_chunk and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+            logger.info("lm_head_chunk_size: the plain LM head under FSDP / DeepSpeed (the head's weight is sharded)")
+            self.head_chunk = None
         self.step_policy: StepPolicy = step_policy or build_step_policy(args)
         if hasattr(self.step_policy, "broadcast"):  # rank 0's decision is everyone's
             from accelerate.utils import broadcast
@@ -275,7 +285,8 @@ class AdaptiveDPOTrainer(Trainer):
             return batch["ref_chosen_logps"], batch["ref_rejected_logps"], None
         model = self.ref_model if self.ref_model is not None else self.model
         with self._reference_context(), self.compute_loss_context_manager():
-            out = sequence_logps(model, batch, output_hidden_states=output_hidden_states, ld_alpha=self.args.ld_alpha)
+            out = sequence_logps(model, batch, output_hidden_states=output_hidden_states, ld_alpha=self.args.ld_alpha,
+                                 head_chunk=self.head_chunk)
         return *out.split(), out.outputs
 
     def _reference_fingerprint(self, reference: torch.nn.Module, dataset: Any) -> str:
@@ -325,7 +336,7 @@ class AdaptiveDPOTrainer(Trainer):
         with context:
             for batch in loader:
                 batch = batch_to(batch, device)
-                c, r = sequence_logps(reference, batch, ld_alpha=self.args.ld_alpha).split()
+                c, r = sequence_logps(reference, batch, ld_alpha=self.args.ld_alpha, head_chunk=self.head_chunk).split()
                 chosen.append(c.float().cpu())
                 rejected.append(r.float().cpu())
         reference.train(was_training)
@@ -418,7 +429,8 @@ class AdaptiveDPOTrainer(Trainer):
         with torch.no_grad() if subset else contextlib.nullcontext():
             policy = sequence_logps(model, inputs, output_hidden_states=context_source == "policy",
                                     token_stats=self.args.token_metrics, ld_alpha=self.args.ld_alpha,
-                                    wpo=self.args.use_weighting, model_kwargs=None if subset else router)
+                                    wpo=self.args.use_weighting, model_kwargs=None if subset else router,
+                                    head_chunk=self.head_chunk)
         aux_loss = getattr(policy.outputs, "aux_loss", None) if router else None
         chosen_logps, rejected_logps = policy.split()
         chosen_lengths, rejected_lengths = policy.lengths.chunk(2, dim=0)
@@ -512,7 +524,8 @@ class AdaptiveDPOTrainer(Trainer):
             sub = {k: inputs[k][rows] for k in ("input_ids", "attention_mask", "completion_mask")}
         width = int(sub["attention_mask"].sum(dim=1).max())  # right padding: drop columns no kept row uses
         sub = {k: v[:, :width] for k, v in sub.items()}
-        out = sequence_logps(model, sub, ld_alpha=self.args.ld_alpha, model_kwargs=model_kwargs)
+        out = sequence_logps(model, sub, ld_alpha=self.args.ld_alpha, model_kwargs=model_kwargs,
+                             head_chunk=self.head_chunk)
         chosen, rejected = out.split()
         rest = [t[index] for t in pairs[2:]]
         aux_loss = getattr(out.outputs, "aux_loss", None) if model_kwargs else None
@@ -528,7 +541,7 @@ class AdaptiveDPOTrainer(Trainer):
         chosen = {k: inputs[k][:n] for k in ("input_ids", "attention_mask", "completion_mask")}
         frozen = self.args.sams_pretrain == "frozen"
         with torch.no_grad() if frozen else contextlib.nullcontext():
-            out = sequence_logps(model, chosen, output_hidden_states=training)
+            out = sequence_logps(model, chosen, output_hidden_states=training, head_chunk=self.head_chunk)
         nll = -out.logps / out.lengths.clamp(min=1).to(out.logps.dtype)
         m = self._metrics["train" if training else "eval"]
         m["sft/nll"].append(nll.detach().mean())

@@ -1,6 +1,7 @@
 """Throughput of a preference step: TRL 1.16's DPOTrainer against every adaptdpo configuration, side by side.
 
     .venv/bin/python benchmarks/throughput.py [--hidden 256 --layers 4 --pairs 8 --max_length 256] [--memory]
+        [--configs NAME ...]
 
 Same model (a Llama-shaped random model), same HH pairs, same precision, gradient checkpointing off in
 all, the same optimizer; configurations alternate within each round and the table reports medians and
@@ -54,6 +55,9 @@ OURS = {  # name → (config overrides, packed batch?)
     "adaptdpo sams mask": ({"method": "sams", "sams_mode": "mask", **SAMS}, True),
     "adaptdpo sams subset": ({"method": "sams", "sams_mode": "subset", **SAMS}, True),
     "adaptdpo beta_dpo+sams subset": ({"method": "beta_dpo+sams", "sams_mode": "subset", **SAMS}, True),
+    # the model's own LM head over the whole completion window (the default computes it 512 positions at a time,
+    # adaptdpo/lm_head.py)
+    "adaptdpo dpo plain head": ({"method": "dpo", "lm_head_chunk_size": None}, True),
 }
 
 
@@ -119,6 +123,8 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--memory", action="store_true", help="also measure each step's peak memory above idle, "
                         "in a fresh process per configuration")
+    parser.add_argument("--configs", nargs="+", default=None, choices=list(OURS), metavar="NAME",
+                        help="only these adaptdpo configurations (with TRL and 'adaptdpo dpo'); default all")
     parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: memory of one configuration
     ns = parser.parse_args()
     if ns.only:
@@ -133,6 +139,8 @@ def main() -> None:
         trainers = {"TRL DPOTrainer": make_trl_trainer(policy, tok, os.path.join(workdir, "trl"), cuda)}
         batches = {"TRL DPOTrainer": batch}
         for i, (name, (overrides, is_packed)) in enumerate(OURS.items()):
+            if ns.configs and name not in ns.configs and name != "adaptdpo dpo":
+                continue
             trainers[name] = make_trainer(policy, tok, os.path.join(workdir, str(i)), overrides, cuda)
             batches[name] = packed if is_packed else batch
         for name, trainer in trainers.items():  # SamS: its scheduler fits on a full-size pool, as in a long run
