@@ -201,12 +201,13 @@ class AdaptiveDPOConfig(TrainingArguments):
                             choices=("none", "sft", "frozen"))
     shared_prompt: str = _f("auto", "Encode each prompt once: one packed row [prompt, chosen, rejected] per pair "
                             "with a branch attention mask (exact; less compute where prompts are long). auto: on "
-                            "when the model's attention takes a custom 4D mask (eager, sdpa); on; off (TRL's "
+                            "when the model's attention takes a custom mask (eager, sdpa: a dense 4D mask; "
+                            "flex_attention: a block-sparse BlockMask); on; off (TRL's "
                             "stacked layout).", choices=("auto", "on", "off"))
     lm_head_chunk_size: int | None = _f(512, "Compute the LM head and log-softmax over at most this many positions "
                                         "at a time, forward and backward, instead of holding the completion "
                                         "window's logits: memory O(chunk × vocabulary), the same numbers "
-                                        "(docs/performance.md: 0.37× the step memory at SmolLM2's vocabulary). None: "
+                                        "(docs/performance.md: 0.38× the step memory at SmolLM2's vocabulary). 0: "
                                         "the model's own head, also used (logged) for heads that are not a plain "
                                         "Linear, under FSDP and DeepSpeed, or with soft-capped logits.")
     plots: bool = _f(True, "Draw the run's plots (plots/*.png) at the end of training.")
@@ -323,8 +324,8 @@ class AdaptiveDPOConfig(TrainingArguments):
         if self.datasets is not None and (self.pair_selection != "all" or self.pair_order not in ("auto", "shuffled")):
             raise ValueError("pair_selection / pair_order read an audit of train_file; with a datasets mixture, "
                              "write the mixture to one file, audit it and train on that file")
-        if self.lm_head_chunk_size is not None and self.lm_head_chunk_size < 1:
-            raise ValueError(f"lm_head_chunk_size must be a positive number of positions (or unset), got "
+        if self.lm_head_chunk_size is not None and self.lm_head_chunk_size < 0:
+            raise ValueError(f"lm_head_chunk_size must be a number of positions (0: the plain head), got "
                              f"{self.lm_head_chunk_size}")
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("load_in_4bit and load_in_8bit: choose one")

@@ -152,11 +152,16 @@ def completion_window(batch: dict[str, Tensor]) -> int:
     return width - max(first, 1) + 1
 
 
+#: attention implementations that take the shared-prompt layout's branch mask: a dense 4D mask (eager, sdpa) or
+#: a FlexAttention BlockMask (flex_attention: block-sparse, no O(T²) mask)
+SHARED_PROMPT_ATTENTION = ("eager", "sdpa", "flex_attention")
+
+
 def supports_shared_prompt(model: torch.nn.Module) -> bool:
     """Whether the packed [prompt, chosen, rejected] forward can run: a transformers model whose attention
     takes a custom 4D mask (eager or sdpa) and explicit position ids."""
     config = getattr(unwrap(model), "config", None)
-    return (config is not None and getattr(config, "_attn_implementation", None) in ("eager", "sdpa")
+    return (config is not None and getattr(config, "_attn_implementation", None) in SHARED_PROMPT_ATTENTION
             and "position_ids" in forward_parameters(model) and not getattr(config, "is_encoder_decoder", False))
 
 
@@ -174,6 +179,26 @@ def branch_attention_mask(segments: Tensor, dtype: torch.dtype, boolean: bool) -
     return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+def branch_mask_mod(segments: Tensor) -> Any:
+    """The rule of :func:`branch_attention_mask` as a FlexAttention ``mask_mod(b, h, q, k)``."""
+
+    def mask_mod(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        seg_q, seg_k = segments[b, q], segments[b, k]
+        sees = (k <= q) & (seg_k != 0) & ((seg_k == PROMPT) | (seg_k == seg_q))
+        return sees | ((q == k) & (seg_q == 0))
+
+    return mask_mod
+
+
+def branch_block_mask(segments: Tensor) -> Any:
+    """The branch mask as a FlexAttention ``BlockMask``: block-sparse, so the kernel skips the blocks no query sees
+    (a rejected branch's queries and the chosen branch's keys) and no [n, L, L] mask is built."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    n, length = segments.shape
+    return create_block_mask(branch_mask_mod(segments), n, None, length, length, device=segments.device)
+
+
 def packed_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], output_hidden_states: bool = False,
                           token_stats: bool = False, ld_alpha: float | None = None,
                           wpo: bool = False, head_chunk: int | None = None) -> SequenceLogps:
@@ -189,7 +214,10 @@ def packed_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], outp
     segments, ids = batch["segment_ids"], batch["input_ids"]
     attn = getattr(getattr(unwrap(model), "config", None), "_attn_implementation", "sdpa")
     dtype = next(model.parameters()).dtype
-    mask = branch_attention_mask(segments, dtype, boolean=attn != "eager")
+    if attn == "flex_attention":
+        mask = branch_block_mask(segments)
+    else:
+        mask = branch_attention_mask(segments, dtype, boolean=attn != "eager")
     width = ids.shape[1]
     keep = completion_window(batch) if accepts_logits_to_keep(model) else width
     kwargs = {"logits_to_keep": keep} if keep < width else {}

@@ -186,7 +186,7 @@ class AdaptiveDPOTrainer(Trainer):
         train_dataset = prepare_dataset(train_dataset, processing_class, args, "train_dataset")
         eval_dataset = prepare_dataset(eval_dataset, processing_class, args, "eval_dataset")
         self.router_aux_loss_coef = router_aux_loss_coefficient(model, args)
-        self.head_chunk = args.lm_head_chunk_size
+        self.head_chunk = args.lm_head_chunk_size or None  # 0: the plain head
         if self.head_chunk and chunkable_head(model) is None:
             logger.info("lm_head_chunk_size=%d: %s's LM head is not a plain bias-free Linear holding its whole "
                         "weight (or its logits are transformed after it), so the plain head is used",
@@ -265,8 +265,8 @@ class AdaptiveDPOTrainer(Trainer):
             return False
         supported = supports_shared_prompt(model) and (ref_model is None or supports_shared_prompt(ref_model))
         if args.shared_prompt == "on" and not supported:
-            raise ValueError("shared_prompt=on needs a transformers model whose attention takes a custom 4D mask "
-                             "(attn_implementation eager or sdpa) and position_ids; use auto or off")
+            raise ValueError("shared_prompt=on needs a transformers model whose attention takes a custom mask "
+                             "(attn_implementation eager, sdpa or flex_attention) and position_ids; use auto or off")
         return supported
 
     # ------------------------------------------------------------------------------------ reference

@@ -107,8 +107,13 @@ def test_heads_the_chunked_path_cannot_reproduce_fall_back(policy_and_reference,
                                      args=AdaptiveDPOConfig(output_dir=str(tmp_path), use_cpu=True,
                                                             lm_head_chunk_size=64))
     assert trainer.head_chunk is None and "plain head is used" in caplog.text
-    with pytest.raises(ValueError, match="lm_head_chunk_size must be a positive"):
-        AdaptiveDPOConfig(output_dir=str(tmp_path), lm_head_chunk_size=0)
+    with pytest.raises(ValueError, match="lm_head_chunk_size must be a number of positions"):
+        AdaptiveDPOConfig(output_dir=str(tmp_path), lm_head_chunk_size=-1)
+    plain = AdaptiveDPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference),
+                               processing_class=tokenizer,
+                               args=AdaptiveDPOConfig(output_dir=str(tmp_path / "p"), use_cpu=True,
+                                                      lm_head_chunk_size=0))
+    assert plain.head_chunk is None  # 0 (the command line's way to say it): the plain head
 
 
 def test_under_bf16_autocast_the_chunked_head_matches_the_plain_head():

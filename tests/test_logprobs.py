@@ -97,3 +97,39 @@ def test_shared_prompt_forward_is_exact(models_and_examples, preset, attn):
     assert torch.equal(results[1][1], results[0][1])
     for key, grad in results[0][2].items():
         torch.testing.assert_close(results[1][2][key], grad, atol=2e-6, rtol=2e-4, msg=key)
+
+
+def test_the_flex_attention_mask_rule_is_the_dense_branch_mask(models_and_examples):
+    """FlexAttention's mask_mod, evaluated at every (row, query, key), is the dense branch mask exactly."""
+    from adaptdpo.logprobs import branch_attention_mask, branch_mask_mod
+
+    _, _, examples, tokenizer = models_and_examples
+    segments = PreferenceCollator(tokenizer.pad_token_id, shared_prompt=True, pad_to_multiple_of=16)(
+        examples)["segment_ids"]
+    assert bool((segments == 0).any())  # padded rows are part of the check
+    n, length = segments.shape
+    b = torch.arange(n)[:, None, None, None]
+    q = torch.arange(length)[None, None, :, None]
+    k = torch.arange(length)[None, None, None, :]
+    dense = branch_mask_mod(segments)(b, torch.zeros(1, dtype=torch.long), q, k)
+    assert torch.equal(dense, branch_attention_mask(segments, torch.float32, boolean=True))
+
+
+def test_flex_attention_shared_prompt_forward_equals_the_stacked_layout(models_and_examples):
+    """A flex_attention model with the block-sparse branch mask: the same log-probs as the stacked layout (forward
+    only: torch has no FlexAttention backward on CPU; transformers compiles it, which needs a C compiler)."""
+    import shutil
+
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("compiling FlexAttention on CPU needs a C compiler")
+    _, _, examples, tokenizer = models_and_examples
+    flex = _tiny("tiny-llama", "flex_attention", tokenizer)
+    reference = _tiny("tiny-llama", "sdpa", tokenizer)  # the same seed: the same weights
+    stacked = PreferenceCollator(tokenizer.pad_token_id)(examples)
+    packed = PreferenceCollator(tokenizer.pad_token_id, shared_prompt=True)(examples)
+    with torch.no_grad():
+        expected = sequence_logps(reference, stacked, token_stats=True)
+        got = sequence_logps(flex, packed, token_stats=True)
+    torch.testing.assert_close(got.logps, expected.logps, atol=5e-5, rtol=1e-5)
+    for a, b in zip(got.stats.values(), expected.stats.values(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-5)
