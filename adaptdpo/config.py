@@ -416,20 +416,23 @@ class AdaptiveDPOConfig(TrainingArguments):
             if self.eval_file is None:
                 self.eval_file = self.train_file
 
-    def from_pretrained_kwargs(self) -> dict[str, Any]:
+    def from_pretrained_kwargs(self, quantization_config: Any = None) -> dict[str, Any]:
         """What from_pretrained gets besides dtype and attention: model_init_kwargs, revision, trust_remote_code,
-        and the bitsandbytes config of load_in_4bit / load_in_8bit."""
+        and one quantisation config: model_init_kwargs', load_in_4bit / load_in_8bit's, or ``quantization_config``
+        (TRL's trainer argument); two of them are an error."""
         out = dict(self.model_init_kwargs or {})
         if self.model_revision:
             out["revision"] = self.model_revision
         if self.trust_remote_code:
             out["trust_remote_code"] = True
-        quantization = self.quantization_config()
-        if quantization is not None:
-            if "quantization_config" in out:
-                raise ValueError("load_in_4bit/load_in_8bit and model_init_kwargs.quantization_config both quantise "
-                                 "the model; give one")
-            out["quantization_config"] = quantization
+        given = {"model_init_kwargs.quantization_config": out.pop("quantization_config", None),
+                 "load_in_4bit/load_in_8bit": self.quantization_config(),
+                 "the trainer's quantization_config": quantization_config}
+        given = {source: value for source, value in given.items() if value is not None}
+        if len(given) > 1:
+            raise ValueError(f"the model is quantised twice: by {' and by '.join(given)}; give one")
+        if given:
+            out["quantization_config"] = next(iter(given.values()))
         return out
 
     def quantization_config(self) -> Any:

@@ -216,3 +216,15 @@ def test_checkpointing_is_on_by_default_as_trl_and_may_change_on_resume():
     new = {"gradient_checkpointing": True, "activation_checkpointing": True, "activation_offloading": True,
            "beta": 0.2}
     assert config_changes(old, new) == {"beta": (0.1, 0.2)}
+
+
+def test_a_model_is_quantised_by_one_setting_only(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    config = parse_config(["--load_in_8bit", "true", "--use_peft", "true"])
+    assert config.from_pretrained_kwargs()["quantization_config"].load_in_8bit
+    with pytest.raises(ValueError, match="quantised twice: by load_in_4bit/load_in_8bit and by the trainer's"):
+        config.from_pretrained_kwargs(BitsAndBytesConfig(load_in_4bit=True))
+    plain = parse_config([])
+    assert plain.from_pretrained_kwargs(BitsAndBytesConfig(load_in_4bit=True))["quantization_config"].load_in_4bit

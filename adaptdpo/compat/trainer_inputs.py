@@ -48,12 +48,7 @@ def resolve_model(model: Any, args: Any, quantization_config: Any = None) -> Any
         return model
     from ..modeling import load_pretrained
 
-    kwargs = args.from_pretrained_kwargs()
-    if quantization_config is not None:
-        if "quantization_config" in kwargs:
-            raise ValueError("quantization_config is given both to the trainer and in args (model_init_kwargs or "
-                             "load_in_4bit/8bit); give one")
-        kwargs["quantization_config"] = quantization_config
+    kwargs = args.from_pretrained_kwargs(quantization_config)
     return load_pretrained(model, args.dtype, args.attn_implementation, **kwargs)
 
 
