@@ -228,3 +228,19 @@ def test_a_model_is_quantised_by_one_setting_only(tmp_path):
         config.from_pretrained_kwargs(BitsAndBytesConfig(load_in_4bit=True))
     plain = parse_config([])
     assert plain.from_pretrained_kwargs(BitsAndBytesConfig(load_in_4bit=True))["quantization_config"].load_in_4bit
+
+
+def test_torch_compile_trains_the_same_steps(small, tmp_path):
+    """TrainingArguments' torch_compile compiles the policy; our loss path (custom masks, the chunked head's
+    capture of the head's input) runs under it with the same losses as eager."""
+    import shutil
+
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("torch.compile on CPU needs a C compiler")
+    data, tok = small
+    losses = {}
+    for compiled in (False, True):
+        out = str(tmp_path / f"compile-{compiled}")
+        train_in_process(base_argv(data, tok, out, max_steps=3, torch_compile=compiled))
+        losses[compiled] = [r["loss"] for r in train_logs(out)]
+    assert losses[True] == pytest.approx(losses[False], abs=1e-5) and len(losses[True]) == 3
