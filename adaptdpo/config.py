@@ -204,6 +204,12 @@ class AdaptiveDPOConfig(TrainingArguments):
                             "when the model's attention takes a custom mask (eager, sdpa: a dense 4D mask; "
                             "flex_attention: a block-sparse BlockMask); on; off (TRL's "
                             "stacked layout).", choices=("auto", "on", "off"))
+    padding_free: bool | None = _f(None, "Put every pair of a micro-batch in ONE row, one after the other (positions "
+                                   "restarting per pair, each token seeing only its own pair, prompts encoded once): "
+                                   "no pad token is computed. Exact (tested). Unset (auto): on for flex_attention "
+                                   "models, whose block-sparse mask makes it cheap; with sdpa/eager the one row's "
+                                   "dense mask grows with the square of the batch's tokens, so it stays off there "
+                                   "unless set. Not with SamS (its contexts are per row).")
     lm_head_chunk_size: int | None = _f(512, "Compute the LM head and log-softmax over at most this many positions "
                                         "at a time, forward and backward, instead of holding the completion "
                                         "window's logits: memory O(chunk × vocabulary), the same numbers "
@@ -276,6 +282,8 @@ class AdaptiveDPOConfig(TrainingArguments):
     def __post_init__(self) -> None:
         if isinstance(self.bf16, str):
             self.bf16 = None if self.bf16.lower() == "auto" else self.bf16.lower() in ("true", "1", "yes")
+        if isinstance(self.padding_free, str):
+            self.padding_free = _bool_or_auto(self.padding_free)
         if self.bf16 is None:
             import torch
 
@@ -618,7 +626,7 @@ class ConfigParser(HfArgumentParser):
     def __init__(self) -> None:
         super().__init__(AdaptiveDPOConfig, allow_abbrev=False)
         for action in self._actions:
-            if action.dest == "bf16":
+            if action.dest in ("bf16", "padding_free"):
                 action.type = _bool_or_auto
 
     def error(self, message: str) -> None:  # type: ignore[override]

@@ -165,13 +165,17 @@ def supports_shared_prompt(model: torch.nn.Module) -> bool:
             and "position_ids" in forward_parameters(model) and not getattr(config, "is_encoder_decoder", False))
 
 
-def branch_attention_mask(segments: Tensor, dtype: torch.dtype, boolean: bool) -> Tensor:
+def branch_attention_mask(segments: Tensor, dtype: torch.dtype, boolean: bool,
+                          documents: Tensor | None = None) -> Tensor:
     """[n, 1, L, L] mask of a packed batch: causal; every token sees the prompt; chosen and rejected tokens
-    see their own branch only. Padding positions see themselves (no empty softmax rows)."""
+    see their own branch only. Padding positions see themselves (no empty softmax rows). With ``documents``
+    (padding-free rows: one pair per document), a token sees its own pair only."""
     length = segments.shape[1]
     q, k = segments[:, :, None], segments[:, None, :]
     causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
     allowed = causal & (k != 0) & ((k == PROMPT) | (k == q))
+    if documents is not None:
+        allowed &= documents[:, :, None] == documents[:, None, :]
     allowed |= torch.eye(length, dtype=torch.bool, device=segments.device) & (q == 0)
     allowed = allowed[:, None]
     if boolean:
@@ -179,24 +183,93 @@ def branch_attention_mask(segments: Tensor, dtype: torch.dtype, boolean: bool) -
     return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def branch_mask_mod(segments: Tensor) -> Any:
+def branch_mask_mod(segments: Tensor, documents: Tensor | None = None) -> Any:
     """The rule of :func:`branch_attention_mask` as a FlexAttention ``mask_mod(b, h, q, k)``."""
 
     def mask_mod(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         seg_q, seg_k = segments[b, q], segments[b, k]
         sees = (k <= q) & (seg_k != 0) & ((seg_k == PROMPT) | (seg_k == seg_q))
+        if documents is not None:
+            sees = sees & (documents[b, q] == documents[b, k])
         return sees | ((q == k) & (seg_q == 0))
 
     return mask_mod
 
 
-def branch_block_mask(segments: Tensor) -> Any:
+def branch_block_mask(segments: Tensor, documents: Tensor | None = None) -> Any:
     """The branch mask as a FlexAttention ``BlockMask``: block-sparse, so the kernel skips the blocks no query sees
-    (a rejected branch's queries and the chosen branch's keys) and no [n, L, L] mask is built."""
+    (a rejected branch's queries and the chosen branch's keys; other pairs of a padding-free row) and no
+    [n, L, L] mask is built."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     n, length = segments.shape
-    return create_block_mask(branch_mask_mod(segments), n, None, length, length, device=segments.device)
+    return create_block_mask(branch_mask_mod(segments, documents), n, None, length, length,
+                             device=segments.device)
+
+
+def branch_mask(model: torch.nn.Module, segments: Tensor, documents: Tensor | None = None) -> Any:
+    """The mask the model's attention takes: a BlockMask (flex_attention), a boolean (sdpa) or additive (eager)
+    dense mask."""
+    attn = getattr(getattr(unwrap(model), "config", None), "_attn_implementation", "sdpa")
+    if attn == "flex_attention":
+        return branch_block_mask(segments, documents)
+    dtype = next(model.parameters()).dtype
+    return branch_attention_mask(segments, dtype, boolean=attn != "eager", documents=documents)
+
+
+def padding_free_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], token_stats: bool = False,
+                                ld_alpha: float | None = None, wpo: bool = False,
+                                head_chunk: int | None = None) -> SequenceLogps:
+    """The padding-free forward: every pair [prompt, chosen, rejected] one after the other in one row, positions
+    restarting per pair, a token seeing only its own pair (same-document and branch rule): no pad token is
+    computed. Exact against the stacked layout (tested); per-pair sums by ``index_add`` over the document ids.
+    Only the positions that predict a completion token are scored (through the chunked head when on)."""
+    from .lm_head import forward_window
+
+    segments, ids, docs = batch["segment_ids"], batch["input_ids"], batch["document_ids"]
+    starts = batch["pair_starts"]
+    n, width = starts.shape[0], ids.shape[1]
+    outputs, window = forward_window(model, width, head_chunk, input_ids=ids,
+                                     attention_mask=branch_mask(model, segments, docs),
+                                     position_ids=batch["position_ids"], use_cache=False)
+    seg, tok, doc = segments[0], ids[0], docs[0]
+    lengths = [torch.zeros(n, dtype=torch.long, device=ids.device).index_add_(
+        0, doc[seg == part], torch.ones_like(doc[seg == part])) for part in (PROMPT, CHOSEN, REJECTED)]
+    prompt_len, chosen_len, rejected_len = lengths
+    nxt, cur = seg[1:], seg[:-1]
+    in_chosen = nxt == CHOSEN  # a chosen token always follows its own prompt or chosen token
+    in_rejected = (nxt == REJECTED) & (cur == REJECTED)  # the first rejected token: from the last prompt position
+    scored = (in_chosen | in_rejected).nonzero().squeeze(1)
+    pair = doc[scored + 1]
+    is_chosen = in_chosen[scored]
+    scores = window.scores(lambda x: x[0, scored], tok[scored + 1], token_stats, wpo)
+    last_prompt = starts + prompt_len - 1
+    first_rejected = tok[starts + prompt_len + chosen_len]
+    first = window.scores(lambda x: x[0, last_prompt], first_rejected, token_stats, wpo)
+    # LD-DPO: a token's index in its completion (the first rejected token, index 0, is the `first` score)
+    index = scored + 1 - starts[pair] - prompt_len[pair] - torch.where(is_chosen, 0, chosen_len[pair])
+    weight = ld_weights(index, torch.minimum(chosen_len, rejected_len)[pair], ld_alpha)
+    per_token = scores.logp * weight
+
+    def per_pair(values: Tensor, mask: Tensor) -> Tensor:
+        return torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, pair[mask], values[mask])
+
+    chosen = per_pair(per_token, is_chosen)
+    rejected = per_pair(per_token, ~is_chosen) + first.logp
+    wpo_mean = None
+    if wpo:
+        aligned = scores.logp.detach() - scores.log_sum_sq
+        first_aligned = first.logp.detach() - first.log_sum_sq
+        wpo_mean = torch.cat([per_pair(aligned, is_chosen) / chosen_len.clamp(min=1),
+                              (per_pair(aligned, ~is_chosen) + first_aligned) / rejected_len.clamp(min=1)])
+    stats = None
+    if token_stats:
+        stats = TokenStats.of_tokens(scores.entropy, scores.mean_logit, scores.top1, is_chosen, ~is_chosen)
+        ones = torch.ones_like(first_rejected, dtype=torch.bool)
+        stats = stats + TokenStats.of_tokens(first.entropy, first.mean_logit, first.top1, ~ones, ones)
+    outputs.logits = None
+    return SequenceLogps(logps=torch.cat([chosen, rejected]), lengths=torch.cat([chosen_len, rejected_len]),
+                         outputs=outputs, stats=stats, wpo_mean=wpo_mean)
 
 
 def packed_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], output_hidden_states: bool = False,
@@ -212,12 +285,7 @@ def packed_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], outp
     from .lm_head import forward_window
 
     segments, ids = batch["segment_ids"], batch["input_ids"]
-    attn = getattr(getattr(unwrap(model), "config", None), "_attn_implementation", "sdpa")
-    dtype = next(model.parameters()).dtype
-    if attn == "flex_attention":
-        mask = branch_block_mask(segments)
-    else:
-        mask = branch_attention_mask(segments, dtype, boolean=attn != "eager")
+    mask = branch_mask(model, segments)
     width = ids.shape[1]
     keep = completion_window(batch) if accepts_logits_to_keep(model) else width
     kwargs = {"logits_to_keep": keep} if keep < width else {}
@@ -290,6 +358,11 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], output_hidd
     """
     from .lm_head import forward_window
 
+    if "pair_starts" in batch:
+        if model_kwargs or output_hidden_states:
+            raise ValueError("padding-free batches take no extra forward arguments and give no per-pair hidden "
+                             "states (SamS): use the per-row layouts")
+        return padding_free_sequence_logps(model, batch, token_stats, ld_alpha, wpo, head_chunk)
     if "segment_ids" in batch:
         if model_kwargs:
             raise ValueError(f"the shared-prompt layout takes no extra forward arguments ({', '.join(model_kwargs)})")

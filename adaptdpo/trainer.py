@@ -195,9 +195,10 @@ class AdaptiveDPOTrainer(Trainer):
         if data_collator is None:
             if processing_class is None:
                 raise ValueError("pass processing_class (the tokenizer) or a data_collator")
-            data_collator = PreferenceCollator(
-                processing_class.pad_token_id, args.pad_to_multiple_of,
-                shared_prompt=self._use_shared_prompt(args, model, ref_model, self.router_aux_loss_coef > 0))
+            shared = self._use_shared_prompt(args, model, ref_model, self.router_aux_loss_coef > 0)
+            data_collator = PreferenceCollator(processing_class.pad_token_id, args.pad_to_multiple_of,
+                                               shared_prompt=shared,
+                                               padding_free=self._use_padding_free(args, model, shared))
         if args.ignore_bias_buffers:  # TRL's DDP workaround: boolean buffers (attention masks) stay out of the sync
             model._ddp_params_and_buffers_to_ignore = [name for name, buffer in model.named_buffers()
                                                        if buffer.dtype == torch.bool]
@@ -268,6 +269,25 @@ class AdaptiveDPOTrainer(Trainer):
             raise ValueError("shared_prompt=on needs a transformers model whose attention takes a custom mask "
                              "(attn_implementation eager, sdpa or flex_attention) and position_ids; use auto or off")
         return supported
+
+    @staticmethod
+    def _use_padding_free(args: AdaptiveDPOConfig, model: torch.nn.Module, shared_prompt: bool) -> bool:
+        """padding_free: True/False as set; unset, on for flex_attention models (block-sparse masks)."""
+        if args.padding_free is False:
+            return False
+        reasons = []
+        if not shared_prompt:
+            reasons.append("the shared-prompt layout is off (shared_prompt, a model whose attention takes no custom "
+                           "mask, or a router loss)")
+        if args.method in ("sams", "beta_dpo+sams"):
+            reasons.append(f"method {args.method} reads per-row hidden states")
+        if args.padding_free and reasons:
+            raise ValueError(f"padding_free=true cannot be used: {'; '.join(reasons)}")
+        attn = getattr(getattr(unwrap(model), "config", None), "_attn_implementation", None)
+        use = not reasons and (bool(args.padding_free) or attn == "flex_attention")
+        if use:
+            logger.info("padding-free batches: every pair of a micro-batch in one row, no pad token computed")
+        return use
 
     # ------------------------------------------------------------------------------------ reference
 

@@ -115,13 +115,16 @@ def test_the_flex_attention_mask_rule_is_the_dense_branch_mask(models_and_exampl
     assert torch.equal(dense, branch_attention_mask(segments, torch.float32, boolean=True))
 
 
-def test_flex_attention_shared_prompt_forward_equals_the_stacked_layout(models_and_examples):
-    """A flex_attention model with the block-sparse branch mask: the same log-probs as the stacked layout (forward
-    only: torch has no FlexAttention backward on CPU; transformers compiles it, which needs a C compiler)."""
-    import shutil
+def test_flex_attention_shared_prompt_forward_equals_the_stacked_layout(models_and_examples, monkeypatch, tmp_path):
+    """A flex_attention model with the block-sparse branch mask (per-row and padding-free): the same log-probs as the
+    stacked layout. Forward only: torch 2.13 has no FlexAttention backward on CPU. Run with the eager FlexAttention
+    (transformers compiles it, and torch 2.13's CPU code generation fails on the padding-free mask; on the GPU the
+    kernels come from Triton)."""
+    import transformers.integrations.flex_attention as hf_flex
+    from torch.nn.attention.flex_attention import flex_attention
 
-    if not (shutil.which("cc") or shutil.which("gcc")):
-        pytest.skip("compiling FlexAttention on CPU needs a C compiler")
+    monkeypatch.setattr(hf_flex, "compile_friendly_flex_attention",
+                        lambda query, key, value, training=False, **kwargs: flex_attention(query, key, value, **kwargs))
     _, _, examples, tokenizer = models_and_examples
     flex = _tiny("tiny-llama", "flex_attention", tokenizer)
     reference = _tiny("tiny-llama", "sdpa", tokenizer)  # the same seed: the same weights
@@ -133,3 +136,89 @@ def test_flex_attention_shared_prompt_forward_equals_the_stacked_layout(models_a
     torch.testing.assert_close(got.logps, expected.logps, atol=5e-5, rtol=1e-5)
     for a, b in zip(got.stats.values(), expected.stats.values(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-5)
+    # padding-free: every pair in one row, the pairs kept apart by the block mask
+    free = PreferenceCollator(tokenizer.pad_token_id, shared_prompt=True, padding_free=True)(examples)
+    with torch.no_grad():
+        got = sequence_logps(flex, free, token_stats=True)
+    torch.testing.assert_close(got.logps, expected.logps, atol=2e-4, rtol=1e-5)
+    # and a flex model gets padding-free batches by default
+    from adaptdpo.config import AdaptiveDPOConfig
+    from adaptdpo.trainer import AdaptiveDPOTrainer
+
+    trainer = AdaptiveDPOTrainer(model=flex, ref_model=_tiny("tiny-llama", "flex_attention", tokenizer),
+                                 processing_class=tokenizer,
+                                 args=AdaptiveDPOConfig(output_dir=str(tmp_path), use_cpu=True))
+    assert trainer.data_collator.padding_free and trainer.data_collator.shared_prompt
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_padding_free_rows_are_exact_against_the_stacked_layout(models_and_examples, attn):
+    """Every pair in one row (no pad between pairs): per-pair log-probs, lengths, token statistics, WPO means,
+    LD-DPO weights and every gradient equal the stacked layout's."""
+    _, _, examples, tokenizer = models_and_examples
+    model = _tiny("tiny-llama", attn, tokenizer)
+    stacked = PreferenceCollator(tokenizer.pad_token_id)(examples)
+    free = PreferenceCollator(tokenizer.pad_token_id, shared_prompt=True, padding_free=True, pad_to_multiple_of=64)(
+        examples)
+    assert free["input_ids"].shape[0] == 1 and int(free["attention_mask"].sum()) < int(stacked["attention_mask"].sum())
+    assert int((free["document_ids"] == -1).sum()) == free["input_ids"].shape[1] - int(free["attention_mask"].sum())
+    results = []
+    for batch in (stacked, free):
+        model.zero_grad()
+        out = sequence_logps(model, batch, token_stats=True, wpo=True, ld_alpha=0.5, head_chunk=16)
+        (out.logps * torch.linspace(-1, 1, out.logps.shape[0])).sum().backward()
+        results.append((out, {k: p.grad.clone() for k, p in model.named_parameters()}))
+    (a, grads_a), (b, grads_b) = results
+    torch.testing.assert_close(b.logps, a.logps, atol=2e-4, rtol=1e-5)
+    assert torch.equal(b.lengths, a.lengths)
+    torch.testing.assert_close(b.wpo_mean, a.wpo_mean, atol=1e-5, rtol=1e-5)
+    for x, y in zip(b.stats.values(), a.stats.values(), strict=True):
+        torch.testing.assert_close(x, y, atol=1e-3, rtol=1e-5)
+    for key, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[key], grad, atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_padding_free_mask_rule_keeps_pairs_apart(models_and_examples):
+    from adaptdpo.logprobs import branch_attention_mask, branch_mask_mod
+
+    _, _, examples, tokenizer = models_and_examples
+    batch = PreferenceCollator(tokenizer.pad_token_id, shared_prompt=True, padding_free=True)(examples[:3])
+    segments, documents = batch["segment_ids"], batch["document_ids"]
+    dense = branch_attention_mask(segments, torch.float32, boolean=True, documents=documents)[0, 0]
+    length = segments.shape[1]
+    rule = branch_mask_mod(segments, documents)(torch.zeros(1, 1, 1, 1, dtype=torch.long), None,
+                                                torch.arange(length)[None, None, :, None],
+                                                torch.arange(length)[None, None, None, :])[0, 0]
+    assert torch.equal(rule, dense)
+    second = int(batch["pair_starts"][1])
+    assert not bool(dense[second:, :second].any())  # the second pair sees nothing of the first
+    assert bool(dense[second + 1, second])  # ... and sees its own prompt
+
+
+def test_padding_free_in_training_and_its_refusals(models_and_examples, tmp_path):
+    import copy
+
+    from adaptdpo.config import AdaptiveDPOConfig
+    from adaptdpo.trainer import AdaptiveDPOTrainer
+
+    policy, reference, examples, tokenizer = models_and_examples
+    losses = {}
+    for setting in (False, True):
+        trainer = AdaptiveDPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference),
+                                     processing_class=tokenizer,
+                                     args=AdaptiveDPOConfig(output_dir=str(tmp_path / str(setting)), use_cpu=True,
+                                                            trace_pairs=False, padding_free=setting))
+        assert trainer.data_collator.padding_free is setting
+        trainer.model.train()
+        batch = trainer.data_collator(examples)
+        losses[setting] = trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(len(examples)))
+    assert losses[True].item() == pytest.approx(losses[False].item(), abs=1e-6)
+    auto = AdaptiveDPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference),
+                              processing_class=tokenizer, args=AdaptiveDPOConfig(output_dir=str(tmp_path / "a"),
+                                                                                 use_cpu=True))
+    assert not auto.data_collator.padding_free  # auto: only for flex_attention models
+    with pytest.raises(ValueError, match="padding_free=true cannot be used: method sams"):
+        AdaptiveDPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference),
+                           processing_class=tokenizer,
+                           args=AdaptiveDPOConfig(output_dir=str(tmp_path / "s"), use_cpu=True, method="sams",
+                                                  padding_free=True))

@@ -18,7 +18,6 @@ logger = logging.getLogger("adaptdpo")
 
 #: TRL fields that change nothing in the result here (logged, then ignored)
 SPEED_ONLY = {"precompute_ref_batch_size": "reference log-probs are precomputed at per_device_eval_batch_size",
-              "padding_free": "padded batches are used (TRL 1.16 also pads); shared_prompt encodes each prompt once",
               "truncation_mode": "pairs are truncated by adaptdpo's rule: the prompt keeps its end, completions their "
                                  "start, and no pair is dropped (docs/data-formats.md)",
               "pad_token": "deprecated in TRL; set tokenizer.pad_token instead"}
