@@ -23,8 +23,9 @@ HH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "
 
 
 def build(pairs: int, hidden: int, layers: int, max_length: int, workdir: str, vocab: int = 0,
-          shared_prompt: bool = False):
-    """(policy, tokenizer, collated batch of ``pairs`` HH pairs; packed when ``shared_prompt``)."""
+          shared_prompt: bool = False, padding_free: bool = False):
+    """(policy, tokenizer, collated batch of ``pairs`` HH pairs; packed when ``shared_prompt``, every pair in one row
+    when ``padding_free``)."""
     rows, _ = load_preference_rows(HH, skip_invalid=True, limit=max(pairs, 256))
     texts = [r[k] for r in rows for k in ("prompt", "chosen", "rejected")]
     tok = train_tokenizer(texts, 2048, os.path.join(workdir, "tok-" + text_fingerprint(texts, 2048)))
@@ -32,7 +33,9 @@ def build(pairs: int, hidden: int, layers: int, max_length: int, workdir: str, v
                             tok.pad_token_id, tok.eos_token_id)
     policy = build_tiny_model(cfg, seed=0)
     examples, _ = tokenize_rows(rows[:pairs], tok, max_length=max_length, max_prompt_length=max_length // 2)
-    return policy, tok, PreferenceCollator(tok.pad_token_id, shared_prompt=shared_prompt)(examples)
+    collator = PreferenceCollator(tok.pad_token_id, shared_prompt=shared_prompt or padding_free,
+                                  padding_free=padding_free)
+    return policy, tok, collator(examples)
 
 
 def add_shape_arguments(parser: Any, pairs: int, hidden: int, layers: int, max_length: int, vocab: int = 0) -> None:

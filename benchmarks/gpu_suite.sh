@@ -4,7 +4,7 @@
 #   make gpu-wheels                      # on the dev machine: the wheels the GPU machine lacks, into .whl/
 #   bash benchmarks/gpu_suite.sh PART    # on the GPU machine (device tool, carry [".whl"]), from the source tree
 #
-# PART: throughput | beta_overhead | step_parts | sams_fit | all. Tables go to $OUT (the device tool's
+# PART: throughput | smollm2_shape | checkpointing | beta_overhead | step_parts | sams_fit | all. Tables go to $OUT (the device tool's
 # folder that comes back) or runs/gpu. SHAPE overrides the model shape (default: the 0.47B Llama-shaped model,
 # bf16 autocast, 16 HH pairs of up to 512 tokens).
 set -euo pipefail
@@ -22,6 +22,10 @@ export PYTHONPATH=/tmp/adaptdpo-site:$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFL
 run() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }
 # shellcheck disable=SC2086  # SHAPE is a list of arguments
 if run throughput; then python3 benchmarks/throughput.py $SHAPE --rounds 10 --memory --out "$OUT/throughput.md"; fi
+# SmolLM2-135M's shape and vocabulary (49,152): where the chunked LM head matters most
+if run smollm2_shape; then python3 benchmarks/throughput.py --hidden 576 --layers 30 --vocab 49152 --pairs 16 \
+    --max_length 512 --rounds 6 --memory --out "$OUT/throughput_smollm2_shape.md"; fi
+if run checkpointing; then python3 benchmarks/gradient_checkpointing_cost.py $SHAPE > "$OUT/checkpointing.md"; fi
 if run beta_overhead; then python3 benchmarks/beta_overhead.py $SHAPE --rounds 20 --steps 5 --out "$OUT/beta_overhead.md"; fi
 if run step_parts; then python3 benchmarks/step_parts.py $SHAPE --rounds 10 --out "$OUT/step_parts.md"; fi
 if run sams_fit; then python3 benchmarks/sams_fit.py --layers 24 --dim 1024 --pairs 16 --out "$OUT/sams_fit.md"; fi

@@ -48,17 +48,33 @@ from common import (
 )
 
 SAMS = {"sams_ratio": 0.5, "sams_warmup_rounds": 1}
-OURS = {  # name → (config overrides, packed batch?)
-    "adaptdpo dpo (stacked)": ({"method": "dpo", "shared_prompt": "off"}, False),
-    "adaptdpo dpo": ({"method": "dpo"}, True),
-    "adaptdpo beta_dpo": ({"method": "beta_dpo"}, True),
-    "adaptdpo sams mask": ({"method": "sams", "sams_mode": "mask", **SAMS}, True),
-    "adaptdpo sams subset": ({"method": "sams", "sams_mode": "subset", **SAMS}, True),
-    "adaptdpo beta_dpo+sams subset": ({"method": "beta_dpo+sams", "sams_mode": "subset", **SAMS}, True),
+OURS = {  # name → (config overrides, batch layout: stacked / packed / padding_free)
+    "adaptdpo dpo (stacked)": ({"method": "dpo", "shared_prompt": "off"}, "stacked"),
+    "adaptdpo dpo": ({"method": "dpo"}, "packed"),
+    "adaptdpo beta_dpo": ({"method": "beta_dpo"}, "packed"),
+    "adaptdpo sams mask": ({"method": "sams", "sams_mode": "mask", **SAMS}, "packed"),
+    "adaptdpo sams subset": ({"method": "sams", "sams_mode": "subset", **SAMS}, "packed"),
+    "adaptdpo beta_dpo+sams subset": ({"method": "beta_dpo+sams", "sams_mode": "subset", **SAMS}, "packed"),
     # the model's own LM head over the whole completion window (the default computes it 512 positions at a time,
     # adaptdpo/lm_head.py)
-    "adaptdpo dpo plain head": ({"method": "dpo", "lm_head_chunk_size": None}, True),
+    "adaptdpo dpo plain head": ({"method": "dpo", "lm_head_chunk_size": None}, "packed"),
 }
+# FlexAttention (block-sparse branch masks) per row and padding-free: CUDA only (no FlexAttention backward on CPU)
+FLEX = {
+    "adaptdpo dpo flex": ({"method": "dpo"}, "packed"),
+    "adaptdpo dpo flex padding-free": ({"method": "dpo", "padding_free": True}, "padding_free"),
+}
+if torch.cuda.is_available():
+    OURS.update(FLEX)
+
+
+def policy_for(name: str, policy):
+    """The policy a configuration trains: the flex configurations get a copy with flex_attention."""
+    if name not in FLEX:
+        return policy
+    flex = copy.deepcopy(policy)
+    flex.set_attn_implementation("flex_attention")
+    return flex
 
 
 def make_trl_trainer(policy, tok, workdir, cuda: bool):
@@ -100,11 +116,11 @@ def memory_of(ns, name: str) -> dict[str, int]:
     """In this (fresh) process: build one configuration, warm it up, measure one step's peak above idle."""
     cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as workdir:
-        shared = name != "TRL DPOTrainer" and OURS[name][1]
+        layout = "stacked" if name == "TRL DPOTrainer" else OURS[name][1]
         policy, tok, batch = build(ns.pairs, ns.hidden, ns.layers, ns.max_length, workdir, ns.vocab,
-                                   shared_prompt=shared)
+                                   shared_prompt=layout == "packed", padding_free=layout == "padding_free")
         trainer = (make_trl_trainer(policy, tok, os.path.join(workdir, "t"), cuda) if name == "TRL DPOTrainer"
-                   else make_trainer(policy, tok, os.path.join(workdir, "t"), OURS[name][0], cuda))
+                   else make_trainer(policy_for(name, policy), tok, os.path.join(workdir, "t"), OURS[name][0], cuda))
         warm_up(trainer, batch)
         return step_memory(trainer, batch)
 
@@ -136,13 +152,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         policy, tok, batch = build(ns.pairs, ns.hidden, ns.layers, ns.max_length, workdir, ns.vocab)
         _, _, packed = build(ns.pairs, ns.hidden, ns.layers, ns.max_length, workdir, ns.vocab, shared_prompt=True)
+        _, _, padding_free = build(ns.pairs, ns.hidden, ns.layers, ns.max_length, workdir, ns.vocab,
+                                   padding_free=True)
+        layouts = {"stacked": batch, "packed": packed, "padding_free": padding_free}
         trainers = {"TRL DPOTrainer": make_trl_trainer(policy, tok, os.path.join(workdir, "trl"), cuda)}
         batches = {"TRL DPOTrainer": batch}
-        for i, (name, (overrides, is_packed)) in enumerate(OURS.items()):
+        for i, (name, (overrides, layout)) in enumerate(OURS.items()):
             if ns.configs and name not in ns.configs and name != "adaptdpo dpo":
                 continue
-            trainers[name] = make_trainer(policy, tok, os.path.join(workdir, str(i)), overrides, cuda)
-            batches[name] = packed if is_packed else batch
+            trainers[name] = make_trainer(policy_for(name, policy), tok, os.path.join(workdir, str(i)), overrides, cuda)
+            batches[name] = layouts[layout]
         for name, trainer in trainers.items():  # SamS: its scheduler fits on a full-size pool, as in a long run
             warm_up(trainer, batches[name])
         times: dict[str, list[float]] = {name: [] for name in trainers}
