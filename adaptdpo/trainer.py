@@ -195,7 +195,7 @@ class AdaptiveDPOTrainer(Trainer):
         if data_collator is None:
             if processing_class is None:
                 raise ValueError("pass processing_class (the tokenizer) or a data_collator")
-            shared = self._use_shared_prompt(args, model, ref_model, self.router_aux_loss_coef > 0)
+            shared = self._use_shared_prompt(args, model, ref_model, self.router_aux_loss_coef)
             data_collator = PreferenceCollator(processing_class.pad_token_id, args.pad_to_multiple_of,
                                                shared_prompt=shared,
                                                padding_free=self._use_padding_free(args, model, shared))
@@ -253,16 +253,16 @@ class AdaptiveDPOTrainer(Trainer):
 
     @staticmethod
     def _use_shared_prompt(args: AdaptiveDPOConfig, model: torch.nn.Module, ref_model: torch.nn.Module | None,
-                           router_aux_loss: bool = False) -> bool:
+                           router_aux_loss_coef: float = 0.0) -> bool:
         if args.shared_prompt == "off" or args.sams_pretrain != "none":  # pre-training reads chosen rows only
             return False
-        if router_aux_loss:  # the router's load statistics take a 2D padding mask, not the branch mask
+        if router_aux_loss_coef:  # the router's load statistics take a 2D padding mask, not the branch mask
             if args.shared_prompt == "on":
                 raise ValueError("shared_prompt=on cannot be used with a mixture-of-experts model's router loss "
                                  "(router_aux_loss_coef): its token counts need the stacked layout; use auto or off, "
                                  "or router_aux_loss_coef 0")
             logger.info("mixture-of-experts model with router_aux_loss_coef %g: the stacked layout (shared_prompt "
-                        "off), whose padding mask the router's load-balancing loss reads", args.router_aux_loss_coef)
+                        "off), whose padding mask the router's load-balancing loss reads", router_aux_loss_coef)
             return False
         supported = supports_shared_prompt(model) and (ref_model is None or supports_shared_prompt(ref_model))
         if args.shared_prompt == "on" and not supported:
