@@ -55,7 +55,8 @@ bench: $(STAMP)
 # the wheels the lent GPU machine lacks (it has torch and transformers; Python 3.12): see benchmarks/gpu_suite.sh
 gpu-wheels: $(STAMP)
 	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
-		--platform any -d .whl trl==1.16.0 datasets==5.2.0 dill==0.4.0 multiprocess==0.70.18 pyarrow==26.0.1
+		--platform any -d .whl trl==1.16.0 datasets==5.2.0 dill==0.4.0 multiprocess==0.70.18 pyarrow==26.0.1 \
+		vaderSentiment==3.3.2
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info
