@@ -1,5 +1,6 @@
-"""The sentiment task's building blocks (issue 14): the VADER judge against hand-computed and published values, and
-the prompt split (size, distinctness, disjoint topics, determinism)."""
+"""The sentiment task's building blocks (issue 14): the VADER judge against hand-computed and published values, the
+prompt split (size, distinctness, disjoint topics, determinism), and the pair generator shared with the toy task
+(gap buckets, Bradley–Terry labels, flip counts)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,9 @@ import pytest
 from adaptdpo.sentiment import VaderJudge, sentiment_prompts
 from adaptdpo.sentiment.prompts import TOPICS
 
-pytest.importorskip("vaderSentiment")
-
 
 def test_vader_compound_by_hand_and_published_values():
+    pytest.importorskip("vaderSentiment")
     judge = VaderJudge()
     # one lexicon word, nothing else: compound = v / √(v² + 15) with VADER's valences good 1.9, clean 1.7
     assert judge.score("The book was good.") == pytest.approx(1.9 / math.sqrt(1.9**2 + 15), abs=1e-4)
@@ -40,3 +40,45 @@ def test_prompts_are_2000_distinct_and_split_by_topic():
     assert all(len(topics) == 50 for topics in TOPICS.values())
     with pytest.raises(ValueError, match="held_out_share"):
         sentiment_prompts(held_out_share=1.0)
+
+
+def _pool(gaps: list[float]) -> list[dict]:
+    return [{"prompt": f"p{i}", "y1": f"good {i}", "y2": f"bad {i}", "gold1": g, "gold2": 0.0}
+            for i, g in enumerate(gaps)]
+
+
+def test_gap_buckets_labels_and_flips_by_hand():
+    """Nine pairs with gaps 1..9: the cuts are the 4th and 7th smallest gaps (4 and 7), so low = gaps 1..4 and
+    high = 7..9; at a near-zero Bradley–Terry temperature labels follow the gold reward; flip rate 0 flips none,
+    1 flips every pair (the chosen is then always the worse response)."""
+    from adaptdpo.preference_pairs import bradley_terry_first_wins, controlled_pairs, gold_labelled_pairs
+
+    pool = _pool([float(g) for g in range(1, 10)]) + _pool([0.0])  # the tie is left out
+    rows, stats = controlled_pairs(pool, 6, high_gap_fraction=0.5, flip_rate=0.0, bt_temperature=1e-6, seed=0)
+    assert (stats["low_gap_cut"], stats["high_gap_cut"]) == (4.0, 7.0)
+    assert sorted(r["gold_chosen"] for r in rows if r["gap_group"] == "high") == [7.0, 8.0, 9.0]
+    assert all(r["gold_chosen"] <= 4.0 for r in rows if r["gap_group"] == "low")
+    assert stats["flipped"] == 0 and stats["labels_agreeing_with_gold"] == 1.0
+    flipped, stats = controlled_pairs(pool, 6, high_gap_fraction=0.5, flip_rate=1.0, bt_temperature=1e-6, seed=0)
+    assert stats["flipped"] == 6 and stats["labels_agreeing_with_gold"] == 0.0
+    assert all(r["chosen"].startswith("bad") for r in flipped)
+    with pytest.raises(ValueError, match="sample a larger pool"):
+        controlled_pairs(pool, 8, high_gap_fraction=0.5, flip_rate=0.0, bt_temperature=1.0, seed=0)
+    # σ(gap / T) by hand: gap 1, T 0.5 → σ(2) = 0.880797; gap −1 → 0.119203
+    assert bradley_terry_first_wins(1.0, 0.5) == pytest.approx(0.880797, abs=1e-6)
+    assert bradley_terry_first_wins(-1.0, 0.5) == pytest.approx(0.119203, abs=1e-6)
+    held = gold_labelled_pairs(pool)
+    assert len(held) == 9 and all(r["gold_chosen"] > r["gold_rejected"] and not r["flipped"] for r in held)
+
+
+def test_flip_counts_follow_the_rate():
+    """At 20% and 40% flips over 1,000 pairs the recorded counts are within 4 standard deviations of n·rate, and every
+    recorded flip (at a near-zero temperature) is exactly a label that disagrees with gold."""
+    from adaptdpo.preference_pairs import controlled_pairs
+
+    pool = _pool([0.01 * (i + 1) for i in range(3000)])
+    for rate in (0.2, 0.4):
+        rows, stats = controlled_pairs(pool, 1000, high_gap_fraction=0.5, flip_rate=rate, bt_temperature=1e-9,
+                                       seed=1)
+        assert abs(stats["flipped"] - 1000 * rate) < 4 * math.sqrt(1000 * rate * (1 - rate))
+        assert all(r["flipped"] == (not r["label_agrees_with_gold"]) for r in rows)

@@ -36,6 +36,7 @@ import torch
 
 from ..checkpointing import atomic_write_text
 from ..modeling import SPECIAL_TOKENS, build_tiny_model, load_tokenizer, tiny_model_config
+from ..preference_pairs import controlled_pairs, gold_labelled_pairs
 from ..sampling import sample_completions
 from .language import Language
 
@@ -255,41 +256,9 @@ def _pool(spec: TaskSpec, language: Language, folder: str, reference_dir: str) -
     os.replace(tmp, folder)
 
 
-def _oriented(row: dict, first_wins: bool) -> tuple[str, str, float, float]:
-    if first_wins:
-        return row["y1"], row["y2"], row["gold1"], row["gold2"]
-    return row["y2"], row["y1"], row["gold2"], row["gold1"]
-
-
 def _training_rows(spec: TaskSpec, pool: list[dict]) -> tuple[list[dict], dict[str, Any]]:
-    rng = random.Random(spec.data_seed if spec.data_seed is not None else spec.seed)
-    pool = [r for r in pool if r["gold1"] != r["gold2"]]
-    gaps = sorted(abs(r["gold1"] - r["gold2"]) for r in pool)
-    low_cut, high_cut = gaps[len(gaps) // 3], gaps[2 * len(gaps) // 3]
-    low = [r for r in pool if abs(r["gold1"] - r["gold2"]) <= low_cut]
-    high = [r for r in pool if abs(r["gold1"] - r["gold2"]) >= high_cut]
-    n_high = round(spec.high_gap_fraction * spec.train_pairs)
-    n_low = spec.train_pairs - n_high
-    if n_high > len(high) or n_low > len(low):
-        raise ValueError(f"the pool has {len(high)} high-gap and {len(low)} low-gap pairs; asked for {n_high} and "
-                         f"{n_low}: raise pool_prompts")
-    chosen_rows = [(r, "high") for r in rng.sample(high, n_high)] + [(r, "low") for r in rng.sample(low, n_low)]
-    rng.shuffle(chosen_rows)
-    rows, bt_wrong = [], 0
-    for r, group in chosen_rows:
-        z = (r["gold1"] - r["gold2"]) / spec.bt_temperature
-        p_first = 1 / (1 + math.exp(-z)) if z >= 0 else math.exp(z) / (1 + math.exp(z))
-        first_wins = rng.random() < p_first
-        flipped = rng.random() < spec.flip_rate
-        chosen, rejected, g_c, g_r = _oriented(r, first_wins != flipped)
-        bt_wrong += int((g_c < g_r) and not flipped)
-        rows.append({"prompt": r["prompt"], "chosen": chosen, "rejected": rejected, "gold_chosen": g_c,
-                     "gold_rejected": g_r, "gap_group": group, "flipped": flipped,
-                     "label_agrees_with_gold": g_c > g_r})
-    stats = {"low_gap_cut": low_cut, "high_gap_cut": high_cut, "flipped": sum(r["flipped"] for r in rows),
-             "bradley_terry_disagreements": bt_wrong,
-             "labels_agreeing_with_gold": sum(r["label_agrees_with_gold"] for r in rows) / len(rows)}
-    return rows, stats
+    return controlled_pairs(pool, spec.train_pairs, spec.high_gap_fraction, spec.flip_rate, spec.bt_temperature,
+                            spec.data_seed if spec.data_seed is not None else spec.seed)
 
 
 def load_task(task_dir: str, reference_dir: str | None = None) -> GoldTask:
@@ -334,13 +303,7 @@ def build_task(spec: TaskSpec = TaskSpec(), cache_root: str = "runs/gold-cache")
     task_dir = os.path.join(cache_root, "task-" + _digest(dataclasses.asdict(spec)))
     if not os.path.isdir(task_dir):
         rows, stats = _training_rows(spec, _read_jsonl(os.path.join(pool_dir, "pool.jsonl")))
-        held = []
-        for r in _read_jsonl(os.path.join(pool_dir, "held_out_pairs.jsonl")):
-            if r["gold1"] == r["gold2"]:
-                continue  # no gold preference to score against
-            chosen, rejected, g_c, g_r = _oriented(r, r["gold1"] > r["gold2"])
-            held.append({"prompt": r["prompt"], "chosen": chosen, "rejected": rejected, "gold_chosen": g_c,
-                         "gold_rejected": g_r, "flipped": False})
+        held = gold_labelled_pairs(_read_jsonl(os.path.join(pool_dir, "held_out_pairs.jsonl")))
         stats.update({"train_pairs": len(rows), "eval_pairs": len(held), "spec": dataclasses.asdict(spec)})
         tmp = f"{task_dir}.tmp-{os.getpid()}"
         os.makedirs(tmp, exist_ok=True)
