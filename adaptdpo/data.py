@@ -178,6 +178,23 @@ def _read_table(rows: Iterable[dict[str, Any]]) -> Iterator[tuple[dict[str, Any]
         yield dict(obj), None
 
 
+def is_saved_dataset(folder: str) -> bool:
+    """Whether ``folder`` holds a ``datasets`` save_to_disk (a Dataset or a DatasetDict)."""
+    return any(os.path.exists(os.path.join(folder, f)) for f in ("dataset_dict.json", "state.json"))
+
+
+def load_saved_split(folder: str, split: str) -> Any:
+    """The ``split`` of a save_to_disk folder (a saved Dataset is its only split)."""
+    import datasets
+
+    loaded = datasets.load_from_disk(folder)
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise ValueError(f"{folder}: no split {split!r}; it has {', '.join(loaded)}")
+        loaded = loaded[split]
+    return loaded
+
+
 def read_rows(source: str, split: str = "train", config_name: str | None = None) -> Iterator[RowOrError]:
     """Yield (row, line number or None) from a local file, a `datasets` folder, or a hub dataset name."""
     lower = source.lower()
@@ -196,15 +213,9 @@ def read_rows(source: str, split: str = "train", config_name: str | None = None)
     if os.path.isdir(source):
         import datasets
 
-        saved = any(os.path.exists(os.path.join(source, f)) for f in ("dataset_dict.json", "state.json"))
-        if not saved:  # a folder of data files (train.jsonl, test.parquet, ...): load_dataset's folder loader
+        if not is_saved_dataset(source):  # a folder of data files (train.jsonl, test.parquet, ...): folder loader
             return _read_table(datasets.load_dataset(source, config_name, split=split))
-        loaded = datasets.load_from_disk(source)
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise ValueError(f"{source}: no split {split!r}; it has {', '.join(loaded)}")
-            loaded = loaded[split]
-        return _read_table(loaded)
+        return _read_table(load_saved_split(source, split))
     if lower.endswith(LOCAL_SUFFIXES) or source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise FileNotFoundError(f"{source}: no such file or directory")
     import datasets

@@ -20,7 +20,15 @@ import os
 import random
 from typing import Any
 
-from .data import LOCAL_SUFFIXES, DataValidationError, LoadReport, load_preference_rows, read_rows
+from .data import (
+    LOCAL_SUFFIXES,
+    DataValidationError,
+    LoadReport,
+    is_saved_dataset,
+    load_preference_rows,
+    load_saved_split,
+    read_rows,
+)
 
 logger = logging.getLogger("adaptdpo")
 
@@ -136,16 +144,8 @@ def split_off_test_rows(rows: list[dict[str, Any]], size: float, seed: int) -> t
 
 def streamed_source(source: str, split: str, config_name: str | None) -> Any:
     """A file, folder or hub dataset as a raw ``IterableDataset`` (``datasets.load_dataset(streaming=True)``)."""
-    import datasets
-
-    if os.path.isdir(source) and any(os.path.exists(os.path.join(source, f))
-                                     for f in ("dataset_dict.json", "state.json")):
-        loaded = datasets.load_from_disk(source)  # a save_to_disk folder: stream its rows from the arrow files
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise ValueError(f"{source}: no split {split!r}; it has {', '.join(loaded)}")
-            loaded = loaded[split]
-        return loaded.to_iterable_dataset()
+    if os.path.isdir(source) and is_saved_dataset(source):  # stream a save_to_disk folder's arrow files
+        return load_saved_split(source, split).to_iterable_dataset()
     if not os.path.exists(source) and (source.lower().endswith(LOCAL_SUFFIXES) or source.startswith((".", "/", "~"))):
         raise FileNotFoundError(f"{source}: no such file or directory")
     return _load_entry({"path": source, "split": split, "name": config_name}, streaming=True)

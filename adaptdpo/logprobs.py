@@ -73,18 +73,14 @@ class TokenStats:
     chosen_top1: Tensor
 
     @staticmethod
-    def of(logits: Tensor, labels: Tensor, chosen: Tensor, rejected: Tensor) -> TokenStats:
-        """Statistics of the positions where ``chosen`` / ``rejected`` (bool masks like ``labels``) are set."""
-        entropy, mean_logit, top1 = token_statistics(logits, labels)
-        return TokenStats.of_tokens(entropy, mean_logit, top1, chosen, rejected)
-
-    @staticmethod
-    def of_tokens(entropy: Tensor, mean_logit: Tensor, top1: Tensor, chosen: Tensor, rejected: Tensor) -> TokenStats:
-        """The same from per-position entropy, mean logit and top-1 hit (the chunked head's statistics)."""
+    def of(scores: Any, chosen: Tensor, rejected: Tensor) -> TokenStats:
+        """Statistics of the scored positions where ``chosen`` / ``rejected`` (bool masks) are set, from their
+        per-position ``entropy``, ``mean_logit`` and ``top1`` (an :class:`adaptdpo.lm_head.TokenScores`)."""
         chosen, rejected = chosen.bool(), rejected.bool()
         both = chosen | rejected
-        return TokenStats((entropy * both).sum(), both.sum(), (mean_logit * chosen).sum(), chosen.sum(),
-                          (mean_logit * rejected).sum(), rejected.sum(), (top1 & chosen).sum())
+        return TokenStats((scores.entropy * both).sum(), both.sum(), (scores.mean_logit * chosen).sum(),
+                          chosen.sum(), (scores.mean_logit * rejected).sum(), rejected.sum(),
+                          (scores.top1 & chosen).sum())
 
     def __add__(self, other: TokenStats) -> TokenStats:
         return TokenStats(*(a + b for a, b in zip(self.values(), other.values(), strict=True)))
@@ -264,9 +260,9 @@ def padding_free_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor]
                               (per_pair(aligned, ~is_chosen) + first_aligned) / rejected_len.clamp(min=1)])
     stats = None
     if token_stats:
-        stats = TokenStats.of_tokens(scores.entropy, scores.mean_logit, scores.top1, is_chosen, ~is_chosen)
+        stats = TokenStats.of(scores, is_chosen, ~is_chosen)
         ones = torch.ones_like(first_rejected, dtype=torch.bool)
-        stats = stats + TokenStats.of_tokens(first.entropy, first.mean_logit, first.top1, ~ones, ones)
+        stats = stats + TokenStats.of(first, ~ones, ones)
     outputs.logits = None
     return SequenceLogps(logps=torch.cat([chosen, rejected]), lengths=torch.cat([chosen_len, rejected_len]),
                          outputs=outputs, stats=stats, wpo_mean=wpo_mean)
@@ -321,10 +317,9 @@ def packed_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], outp
                               ((aligned * in_rejected).sum(dim=-1) + first) / rejected_len.clamp(min=1)])
     stats = None
     if token_stats:
-        stats = TokenStats.of_tokens(scores.entropy, scores.mean_logit, scores.top1, in_chosen, in_rejected)
+        stats = TokenStats.of(scores, in_chosen, in_rejected)
         first = torch.ones_like(first_rejected[:, None], dtype=torch.bool)
-        stats = stats + TokenStats.of_tokens(last_prompt.entropy, last_prompt.mean_logit, last_prompt.top1, ~first,
-                                             first)
+        stats = stats + TokenStats.of(last_prompt, ~first, first)
     outputs.logits = None
     lengths = torch.cat([chosen_len, rejected_len])
     return SequenceLogps(logps=torch.cat([chosen, rejected]), lengths=lengths, outputs=outputs, stats=stats,
@@ -394,7 +389,6 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], output_hidd
     if token_stats:
         in_completion = mask.bool()
         is_chosen = (torch.arange(mask.shape[0], device=mask.device) < mask.shape[0] // 2)[:, None]
-        stats = TokenStats.of_tokens(scores.entropy, scores.mean_logit, scores.top1, in_completion & is_chosen,
-                                     in_completion & ~is_chosen)
+        stats = TokenStats.of(scores, in_completion & is_chosen, in_completion & ~is_chosen)
     outputs.logits = None  # free the full logits early; nothing downstream needs them
     return SequenceLogps(logps=logps, lengths=lengths, outputs=outputs, stats=stats, wpo_mean=wpo_mean)

@@ -234,11 +234,14 @@ def streamed_sources(config: AdaptiveDPOConfig) -> tuple[Any, Any]:
 
 
 def stream_sample_rows(config: AdaptiveDPOConfig, stream: Any) -> list[dict[str, Any]]:
-    """The first rows of a stream, validated (a tiny preset trains its tokenizer on them)."""
+    """The first rows of a stream, validated, when a tiny preset trains its tokenizer on them; else none (nothing
+    is read ahead)."""
     import itertools
 
     from .compat.trainer_inputs import normalised_row
 
+    if config.model_name_or_path not in TINY_PRESETS or config.tokenizer_name_or_path:
+        return []
     head = itertools.islice(iter(stream), TOKENIZER_SAMPLE_ROWS)
     return [normalised_row(raw, i, config, stream_label(config)) for i, raw in enumerate(head)]
 
