@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install models demo test test-fast lint check bench gpu-wheels clean
+.PHONY: install models demo test test-fast lint check bench gpu-wheels gpu-models clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,7 +56,11 @@ bench: $(STAMP)
 gpu-wheels: $(STAMP)
 	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
 		--platform any -d .whl trl==1.16.0 datasets==5.2.0 dill==0.4.0 multiprocess==0.70.18 pyarrow==26.0.1 \
-		vaderSentiment==3.3.2
+		vaderSentiment==3.3.2 gguf==0.19.0
+
+# the packaged model files cut in halves for the GPU machine (64 MiB a call): see benchmarks/gpu_models.py
+gpu-models: $(STAMP)
+	$(BIN)/python benchmarks/gpu_models.py split
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info

@@ -25,6 +25,9 @@ commands:
   eval MODEL_OR_RUN_DIR (--task TASK_DIR | --data FILE) [--reference REF] [--beta B]
                                         gold-task metrics (accuracy, win rate, reward, KL) or implicit-reward
                                         accuracy and margin on any preference file
+  task sentiment|toy [--flip_rate R --high_gap_fraction H --train_pairs N ...] [--quick] [--cache DIR]
+                                        build a gold task (sentiment: prompts x topics, completions sampled from
+                                        SmolLM2-135M-Instruct, judged by VADER; cached) and print its folder
   audit DATA [CONFIG.yaml] [--folds K] [--output_dir DIR] [--clean drop|swap|none] [--key value ...]
                                         find suspect pairs: K DPO models cross-fitted on the other folds score
                                         every pair (audit.jsonl, report.md, cleaned.jsonl); training fields
@@ -163,7 +166,8 @@ def cmd_eval(args: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="adaptdpo eval")
     parser.add_argument("model", help="a run directory (its final model is used) or a model folder")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--task", help="a gold-task folder (train.jsonl, eval.jsonl, prompts.jsonl, task.json)")
+    source.add_argument("--task", help="a gold-task folder (train.jsonl, eval.jsonl, prompts.jsonl, task.json): the "
+                        "toy task's or the sentiment task's (`adaptdpo task`)")
     source.add_argument("--data", help="preference data (any supported format); labels as given")
     parser.add_argument("--reference", help="the reference model (default: the task's, or required with --data)")
     parser.add_argument("--beta", type=float, default=0.1, help="β of the reported implicit-reward margin")
@@ -178,12 +182,15 @@ def cmd_eval(args: list[str]) -> int:
     if ns.reference:
         check_model_source(ns.reference, "--reference")
     if ns.task:
-        from .gold import evaluate_on_task
-        from .synthetic import load_task
+        import torch
 
-        task = load_task(ns.task)  # checks every task file first
-        policy = AutoModelForCausalLM.from_pretrained(model_dir)
-        reference = AutoModelForCausalLM.from_pretrained(ns.reference or task.reference_dir)
+        from .gold import evaluate_on_task
+        from .task_files import load_any_task
+
+        task = load_any_task(ns.task)  # checks every task file first
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        policy = AutoModelForCausalLM.from_pretrained(model_dir).to(device)
+        reference = AutoModelForCausalLM.from_pretrained(ns.reference or task.reference_dir).to(device)
         tokenizer = load_tokenizer(task.reference_dir)
         if policy.get_input_embeddings().num_embeddings < len(tokenizer):
             raise ValueError(f"{model_dir}: its vocabulary ({policy.get_input_embeddings().num_embeddings} tokens) "
@@ -304,7 +311,36 @@ def cmd_export_model(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "export-model": cmd_export_model, "audit": cmd_audit,
+def cmd_task(args: list[str]) -> int:
+    """Build (or find in its cache) a gold-task folder and print its path."""
+    import dataclasses
+
+    from .sentiment.task import SentimentSpec, build_sentiment_task
+    from .synthetic import TaskSpec, build_task
+
+    kinds = {"sentiment": (SentimentSpec, build_sentiment_task, "runs/sentiment-cache"),
+             "toy": (TaskSpec, build_task, "runs/gold-cache")}
+    parser = argparse.ArgumentParser(prog="adaptdpo task")
+    parser.add_argument("kind", choices=tuple(kinds), help="sentiment: real text from SmolLM2, judged by VADER; "
+                        "toy: the synthetic language")
+    parser.add_argument("--cache", help="the cache folder (default: runs/sentiment-cache or runs/gold-cache)")
+    parser.add_argument("--quick", action="store_true", help="sentiment: a handful of prompts and short completions")
+    spec_type = kinds[args[0]][0] if args and args[0] in kinds else SentimentSpec
+    for field in dataclasses.fields(spec_type):
+        kind = str if field.name == "model" else (float if isinstance(field.default, float) else int)
+        parser.add_argument(f"--{field.name}", type=kind, help=f"default {field.default}")
+    ns = parser.parse_args(args)
+    spec_cls, build, cache = kinds[ns.kind]
+    overrides = {f.name: getattr(ns, f.name) for f in dataclasses.fields(spec_cls) if getattr(ns, f.name) is not None}
+    if ns.quick and ns.kind != "sentiment":
+        parser.error("--quick is for the sentiment task")
+    spec = SentimentSpec.quick(**overrides) if ns.quick else spec_cls(**overrides)
+    task = build(spec, ns.cache or cache)
+    print(os.path.dirname(task.train_file))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "task": cmd_task, "export-model": cmd_export_model, "audit": cmd_audit,
             "sft": cmd_sft, "demo": cmd_demo, "eval": cmd_eval, "report": cmd_report,
             "config-reference": cmd_config_reference}
 

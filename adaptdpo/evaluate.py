@@ -23,7 +23,7 @@ import torch
 
 from .data import PreferenceCollator, batch_to, tokenize_rows
 from .logprobs import sequence_logps
-from .sampling import completion_logps, sample_completions
+from .sampling import completion_logps, prompt_token_ids, sample_completions
 
 
 @torch.no_grad()
@@ -67,11 +67,12 @@ def preference_accuracy(policy: Any, reference: Any, tokenizer: Any, rows: Seque
     return {"accuracy": float(accuracy), "margin": float(beta * h.mean())}
 
 
-def gold_generation_metrics(policy: Any, reference: Any, tokenizer: Any, prompts: Sequence[str],
-                            gold: Callable[[str, str], float], seed: int = 0, max_new_tokens: int = 24,
+def gold_generation_metrics(policy: Any, reference: Any, tokenizer: Any, prompts: Sequence[Any],
+                            gold: Callable[[Any, str], float], seed: int = 0, max_new_tokens: int = 24,
                             samples_per_prompt: int = 2) -> dict[str, float]:
-    """Gold win rate against the reference, mean gold rewards, KL(π‖π_ref) on held-out prompts."""
-    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts] * samples_per_prompt
+    """Gold win rate against the reference, mean gold rewards, KL(π‖π_ref) on held-out prompts (text, or chat
+    messages rendered by the tokenizer's template)."""
+    prompt_ids = prompt_token_ids(tokenizer, list(prompts)) * samples_per_prompt
     texts = list(prompts) * samples_per_prompt
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     ours = sample_completions(policy, prompt_ids, eos, pad, max_new_tokens, seed)

@@ -11,7 +11,7 @@ from typing import Any
 
 from .config import parse_config
 from .evaluate import gold_generation_metrics, preference_accuracy, selection_of_flipped_pairs
-from .synthetic import GoldTask
+from .task_files import TaskFolder
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +42,12 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 
 
-def evaluate_on_task(policy: Any, reference: Any, tokenizer: Any, task: GoldTask, beta: float,
+def evaluate_on_task(policy: Any, reference: Any, tokenizer: Any, task: TaskFolder, beta: float,
                      seed: int = 0) -> dict[str, float]:
+    """The exact judge's metrics of ``policy`` on ``task``'s held-out pairs and prompts (any task kind)."""
     pref = preference_accuracy(policy, reference, tokenizer, task.eval_rows(), beta)
-    gen = gold_generation_metrics(policy, reference, tokenizer, task.eval_prompts(), task.language.gold_reward,
-                                  seed=seed)
+    gen = gold_generation_metrics(policy, reference, tokenizer, task.eval_prompts(), task.gold_reward, seed=seed,
+                                  max_new_tokens=task.max_new_tokens)
     return {"gold/accuracy": pref["accuracy"], "gold/margin": pref["margin"], "gold/win_rate": gen["win_rate"],
             "gold/reward": gen["reward"], "gold/reference_reward": gen["reference_reward"], "kl": gen["kl"],
             "mean_length": gen["mean_length"]}
@@ -57,10 +58,10 @@ def _rows(path: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def gold_train_arguments(task: GoldTask, overrides: dict[str, Any]) -> list[str]:
-    """``--key value`` flags for training on ``task`` (the gold defaults, the task's reference and data, then
+def gold_train_arguments(task: TaskFolder, overrides: dict[str, Any]) -> list[str]:
+    """``--key value`` flags for training on ``task`` (the task's training defaults, its reference and data, then
     ``overrides``)."""
-    settings = {**GOLD_TRAIN_DEFAULTS, "model_name_or_path": task.reference_dir, "train_file": task.train_file,
+    settings = {**task.train_defaults(), "model_name_or_path": task.reference_dir, "train_file": task.train_file,
                 **overrides}
     argv: list[str] = []
     for key, value in settings.items():
@@ -68,7 +69,7 @@ def gold_train_arguments(task: GoldTask, overrides: dict[str, Any]) -> list[str]
     return argv
 
 
-def train_and_evaluate(task: GoldTask, overrides: dict[str, Any], output_dir: str, seed: int = 0,
+def train_and_evaluate(task: TaskFolder, overrides: dict[str, Any], output_dir: str, seed: int = 0,
                        plots: bool = True) -> dict[str, Any]:
     """Train on ``task`` with ``overrides`` (a method preset plus anything else), evaluate, write
     ``<output_dir>/gold_eval.json``, return the evaluation (with wall time and the flipped-pair statistics)."""
@@ -77,7 +78,7 @@ def train_and_evaluate(task: GoldTask, overrides: dict[str, Any], output_dir: st
     from .modeling import load_tokenizer
     from .train import run_training
 
-    settings = {**GOLD_TRAIN_DEFAULTS, "model_name_or_path": task.reference_dir, "train_file": task.train_file,
+    settings = {**task.train_defaults(), "model_name_or_path": task.reference_dir, "train_file": task.train_file,
                 "output_dir": output_dir, "seed": seed, "plots": plots, "resume": "never", **overrides}
     config = parse_config(gold_train_arguments(task, settings))
     if os.path.isdir(output_dir):
@@ -88,8 +89,9 @@ def train_and_evaluate(task: GoldTask, overrides: dict[str, Any], output_dir: st
     tokenizer = load_tokenizer(task.reference_dir)
     from .run_dir import final_model_path
 
-    policy = AutoModelForCausalLM.from_pretrained(final_model_path(output_dir))
-    reference = AutoModelForCausalLM.from_pretrained(task.reference_dir)
+    device = config.device  # where it trained: the judge samples there too
+    policy = AutoModelForCausalLM.from_pretrained(final_model_path(output_dir)).to(device)
+    reference = AutoModelForCausalLM.from_pretrained(task.reference_dir).to(device)
     result = evaluate_on_task(policy, reference, tokenizer, task, config.beta, seed=seed)
     if config.train_file == task.train_file:  # pair ids are rows of the task's file
         result.update(selection_of_flipped_pairs(output_dir, task.flipped_pair_ids()))

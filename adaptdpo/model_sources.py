@@ -71,10 +71,16 @@ def file_sha256(path: str) -> str:
 
 
 def packaged_file(name: str) -> str:
-    """The path of a packaged model's file; a clear error naming the install command when it is missing."""
+    """The path of a packaged model's file; a clear error naming the install command when it is missing.
+
+    ``$ADAPTDPO_MODEL_FILES``, when set, is a folder searched first for the file by its name (for a machine where
+    the package cannot be installed: the GPU machine gets the files carried in, see benchmarks/gpu_models.py)."""
     from importlib import metadata
 
     spec = PACKAGED_MODELS[name]
+    files = os.environ.get("ADAPTDPO_MODEL_FILES")
+    if files and os.path.isfile(os.path.join(files, os.path.basename(spec.member))):
+        return os.path.join(files, os.path.basename(spec.member))
     try:
         dist = metadata.distribution(spec.distribution)
     except metadata.PackageNotFoundError:
@@ -162,6 +168,21 @@ def resolve_model(name_or_path: str, cache: str | None = None) -> str:
     if is_gguf(name_or_path):
         return dequantised_folder(name_or_path, cache)
     return name_or_path
+
+
+def model_fingerprint(folder: str) -> str:
+    """A sha256 naming a model folder's weights: the source file's (a dequantised GGUF, recorded at build time),
+    else one over the config and every weight file, by content."""
+    source = os.path.join(folder, "source.json")
+    if os.path.isfile(source):
+        with open(source, encoding="utf-8") as fh:
+            return str(json.load(fh)["sha256"])
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if name == "config.json" or name.endswith((".safetensors", ".bin")):
+            h.update(name.encode())
+            h.update(file_sha256(os.path.join(folder, name)).encode())
+    return h.hexdigest()
 
 
 def export_model(source: str, destination: str) -> str:

@@ -122,6 +122,20 @@ def chat_prompt_ids(tokenizer: Any, user_messages: list[str], system: str | None
     return out
 
 
+def prompt_token_ids(tokenizer: Any, prompts: list[Any]) -> list[list[int]]:
+    """Token ids of prompts as the trainer tokenises them: text as it is (with the tokenizer's special tokens), a
+    list of chat messages through the chat template with the assistant turn opened."""
+    out = []
+    for prompt in prompts:
+        if isinstance(prompt, list):
+            rendered = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True,
+                                                     return_dict=True)
+            out.append(list(rendered["input_ids"]))
+        else:
+            out.append(list(tokenizer(prompt)["input_ids"]))
+    return out
+
+
 @torch.no_grad()
 def completion_logps(model: Any, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_token_id: int,
                      batch_size: int = 256) -> Tensor:

@@ -184,9 +184,18 @@ class ResultCache:
         self.done: dict[str, dict] = {}
         if os.path.exists(self.path):
             with open(self.path, encoding="utf-8") as fh:
-                for line in fh:
+                lines = fh.readlines()
+            for number, line in enumerate(lines, start=1):
+                try:
                     record = json.loads(line)
-                    self.done[record["key"]] = record["result"]
+                except json.JSONDecodeError:
+                    if number == len(lines) and not line.endswith("\n"):  # a write cut short by a kill: redone
+                        print(f"{self.path}: line {number} was cut short (the run is done again)", file=sys.stderr)
+                        with open(self.path, "w", encoding="utf-8") as fh:
+                            fh.writelines(lines[:-1])
+                        break
+                    raise ValueError(f"{self.path}: line {number}: not a result record") from None
+                self.done[record["key"]] = record["result"]
 
     def add(self, key: str, result: dict) -> None:
         import json
@@ -194,4 +203,6 @@ class ResultCache:
         self.done[key] = result
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps({"key": key, "result": result}) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
 

@@ -5,7 +5,11 @@
 #   bash benchmarks/gpu_suite.sh PART    # on the GPU machine (device tool, carry [".whl"]), from the source tree
 #
 # PART: throughput | smollm2_shape | checkpointing | beta_overhead | step_parts | sams_fit | all. Tables go to $OUT (the device tool's
-# folder that comes back) or runs/gpu. SHAPE overrides the model shape (default: the 0.47B Llama-shaped model,
+# folder that comes back) or runs/gpu.
+# PART real_model (issue 14, not in all): the packaged models joined first (make gpu-models here; carry
+# .gpu-models/part1 in one call, .gpu-models/part2 in the next: benchmarks/gpu_models.py), then
+# benchmarks/real_model.py --profile full for BUDGET seconds (default 480); its results and task cache come back in
+# $OUT/bench-real-full: copy that folder to runs/bench-real/full here and carry it in the next call to go on. SHAPE overrides the model shape (default: the 0.47B Llama-shaped model,
 # bf16 autocast, 16 HH pairs of up to 512 tokens).
 set -euo pipefail
 PART=${1:-all}
@@ -19,7 +23,7 @@ export PYTHONPATH=/tmp/adaptdpo-site:$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFL
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU"
   python3 -c "import torch, transformers, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__)"
 } > "$OUT/device.txt"
-run() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }
+run() { { [ "$PART" = all ] && [ "$1" != real_model ]; } || [ "$PART" = "$1" ]; }
 # shellcheck disable=SC2086  # SHAPE is a list of arguments
 if run throughput; then python3 benchmarks/throughput.py $SHAPE --rounds 10 --memory --out "$OUT/throughput.md"; fi
 # SmolLM2-135M's shape and vocabulary (49,152): where the chunked LM head matters most
@@ -29,3 +33,10 @@ if run checkpointing; then python3 benchmarks/gradient_checkpointing_cost.py $SH
 if run beta_overhead; then python3 benchmarks/beta_overhead.py $SHAPE --rounds 20 --steps 5 --out "$OUT/beta_overhead.md"; fi
 if run step_parts; then python3 benchmarks/step_parts.py $SHAPE --rounds 10 --out "$OUT/step_parts.md"; fi
 if run sams_fit; then python3 benchmarks/sams_fit.py --layers 24 --dim 1024 --pairs 16 --out "$OUT/sams_fit.md"; fi
+if run real_model; then
+    [ -f .gpu-models/files/manifest.ok ] || { python3 benchmarks/gpu_models.py join && touch .gpu-models/files/manifest.ok; }
+    export ADAPTDPO_MODEL_FILES=$PWD/.gpu-models/files
+    python3 benchmarks/real_model.py --profile full --seeds "${SEEDS:-3}" --budget_s "${BUDGET:-480}" \
+        --experiments "${EXPERIMENTS:-noise,mix,frontier,gap,filters,hh}" --out "$OUT/real_model_tables.md" --plots "$OUT"
+    mkdir -p "$OUT/bench-real-full" && cp -r runs/bench-real/full/results.jsonl runs/bench-real/full/cache "$OUT/bench-real-full/"
+fi

@@ -82,3 +82,24 @@ def test_flip_counts_follow_the_rate():
                                        seed=1)
         assert abs(stats["flipped"] - 1000 * rate) < 4 * math.sqrt(1000 * rate * (1 - rate))
         assert all(r["flipped"] == (not r["label_agrees_with_gold"]) for r in rows)
+
+
+def test_the_recovery_table_computes_the_share_won_back_by_hand():
+    """DPO loses 0.2 gold reward, 0.1 accuracy and 0.1 win rate to flips; a method at 0.5 / 0.6 / 0.55 under flips
+    wins back (0.5 − 0.4) / 0.2 = 50%, 0% and 50%; DPO's own row shows no share."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from real_model import recovery_table
+
+    def result(reward, accuracy, win):
+        return {"gold/reward": reward, "gold/accuracy": accuracy, "gold/win_rate": win}
+
+    text = recovery_table([("0% flips: DPO", [result(0.6, 0.7, 0.6)]), ("20% flips: DPO", [result(0.4, 0.6, 0.5)]),
+                           ("20% flips: β-DPO", [result(0.5, 0.6, 0.55)])])
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert rows["β-DPO"] == "| β-DPO | 1 | 0.500 | +50% | 0.600 | +0% | 0.550 | +50% |"
+    assert rows["DPO"] == "| DPO | 1 | 0.400 | – | 0.600 | – | 0.500 | – |"
+    assert "gold reward +0.200, held-out accuracy +0.100, win rate +0.100" in text
+    assert "not run" in recovery_table([("20% flips: DPO", [result(0.4, 0.6, 0.5)])])

@@ -22,7 +22,6 @@ Steps, each cached under a folder named by a hash of the settings it depends on:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -34,10 +33,10 @@ from typing import Any
 
 import torch
 
-from ..checkpointing import atomic_write_text
 from ..modeling import SPECIAL_TOKENS, build_tiny_model, load_tokenizer, tiny_model_config
 from ..preference_pairs import controlled_pairs, gold_labelled_pairs
 from ..sampling import sample_completions
+from ..task_files import TaskFileError, TaskFolder, digest, read_json, read_jsonl, write_jsonl_atomic
 from .language import Language
 
 logger = logging.getLogger(__name__)
@@ -72,12 +71,11 @@ class TaskSpec:
                 "eval_prompts": self.eval_prompts}
 
 
-def _digest(d: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
-
-
 @dataclass
-class GoldTask:
+class GoldTask(TaskFolder):
+    """The toy task's folder: its files (see :class:`~adaptdpo.task_files.TaskFolder`) and its language, whose
+    hidden reward is the gold reward."""
+
     spec: TaskSpec
     language: Language
     reference_dir: str
@@ -86,50 +84,17 @@ class GoldTask:
     prompts_file: str
     stats: dict[str, Any]
 
-    def eval_rows(self) -> list[dict[str, Any]]:
-        return _read_jsonl(self.eval_file)
+    @property
+    def max_new_tokens(self) -> int:
+        return 24
 
-    def train_rows(self) -> list[dict[str, Any]]:
-        return _read_jsonl(self.train_file)
+    def gold_reward(self, prompt: Any, completion: str) -> float:
+        return self.language.gold_reward(prompt, completion)
 
-    def eval_prompts(self) -> list[str]:
-        return [r["prompt"] for r in _read_jsonl(self.prompts_file)]
+    def train_defaults(self) -> dict[str, Any]:
+        from ..gold import GOLD_TRAIN_DEFAULTS
 
-    def flipped_pair_ids(self) -> set[int]:
-        return {i for i, r in enumerate(self.train_rows()) if r["flipped"]}
-
-
-class TaskFileError(ValueError):
-    """A task folder's file is missing or broken (the message names the file and line)."""
-
-
-def _read_jsonl(path: str) -> list[dict[str, Any]]:
-    if not os.path.isfile(path):
-        raise TaskFileError(f"{path}: missing (the task folder is incomplete; rebuild it)")
-    rows = []
-    with open(path, encoding="utf-8", errors="strict") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise TaskFileError(f"{path}: line {line_no}: invalid JSON ({e.msg})") from None
-    return rows
-
-
-def _read_json(path: str) -> Any:
-    if not os.path.isfile(path):
-        raise TaskFileError(f"{path}: missing (the task folder is incomplete; rebuild it)")
-    with open(path, encoding="utf-8") as fh:
-        try:
-            return json.load(fh)
-        except json.JSONDecodeError as e:
-            raise TaskFileError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from None
-
-
-def _write_jsonl_atomic(path: str, rows: list[dict[str, Any]]) -> None:
-    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+        return dict(GOLD_TRAIN_DEFAULTS)
 
 
 # ------------------------------------------------------------------------------------ the reference
@@ -247,9 +212,9 @@ def _pool(spec: TaskSpec, language: Language, folder: str, reference_dir: str) -
                                                                                                          row["y2"])
     tmp = f"{folder}.tmp-{os.getpid()}"
     os.makedirs(tmp, exist_ok=True)
-    _write_jsonl_atomic(os.path.join(tmp, "pool.jsonl"), pool)
-    _write_jsonl_atomic(os.path.join(tmp, "held_out_pairs.jsonl"), held)
-    _write_jsonl_atomic(os.path.join(tmp, "prompts.jsonl"),
+    write_jsonl_atomic(os.path.join(tmp, "pool.jsonl"), pool)
+    write_jsonl_atomic(os.path.join(tmp, "held_out_pairs.jsonl"), held)
+    write_jsonl_atomic(os.path.join(tmp, "prompts.jsonl"),
                         [{"prompt": p} for p in prompts[spec.pool_prompts + spec.eval_pairs:]])
     with open(os.path.join(tmp, "language.json"), "w", encoding="utf-8") as fh:
         json.dump(language.to_dict(), fh)
@@ -268,47 +233,41 @@ def load_task(task_dir: str, reference_dir: str | None = None) -> GoldTask:
     the held-out pairs as many as task.json records."""
     if not os.path.isdir(task_dir):
         raise TaskFileError(f"{task_dir}: no such task folder")
-    stats = _read_json(os.path.join(task_dir, "task.json"))
-    language = Language.from_dict(_read_json(os.path.join(task_dir, "language.json")))
+    stats = read_json(os.path.join(task_dir, "task.json"))
+    language = Language.from_dict(read_json(os.path.join(task_dir, "language.json")))
     reference_dir = reference_dir or stats["reference_dir"]
     if not os.path.isfile(os.path.join(reference_dir, "config.json")):
         raise TaskFileError(f"{os.path.join(task_dir, 'task.json')}: its reference model {reference_dir} is missing "
                             "(rebuild the task, or pass --reference)")
     task = GoldTask(TaskSpec(**stats["spec"]), language, reference_dir, os.path.join(task_dir, "train.jsonl"),
                     os.path.join(task_dir, "eval.jsonl"), os.path.join(task_dir, "prompts.jsonl"), stats)
-    for path, expected in ((task.eval_file, stats.get("eval_pairs")), (task.train_file, stats.get("train_pairs"))):
-        found = len(_read_jsonl(path))
-        if expected is not None and found != expected:
-            raise TaskFileError(f"{path}: {found} pairs, but task.json records {expected}: the file is cut short or "
-                                "altered; rebuild the task")
-    if not task.eval_prompts():
-        raise TaskFileError(f"{task.prompts_file}: no prompts")
+    task.check_files()
     return task
 
 
 def build_task(spec: TaskSpec = TaskSpec(), cache_root: str = "runs/gold-cache") -> GoldTask:
     """The task for ``spec``, built on first use and cached under ``cache_root`` (safe to interrupt)."""
     os.makedirs(cache_root, exist_ok=True)
-    reference_dir = os.path.join(cache_root, "reference-" + _digest(spec.reference_key()))
+    reference_dir = os.path.join(cache_root, "reference-" + digest(spec.reference_key()))
     language = Language.create(spec.seed, spec.num_words, spec.feature_dim, spec.prompt_words)
     if not os.path.isdir(reference_dir):
         logger.info("gold task: training the reference model (cached in %s)", reference_dir)
         _train_reference(spec, language, reference_dir)
-    pool_dir = os.path.join(cache_root, "pool-" + _digest(spec.pool_key()))
+    pool_dir = os.path.join(cache_root, "pool-" + digest(spec.pool_key()))
     if not os.path.isdir(pool_dir):
         logger.info("gold task: sampling on-policy pairs from the reference (cached in %s)", pool_dir)
         _pool(spec, language, pool_dir, reference_dir)
     with open(os.path.join(pool_dir, "language.json"), encoding="utf-8") as fh:
         language = Language.from_dict(json.load(fh))
-    task_dir = os.path.join(cache_root, "task-" + _digest(dataclasses.asdict(spec)))
+    task_dir = os.path.join(cache_root, "task-" + digest(dataclasses.asdict(spec)))
     if not os.path.isdir(task_dir):
-        rows, stats = _training_rows(spec, _read_jsonl(os.path.join(pool_dir, "pool.jsonl")))
-        held = gold_labelled_pairs(_read_jsonl(os.path.join(pool_dir, "held_out_pairs.jsonl")))
+        rows, stats = _training_rows(spec, read_jsonl(os.path.join(pool_dir, "pool.jsonl")))
+        held = gold_labelled_pairs(read_jsonl(os.path.join(pool_dir, "held_out_pairs.jsonl")))
         stats.update({"train_pairs": len(rows), "eval_pairs": len(held), "spec": dataclasses.asdict(spec)})
         tmp = f"{task_dir}.tmp-{os.getpid()}"
         os.makedirs(tmp, exist_ok=True)
-        _write_jsonl_atomic(os.path.join(tmp, "train.jsonl"), rows)
-        _write_jsonl_atomic(os.path.join(tmp, "eval.jsonl"), held)
+        write_jsonl_atomic(os.path.join(tmp, "train.jsonl"), rows)
+        write_jsonl_atomic(os.path.join(tmp, "eval.jsonl"), held)
         shutil.copy(os.path.join(pool_dir, "prompts.jsonl"), os.path.join(tmp, "prompts.jsonl"))
         shutil.copy(os.path.join(pool_dir, "language.json"), os.path.join(tmp, "language.json"))
         stats["reference_dir"] = os.path.abspath(reference_dir)

@@ -1,0 +1,403 @@
+"""The papers' experiments on a real model (issue 14): SmolLM2-135M-Instruct on the controlled-sentiment task (exact
+judge: VADER) and on the shipped Anthropic HH split. Tables → docs/real_model_tables.md, figures → docs/.
+
+    .venv/bin/python benchmarks/real_model.py --profile full --seeds 3 --budget_s 540     # on one GPU; run again
+    .venv/bin/python benchmarks/real_model.py --profile cpu --seeds 1 --experiments noise  # what 2 CPU cores afford
+    .venv/bin/python benchmarks/real_model.py --quick                                      # every stage, ~2 min CPU
+
+Each run trains SmolLM2 from its packaged weights on a training set drawn with the run's seed (data_seed) from one
+cached pool of on-policy pairs, then is judged on held-out prompts and pairs (`adaptdpo.gold.evaluate_on_task`):
+held-out implicit-reward accuracy against gold labels, mean gold reward of its samples, win rate against the
+reference's samples drawn with the same random numbers, KL(π‖π_ref) on its samples. Experiments:
+
+  noise     DPO, β-DPO, SamS (policy hidden states), SamS (MiniLM encoder), random 50%, β-DPO+SamS;
+            mixed gaps, 0% and 20% flips (SamS Fig. 3, β-DPO+SamS); the recovery table is drawn from it
+  gap       static β ∈ {0.05, 0.1, 0.3, 1.0} on low-gap and on high-gap data          (β-DPO Fig. 1b/2)
+  mix       β-DPO (batch, instance) against static β on mixtures 0.2/0.5/0.8           (β-DPO Table 2)
+  frontier  DPO over β, β-DPO over β0 (mixed gaps, clean): the reward–KL frontier      (DPO Fig. 2)
+  filters   β-DPO's filtering strategies at 20% flips                                (β-DPO §5.2)
+  hh        DPO, β-DPO, SamS on HH, chat-templated, clean and 20% flipped training labels: held-out
+            implicit-reward accuracy (SamS's HH metric)
+
+Resumable pieces: every finished run is one line of <workdir>/<profile>/results.jsonl; with --budget_s the script
+stops before a run that would end past the budget and says how many are left (run the same command again). A run
+killed midway is redone; the task's sampling resumes by chunk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import random
+import shutil
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import ResultCache, mean_std
+
+from adaptdpo.gold import train_and_evaluate
+from adaptdpo.sentiment.task import SentimentSpec, build_sentiment_task
+
+SAMS = {"method": "sams", "sams_ratio": 0.5, "sams_warmup_rounds": 10}
+METHODS: dict[str, dict[str, Any]] = {
+    "DPO": {"method": "dpo"},
+    "β-DPO": {"method": "beta_dpo"},
+    "SamS (policy states)": SAMS,
+    "SamS (MiniLM encoder)": {**SAMS, "sams_encoder_path": "all-minilm-l6-v2"},
+    "random 50%": {**SAMS, "sams_selection": "random"},
+    "β-DPO+SamS": {**SAMS, "method": "beta_dpo+sams"},
+}
+BETAS = (0.05, 0.1, 0.3, 1.0)
+
+
+def with_beta(preset: dict[str, Any], beta: float) -> dict[str, Any]:
+    """``preset`` at β (left unset at the default 0.1, so equal configurations share one cached run)."""
+    return {**preset, "beta": beta} if beta != 0.1 else dict(preset)
+
+#: per profile: the sentiment task's size, training overrides, the HH split and its training settings
+PROFILES: dict[str, dict[str, Any]] = {
+    "full": {"task": {}, "train": {},
+             "hh": {"train_rows": 1800, "eval_rows": 400},
+             "hh_train": {"max_length": 512, "max_prompt_length": 384, "per_device_train_batch_size": 16,
+                          "per_device_eval_batch_size": 32, "num_train_epochs": 1, "learning_rate": 2e-6}},
+    "cpu": {"task": {"train_prompts": 640, "eval_pair_prompts": 96, "eval_prompts": 64, "train_pairs": 256},
+            # 16 steps instead of 64: a larger step so that the policy moves (about 10 minutes a run on 2 cores)
+            "train": {"num_train_epochs": 1, "learning_rate": 2e-5},
+            "hh": {"train_rows": 256, "eval_rows": 96},
+            "hh_train": {"max_length": 256, "max_prompt_length": 192, "per_device_train_batch_size": 8,
+                         "per_device_eval_batch_size": 16, "num_train_epochs": 1, "learning_rate": 2e-6}},
+    "quick": {"task": {"train_prompts": 12, "eval_pair_prompts": 4, "eval_prompts": 4, "max_new_tokens": 8,
+                       "sampling_batch": 8, "train_pairs": 4},
+              "train": {"per_device_train_batch_size": 2, "max_steps": 2, "max_length": 64, "logging_steps": 1},
+              "hh": {"train_rows": 4, "eval_rows": 4},
+              "hh_train": {"max_length": 96, "max_prompt_length": 64, "per_device_train_batch_size": 2,
+                           "per_device_eval_batch_size": 4, "max_steps": 2, "learning_rate": 2e-6}},
+}
+HH_METHODS = ("DPO", "β-DPO", "SamS (policy states)")
+QUICK_PLAN = {"noise": ("DPO", "β-DPO", "SamS (policy states)"), "frontier": (0.1, 1.0), "hh": ("DPO",)}
+
+
+def experiments(quick: bool = False) -> dict[str, list[tuple[str, dict[str, Any], dict[str, Any]]]]:
+    """experiment → [(row label, sentiment-task overrides, training overrides)] (``hh``: task = {"flip_rate"})."""
+    noise_methods = QUICK_PLAN["noise"] if quick else tuple(METHODS)
+    mixed = {"high_gap_fraction": 0.5}
+    plan = {
+        # DPO clean and noisy, then every method on noisy labels, then on clean ones: a run stopped for its budget
+        # leaves what the recovery table needs first
+        "noise": [(f"{int(f * 100)}% flips: {name}", {**mixed, "flip_rate": f}, METHODS[name])
+                  for f, name in [(0.0, "DPO"), (0.2, "DPO"), *[(f, n) for f in (0.2, 0.0) for n in noise_methods
+                                                               if n != "DPO"]]],
+        "gap": [(f"{gap} gap, β={b}", {"high_gap_fraction": 1.0 if gap == "high" else 0.0, "flip_rate": 0.0},
+                 with_beta(METHODS["DPO"], b)) for gap in ("low", "high") for b in BETAS],
+        "mix": [*[(f"mix {m}: DPO β={b}", {"high_gap_fraction": m, "flip_rate": 0.0}, with_beta(METHODS["DPO"], b))
+                  for m in (0.2, 0.5, 0.8) for b in (0.1, 0.3)],
+                *[(f"mix {m}: β-DPO batch", {"high_gap_fraction": m, "flip_rate": 0.0}, {"method": "beta_dpo"})
+                  for m in (0.2, 0.5, 0.8)],
+                ("mix 0.5: β-DPO instance", {**mixed, "flip_rate": 0.0},
+                 {"method": "beta_dpo", "beta_dpo_level": "instance"})],
+        "frontier": [(f"{name} β={b}", {**mixed, "flip_rate": 0.0}, with_beta(METHODS[name], b))
+                     for name in ("DPO", "β-DPO")
+                     for b in (QUICK_PLAN["frontier"] if quick else BETAS)],
+        "filters": [*[(f"filter {flt}", {**mixed, "flip_rate": 0.2}, {"method": "beta_dpo", "beta_dpo_filter": flt})
+                      for flt in ("gaussian", "grad_head", "grad_tail", "grad_tail_head")],
+                    ("no filter (dynamic β only)", {**mixed, "flip_rate": 0.2},
+                     {"method": "beta_dpo", "beta_dpo_keep_ratio": 1.0})],
+        "hh": [(f"{'clean' if f == 0 else '20% flipped'}: {name}", {"flip_rate": f},
+                {k: v for k, v in METHODS[name].items() if k != "sams_encoder_path"})
+               for f in (0.0, 0.2) for name in (QUICK_PLAN["hh"] if quick else HH_METHODS)],
+    }
+    if quick:
+        return {name: plan[name] for name in ("noise", "frontier", "hh")}
+    return plan
+
+
+def environment() -> dict[str, str]:
+    import torch
+    import transformers
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
+        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return {"device": device, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def run_sentiment(profile: dict[str, Any], task_overrides: dict, train_overrides: dict, seed: int,
+                  workdir: str) -> dict[str, Any]:
+    spec = SentimentSpec(**{**profile["task"], **task_overrides, "data_seed": seed})
+    task = build_sentiment_task(spec, os.path.join(workdir, "cache"))
+    return train_and_evaluate(task, {**profile["train"], **train_overrides, "trace_pairs": True},
+                              os.path.join(workdir, "run"), seed=seed, plots=False)
+
+
+def hh_files(profile: dict[str, Any], flip_rate: float, seed: int, folder: str) -> tuple[str, str, set[int]]:
+    """(training file with ``flip_rate`` of its labels swapped, recorded in ``flipped``; held-out file; flipped ids)."""
+    from adaptdpo.data import load_preference_rows
+    from adaptdpo.demo import default_data_path
+
+    rows, _ = load_preference_rows(default_data_path(), skip_invalid=True)
+    n_train, n_eval = profile["hh"]["train_rows"], profile["hh"]["eval_rows"]
+    train, held = rows[:n_train], rows[-n_eval:]
+    os.makedirs(folder, exist_ok=True)
+    rng = random.Random(seed)
+    flipped = set()
+    train_path = os.path.join(folder, f"train-{flip_rate}-{seed}.jsonl")
+    with open(train_path, "w", encoding="utf-8") as fh:
+        for i, r in enumerate(train):
+            flip = rng.random() < flip_rate
+            if flip:
+                flipped.add(i)
+            chosen, rejected = (r["rejected"], r["chosen"]) if flip else (r["chosen"], r["rejected"])
+            fh.write(json.dumps({"prompt": r["prompt"], "chosen": chosen, "rejected": rejected, "flipped": flip})
+                     + "\n")
+    eval_path = os.path.join(folder, "eval.jsonl")
+    with open(eval_path, "w", encoding="utf-8") as fh:
+        for r in held:
+            fh.write(json.dumps({"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}) + "\n")
+    return train_path, eval_path, flipped
+
+
+def run_hh(profile: dict[str, Any], flip_rate: float, train_overrides: dict, seed: int, workdir: str) -> dict:
+    from adaptdpo.config import parse_config
+    from adaptdpo.evaluate import selection_of_flipped_pairs
+    from adaptdpo.sentiment.task import SENTIMENT_TRAIN_DEFAULTS
+    from adaptdpo.train import run_training
+
+    train_path, eval_path, flipped = hh_files(profile, flip_rate, seed, os.path.join(workdir, "hh-data"))
+    out = os.path.join(workdir, "run")
+    shutil.rmtree(out, ignore_errors=True)
+    settings = {**SENTIMENT_TRAIN_DEFAULTS, "model_name_or_path": "smollm2-135m-instruct", "train_file": train_path,
+                "eval_file": eval_path, "chat_format": "auto", **profile["hh_train"], **train_overrides,
+                "output_dir": out, "seed": seed, "plots": False, "resume": "never", "trace_pairs": True}
+    summary = run_training(parse_config([x for k, v in settings.items() for x in (f"--{k}", str(v))]))
+    ev = summary["final_eval"]
+    result = {"hh/accuracy": ev["eval_rewards/accuracies"], "hh/margin": ev["eval_rewards/margins"],
+              "wall_time_s": summary["wall_time_s"], "steps": summary["global_step"]}
+    result.update(selection_of_flipped_pairs(out, flipped))
+    return result
+
+
+def run_key(profile: str, experiment_kind: str, task_overrides: dict, train_overrides: dict, seed: int) -> str:
+    return json.dumps({"profile": profile, "task": experiment_kind, "task_overrides": task_overrides,
+                       "train": train_overrides, "seed": seed}, sort_keys=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", choices=tuple(PROFILES), default="full")
+    parser.add_argument("--quick", action="store_true", help="profile quick, 1 seed, a few runs of each stage")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--experiments", default="noise,mix,frontier,gap,filters,hh")
+    parser.add_argument("--budget_s", type=float, default=None, help="stop before a run that would end past this")
+    parser.add_argument("--workdir", default="runs/bench-real")
+    parser.add_argument("--out", default=None, help="markdown file for the tables")
+    parser.add_argument("--plots", default=None, help="folder for the figures (frontier, recovery)")
+    parser.add_argument("--tables_only", action="store_true", help="redraw tables and figures from the results")
+    ns = parser.parse_args(argv)
+    if ns.quick:
+        ns.profile, ns.seeds = "quick", 1
+    logging.disable(logging.WARNING)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    profile = PROFILES[ns.profile]
+    workdir = os.path.join(ns.workdir, ns.profile)
+    cache = ResultCache(workdir)
+    plan = experiments(quick=ns.quick)
+    chosen = [e for e in ns.experiments.split(",") if e in plan]
+    unknown = [e for e in ns.experiments.split(",") if e not in experiments()]
+    if unknown:
+        parser.error(f"unknown experiment(s) {unknown}; choose from {', '.join(experiments())}")
+    todo = [(exp, label, t, o, seed) for exp in chosen for label, t, o in plan[exp] for seed in range(ns.seeds)]
+    pending = [item for item in todo
+               if run_key(ns.profile, "hh" if item[0] == "hh" else "sentiment", item[2], item[3], item[4])
+               not in cache.done]
+    env = environment()
+    started, slowest = time.time(), 0.0
+    print(f"{len(todo)} runs, {len(pending)} to do ({env['device']}, torch {env['torch']})", file=sys.stderr)
+    left = len(pending)
+    for count, (exp, label, task_over, train_over, seed) in enumerate([] if ns.tables_only else pending, start=1):
+        kind = "hh" if exp == "hh" else "sentiment"
+        key = run_key(ns.profile, kind, task_over, train_over, seed)
+        if key in cache.done:  # the same configuration in another experiment, done earlier in this loop
+            left -= 1
+            continue
+        if ns.budget_s is not None and time.time() - started + 1.2 * slowest > ns.budget_s:
+            print(f"stopped for the budget ({ns.budget_s:.0f} s): {left} run(s) left; run the same command again",
+                  file=sys.stderr)
+            break
+        run_started = time.time()
+        if kind == "hh":
+            result = run_hh(profile, task_over["flip_rate"], train_over, seed, workdir)
+        else:
+            result = run_sentiment(profile, task_over, train_over, seed, workdir)
+        result.update(env)
+        cache.add(key, result)
+        left -= 1
+        slowest = max(slowest, time.time() - run_started)
+        headline = result.get("gold/accuracy", result.get("hh/accuracy"))
+        print(f"[{count}/{len(pending)}] {exp}: {label} seed {seed}: accuracy {headline:.3f} "
+              f"({time.time() - run_started:.0f} s; {time.time() - started:.0f} s in all)", file=sys.stderr)
+    results = {exp: [(label, [cache.done[k] for seed in range(ns.seeds)
+                              if (k := run_key(ns.profile, "hh" if exp == "hh" else "sentiment", t, o, seed))
+                              in cache.done])
+                     for label, t, o in plan[exp]] for exp in chosen}
+    text = report(results, ns, env)
+    print(text)
+    if ns.out:
+        with open(ns.out, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    if ns.plots:
+        os.makedirs(ns.plots, exist_ok=True)
+        if results.get("frontier"):
+            plot_frontier(results["frontier"], results.get("noise", []), os.path.join(ns.plots,
+                                                                                      "sentiment_frontier.png"))
+        if results.get("noise"):
+            plot_recovery(results["noise"], os.path.join(ns.plots, "sentiment_recovery.png"))
+    print("all runs done" if left <= 0 else f"{left} run(s) left", file=sys.stderr)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+SENTIMENT_KEYS = [("gold/accuracy", "held-out accuracy"), ("gold/reward", "gold reward"), ("gold/win_rate", "win rate"),
+                  ("kl", "KL"), ("flipped_trained_fraction", "flipped trained")]
+HH_KEYS = [("hh/accuracy", "held-out accuracy"), ("hh/margin", "margin"), ("flipped_trained_fraction",
+                                                                           "flipped trained")]
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def table(title: str, rows: list[tuple[str, list[dict]]], keys: list[tuple[str, str]]) -> str:
+    lines = [f"### {title}", "", "| configuration | seeds | " + " | ".join(k[1] for k in keys) + " |",
+             "|---|---|" + "---|" * len(keys)]
+    for label, results in rows:
+        if not results:
+            lines.append(f"| {label} | 0 | " + " | ".join("not run" for _ in keys) + " |")
+            continue
+        cells = [mean_std([r.get(k, float("nan")) for r in results]) for k, _ in keys]
+        lines.append(f"| {label} | {len(results)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def recovery_table(noise: list[tuple[str, list[dict]]]) -> str:
+    """For each method at 20% flips, the share of what the flips cost DPO (clean − noisy) it wins back."""
+    by_label = dict(noise)
+    clean, noisy = by_label.get("0% flips: DPO", []), by_label.get("20% flips: DPO", [])
+    keys = [("gold/reward", "gold reward"), ("gold/accuracy", "held-out accuracy"), ("gold/win_rate", "win rate")]
+    lines = ["### Noise recovery: share of DPO's loss to 20% flips that each method wins back", "",
+             "won back = (method at 20% − DPO at 20%) / (DPO clean − DPO at 20%), on means over seeds; "
+             "100% = as good as DPO on clean labels, 0% = no better than DPO on the noisy ones.", "",
+             "| method | seeds | " + " | ".join(f"{name} (20% flips) | {name} won back" for _, name in keys) + " |",
+             "|---|---|" + "---|---|" * len(keys)]
+    if not clean or not noisy:
+        return "\n".join(lines[:1]) + "\n\nnot run (needs DPO at 0% and 20% flips)\n"
+    for label, results in noise:
+        if not label.startswith("20% flips") or not results:
+            continue
+        cells = []
+        for key, _ in keys:
+            gap = _mean([r[key] for r in clean]) - _mean([r[key] for r in noisy])
+            won = (_mean([r[key] for r in results]) - _mean([r[key] for r in noisy])) / gap if abs(gap) > 1e-9 else None
+            cells += [mean_std([r[key] for r in results]),
+                      "–" if label.endswith(": DPO") or won is None else f"{won:+.0%}"]
+        lines.append(f"| {label.split(': ', 1)[1]} | {len(results)} | " + " | ".join(cells) + " |")
+    gaps = ", ".join(f"{name} {_mean([r[k] for r in clean]) - _mean([r[k] for r in noisy]):+.3f}" for k, name in keys)
+    lines += ["", f"What 20% flips cost DPO (clean − noisy): {gaps}."]
+    return "\n".join(lines) + "\n"
+
+
+def report(results: dict[str, list[tuple[str, list[dict]]]], ns: argparse.Namespace, env: dict[str, str]) -> str:
+    titles = {"noise": "DPO, β-DPO, SamS, random selection and β-DPO+SamS at 0% and 20% flips (sentiment)",
+              "gap": "Static β on low-gap and on high-gap pairs (sentiment, clean)",
+              "mix": "β-DPO against static β on mixtures of low- and high-gap pairs (sentiment, clean)",
+              "frontier": "Reward–KL frontier points (sentiment, mixed gaps, clean)",
+              "filters": "β-DPO's filters at 20% flips (sentiment)",
+              "hh": "HH (Anthropic harmless-base, chat-templated): held-out implicit-reward accuracy"}
+    devices = sorted({r.get("device", "?") for rows in results.values() for _, rs in rows for r in rs})
+    versions = sorted({f"torch {r.get('torch')}, transformers {r.get('transformers')}"
+                       for rows in results.values() for _, rs in rows for r in rs})
+    parts = [f"Profile `{ns.profile}`, SmolLM2-135M-Instruct (packaged), mean ± std over seeds. Measured on: "
+             f"{'; '.join(devices) or env['device']} ({'; '.join(versions) or env['torch']}).",
+             f"Command: `python benchmarks/real_model.py --profile {ns.profile} --seeds {ns.seeds} "
+             f"--experiments {','.join(results)}`", ""]
+    for exp, rows in results.items():
+        parts.append(table(titles[exp], rows, HH_KEYS if exp == "hh" else SENTIMENT_KEYS))
+        if exp == "noise":
+            parts.append(recovery_table(rows))
+    return "\n".join(parts)
+
+
+def plot_frontier(frontier: list[tuple[str, list[dict]]], noise: list[tuple[str, list[dict]]], path: str) -> None:
+    """Gold reward against KL(π‖π_ref), one point per run, a line through each method's β sweep (DPO Fig. 2)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for method, colour in (("DPO", "tab:blue"), ("β-DPO", "tab:orange")):
+        means = []
+        for label, results in frontier:
+            if label.startswith(method + " β=") and results:
+                xs, ys = [r["kl"] for r in results], [r["gold/reward"] for r in results]
+                ax.scatter(xs, ys, color=colour, alpha=0.35, s=14)
+                means.append((_mean(xs), _mean(ys), label.split("β=")[1]))
+        if means:
+            means.sort()
+            ax.plot([m[0] for m in means], [m[1] for m in means], "-o", color=colour, label=f"{method} (β sweep)")
+            for x, y, b in means:
+                ax.annotate(f"β={b}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for label, results in noise:
+        if label.startswith("0% flips") and results and not label.endswith((": DPO", ": β-DPO")):
+            ax.scatter([_mean([r["kl"] for r in results])], [_mean([r["gold/reward"] for r in results])], marker="s",
+                       label=label.split(": ", 1)[1] + " (β=0.1)")
+    reference = [r["gold/reference_reward"] for _, rs in frontier for r in rs]
+    if reference:
+        ax.axhline(_mean(reference), color="grey", ls="--", lw=1, label="reference model")
+    ax.set_xlabel("KL(π ‖ π_ref) on the policy's samples (nats)")
+    ax.set_ylabel("mean gold reward (VADER compound)")
+    ax.set_title("Controlled sentiment on SmolLM2-135M-Instruct: reward–KL frontier")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_recovery(noise: list[tuple[str, list[dict]]], path: str) -> None:
+    """Gold reward and held-out accuracy per method, clean and at 20% flips (mean ± std)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = sorted({label.split(": ", 1)[1] for label, rs in noise if rs}, key=list(METHODS).index)
+    by_label = dict(noise)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.5 * len(methods) + 1.8), sharey=True)
+    for ax, (key, title) in zip(axes, (("gold/reward", "gold reward of samples"),
+                                       ("gold/accuracy", "held-out accuracy")), strict=True):
+        for offset, (flips, colour) in enumerate((("0% flips", "tab:green"), ("20% flips", "tab:red"))):
+            values = [[r[key] for r in by_label.get(f"{flips}: {m}", [])] for m in methods]
+            means = [_mean(v) for v in values]
+            stds = [(sum((x - mu) ** 2 for x in v) / max(1, len(v) - 1)) ** 0.5 if v else 0.0
+                    for v, mu in zip(values, means, strict=True)]
+            ax.barh([i + 0.4 * offset for i in range(len(methods))], means, height=0.38, xerr=stds, color=colour,
+                    alpha=0.7, label=flips)
+        ax.set_title(title)
+        ax.grid(alpha=0.3, axis="x")
+        ax.legend(fontsize=7)
+    axes[0].set_yticks([i + 0.2 for i in range(len(methods))], methods, fontsize=8)
+    axes[0].invert_yaxis()
+    fig.suptitle("SmolLM2-135M-Instruct, controlled sentiment: clean vs 20% flipped labels")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
