@@ -44,7 +44,7 @@ from common import ResultCache, mean_std
 from adaptdpo.gold import train_and_evaluate
 from adaptdpo.sentiment.task import SentimentSpec, build_sentiment_task
 
-SAMS = {"method": "sams", "sams_ratio": 0.5, "sams_warmup_rounds": 10}
+SAMS = {"method": "sams", "sams_ratio": 0.5}
 METHODS: dict[str, dict[str, Any]] = {
     "DPO": {"method": "dpo"},
     "β-DPO": {"method": "beta_dpo"},
@@ -56,25 +56,34 @@ METHODS: dict[str, dict[str, Any]] = {
 BETAS = (0.05, 0.1, 0.3, 1.0)
 
 
+def with_warmup(preset: dict[str, Any], rounds: int) -> dict[str, Any]:
+    """``preset`` with SamS's random warm-up at ``rounds`` (a SamS preset only; part of the cached run's key)."""
+    return {**preset, "sams_warmup_rounds": rounds} if "sams" in preset["method"] else dict(preset)
+
+
 def with_beta(preset: dict[str, Any], beta: float) -> dict[str, Any]:
     """``preset`` at β (left unset at the default 0.1, so equal configurations share one cached run)."""
     return {**preset, "beta": beta} if beta != 0.1 else dict(preset)
 
-#: per profile: the sentiment task's size, training overrides, the HH split and its training settings
+#: per profile: the sentiment task's size, training overrides, the HH split and its training settings, and SamS's
+#: random warm-up rounds: about a sixth of the run's steps (10 of 64 in the full profile, 3 of 16 on the CPU), so
+#: that the learned selection acts for the same share of every run. With 10 warm-up rounds of 16 steps, four
+#: selection runs trained on the same random pairs for 10 steps and ended at the same held-out accuracy.
 PROFILES: dict[str, dict[str, Any]] = {
-    "full": {"task": {}, "train": {},
+    "full": {"task": {}, "train": {}, "sams_warmup_rounds": 10,
              "hh": {"train_rows": 1800, "eval_rows": 400},
              "hh_train": {"max_length": 512, "max_prompt_length": 384, "per_device_train_batch_size": 16,
                           "per_device_eval_batch_size": 32, "num_train_epochs": 1, "learning_rate": 2e-6}},
     "cpu": {"task": {"train_prompts": 640, "eval_pair_prompts": 96, "eval_prompts": 64, "train_pairs": 256},
             # 16 steps instead of 64: a larger step so that the policy moves (about 10 minutes a run on 2 cores)
-            "train": {"num_train_epochs": 1, "learning_rate": 2e-5},
+            "train": {"num_train_epochs": 1, "learning_rate": 2e-5}, "sams_warmup_rounds": 3,
             "hh": {"train_rows": 256, "eval_rows": 96},
             "hh_train": {"max_length": 256, "max_prompt_length": 192, "per_device_train_batch_size": 8,
                          "per_device_eval_batch_size": 16, "num_train_epochs": 1, "learning_rate": 2e-6}},
     "quick": {"task": {"train_prompts": 12, "eval_pair_prompts": 4, "eval_prompts": 4, "max_new_tokens": 8,
                        "sampling_batch": 8, "train_pairs": 4},
               "train": {"per_device_train_batch_size": 2, "max_steps": 2, "max_length": 64, "logging_steps": 1},
+              "sams_warmup_rounds": 1,
               "hh": {"train_rows": 4, "eval_rows": 4},
               "hh_train": {"max_length": 96, "max_prompt_length": 64, "per_device_train_batch_size": 2,
                            "per_device_eval_batch_size": 4, "max_steps": 2, "learning_rate": 2e-6}},
@@ -83,25 +92,27 @@ HH_METHODS = ("DPO", "β-DPO", "SamS (policy states)")
 QUICK_PLAN = {"noise": ("DPO", "β-DPO", "SamS (policy states)"), "frontier": (0.1, 1.0), "hh": ("DPO",)}
 
 
-def experiments(quick: bool = False) -> dict[str, list[tuple[str, dict[str, Any], dict[str, Any]]]]:
+def experiments(quick: bool = False, sams_warmup_rounds: int = 10
+                ) -> dict[str, list[tuple[str, dict[str, Any], dict[str, Any]]]]:
     """experiment → [(row label, sentiment-task overrides, training overrides)] (``hh``: task = {"flip_rate"})."""
     noise_methods = QUICK_PLAN["noise"] if quick else tuple(METHODS)
+    methods = {name: with_warmup(preset, sams_warmup_rounds) for name, preset in METHODS.items()}
     mixed = {"high_gap_fraction": 0.5}
     plan = {
         # DPO clean and noisy, then every method on noisy labels, then on clean ones: a run stopped for its budget
         # leaves what the recovery table needs first
-        "noise": [(f"{int(f * 100)}% flips: {name}", {**mixed, "flip_rate": f}, METHODS[name])
+        "noise": [(f"{int(f * 100)}% flips: {name}", {**mixed, "flip_rate": f}, methods[name])
                   for f, name in [(0.0, "DPO"), (0.2, "DPO"), *[(f, n) for f in (0.2, 0.0) for n in noise_methods
                                                                if n != "DPO"]]],
         "gap": [(f"{gap} gap, β={b}", {"high_gap_fraction": 1.0 if gap == "high" else 0.0, "flip_rate": 0.0},
-                 with_beta(METHODS["DPO"], b)) for gap in ("low", "high") for b in BETAS],
-        "mix": [*[(f"mix {m}: DPO β={b}", {"high_gap_fraction": m, "flip_rate": 0.0}, with_beta(METHODS["DPO"], b))
+                 with_beta(methods["DPO"], b)) for gap in ("low", "high") for b in BETAS],
+        "mix": [*[(f"mix {m}: DPO β={b}", {"high_gap_fraction": m, "flip_rate": 0.0}, with_beta(methods["DPO"], b))
                   for m in (0.2, 0.5, 0.8) for b in (0.1, 0.3)],
                 *[(f"mix {m}: β-DPO batch", {"high_gap_fraction": m, "flip_rate": 0.0}, {"method": "beta_dpo"})
                   for m in (0.2, 0.5, 0.8)],
                 ("mix 0.5: β-DPO instance", {**mixed, "flip_rate": 0.0},
                  {"method": "beta_dpo", "beta_dpo_level": "instance"})],
-        "frontier": [(f"{name} β={b}", {**mixed, "flip_rate": 0.0}, with_beta(METHODS[name], b))
+        "frontier": [(f"{name} β={b}", {**mixed, "flip_rate": 0.0}, with_beta(methods[name], b))
                      for name in ("DPO", "β-DPO")
                      for b in (QUICK_PLAN["frontier"] if quick else BETAS)],
         "filters": [*[(f"filter {flt}", {**mixed, "flip_rate": 0.2}, {"method": "beta_dpo", "beta_dpo_filter": flt})
@@ -109,7 +120,7 @@ def experiments(quick: bool = False) -> dict[str, list[tuple[str, dict[str, Any]
                     ("no filter (dynamic β only)", {**mixed, "flip_rate": 0.2},
                      {"method": "beta_dpo", "beta_dpo_keep_ratio": 1.0})],
         "hh": [(f"{'clean' if f == 0 else '20% flipped'}: {name}", {"flip_rate": f},
-                {k: v for k, v in METHODS[name].items() if k != "sams_encoder_path"})
+                {k: v for k, v in methods[name].items() if k != "sams_encoder_path"})
                for f in (0.0, 0.2) for name in (QUICK_PLAN["hh"] if quick else HH_METHODS)],
     }
     if quick:
@@ -205,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     profile = PROFILES[ns.profile]
     workdir = os.path.join(ns.workdir, ns.profile)
     cache = ResultCache(workdir)
-    plan = experiments(quick=ns.quick)
+    plan = experiments(quick=ns.quick, sams_warmup_rounds=profile["sams_warmup_rounds"])
     chosen = [e for e in ns.experiments.split(",") if e in plan]
     unknown = [e for e in ns.experiments.split(",") if e not in experiments()]
     if unknown:
