@@ -38,6 +38,7 @@ from .logprobs import branch_pooling_masks, sequence_logps, supports_shared_prom
 from .losses import BATCH_COUPLED_LOSSES, combined_preference_loss
 from .methods import build_step_policy
 from .modeling import disable_dropout
+from .reference_model import is_sharded, prepare_reference
 from .run_dir import PAIR_TRACE_FILE
 from .step_policy import PairView, StepPlan, StepPolicy
 
@@ -238,10 +239,8 @@ class AdaptiveDPOTrainer(Trainer):
                                      for key, value in eval_dataset.items()}
             elif eval_dataset is not None:
                 self.eval_dataset = self._with_reference_logps(reference, eval_dataset, "eval")
-        elif ref_model is not None:
-            ref_model.eval()
-            ref_model.requires_grad_(False)
-            self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        elif ref_model is not None:  # sharded like the policy under FSDP / ZeRO-3, not replicated
+            self.ref_model = prepare_reference(ref_model, self.accelerator)
         elif not self.peft_reference and args.sams_pretrain == "none":
             raise ValueError("AdaptiveDPOTrainer needs a reference: pass ref_model (a frozen copy of the initial "
                              "policy), set precompute_ref_log_probs, or train a PEFT adapter")
@@ -249,6 +248,10 @@ class AdaptiveDPOTrainer(Trainer):
             if self.ref_model is None:
                 raise ValueError("sync_ref_model (TR-DPO) needs a separate reference model: not with a PEFT adapter's "
                                  "base or precomputed reference log-probs")
+            if is_sharded(self.ref_model):
+                raise ValueError("sync_ref_model (TR-DPO) with a sharded reference (FSDP, DeepSpeed ZeRO-3) is not "
+                                 "supported: its moving reference is saved whole with each checkpoint. Use DDP "
+                                 "(--accelerate_config multi_gpu) or ZeRO-1/2")
             self.add_callback(ReferenceSyncCallback(self))
 
     @staticmethod
