@@ -4,10 +4,12 @@
 ZeRO-3 every rank would hold the whole reference while the policy is sharded (for a 7 B model in fp32, 28 GB a
 GPU). This module shards it the way the policy is sharded:
 
-- **FSDP2**: each layer the plugin's auto-wrap policy picks (the decoder layers) becomes its own ``fully_shard``
-  unit, then the root, as accelerate's ``fsdp2_prepare_model`` does for the policy. With
-  ``reshard_after_forward`` a forward gathers one layer at a time. TRL's ``prepare_fsdp`` shards only the root,
-  so its reference forward gathers the whole model at once.
+- **FSDP2**: accelerate's ``fsdp2_prepare_model``, as for the policy: each layer the plugin's auto-wrap policy
+  picks (the decoder layers) becomes its own ``fully_shard`` unit, then the embeddings, the tail and the root. With
+  ``reshard_after_forward`` a forward gathers one layer at a time (TRL's ``prepare_fsdp`` shards only the root, so
+  its reference forward gathers the whole model at once), and with ``fsdp_cpu_ram_efficient_loading`` the weights
+  that only rank 0 loaded are broadcast to the others (a reference left as loaded would be empty on every other
+  rank).
 - **FSDP1**: wrapped with the plugin's settings, as TRL's ``prepare_fsdp``.
 - **DeepSpeed**: an inference engine with the run's DeepSpeed config (ZeRO-3 shards it; other stages keep one
   replica, stage 0), the optimizer blocks dropped: TRL's ``prepare_deepspeed``.
@@ -33,31 +35,19 @@ def prepare_reference(reference: torch.nn.Module, accelerator: Any) -> torch.nn.
     if accelerator.distributed_type == DistributedType.FSDP:
         plugin = accelerator.state.fsdp_plugin
         if plugin.fsdp_version == 2:
-            mesh = getattr(accelerator, "torch_device_mesh", None)
-            if mesh is not None:
-                mesh = mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)]
-            return fsdp2_reference(reference, plugin, mesh)
+            return fsdp2_reference(reference, accelerator)
         return fsdp1_reference(reference, plugin, accelerator.device)
     return accelerator.prepare_model(reference, evaluation_mode=True)
 
 
-def fsdp2_reference(reference: torch.nn.Module, plugin: Any, mesh: Any = None) -> torch.nn.Module:
-    """Shard ``reference`` in place with FSDP2: one unit per auto-wrapped layer, then the root."""
-    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy, get_module_children_bottom_up
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+def fsdp2_reference(reference: torch.nn.Module, accelerator: Any) -> torch.nn.Module:
+    """Shard ``reference`` with accelerate's own FSDP2 preparation of a model (``fsdp2_prepare_model``): a unit
+    per auto-wrapped layer, the embeddings and the tail, then the root. With ``fsdp_cpu_ram_efficient_loading`` only
+    rank 0 loaded real weights (transformers leaves the other ranks' empty), and this broadcasts them from rank 0,
+    as for the policy. Frozen parameters are not upcast (accelerate upcasts trainable ones only)."""
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
-    if isinstance(reference, FSDPModule):
-        return reference
-    plugin.set_auto_wrap_policy(reference)
-    settings = {"reshard_after_forward": plugin.reshard_after_forward, "offload_policy": plugin.cpu_offload,
-                "mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy(), "mesh": mesh}
-    wrap = fsdp2_prepare_auto_wrap_policy(plugin, reference)
-    if wrap is not None:
-        for module in get_module_children_bottom_up(reference)[:-1]:  # the root is sharded last, below
-            if wrap(module) and not isinstance(module, FSDPModule):
-                fully_shard(module, **settings)
-    fully_shard(reference, **settings)
-    return reference.eval()
+    return fsdp2_prepare_model(accelerator, reference).eval()
 
 
 def fsdp1_reference(reference: torch.nn.Module, plugin: Any, device: torch.device) -> torch.nn.Module:

@@ -1,7 +1,9 @@
 """On every rank of a 2-process gloo group: shard a reference with FSDP2 the way the trainer does under
 ``--accelerate_config fsdp2`` (:func:`adaptdpo.reference_model.prepare_reference`), and save what it holds and what it
 computes: the parameter elements this rank stores, the FSDP units, and the sequence log-probs of a fixed batch in
-the stacked and shared-prompt layouts, next to those of the same model unsharded.
+the stacked and shared-prompt layouts, next to those of the same model unsharded. Twice: as loaded on every rank,
+and with ``cpu_ram_efficient_loading``, where only rank 0 holds the weights (rank 1's are zeros, as transformers
+leaves them) and sharding must broadcast them.
 
 usage: torchrun --nproc_per_node 2 tests/fsdp_reference_probe.py OUT_DIR
 (accelerate puts FSDP on GPUs only, so the accelerator here is a stand-in with the state the trainer reads)
@@ -43,21 +45,32 @@ def logps(reference: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {name: torch.cat(sequence_logps(reference, batch).split()) for name, batch in batches().items()}
 
 
+def prepared(ram_efficient: bool) -> torch.nn.Module:
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                            reshard_after_forward=True, cpu_ram_efficient_loading=ram_efficient)
+    accelerator = SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=plugin),
+                                  device=torch.device("cpu"), torch_device_mesh=None, mixed_precision="no",
+                                  is_main_process=dist.get_rank() == 0)
+    reference = model()
+    if ram_efficient and dist.get_rank() != 0:
+        with torch.no_grad():
+            for param in reference.parameters():
+                param.zero_()
+    return prepare_reference(reference, accelerator)
+
+
 if __name__ == "__main__":
     dist.init_process_group("gloo")
-    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-                                            reshard_after_forward=True)
-    accelerator = SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=plugin),
-                                  device=torch.device("cpu"), torch_device_mesh=None)
     whole = model().eval()
     expected = logps(whole)
-    reference = prepare_reference(model(), accelerator)
-    got = logps(reference)
-    stored = sum(p.to_local().numel() for p in reference.parameters())
-    torch.save({"stored": stored, "total": sum(p.numel() for p in whole.parameters()),
-                "units": sum(isinstance(m, FSDPModule) for m in reference.modules()),
-                "frozen": not any(p.requires_grad for p in reference.parameters()),
-                "eval": not reference.training, "sharded": is_sharded(reference),
-                "expected": expected, "got": got},
+    results = {}
+    for ram_efficient in (False, True):
+        reference = prepared(ram_efficient)
+        results["ram_efficient" if ram_efficient else "loaded"] = {
+            "stored": sum(p.to_local().numel() for p in reference.parameters()),
+            "units": sum(isinstance(m, FSDPModule) for m in reference.modules()),
+            "frozen": not any(p.requires_grad for p in reference.parameters()),
+            "eval": not reference.training, "sharded": is_sharded(reference), "got": logps(reference)}
+    torch.save({"total": sum(p.numel() for p in whole.parameters()), "expected": expected, **results},
                os.path.join(sys.argv[1], f"rank{dist.get_rank()}.pt"))
     dist.destroy_process_group()

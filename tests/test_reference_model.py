@@ -14,9 +14,10 @@ from adaptdpo.reference_model import deepspeed_inference_config, is_sharded, pre
 
 @pytest.mark.slow
 def test_fsdp2_reference_is_sharded_across_two_ranks_and_computes_the_same_log_probs(tmp_path):
-    """2 gloo processes: each rank stores about half of the reference's parameter elements (3 decoder layers + the
-    root = 4 FSDP units), the halves add up to the whole, and the sequence log-probs of a fixed batch equal the
-    unsharded model's, stacked and shared-prompt layouts."""
+    """2 gloo processes: each rank stores about half of the reference's parameter elements, in 7 FSDP units (3
+    decoder layers, the embedding, the final norm and the head, the root), the halves add up to the whole, and the
+    sequence log-probs of a fixed batch equal the unsharded model's in the stacked and shared-prompt layouts. The
+    same with cpu_ram_efficient_loading, where rank 1 starts with zeros and gets rank 0's weights."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                os.path.join(ROOT, "tests", "fsdp_reference_probe.py"), str(tmp_path)]
     done = run_command(command, timeout=300)
@@ -24,13 +25,15 @@ def test_fsdp2_reference_is_sharded_across_two_ranks_and_computes_the_same_log_p
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     total = ranks[0]["total"]
     assert total == 34080  # 97·32 embedding + 97·32 head + 3 layers of 9,280 + the final norm's 32
-    assert ranks[0]["stored"] + ranks[1]["stored"] == total
-    for rank in ranks:
-        assert abs(rank["stored"] - total / 2) < 0.01 * total
-        assert rank["units"] == 4 and rank["frozen"] and rank["eval"] and rank["sharded"]
-        for layout in ("stacked", "shared_prompt"):
-            assert rank["got"][layout].shape == (6,)
-            torch.testing.assert_close(rank["got"][layout], rank["expected"][layout], rtol=0, atol=1e-5)
+    for case in ("loaded", "ram_efficient"):
+        assert ranks[0][case]["stored"] + ranks[1][case]["stored"] == total
+        for rank in ranks:
+            got = rank[case]
+            assert abs(got["stored"] - total / 2) < 0.01 * total
+            assert got["units"] == 7 and got["frozen"] and got["eval"] and got["sharded"]
+            for layout in ("stacked", "shared_prompt"):
+                assert got["got"][layout].shape == (6,)
+                torch.testing.assert_close(got["got"][layout], rank["expected"][layout], rtol=0, atol=1e-5)
 
 
 def test_deepspeed_reference_config_keeps_zero3_and_drops_the_optimizer():
