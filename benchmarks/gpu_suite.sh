@@ -13,6 +13,9 @@
 # PART smollm2_hh (issue 11, not in all): the models joined the same way, then
 # `adaptdpo train configs/smollm2-hh-gpu.yaml` (SmolLM2 on HH, fp32 weights, bf16 autocast; about 2 minutes); its
 # summary (step count, wall time, peak memory, held-out accuracy, versions) and metrics come back in $OUT/smollm2-hh.
+# PART sharded (issue 13, not in all): benchmarks/sharded_runs.py, the same short run as one process, FSDP2 and
+# ZeRO-3 on one GPU (losses against the one-process run, s/step, peak memory) into $OUT/sharded.md. ZeRO-3 needs
+# deepspeed: `make gpu-wheels-deepspeed` here, and carry .whl-deepspeed in an earlier call (5 MiB).
 # SHAPE overrides the model shape (default: the 0.47B Llama-shaped model, bf16 autocast, 16 HH pairs of up to 512
 # tokens).
 set -euo pipefail
@@ -27,7 +30,8 @@ export PYTHONPATH=/tmp/adaptdpo-site:$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFL
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU"
   python3 -c "import torch, transformers, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__)"
 } > "$OUT/device.txt"
-run() { { [ "$PART" = all ] && [ "$1" != real_model ] && [ "$1" != smollm2_hh ]; } || [ "$PART" = "$1" ]; }
+run() { { [ "$PART" = all ] && [ "$1" != real_model ] && [ "$1" != smollm2_hh ] && [ "$1" != sharded ]; } ||
+    [ "$PART" = "$1" ]; }
 # the packaged model files, joined from the two carried halves (sha256 checked), where packaged_file finds them
 join_models() {
     [ -f .gpu-models/files/manifest.ok ] || { python3 benchmarks/gpu_models.py join && touch .gpu-models/files/manifest.ok; }
@@ -53,4 +57,18 @@ if run smollm2_hh; then
     python3 -m adaptdpo train configs/smollm2-hh-gpu.yaml --output_dir runs/smollm2-hh 2>&1 | tail -n 40
     mkdir -p "$OUT/smollm2-hh" && cp runs/smollm2-hh/summary.json runs/smollm2-hh/metrics.jsonl \
         runs/smollm2-hh/README.md "$OUT/smollm2-hh/"
+fi
+if run sharded; then
+    if [ -d .whl-deepspeed ] && ! python3 -c "import deepspeed" 2>/dev/null; then
+        # only the wheels whose module the machine lacks: an installed pydantic or psutil is not shadowed
+        python3 - <<'PY'
+import glob, importlib.util, os, subprocess, sys
+module = {"py_cpuinfo": "cpuinfo"}
+missing = [w for w in sorted(glob.glob(".whl-deepspeed/*.whl"))
+           if importlib.util.find_spec(module.get(n := os.path.basename(w).split("-")[0].lower(), n)) is None]
+subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target",
+                       "/tmp/adaptdpo-site", *missing])
+PY
+    fi
+    python3 benchmarks/sharded_runs.py --out "$OUT/sharded.md"
 fi
