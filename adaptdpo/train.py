@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import json
 import logging
@@ -163,7 +162,10 @@ def build_models(config: AdaptiveDPOConfig, train_rows: list[dict[str, Any]]) ->
                                          config.tiny_num_layers, config.tiny_num_heads, max_positions,
                                          tokenizer.pad_token_id, tokenizer.eos_token_id)
         policy = build_tiny_model(model_config, config.seed, config.attn_implementation)
-        reference = None if config.use_peft else copy.deepcopy(policy)
+        # built again from the same seed (the same weights), not deep-copied: under ZeRO-3 transformers partitions
+        # a model as it is built (deepspeed.zero.Init), and a copy of a partitioned model is not a model
+        reference = None if config.use_peft else build_tiny_model(model_config, config.seed,
+                                                                  config.attn_implementation)
         if config.ref_model_name_or_path:
             reference = load_pretrained(config.ref_model_name_or_path, config.dtype, config.attn_implementation)
         return policy, reference, tokenizer
