@@ -277,10 +277,13 @@ def main(argv: list[str] | None = None) -> int:
 
 # ------------------------------------------------------------------------------------------------ report
 
+#: "flipped pairs trained" / "clean pairs trained": the share of each kind that a step trained on (selection and
+#: filtering keep fewer of both; a selector that avoids flipped labels keeps fewer flipped than clean ones)
+SELECTION_KEYS = [("flipped_trained_fraction", "flipped pairs trained"), ("clean_trained_fraction",
+                                                                          "clean pairs trained")]
 SENTIMENT_KEYS = [("gold/accuracy", "held-out accuracy"), ("gold/reward", "gold reward"), ("gold/win_rate", "win rate"),
-                  ("kl", "KL"), ("flipped_trained_fraction", "flipped trained")]
-HH_KEYS = [("hh/accuracy", "held-out accuracy"), ("hh/margin", "margin"), ("flipped_trained_fraction",
-                                                                           "flipped trained")]
+                  ("kl", "KL"), *SELECTION_KEYS]
+HH_KEYS = [("hh/accuracy", "held-out accuracy"), ("hh/margin", "margin"), *SELECTION_KEYS]
 
 
 def _mean(values: list[float]) -> float:
