@@ -11,26 +11,19 @@ from typing import Any
 
 from .config import parse_config
 from .evaluate import gold_generation_metrics, preference_accuracy, selection_of_flipped_pairs
-from .task_files import TaskFolder
+from .task_files import TASK_RUN_SETTINGS, TaskFolder
 
 logger = logging.getLogger(__name__)
 
 #: training settings on the gold task (the tiny GPT-2 reference, 16 pairs per step)
 GOLD_TRAIN_DEFAULTS: dict[str, Any] = {
+    **TASK_RUN_SETTINGS,
     "max_length": 64,
     "per_device_train_batch_size": 16,
     "num_train_epochs": 3,
     "learning_rate": 1e-3,
-    "lr_scheduler_type": "constant_with_warmup",
-    "warmup_steps": 4,
-    "beta": 0.1,
-    "logging_steps": 8,
-    "save_strategy": "no",
-    "report_to": "none",
     "activation_checkpointing": False,  # a 0.1 M-parameter model has no memory to save; recomputing costs time
     "use_cpu": True,
-    "disable_tqdm": True,
-    "dataloader_num_workers": 0,
 }
 
 #: the four methods of the demo: each paper's defaults (β-DPO: α 0.6, ρ 0.8; SamS: ratio 0.5, top-k)

@@ -57,6 +57,19 @@ def write_jsonl_atomic(path: str, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
+#: the run settings every task's experiments share (the schedule, logging, no checkpoints); each task adds its sizes
+TASK_RUN_SETTINGS: dict[str, Any] = {
+    "lr_scheduler_type": "constant_with_warmup",
+    "warmup_steps": 4,
+    "beta": 0.1,
+    "logging_steps": 8,
+    "save_strategy": "no",
+    "report_to": "none",
+    "disable_tqdm": True,
+    "dataloader_num_workers": 0,
+}
+
+
 class TaskFolder:
     """What every task offers its trainer and its judge (subclasses add the gold reward and the prompt form).
 

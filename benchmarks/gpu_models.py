@@ -85,10 +85,10 @@ def split(part_mib: float) -> None:
 
 
 def join() -> None:
-    manifests = sorted((p for p in os.listdir(FOLDER) if p.startswith("part")) if os.path.isdir(FOLDER) else [])
-    if not manifests:
+    carried = sorted((p for p in os.listdir(FOLDER) if p.startswith("part")) if os.path.isdir(FOLDER) else [])
+    if not carried:
         sys.exit(f"{FOLDER}: no part carried in yet: carry .gpu-models/part1 first")
-    with open(os.path.join(FOLDER, manifests[0], MANIFEST), encoding="utf-8") as fh:
+    with open(os.path.join(FOLDER, carried[0], MANIFEST), encoding="utf-8") as fh:  # every part has the manifest
         manifest = json.load(fh)
     part_paths = []
     for index in range(1, manifest["parts"] + 1):

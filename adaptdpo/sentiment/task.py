@@ -35,7 +35,15 @@ from typing import Any
 
 from ..checkpointing import atomic_write_text
 from ..preference_pairs import controlled_pairs, gold_labelled_pairs
-from ..task_files import TaskFileError, TaskFolder, digest, read_json, read_jsonl, write_jsonl_atomic
+from ..task_files import (
+    TASK_RUN_SETTINGS,
+    TaskFileError,
+    TaskFolder,
+    digest,
+    read_json,
+    read_jsonl,
+    write_jsonl_atomic,
+)
 from .judge import VaderJudge
 from .prompts import sentiment_prompts
 
@@ -44,20 +52,13 @@ logger = logging.getLogger(__name__)
 #: training settings of the task's experiments (full fine-tuning of SmolLM2-135M-Instruct; precision as TRL:
 #: fp32 weights, bf16 autocast on a GPU; the device is the trainer's default: CUDA when there is one)
 SENTIMENT_TRAIN_DEFAULTS: dict[str, Any] = {
+    **TASK_RUN_SETTINGS,
     "max_length": 128,  # chat-templated prompt (~45 tokens with SmolLM2's default system turn) + 48 + end of turn
     "max_prompt_length": 72,
     "per_device_train_batch_size": 16,
     "num_train_epochs": 2,
     "learning_rate": 5e-6,
-    "lr_scheduler_type": "constant_with_warmup",
-    "warmup_steps": 4,
-    "beta": 0.1,
-    "logging_steps": 8,
-    "save_strategy": "no",
-    "report_to": "none",
     "activation_checkpointing": False,  # 135 M parameters at 128 tokens: memory to spare, recomputing costs time
-    "disable_tqdm": True,
-    "dataloader_num_workers": 0,
 }
 
 
