@@ -8,10 +8,13 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from .losses import LOSS_TYPES, preference_loss
+from adaptdpo.methods.losses import LOSS_TYPES, preference_loss
 
-_LAZY = {"DPOTrainer": ("trainer", "AdaptiveDPOTrainer"), "AdaptiveDPOTrainer": ("trainer", "AdaptiveDPOTrainer"),
-         "DPOConfig": ("config", "AdaptiveDPOConfig"), "AdaptiveDPOConfig": ("config", "AdaptiveDPOConfig")}
+_LAZY = {"DPOTrainer": ("training.trainer", "AdaptiveDPOTrainer"),
+         "AdaptiveDPOTrainer": ("training.trainer", "AdaptiveDPOTrainer"),
+         "DPOConfig": ("training.config", "AdaptiveDPOConfig"),
+         "AdaptiveDPOConfig": ("training.config", "AdaptiveDPOConfig"),
+         "from_trl_config": ("training.inputs", "from_trl_config")}
 
 
 def __getattr__(name: str) -> Any:
@@ -24,4 +27,4 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["LOSS_TYPES", "AdaptiveDPOConfig", "AdaptiveDPOTrainer", "DPOConfig", "DPOTrainer", "__version__",
-           "preference_loss"]
+           "from_trl_config", "preference_loss"]

@@ -13,10 +13,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from adaptdpo.config import AdaptiveDPOConfig
-from adaptdpo.data import PreferenceCollator, batch_to, load_preference_rows, pairs_in_batch, tokenize_rows
-from adaptdpo.modeling import build_tiny_model, text_fingerprint, tiny_model_config, train_tokenizer
-from adaptdpo.trainer import AdaptiveDPOTrainer
+from adaptdpo.data.collate import PreferenceCollator, batch_to, pairs_in_batch
+from adaptdpo.data.rows import load_preference_rows
+from adaptdpo.data.tokenize import tokenize_rows
+from adaptdpo.models.tiny import build_tiny_model, text_fingerprint, tiny_model_config, train_tokenizer
+from adaptdpo.training.config import AdaptiveDPOConfig
+from adaptdpo.training.trainer import AdaptiveDPOTrainer
 
 HH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "hh-rlhf",
                   "harmless-base-test.jsonl.gz")

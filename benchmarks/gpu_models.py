@@ -59,7 +59,7 @@ def copy_exact(source: Iterator[bytes], pending: bytes, out: BinaryIO, count: in
 
 def split(part_mib: float) -> None:
     sys.path.insert(0, ROOT)
-    from adaptdpo.model_sources import packaged_file
+    from adaptdpo.models.sources import packaged_file
 
     paths = [packaged_file(name) for name in MODELS]
     files, offset = {}, 0

@@ -25,10 +25,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import mean_std
 
-from adaptdpo.config import parse_config
-from adaptdpo.data import load_preference_rows
-from adaptdpo.demo import default_data_path
-from adaptdpo.train import run_training
+from adaptdpo.data.rows import load_preference_rows
+from adaptdpo.tasks.demo import default_data_path
+from adaptdpo.training.config import parse_config
+from adaptdpo.training.job import run_training
 
 METHODS = {"dpo": {"method": "dpo"}, "beta_dpo": {"method": "beta_dpo"},
            "sams": {"method": "sams", "sams_ratio": 0.5, "sams_warmup_rounds": 10}}

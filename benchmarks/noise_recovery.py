@@ -32,9 +32,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ResultCache, mean_std
 
-from adaptdpo.audit import AuditOptions, run_audit
-from adaptdpo.gold import METHODS, gold_train_arguments, train_and_evaluate
-from adaptdpo.synthetic import TaskSpec, build_task
+from adaptdpo.audit.run import AuditOptions, run_audit
+from adaptdpo.tasks.experiment import METHODS, gold_train_arguments, train_and_evaluate
+from adaptdpo.tasks.toy.task import TaskSpec, build_task
 
 FLIP_RATE = 0.2
 AUDIT_TRAINING = {"learning_rate": 3e-3}  # the fold models (see docs/audit.md: a little better than 1e-3 here)

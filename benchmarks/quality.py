@@ -30,8 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ResultCache, mean_std
 
-from adaptdpo.gold import METHODS, train_and_evaluate
-from adaptdpo.synthetic import TaskSpec, build_task
+from adaptdpo.tasks.experiment import METHODS, train_and_evaluate
+from adaptdpo.tasks.toy.task import TaskSpec, build_task
 
 SAMS = METHODS["sams"]
 KEYS = [("gold/accuracy", "accuracy"), ("gold/win_rate", "win rate"), ("gold/reward", "gold reward"), ("kl", "KL")]

@@ -6,7 +6,8 @@ judge: VADER) and on the shipped Anthropic HH split. Tables → docs/real_model_
     .venv/bin/python benchmarks/real_model.py --quick                                      # every stage, ~2 min CPU
 
 Each run trains SmolLM2 from its packaged weights on a training set drawn with the run's seed (data_seed) from one
-cached pool of on-policy pairs, then is judged on held-out prompts and pairs (`adaptdpo.gold.evaluate_on_task`):
+cached pool of on-policy pairs, then is judged on held-out prompts and pairs
+(`adaptdpo.tasks.experiment.evaluate_on_task`):
 held-out implicit-reward accuracy against gold labels, mean gold reward of its samples, win rate against the
 reference's samples drawn with the same random numbers, KL(π‖π_ref) on its samples. Experiments:
 
@@ -41,8 +42,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ResultCache, mean_std
 
-from adaptdpo.gold import train_and_evaluate
-from adaptdpo.sentiment.task import SentimentSpec, build_sentiment_task
+from adaptdpo.tasks.experiment import train_and_evaluate
+from adaptdpo.tasks.sentiment.task import SentimentSpec, build_sentiment_task
 
 SAMS = {"method": "sams", "sams_ratio": 0.5}
 METHODS: dict[str, dict[str, Any]] = {
@@ -151,8 +152,8 @@ def run_sentiment(profile: dict[str, Any], task_overrides: dict, train_overrides
 
 def hh_files(profile: dict[str, Any], flip_rate: float, seed: int, folder: str) -> tuple[str, str, set[int]]:
     """(training file with ``flip_rate`` of its labels swapped, recorded in ``flipped``; held-out file; flipped ids)."""
-    from adaptdpo.data import load_preference_rows
-    from adaptdpo.demo import default_data_path
+    from adaptdpo.data.rows import load_preference_rows
+    from adaptdpo.tasks.demo import default_data_path
 
     rows, _ = load_preference_rows(default_data_path(), skip_invalid=True)
     n_train, n_eval = profile["hh"]["train_rows"], profile["hh"]["eval_rows"]
@@ -177,10 +178,10 @@ def hh_files(profile: dict[str, Any], flip_rate: float, seed: int, folder: str) 
 
 
 def run_hh(profile: dict[str, Any], flip_rate: float, train_overrides: dict, seed: int, workdir: str) -> dict:
-    from adaptdpo.config import parse_config
-    from adaptdpo.evaluate import selection_of_flipped_pairs
-    from adaptdpo.sentiment.task import SENTIMENT_TRAIN_DEFAULTS
-    from adaptdpo.train import run_training
+    from adaptdpo.evaluation.metrics import selection_of_flipped_pairs
+    from adaptdpo.tasks.sentiment.task import SENTIMENT_TRAIN_DEFAULTS
+    from adaptdpo.training.config import parse_config
+    from adaptdpo.training.job import run_training
 
     train_path, eval_path, flipped = hh_files(profile, flip_rate, seed, os.path.join(workdir, "hh-data"))
     out = os.path.join(workdir, "run")

@@ -40,7 +40,7 @@ from common import (
     warm_up,
 )
 
-from adaptdpo.data import batch_to
+from adaptdpo.data.collate import batch_to
 
 SAMS = {"sams_ratio": 0.5, "sams_warmup_rounds": 1, "sams_preset": "small"}
 CONFIGS = {

@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import device_line, emit_table
 
-from adaptdpo.sams.networks import FastDropout
-from adaptdpo.sams.scheduler import SamsScheduler
+from adaptdpo.methods.sams.networks import FastDropout
+from adaptdpo.methods.sams.scheduler import SamsScheduler
 
 
 def variant(name: str, layers: int, dim: int) -> SamsScheduler:

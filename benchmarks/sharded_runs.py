@@ -1,5 +1,5 @@
 """The same short DPO run placed three ways on one GPU: one process, FSDP2 and DeepSpeed ZeRO-3 (issue 13). The
-policy and the reference are sharded under the last two (adaptdpo/reference_model.py); on one GPU a shard is the
+policy and the reference are sharded under the last two (adaptdpo/training/reference.py); on one GPU a shard is the
 whole model, so this checks that the paths run and train the same, not what sharding saves (that needs 2+ GPUs).
 
     python3 benchmarks/sharded_runs.py --out runs/gpu/sharded.md      # on a CUDA machine (gpu_suite.sh sharded)

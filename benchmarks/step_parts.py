@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import add_shape_arguments, build, device_line, emit_table, make_trainer, one_step, warm_up
 
-import adaptdpo.sams.scheduler as scheduler_module
-import adaptdpo.trainer as trainer_module
+import adaptdpo.methods.sams.scheduler as scheduler_module
+import adaptdpo.training.trainer as trainer_module
 
 PARTS: dict[str, float] = collections.defaultdict(float)
 

@@ -56,7 +56,7 @@ OURS = {  # name → (config overrides, batch layout: stacked / packed / padding
     "adaptdpo sams subset": ({"method": "sams", "sams_mode": "subset", **SAMS}, "packed"),
     "adaptdpo beta_dpo+sams subset": ({"method": "beta_dpo+sams", "sams_mode": "subset", **SAMS}, "packed"),
     # the model's own LM head over the whole completion window (the default computes it 512 positions at a time,
-    # adaptdpo/lm_head.py)
+    # adaptdpo/models/lm_head.py)
     "adaptdpo dpo plain head": ({"method": "dpo", "lm_head_chunk_size": None}, "packed"),
 }
 # FlexAttention (block-sparse branch masks) per row and padding-free: CUDA only (no FlexAttention backward on CPU)

@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 @pytest.fixture(scope="session")
 def hh_rows():
-    from adaptdpo.data import load_preference_rows
+    from adaptdpo.data.rows import load_preference_rows
 
     rows, _ = load_preference_rows(HH_FILE, skip_invalid=True, limit=64)
     return rows
@@ -22,7 +22,7 @@ def hh_rows():
 
 @pytest.fixture(scope="session")
 def tokenizer(hh_rows, tmp_path_factory):
-    from adaptdpo.modeling import train_tokenizer
+    from adaptdpo.models.tiny import train_tokenizer
 
     texts = [r[k] for r in hh_rows for k in ("prompt", "chosen", "rejected")]
     return train_tokenizer(texts, 512, str(tmp_path_factory.mktemp("tok") / "tokenizer"))
@@ -31,7 +31,7 @@ def tokenizer(hh_rows, tmp_path_factory):
 @pytest.fixture(scope="session")
 def policy_and_reference(tokenizer):
     """Two different tiny random Llama models (seeds 1 and 2) for the given tokenizer."""
-    from adaptdpo.modeling import build_tiny_model, tiny_model_config
+    from adaptdpo.models.tiny import build_tiny_model, tiny_model_config
 
     cfg = tiny_model_config("tiny-llama", len(tokenizer), 32, 2, 4, 256, tokenizer.pad_token_id,
                             tokenizer.eos_token_id)
@@ -41,7 +41,7 @@ def policy_and_reference(tokenizer):
 @pytest.fixture(scope="session")
 def models_and_examples(hh_rows, tokenizer, policy_and_reference):
     """(policy, reference, 8 tokenised HH pairs, tokenizer) for step-level trainer tests."""
-    from adaptdpo.data import tokenize_rows
+    from adaptdpo.data.tokenize import tokenize_rows
 
     policy, reference = policy_and_reference
     examples, _ = tokenize_rows(hh_rows[:8], tokenizer, max_length=96, max_prompt_length=48)

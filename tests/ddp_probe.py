@@ -11,8 +11,8 @@ import sys
 import torch
 from transformers import TrainerCallback
 
-from adaptdpo.config import parse_config
-from adaptdpo.train import run_training
+from adaptdpo.training.config import parse_config
+from adaptdpo.training.job import run_training
 
 
 class DumpGradientsAndParameters(TrainerCallback):

@@ -1,5 +1,6 @@
 """On every rank of a 2-process gloo group: shard a reference with FSDP2 the way the trainer does under
-``--accelerate_config fsdp2`` (:func:`adaptdpo.reference_model.prepare_reference`), and save what it holds and what it
+``--accelerate_config fsdp2`` (:func:`adaptdpo.training.reference.prepare_reference`), and save what it holds and what
+it
 computes: the parameter elements this rank stores, the FSDP units, and the sequence log-probs of a fixed batch in
 the stacked and shared-prompt layouts, next to those of the same model unsharded. Twice: as loaded on every rank,
 and with ``cpu_ram_efficient_loading``, where only rank 0 holds the weights (rank 1's are zeros, as transformers
@@ -19,9 +20,9 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch.distributed.fsdp import FSDPModule
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from adaptdpo.data import PreferenceCollator
-from adaptdpo.logprobs import sequence_logps
-from adaptdpo.reference_model import is_sharded, prepare_reference
+from adaptdpo.data.collate import PreferenceCollator
+from adaptdpo.models.sequence_logps import sequence_logps
+from adaptdpo.training.reference import is_sharded, prepare_reference
 
 
 def model() -> LlamaForCausalLM:

@@ -35,14 +35,14 @@ def base_argv(data_file: str, tokenizer_dir: str, output_dir: str, **overrides: 
 
 
 def train_in_process(argv: list[str]) -> dict:
-    from adaptdpo.config import parse_config
-    from adaptdpo.train import run_training
+    from adaptdpo.training.config import parse_config
+    from adaptdpo.training.job import run_training
 
     return run_training(parse_config(argv))
 
 
 def train_logs(output_dir: str) -> list[dict]:
-    from adaptdpo.run_dir import read_metrics
+    from adaptdpo.training.run_dir import read_metrics
 
     return [r for r in read_metrics(output_dir) if "loss" in r]
 
@@ -68,8 +68,8 @@ def make_trainer(setup, out, **overrides):
     """An AdaptiveDPOTrainer on copies of the fixture's policy and reference, in train mode (β 0.2 unless given)."""
     import copy
 
-    from adaptdpo.config import AdaptiveDPOConfig
-    from adaptdpo.trainer import AdaptiveDPOTrainer
+    from adaptdpo.training.config import AdaptiveDPOConfig
+    from adaptdpo.training.trainer import AdaptiveDPOTrainer
 
     policy, reference, _, tokenizer = setup
     args = AdaptiveDPOConfig(output_dir=str(out), use_cpu=True, **{"beta": 0.2, **overrides})

@@ -9,8 +9,8 @@ import sys
 
 from transformers import TrainerCallback
 
-from adaptdpo.config import parse_config
-from adaptdpo.train import run_training
+from adaptdpo.training.config import parse_config
+from adaptdpo.training.job import run_training
 
 
 class KillAt(TrainerCallback):

@@ -10,10 +10,11 @@ import os
 import pytest
 import torch
 
-from adaptdpo.audit import AuditError, AuditOptions, assign_folds, fold_members, run_audit
+from adaptdpo.audit.folds import assign_folds, fold_members
 from adaptdpo.audit.ranking import auroc, average_precision, precision_at, precision_curve, roc_curve
+from adaptdpo.audit.run import AuditError, AuditOptions, run_audit
 from adaptdpo.audit.signals import FlipMixture, fit_flip_mixture, validation_loss
-from adaptdpo.pair_selection import KeepAll, KeepEasiest, KeepHardest, kept_number, select_pairs
+from adaptdpo.methods.pair_selection import KeepAll, KeepEasiest, KeepHardest, kept_number, select_pairs
 
 TOPICS = ["apples", "rivers", "trains", "music", "winter", "gardens", "bridges", "stars", "coffee", "forests",
           "cities", "oceans", "books", "horses", "clocks", "lamps", "roads", "clouds", "stones", "birds"]
@@ -38,8 +39,8 @@ def hand_built_rows() -> list[dict]:
 def hand_built(tmp_path_factory):
     """The hand-built data file and a small 'pretrained' reference folder (a tiny GPT-2 saved with a word
     tokenizer: the audit, like a user, starts from a saved model)."""
-    from adaptdpo.modeling import build_tiny_model, tiny_model_config
-    from adaptdpo.synthetic.task import train_word_tokenizer
+    from adaptdpo.models.tiny import build_tiny_model, tiny_model_config
+    from adaptdpo.tasks.toy.task import train_word_tokenizer
 
     root = tmp_path_factory.mktemp("audit")
     rows = hand_built_rows()
@@ -258,7 +259,7 @@ def test_audit_errors_name_the_problem(hand_built, tmp_path):
                   fold_training_args(reference))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
-    from adaptdpo.data import DataValidationError
+    from adaptdpo.data.readers import DataValidationError
 
     with pytest.raises(DataValidationError, match=r"bad.jsonl.*row 1.*rejected"):
         run_audit(AuditOptions(data=str(bad), output_dir=str(tmp_path / "d")), fold_training_args(reference))
@@ -314,8 +315,8 @@ def test_selective_dpo_trains_the_easiest_half_easy_to_hard(audited, hand_built,
 
 
 def test_pair_scores_must_come_from_the_same_file(audited, hand_built, tmp_path):
-    from adaptdpo.config import parse_config
-    from adaptdpo.train import run_training
+    from adaptdpo.training.config import parse_config
+    from adaptdpo.training.job import run_training
 
     _, reference, rows = hand_built
     out, _, _ = audited

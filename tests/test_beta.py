@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from adaptdpo.beta import BetaDPO, gradient_filter, kept_count
-from adaptdpo.losses import preference_loss
+from adaptdpo.methods.beta_dpo import BetaDPO, gradient_filter, kept_count
+from adaptdpo.methods.losses import preference_loss
 
 
 def step(ctrl, h, seed=0):

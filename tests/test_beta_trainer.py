@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import base_argv, loss_and_grads, make_trainer, train_in_process, train_logs, write_small_dataset
 
-from adaptdpo.data import PreferenceCollator
+from adaptdpo.data.collate import PreferenceCollator
 
 
 def test_alpha_zero_keep_one_is_exactly_dpo(models_and_examples, tmp_path):
@@ -77,7 +77,7 @@ def test_training_run_beta_moves_with_the_kept_margins(hh_rows, tokenizer, tmp_p
     assert len(trace) == len(logs) and all(sum(t["trained"]) == 6 for t in trace)
 
 
-@pytest.mark.parametrize("loss_type", __import__("adaptdpo.losses", fromlist=["LOSS_TYPES"]).LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", __import__("adaptdpo.methods.losses", fromlist=["LOSS_TYPES"]).LOSS_TYPES)
 def test_every_loss_type_trains_on_the_kept_pairs_with_beta_batch(models_and_examples, tmp_path, loss_type):
     """β-IPO, β-SPPO, ...: for every loss, the β-DPO update is that loss on the kept pairs at β_batch."""
     _, _, examples, _ = models_and_examples

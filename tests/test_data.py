@@ -6,14 +6,10 @@ import pytest
 import torch
 from conftest import HH_FILE
 
-from adaptdpo.data import (
-    DataValidationError,
-    PreferenceCollator,
-    extract_prompt,
-    load_preference_rows,
-    tokenize_pair,
-    tokenize_rows,
-)
+from adaptdpo.data.collate import PreferenceCollator
+from adaptdpo.data.readers import DataValidationError
+from adaptdpo.data.rows import extract_prompt, load_preference_rows
+from adaptdpo.data.tokenize import tokenize_pair, tokenize_rows
 
 # ----------------------------------------------------------------------------- the real HH file
 
@@ -92,7 +88,7 @@ def test_missing_path_is_a_clear_error(tmp_path):
 def test_conversational_rows_use_the_chat_template(tokenizer):
     row = {"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}],
            "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "go away"}]}
-    from adaptdpo.data import normalise_row
+    from adaptdpo.data.rows import normalise_row
 
     norm = normalise_row(row, "mem", 0)
     assert norm["prompt"] == row["chosen"][:1]
@@ -153,7 +149,7 @@ def test_tokenisation_matches_trl(hh_rows, tokenizer, tmp_path):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from adaptdpo.modeling import build_tiny_model, tiny_model_config
+    from adaptdpo.models.tiny import build_tiny_model, tiny_model_config
 
     rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in hh_rows[:12]]
     cfg = tiny_model_config("tiny-llama", len(tokenizer), 16, 1, 2, 64, tokenizer.pad_token_id,
@@ -203,8 +199,8 @@ def test_collator_layout_matches_trl():
 def test_tokenize_dataset_equals_tokenize_rows_cached_and_parallel(hh_rows, tokenizer, tmp_path, monkeypatch):
     """Dataset.map tokenisation (1 and 2 worker processes) gives exactly tokenize_rows' pairs; a second call reads
     the cache; a pair identical after truncation is refused by row and field, or skipped into the report."""
-    from adaptdpo.data import DataValidationError, LoadReport, tokenize_rows
-    from adaptdpo.tokenization import cache_root, tokenize_dataset
+    from adaptdpo.data.readers import DataValidationError, LoadReport
+    from adaptdpo.data.tokenize import cache_root, tokenize_dataset, tokenize_rows
 
     monkeypatch.setenv("ADAPTDPO_CACHE", str(tmp_path / "cache"))
     rows = [{**r, "pair_id": i} for i, r in enumerate(hh_rows[:40])]

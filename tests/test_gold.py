@@ -8,9 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from adaptdpo.data import load_preference_rows
-from adaptdpo.evaluate import gold_generation_metrics, preference_accuracy, selection_of_flipped_pairs
-from adaptdpo.synthetic import Language, TaskSpec, build_task
+from adaptdpo.data.rows import load_preference_rows
+from adaptdpo.evaluation.metrics import gold_generation_metrics, preference_accuracy, selection_of_flipped_pairs
+from adaptdpo.tasks.toy.language import Language
+from adaptdpo.tasks.toy.task import TaskSpec, build_task
 
 TINY = dict(corpus_size=400, reference_steps=15, pool_prompts=240, train_pairs=60, eval_pairs=24, eval_prompts=8)
 
@@ -69,7 +70,7 @@ def test_flips_are_recorded_and_exact(cache):
 def test_policy_equal_to_reference_has_kl_zero_and_win_rate_half(cache):
     from transformers import AutoModelForCausalLM
 
-    from adaptdpo.modeling import load_tokenizer
+    from adaptdpo.models.loading import load_tokenizer
 
     task = build_task(TaskSpec(seed=3, **TINY), cache)
     reference = AutoModelForCausalLM.from_pretrained(task.reference_dir)
@@ -95,7 +96,7 @@ class TableModel(torch.nn.Module):
 def test_accuracy_of_a_hand_set_policy(cache):
     """Policy: token A's logit +1, everything else as the uniform reference. Per token, log π − log π_ref is
     1 − c for A and −c otherwise (c = log((V − 1 + e)/V)); h follows by counting, EOS included."""
-    from adaptdpo.modeling import load_tokenizer
+    from adaptdpo.models.loading import load_tokenizer
 
     task = build_task(TaskSpec(seed=3, **TINY), cache)
     tokenizer = load_tokenizer(task.reference_dir)

@@ -1,4 +1,5 @@
-"""The chunked LM head (adaptdpo/lm_head.py): log-probs, statistics and gradients equal to the plain head's, in the
+"""The chunked LM head (adaptdpo/models/lm_head.py): log-probs, statistics and gradients equal to the plain head's, in
+the
 stacked and shared-prompt layouts and through the trainer; finite-difference check of its hand-written backward."""
 
 from __future__ import annotations
@@ -8,11 +9,12 @@ import copy
 import pytest
 import torch
 
-from adaptdpo.config import AdaptiveDPOConfig
-from adaptdpo.data import PreferenceCollator, tokenize_rows
-from adaptdpo.lm_head import ChunkedHeadLogProbs, chunkable_head, scores_from_hidden, scores_from_logits
-from adaptdpo.logprobs import sequence_logps
-from adaptdpo.trainer import AdaptiveDPOTrainer
+from adaptdpo.data.collate import PreferenceCollator
+from adaptdpo.data.tokenize import tokenize_rows
+from adaptdpo.models.lm_head import ChunkedHeadLogProbs, chunkable_head, scores_from_hidden, scores_from_logits
+from adaptdpo.models.sequence_logps import sequence_logps
+from adaptdpo.training.config import AdaptiveDPOConfig
+from adaptdpo.training.trainer import AdaptiveDPOTrainer
 
 
 def test_chunked_head_equals_the_plain_log_softmax_and_its_gradients():

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from adaptdpo.data import PreferenceCollator
-from adaptdpo.logprobs import accepts_logits_to_keep, completion_window, sequence_logps
+from adaptdpo.data.collate import PreferenceCollator
+from adaptdpo.models.sequence_logps import completion_window, sequence_logps
+from adaptdpo.models.token_ops import accepts_logits_to_keep
 
 
 class FullLogitsOnly(torch.nn.Module):
@@ -44,9 +45,10 @@ def test_length_grouped_batches_pad_less(hh_rows, tokenizer, policy_and_referenc
 
     from datasets import Dataset
 
-    from adaptdpo.config import AdaptiveDPOConfig
-    from adaptdpo.data import pairs_in_batch, tokenize_rows
-    from adaptdpo.trainer import AdaptiveDPOTrainer
+    from adaptdpo.data.collate import pairs_in_batch
+    from adaptdpo.data.tokenize import tokenize_rows
+    from adaptdpo.training.config import AdaptiveDPOConfig
+    from adaptdpo.training.trainer import AdaptiveDPOTrainer
 
     examples, _ = tokenize_rows(hh_rows[:64], tokenizer, max_length=256, max_prompt_length=128)
     assert all(e["length"] == len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"]))
@@ -65,7 +67,7 @@ def test_length_grouped_batches_pad_less(hh_rows, tokenizer, policy_and_referenc
 
 
 def _tiny(preset, attn, tokenizer):
-    from adaptdpo.modeling import build_tiny_model, tiny_model_config
+    from adaptdpo.models.tiny import build_tiny_model, tiny_model_config
 
     cfg = tiny_model_config(preset, len(tokenizer), 32, 2, 4, 256, tokenizer.pad_token_id, tokenizer.eos_token_id)
     return build_tiny_model(cfg, seed=5, attn_implementation=attn)
@@ -75,8 +77,8 @@ def _tiny(preset, attn, tokenizer):
                                          ("tiny-gpt2", "eager")])
 def test_shared_prompt_forward_is_exact(models_and_examples, preset, attn):
     """Packed [prompt, chosen, rejected] rows = the stacked layout: log-probs, lengths, loss gradients."""
-    from adaptdpo.logprobs import supports_shared_prompt
-    from adaptdpo.losses import preference_loss
+    from adaptdpo.methods.losses import preference_loss
+    from adaptdpo.models.attention_masks import supports_shared_prompt
 
     _, _, examples, tokenizer = models_and_examples
     model = _tiny(preset, attn, tokenizer)
@@ -101,7 +103,7 @@ def test_shared_prompt_forward_is_exact(models_and_examples, preset, attn):
 
 def test_the_flex_attention_mask_rule_is_the_dense_branch_mask(models_and_examples):
     """FlexAttention's mask_mod, evaluated at every (row, query, key), is the dense branch mask exactly."""
-    from adaptdpo.logprobs import branch_attention_mask, branch_mask_mod
+    from adaptdpo.models.attention_masks import branch_attention_mask, branch_mask_mod
 
     _, _, examples, tokenizer = models_and_examples
     segments = PreferenceCollator(tokenizer.pad_token_id, shared_prompt=True, pad_to_multiple_of=16)(
@@ -142,8 +144,8 @@ def test_flex_attention_shared_prompt_forward_equals_the_stacked_layout(models_a
         got = sequence_logps(flex, free, token_stats=True)
     torch.testing.assert_close(got.logps, expected.logps, atol=2e-4, rtol=1e-5)
     # and a flex model gets padding-free batches by default
-    from adaptdpo.config import AdaptiveDPOConfig
-    from adaptdpo.trainer import AdaptiveDPOTrainer
+    from adaptdpo.training.config import AdaptiveDPOConfig
+    from adaptdpo.training.trainer import AdaptiveDPOTrainer
 
     trainer = AdaptiveDPOTrainer(model=flex, ref_model=_tiny("tiny-llama", "flex_attention", tokenizer),
                                  processing_class=tokenizer,
@@ -179,7 +181,7 @@ def test_padding_free_rows_are_exact_against_the_stacked_layout(models_and_examp
 
 
 def test_padding_free_mask_rule_keeps_pairs_apart(models_and_examples):
-    from adaptdpo.logprobs import branch_attention_mask, branch_mask_mod
+    from adaptdpo.models.attention_masks import branch_attention_mask, branch_mask_mod
 
     _, _, examples, tokenizer = models_and_examples
     batch = PreferenceCollator(tokenizer.pad_token_id, shared_prompt=True, padding_free=True)(examples[:3])
@@ -198,8 +200,8 @@ def test_padding_free_mask_rule_keeps_pairs_apart(models_and_examples):
 def test_padding_free_in_training_and_its_refusals(models_and_examples, tmp_path):
     import copy
 
-    from adaptdpo.config import AdaptiveDPOConfig
-    from adaptdpo.trainer import AdaptiveDPOTrainer
+    from adaptdpo.training.config import AdaptiveDPOConfig
+    from adaptdpo.training.trainer import AdaptiveDPOTrainer
 
     policy, reference, examples, tokenizer = models_and_examples
     losses = {}

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from adaptdpo.losses import LOSS_TYPES, preference_loss
+from adaptdpo.methods.losses import LOSS_TYPES, preference_loss
 
 # Pair 1: π(y_w)=-1, π(y_l)=-2, ref both -1.5  → chosen log-ratio 0.5, rejected -0.5, h = 1.
 # Completion lengths 2 and 4 (for ipo, sigmoid_norm: per-token ratios 0.25 and -0.125, h̄ = 0.375).
@@ -120,7 +120,7 @@ def test_gradients_match_finite_differences(loss_type):
 
 
 def test_sft_term_and_weighted_loss_lists_by_hand():
-    from adaptdpo.losses import combined_preference_loss, preference_loss
+    from adaptdpo.methods.losses import combined_preference_loss, preference_loss
 
     chosen, rejected = torch.tensor([-4.0, -9.0]), torch.tensor([-6.0, -8.0])
     ref_chosen, ref_rejected = torch.tensor([-5.0, -9.0]), torch.tensor([-5.0, -7.0])

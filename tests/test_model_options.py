@@ -12,8 +12,8 @@ import pytest
 import torch
 from helpers import base_argv, final_params, run_cli, train_in_process, train_logs, write_small_dataset
 
-from adaptdpo.config import AdaptiveDPOConfig, ConfigError, parse_config
-from adaptdpo.trainer import AdaptiveDPOTrainer
+from adaptdpo.training.config import AdaptiveDPOConfig, ConfigError, parse_config
+from adaptdpo.training.trainer import AdaptiveDPOTrainer
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,8 @@ def small(hh_rows, tokenizer, tmp_path_factory):
 def moe_setup(hh_rows, tokenizer):
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    from adaptdpo.data import PreferenceCollator, tokenize_rows
+    from adaptdpo.data.collate import PreferenceCollator
+    from adaptdpo.data.tokenize import tokenize_rows
 
     config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                            num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
@@ -135,7 +136,7 @@ def test_qlora_trains_an_adapter_on_a_4bit_base(small, tokenizer, tmp_path):
     """--load_in_4bit --use_peft: the base is bitsandbytes 4-bit (frozen), the fp32 adapter learns; the first loss is
     ln 2 (the adapter starts at zero, so the policy is the reference)."""
     pytest.importorskip("bitsandbytes")
-    from adaptdpo.modeling import build_tiny_model, tiny_model_config
+    from adaptdpo.models.tiny import build_tiny_model, tiny_model_config
 
     data, tok = small
     folder = str(tmp_path / "base")
@@ -204,7 +205,7 @@ def test_ignore_bias_buffers_leaves_boolean_buffers_out_of_ddp(policy_and_refere
 
 
 def test_checkpointing_is_on_by_default_as_trl_and_may_change_on_resume():
-    from adaptdpo.run_dir import config_changes
+    from adaptdpo.training.run_dir import config_changes
 
     default = parse_config([])
     assert default.gradient_checkpointing is True and default.activation_checkpointing is True  # TRL's default

@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import final_params, train_in_process
 
-from adaptdpo.model_sources import PACKAGED_MODELS, packaged_file, resolve_model
+from adaptdpo.models.sources import PACKAGED_MODELS, packaged_file, resolve_model
 
 SMOL = "smollm2-135m-instruct"
 QUESTION = "What is the capital of France? Answer briefly."
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.skipif(not _installed(SMOL), reason="needs: " + PACKAGE
 
 @pytest.fixture(scope="module")
 def smol():
-    from adaptdpo.modeling import load_pretrained, load_tokenizer
+    from adaptdpo.models.loading import load_pretrained, load_tokenizer
 
     return load_pretrained(SMOL), load_tokenizer(SMOL)
 
@@ -51,7 +51,7 @@ def hh_file(hh_rows, tmp_path_factory):
 
 
 def test_the_packaged_model_is_smollm2_and_answers_a_fixed_question(smol):
-    from adaptdpo.sampling import chat_prompt_ids, generate
+    from adaptdpo.models.sampling import chat_prompt_ids, generate
 
     model, tokenizer = smol
     cfg = model.config
@@ -67,7 +67,7 @@ def test_the_packaged_model_is_smollm2_and_answers_a_fixed_question(smol):
 
 
 def test_log_probs_of_a_fixed_chat_are_finite_and_deterministic(smol):
-    from adaptdpo.sampling import chat_prompt_ids, completion_logps
+    from adaptdpo.models.sampling import chat_prompt_ids, completion_logps
 
     model, tokenizer = smol
     prompt = chat_prompt_ids(tokenizer, [QUESTION, "Name a colour."])
@@ -81,7 +81,7 @@ def test_log_probs_of_a_fixed_chat_are_finite_and_deterministic(smol):
 
 
 def test_sampling_is_deterministic_under_a_seed_and_respects_top_p(smol):
-    from adaptdpo.sampling import chat_prompt_ids, generate
+    from adaptdpo.models.sampling import chat_prompt_ids, generate
 
     model, tokenizer = smol
     prompts = chat_prompt_ids(tokenizer, ["Write one word about the sea.", "Say hello."])
@@ -94,7 +94,8 @@ def test_sampling_is_deterministic_under_a_seed_and_respects_top_p(smol):
 
 
 def test_an_hh_row_renders_as_the_templates_own_rendering_of_its_messages(smol):
-    from adaptdpo.data import extract_prompt, text_row_as_messages, tokenize_pair
+    from adaptdpo.data.rows import extract_prompt, text_row_as_messages
+    from adaptdpo.data.tokenize import tokenize_pair
 
     _, tokenizer = smol
     chosen = "\n\nHuman: Can you help me?\n\nAssistant: Sure.\n\nHuman: What is 2+2?\n\nAssistant: It is 4."
@@ -140,7 +141,7 @@ def test_two_lora_dpo_steps_change_the_adapter_and_keep_the_base(hh_file, tmp_pa
     """The reference is the base with adapters off: at step 1 policy = reference, so the loss is ln 2."""
     from safetensors.torch import load_file
 
-    from adaptdpo.run_dir import read_metrics
+    from adaptdpo.training.run_dir import read_metrics
 
     out = str(tmp_path / "lora")
     argv = ["--model_name_or_path", SMOL, "--train_file", hh_file, "--output_dir", out, "--use_peft", "true",
@@ -149,8 +150,8 @@ def test_two_lora_dpo_steps_change_the_adapter_and_keep_the_base(hh_file, tmp_pa
             "--plots", "false", "--disable_tqdm", "true", "--report_to", "none"]
     from transformers import TrainerCallback
 
-    from adaptdpo.config import parse_config
-    from adaptdpo.train import run_training
+    from adaptdpo.training.config import parse_config
+    from adaptdpo.training.job import run_training
 
     trained = {}
 
@@ -182,7 +183,6 @@ def test_full_fine_tuning_from_a_bf16_checkpoint_learns_with_the_default_precisi
     """A checkpoint saved in bf16, the default config (float32 master weights), lr 5e-7: 2 steps change at least
     half of the weight elements (pure bf16 weights changed 0.9% in the probe). Asked for bf16 weights, the
     start-up check refuses."""
-    from adaptdpo.data import DataValidationError  # noqa: F401  (import check only)
 
     model, tokenizer = smol
     bf16_dir = str(tmp_path / "bf16")
@@ -215,7 +215,7 @@ def final_params_of(folder):
 
 
 def test_minilm_runs_as_the_sams_encoder_on_the_real_models_hidden_states(hh_file, tmp_path):
-    from adaptdpo.run_dir import read_metrics
+    from adaptdpo.training.run_dir import read_metrics
 
     if not _installed("all-minilm-l6-v2"):
         pytest.skip("needs: " + PACKAGED_MODELS["all-minilm-l6-v2"].install)

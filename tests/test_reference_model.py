@@ -1,4 +1,4 @@
-"""The reference model placed like the policy (adaptdpo.reference_model): sharded under FSDP2, the DeepSpeed
+"""The reference model placed like the policy (adaptdpo.training.reference): sharded under FSDP2, the DeepSpeed
 inference config TRL uses, and accelerate's placement everywhere else."""
 
 import os
@@ -9,7 +9,7 @@ import torch
 from helpers import ROOT, run_command
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from adaptdpo.reference_model import deepspeed_inference_config, is_sharded, prepare_reference
+from adaptdpo.training.reference import deepspeed_inference_config, is_sharded, prepare_reference
 
 
 @pytest.mark.slow

@@ -19,13 +19,15 @@ import torch
 from helpers import ROOT, base_argv, final_params, run_cli, train_in_process, train_logs, write_small_dataset
 from transformers import TrainerCallback
 
-from adaptdpo.checkpointing import atomic_write_text, usable_checkpoint, verify_checkpoint
-from adaptdpo.config import parse_config
-from adaptdpo.data import DataValidationError, load_preference_rows, tokenize_rows
-from adaptdpo.run_dir import read_metrics
-from adaptdpo.run_lock import RunDirectoryInUse, RunLock
-from adaptdpo.train import ConfigChangedError
-from adaptdpo.trainer import TrainingStalledError
+from adaptdpo.data.readers import DataValidationError
+from adaptdpo.data.rows import load_preference_rows
+from adaptdpo.data.tokenize import tokenize_rows
+from adaptdpo.training.checkpointing import atomic_write_text, usable_checkpoint, verify_checkpoint
+from adaptdpo.training.config import parse_config
+from adaptdpo.training.job import ConfigChangedError
+from adaptdpo.training.run_dir import read_metrics
+from adaptdpo.training.run_lock import RunDirectoryInUse, RunLock
+from adaptdpo.training.safeguards import TrainingStalledError
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,7 @@ class CrashAt(TrainerCallback):
 
 
 def crashed_run(argv, step):
-    from adaptdpo.train import run_training
+    from adaptdpo.training.job import run_training
 
     with pytest.raises(KeyboardInterrupt):
         run_training(parse_config(argv), extra_callbacks=[CrashAt(step)])
@@ -125,7 +127,8 @@ def test_a_second_run_into_a_directory_in_use_fails_at_once(small, tmp_path):
 
 def test_a_stale_lock_from_a_killed_run_is_taken_over(tmp_path, caplog):
     out = str(tmp_path / "stale")
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from adaptdpo.run_lock import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; "
+                               "from adaptdpo.training.run_lock import RunLock; "
                                f"lock = RunLock({out!r}); lock.acquire(); print('locked', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True, cwd=ROOT)
     assert holder.stdout.readline().strip() == "locked"
@@ -167,8 +170,8 @@ def test_resuming_with_a_changed_config_is_refused_then_recorded_when_accepted(s
 def test_configs_recorded_by_older_versions_resume_unchanged():
     """A run recorded before a field existed resumes when the field is at its default; a single loss name equals
     a one-element loss_type list; a real change is still named."""
-    from adaptdpo.config import config_defaults
-    from adaptdpo.run_dir import config_changes
+    from adaptdpo.training.config import config_defaults
+    from adaptdpo.training.run_dir import config_changes
 
     defaults = config_defaults()
     old = {"beta": 0.1, "loss_type": "sigmoid"}
@@ -300,7 +303,7 @@ def test_skip_invalid_rows_skips_pairs_identical_after_truncation(hh_rows, token
             dict(hh_rows[1], pair_id=8)]
     with pytest.raises(DataValidationError, match=r"f\.jsonl: row 7, field 'rejected': identical to chosen after "):
         tokenize_rows(rows, tokenizer, 32, 16, "f.jsonl")
-    from adaptdpo.data import LoadReport
+    from adaptdpo.data.readers import LoadReport
 
     report = LoadReport("f.jsonl", rows_read=3, rows_kept=3)
     examples, _ = tokenize_rows(rows, tokenizer, 32, 16, "f.jsonl", report)
@@ -404,8 +407,8 @@ def test_sams_with_a_model_without_hidden_states_says_so(small, tmp_path, monkey
 def _fake_task(tmp_path, eval_rows=3):
     import dataclasses
 
-    from adaptdpo.synthetic import TaskSpec
-    from adaptdpo.synthetic.language import Language
+    from adaptdpo.tasks.toy.language import Language
+    from adaptdpo.tasks.toy.task import TaskSpec
 
     task = tmp_path / "task"
     ref = tmp_path / "reference"
@@ -424,8 +427,8 @@ def _fake_task(tmp_path, eval_rows=3):
 
 def test_broken_task_folders_are_named_by_file_and_line(tmp_path):
     """E5-E11."""
-    from adaptdpo.synthetic import load_task
-    from adaptdpo.synthetic.task import TaskFileError
+    from adaptdpo.tasks.base import TaskFileError
+    from adaptdpo.tasks.toy.task import load_task
 
     task = _fake_task(tmp_path)
     assert load_task(str(task)).stats["eval_pairs"] == 3
@@ -456,7 +459,7 @@ def test_cli_prints_one_line_and_a_hint_and_the_traceback_with_debug(tmp_path):
 
 
 def test_demo_takes_output_dash_dir_and_overrides_cannot_redirect_its_runs():
-    from adaptdpo.demo import demo_arguments
+    from adaptdpo.tasks.demo import demo_arguments
 
     ns, overrides = demo_arguments(["--output-dir", "elsewhere", "--loss_type", "ipo"])
     assert ns.output_dir == "elsewhere" and overrides == {"loss_type": "ipo"}
@@ -494,7 +497,7 @@ def test_relative_paths_in_a_yaml_are_found_from_its_folder(tmp_path, monkeypatc
 def test_scheduler_fit_data_lives_on_the_rounds_device_whatever_the_pools():
     """The GPU crash: pooled rounds (CPU) concatenated with the current round (CUDA). The meta device stands in
     for the training device: any tensor left on the pool's device makes torch.cat raise."""
-    from adaptdpo.sams.scheduler import PoolEntry, fit_batch
+    from adaptdpo.methods.sams.scheduler import PoolEntry, fit_batch
 
     current = PoolEntry(torch.zeros(4, 3, 8, device="meta"), torch.zeros(4, device="meta", dtype=torch.float32),
                         torch.zeros(4, device="meta"))
@@ -509,7 +512,7 @@ def test_scheduler_rounds_with_the_pool_on_another_device_than_the_networks():
     """End to end on CPU with the pool on 'meta': every fit after the first must move pooled rounds to the
     round's device (it raises otherwise); meta tensors cannot be read, so the pool's contents are replaced by
     CPU copies after each push to let the next fit run."""
-    from adaptdpo.sams.scheduler import PoolEntry, SamsScheduler
+    from adaptdpo.methods.sams.scheduler import PoolEntry, SamsScheduler
 
     scheduler = SamsScheduler(num_layers=3, context_dim=8, ratio=0.5, warmup_rounds=0, fit_steps=1, seed=0,
                               pool_device="meta")
@@ -535,7 +538,7 @@ def test_scheduler_rounds_with_the_pool_on_another_device_than_the_networks():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_sams_scheduler_on_cuda_with_a_cpu_pool():
-    from adaptdpo.sams.scheduler import SamsScheduler
+    from adaptdpo.methods.sams.scheduler import SamsScheduler
 
     scheduler = SamsScheduler(num_layers=3, context_dim=8, warmup_rounds=0, seed=0).to("cuda")
     for _ in range(5):

@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from adaptdpo.sams import batch_reward, combined_reward, layer_contexts, min_max, num_selected, sample_reward, select
+from adaptdpo.methods.sams.contexts import layer_contexts
+from adaptdpo.methods.sams.rewards import batch_reward, combined_reward, min_max, sample_reward
+from adaptdpo.methods.sams.selection import num_selected, select
 
 
 def test_contexts_masked_mean_per_layer_chosen_rejected_averaged():

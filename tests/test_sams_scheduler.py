@@ -6,7 +6,7 @@ import io
 import pytest
 import torch
 
-from adaptdpo.sams.scheduler import SamsScheduler
+from adaptdpo.methods.sams.scheduler import SamsScheduler
 
 L, D, N = 3, 8, 8
 
@@ -119,7 +119,7 @@ def test_invalid_options():
 
 
 def test_fast_dropout_law_per_lane_scale_gradient_and_determinism():
-    from adaptdpo.sams.networks import FastDropout
+    from adaptdpo.methods.sams.networks import FastDropout
 
     drop = FastDropout(0.3)
     x = torch.ones(1 << 20)
@@ -147,7 +147,7 @@ def test_fast_dropout_law_per_lane_scale_gradient_and_determinism():
 
 
 def test_every_scheduler_dropout_is_the_fast_one():
-    from adaptdpo.sams.networks import FastDropout
+    from adaptdpo.methods.sams.networks import FastDropout
 
     s = make()
     modules = [m for net in s.modules() for m in net.modules()]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import loss_and_grads, make_trainer
 
-from adaptdpo.data import PreferenceCollator
+from adaptdpo.data.collate import PreferenceCollator
 
 
 def test_ratio_one_is_exactly_dpo(models_and_examples, tmp_path):
@@ -101,9 +101,9 @@ def test_beta_dpo_plus_sams_trains_on_the_selected_then_kept_pairs(models_and_ex
 
 def test_beta_dpo_plus_sams_calibrates_beta_on_the_selected_pairs_only():
     """The combined policy's β and keep mask = a β-DPO controller fed the selected pairs' margins alone."""
-    from adaptdpo.beta import BetaDPO
-    from adaptdpo.methods import BetaDPOPolicy, BetaSamsPolicy
-    from adaptdpo.step_policy import PairView
+    from adaptdpo.methods.beta_dpo import BetaDPO
+    from adaptdpo.methods.policies import BetaDPOPolicy, BetaSamsPolicy
+    from adaptdpo.methods.step_policy import PairView
 
     class FixedSelection:
         mode, broadcast = "mask", None
@@ -129,7 +129,7 @@ def test_beta_dpo_plus_sams_calibrates_beta_on_the_selected_pairs_only():
 
 def test_contexts_from_the_reference_forward(models_and_examples, tmp_path):
     """sams_context_source=reference: the scheduler sees the reference model's pooled hidden states."""
-    from adaptdpo.sams import layer_contexts
+    from adaptdpo.methods.sams.contexts import layer_contexts
 
     policy, reference, examples, _ = models_and_examples
     batch = dict(PreferenceCollator(0)(examples))
@@ -177,8 +177,8 @@ def test_scheduler_pretraining_then_dpo_warm_start(hh_rows, tokenizer, tmp_path)
     from helpers import base_argv, final_params, train_in_process, train_logs, write_small_dataset
 
     from adaptdpo.cli import main
-    from adaptdpo.config import parse_config
-    from adaptdpo.methods import build_step_policy
+    from adaptdpo.methods.registry import build_step_policy
+    from adaptdpo.training.config import parse_config
 
     tokenizer.save_pretrained(str(tmp_path / "tok"))
     data = write_small_dataset(str(tmp_path / "pairs.jsonl"), hh_rows, n=24)

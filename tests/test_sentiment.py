@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from adaptdpo.sentiment import VaderJudge, sentiment_prompts
-from adaptdpo.sentiment.prompts import TOPICS
+from adaptdpo.tasks.sentiment.judge import VaderJudge
+from adaptdpo.tasks.sentiment.prompts import TOPICS, sentiment_prompts
 
 
 def test_vader_compound_by_hand_and_published_values():
@@ -51,7 +51,7 @@ def test_gap_buckets_labels_and_flips_by_hand():
     """Nine pairs with gaps 1..9: the cuts are the 4th and 7th smallest gaps (4 and 7), so low = gaps 1..4 and
     high = 7..9; at a near-zero Bradley–Terry temperature labels follow the gold reward; flip rate 0 flips none,
     1 flips every pair (the chosen is then always the worse response)."""
-    from adaptdpo.preference_pairs import bradley_terry_first_wins, controlled_pairs, gold_labelled_pairs
+    from adaptdpo.tasks.pairs import bradley_terry_first_wins, controlled_pairs, gold_labelled_pairs
 
     pool = _pool([float(g) for g in range(1, 10)]) + _pool([0.0])  # the tie is left out
     rows, stats = controlled_pairs(pool, 6, high_gap_fraction=0.5, flip_rate=0.0, bt_temperature=1e-6, seed=0)
@@ -74,7 +74,7 @@ def test_gap_buckets_labels_and_flips_by_hand():
 def test_flip_counts_follow_the_rate():
     """At 20% and 40% flips over 1,000 pairs the recorded counts are within 4 standard deviations of n·rate, and every
     recorded flip (at a near-zero temperature) is exactly a label that disagrees with gold."""
-    from adaptdpo.preference_pairs import controlled_pairs
+    from adaptdpo.tasks.pairs import controlled_pairs
 
     pool = _pool([0.01 * (i + 1) for i in range(3000)])
     for rate in (0.2, 0.4):

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from adaptdpo.model_sources import PACKAGED_MODELS, packaged_file
+from adaptdpo.models.sources import PACKAGED_MODELS, packaged_file
 
 SMOL = "smollm2-135m-instruct"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,15 +34,15 @@ pytestmark = [pytest.mark.skipif(not _installed(SMOL), reason="needs: " + PACKAG
 @pytest.fixture(scope="module")
 def quick_task(tmp_path_factory):
     pytest.importorskip("vaderSentiment")
-    from adaptdpo.sentiment.task import SentimentSpec, build_sentiment_task
+    from adaptdpo.tasks.sentiment.task import SentimentSpec, build_sentiment_task
 
     cache = tmp_path_factory.mktemp("sentiment-cache")
     return build_sentiment_task(SentimentSpec.quick(flip_rate=0.5, max_new_tokens=12), str(cache)), cache
 
 
 def test_the_quick_task_is_conversational_judged_by_vader_and_split_by_prompt(quick_task):
-    from adaptdpo.sentiment.task import SentimentSpec, split_prompts
-    from adaptdpo.task_files import load_any_task
+    from adaptdpo.tasks.loading import load_any_task
+    from adaptdpo.tasks.sentiment.task import SentimentSpec, split_prompts
 
     task, _ = quick_task
     train, held = task.train_rows(), task.eval_rows()
@@ -74,9 +74,9 @@ def test_the_pool_resumes_by_chunk_with_the_samples_of_an_uninterrupted_build(tm
     pytest.importorskip("vaderSentiment")
     import torch
 
-    from adaptdpo.modeling import load_pretrained, load_tokenizer
-    from adaptdpo.sentiment import VaderJudge
-    from adaptdpo.sentiment.task import PairSampler, SentimentSpec, sample_pool, split_prompts
+    from adaptdpo.models.loading import load_pretrained, load_tokenizer
+    from adaptdpo.tasks.sentiment.judge import VaderJudge
+    from adaptdpo.tasks.sentiment.task import PairSampler, SentimentSpec, sample_pool, split_prompts
 
     spec = SentimentSpec.quick(max_new_tokens=6, sampling_batch=2)
     prompts = split_prompts(spec)[0][:6]

@@ -23,7 +23,7 @@ COMPARED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "lo
 @pytest.fixture(scope="module")
 def model_dir(tokenizer, tmp_path_factory):
     """A small 'pretrained' model folder with its tokenizer (and a chat template), as a user would have."""
-    from adaptdpo.modeling import build_tiny_model, tiny_model_config
+    from adaptdpo.models.tiny import build_tiny_model, tiny_model_config
 
     folder = tmp_path_factory.mktemp("dropin") / "model"
     cfg = tiny_model_config("tiny-llama", len(tokenizer), 32, 2, 4, 256, tokenizer.pad_token_id,
@@ -74,8 +74,7 @@ def test_quickstart_with_only_the_import_changed_matches_trl(model_dir, rows, wi
 def test_a_trl_config_object_is_mapped_field_by_field(model_dir, tmp_path):
     from trl import DPOConfig as TRLConfig
 
-    from adaptdpo import DPOConfig
-    from adaptdpo.compat import from_trl_config
+    from adaptdpo import DPOConfig, from_trl_config
 
     trl_args = TRLConfig(output_dir=str(tmp_path / "o"), beta=0.25, loss_type=["ipo"], max_length=300,
                          learning_rate=3e-4, per_device_train_batch_size=3, gradient_accumulation_steps=2,
@@ -131,7 +130,7 @@ def test_raw_rows_are_validated_with_dataset_row_and_field(model_dir, tmp_path):
     from datasets import Dataset
 
     from adaptdpo import DPOConfig, DPOTrainer
-    from adaptdpo.data import DataValidationError
+    from adaptdpo.data.readers import DataValidationError
 
     rows = [dict(r) for r in STANDARD]
     rows[5] = {"prompt": "p", "chosen": "", "rejected": "r"}
@@ -184,7 +183,7 @@ def test_trl_dpo_command_and_adaptdpo_train_with_the_same_flags(model_dir, rows,
 
 
 def test_trl_cli_names_in_the_config(tmp_path):
-    from adaptdpo.config import ConfigError, parse_config
+    from adaptdpo.training.config import ConfigError, parse_config
 
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("model_name_or_path: tiny-llama\nbeta: 0.3\n", encoding="utf-8")
@@ -203,8 +202,8 @@ def test_trl_cli_names_in_the_config(tmp_path):
 
 
 def test_train_needs_a_model(tmp_path):
-    from adaptdpo.config import parse_config
-    from adaptdpo.train import run_training
+    from adaptdpo.training.config import parse_config
+    from adaptdpo.training.job import run_training
 
     with pytest.raises(ValueError, match="model_name_or_path is required"):
         run_training(parse_config(["--output_dir", str(tmp_path / "o")]))
@@ -320,7 +319,8 @@ def test_tools_content_parts_and_tool_calls_tokenise_as_trl(model_dir, tokenizer
 
 
 def test_message_content_rules_name_the_field():
-    from adaptdpo.data import DataValidationError, normalise_row
+    from adaptdpo.data.readers import DataValidationError
+    from adaptdpo.data.rows import normalise_row
 
     ok = {"prompt": [{"role": "user", "content": "q"}], "rejected": [{"role": "assistant", "content": "b"}]}
     with pytest.raises(DataValidationError, match=r"row 2.*chosen\[0\]\.content.*null only with tool_calls"):
@@ -339,7 +339,7 @@ def test_model_init_kwargs_reach_from_pretrained(model_dir, tmp_path):
     from datasets import Dataset
 
     from adaptdpo import DPOConfig, DPOTrainer
-    from adaptdpo.config import parse_config
+    from adaptdpo.training.config import parse_config
 
     args = DPOConfig(output_dir=str(tmp_path / "o"), report_to="none", use_cpu=True,
                      model_init_kwargs={"attn_implementation": "eager"})
@@ -357,7 +357,7 @@ def test_a_streamed_iterable_dataset_trains_like_trl(model_dir, tmp_path):
     from trl import DPOTrainer as TRLTrainer
 
     from adaptdpo import DPOConfig, DPOTrainer
-    from adaptdpo.data import DataValidationError
+    from adaptdpo.data.readers import DataValidationError
 
     firsts = {}
     for name, trainer_cls, config_cls in (("trl", TRLTrainer, TRLConfig), ("ours", DPOTrainer, DPOConfig)):

@@ -9,10 +9,11 @@ import math
 import pytest
 import torch
 
-from adaptdpo.config import AdaptiveDPOConfig
-from adaptdpo.data import PreferenceCollator, tokenize_rows
-from adaptdpo.losses import TRL_LOSS_TYPES
-from adaptdpo.trainer import AdaptiveDPOTrainer
+from adaptdpo.data.collate import PreferenceCollator
+from adaptdpo.data.tokenize import tokenize_rows
+from adaptdpo.methods.losses import TRL_LOSS_TYPES
+from adaptdpo.training.config import AdaptiveDPOConfig
+from adaptdpo.training.trainer import AdaptiveDPOTrainer
 
 trl = pytest.importorskip("trl")
 
@@ -115,7 +116,7 @@ def test_loss_lists_with_weights_match_trl(setup, loss_types, weights, tmp_path)
 
 
 def test_loss_list_from_the_command_line_and_yaml(tmp_path):
-    from adaptdpo.config import parse_config
+    from adaptdpo.training.config import parse_config
 
     config = parse_config(["--loss_type", "sigmoid", "sft", "--loss_weights", "1.0", "0.5"])
     assert config.loss_type == ["sigmoid", "sft"] and config.loss_weights == [1.0, 0.5]
@@ -130,8 +131,8 @@ def test_loss_list_from_the_command_line_and_yaml(tmp_path):
 def test_loss_list_composes_with_per_pair_beta_and_a_selection_mask(setup, tmp_path):
     """How TRL's objectives compose with β-DPO and SamS: every term gets the pair's β (sft ignores it), and the
     batch-coupled sft term averages over the pairs trained on only."""
-    from adaptdpo.losses import combined_preference_loss
-    from adaptdpo.step_policy import StepPlan
+    from adaptdpo.methods.losses import combined_preference_loss
+    from adaptdpo.methods.step_policy import StepPlan
 
     policy, reference, batch, _, tokenizer = setup
     beta = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
@@ -157,7 +158,7 @@ def test_loss_list_composes_with_per_pair_beta_and_a_selection_mask(setup, tmp_p
     trainer.model.train()
     loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=torch.tensor(4))
     with torch.no_grad():
-        from adaptdpo.logprobs import sequence_logps
+        from adaptdpo.models.sequence_logps import sequence_logps
 
         pol = sequence_logps(trainer.model, dict(batch))
         ref = sequence_logps(reference, dict(batch))
@@ -195,7 +196,7 @@ def test_f_divergences_match_trl(setup, divergence, loss_type, tmp_path):
 
 
 def test_f_divergence_scores_by_hand():
-    from adaptdpo.losses import f_divergence_scores
+    from adaptdpo.methods.losses import f_divergence_scores
 
     rho = torch.tensor([0.5, -1.0])
     assert f_divergence_scores(rho, "reverse_kl").tolist() == pytest.approx([0.5, -1.0])
@@ -220,7 +221,8 @@ def test_wpo_and_ld_dpo_match_trl(setup, settings, layout, tmp_path, hh_rows):
     in TRL's stacked layout and in our shared-prompt one."""
     from trl import DPOConfig, DPOTrainer
 
-    from adaptdpo.data import PreferenceCollator, tokenize_rows
+    from adaptdpo.data.collate import PreferenceCollator
+    from adaptdpo.data.tokenize import tokenize_rows
 
     policy, reference, batch, text, tokenizer = setup
     theirs = DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), train_dataset=text,

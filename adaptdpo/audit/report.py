@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from ..report import _pyplot, _save
-from .ranking import precision_curve, roc_curve
-from .signals import FlipMixture
+from adaptdpo.audit.ranking import precision_curve, roc_curve
+from adaptdpo.audit.signals import FlipMixture
+from adaptdpo.training.plots import _pyplot, _save
 
 
 def _excerpt(value: Any, width: int = 60) -> str:

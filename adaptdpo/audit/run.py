@@ -19,7 +19,6 @@ Everything lands in one output folder, locked for the run; an interrupted audit 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -30,20 +29,25 @@ from typing import Any
 
 import torch
 
-from ..checkpointing import atomic_torch_save, atomic_write_json, atomic_write_text
-from ..config import AdaptiveDPOConfig, parse_config
-from ..data import DataValidationError, load_preference_rows, read_rows, tokenize_rows
-from ..modeling import TINY_PRESETS, load_pretrained, load_tokenizer
-from ..run_dir import final_model_path
-from ..run_lock import RunLock
-from .folds import assign_folds, fold_members
-from .ranking import auroc, average_precision, precision_at
-from .signals import fit_flip_mixture, validation_loss
+from adaptdpo.audit.folds import assign_folds, fold_members
+from adaptdpo.audit.ranking import auroc, average_precision, precision_at
+from adaptdpo.audit.report import write_report
+from adaptdpo.audit.signals import fit_flip_mixture, validation_loss
+from adaptdpo.data.pair_scores import AUDIT_FILE, SUMMARY_FILE, data_fingerprint
+from adaptdpo.data.readers import DataValidationError, read_rows
+from adaptdpo.data.rows import load_preference_rows
+from adaptdpo.data.tokenize import tokenize_rows
+from adaptdpo.evaluation.metrics import pair_completion_logps
+from adaptdpo.models.loading import load_pretrained, load_tokenizer
+from adaptdpo.models.tiny import TINY_PRESETS
+from adaptdpo.training.checkpointing import atomic_torch_save, atomic_write_json, atomic_write_text
+from adaptdpo.training.config import AdaptiveDPOConfig, parse_config
+from adaptdpo.training.job import run_training
+from adaptdpo.training.prepared_data import PreparedData, apply_chat_format
+from adaptdpo.training.run_dir import PAIR_TRACE_FILE, final_model_path, read_config
+from adaptdpo.training.run_lock import RunLock
 
 logger = logging.getLogger("adaptdpo.audit")
-
-AUDIT_FILE = "audit.jsonl"
-SUMMARY_FILE = "audit_summary.json"
 CLEANED_FILE = "cleaned.jsonl"
 REPORT_FILE = "report.md"
 FOLDS_FILE = "folds.json"
@@ -86,21 +90,6 @@ class AuditOptions:
             raise AuditError(f"--folds must be at least 2, got {self.folds}")
 
 
-def data_fingerprint(source: str) -> str:
-    """sha256 of a data file (of every file, by relative path, for a folder; of the name for a hub dataset)."""
-    digest = hashlib.sha256()
-    paths = [source] if os.path.isfile(source) else sorted(
-        os.path.join(d, f) for d, _, files in os.walk(source) for f in files) if os.path.isdir(source) else []
-    if not paths:
-        digest.update(source.encode())
-    for path in paths:
-        digest.update(os.path.relpath(path, source).encode() if path != source else b"")
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 def fold_config(options: AuditOptions, train_args: list[str], yaml_path: str | None, train_file: str,
                 fold_dir: str) -> AdaptiveDPOConfig:
     """The training config of one fold model: the user's settings, with the fold's data and run directory."""
@@ -132,7 +121,6 @@ def _load_fold_policy(config: AdaptiveDPOConfig, fold_dir: str) -> Any:
 
 def _completion_logps(model: Any, examples: list[dict[str, Any]], pad_id: int, device: torch.device,
                       batch_size: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    from ..evaluate import pair_completion_logps
 
     model.to(device)
     started, last = time.time(), [0.0]
@@ -156,7 +144,6 @@ class AuditData:
 
 
 def read_audit_data(config: AdaptiveDPOConfig, tokenizer: Any) -> AuditData:
-    from ..train import PreparedData, apply_chat_format
 
     rows, report = load_preference_rows(config.train_file, config.train_split, skip_invalid=config.skip_invalid_rows,
                                         implicit_prompt_marker=config.implicit_prompt_marker)
@@ -217,7 +204,6 @@ def run_folds(options: AuditOptions, train_args: list[str], yaml_path: str | Non
               assignment: dict[int, int], pad_id: int, reference: dict[int, tuple[float, float]],
               device: torch.device) -> dict[int, dict[str, float]]:
     """Train and score every fold (resuming what exists); row id → held-out log-ratios and fold."""
-    from ..train import run_training
 
     out: dict[int, dict[str, float]] = {}
     for fold in range(options.folds):
@@ -281,7 +267,6 @@ def run_signals(run_dir: str, fingerprint: str) -> dict[int, dict[str, float]]:
     """A training run's view of each pair (its pairs.jsonl): mean margin over the run, mean z-score of the margin
     within its micro-batch (β-DPO's Gaussian view: (m − mean)/std of the batch), share of appearances trained on
     (β-DPO's filter, SamS's selection). The run must have trained on the audited file."""
-    from ..run_dir import PAIR_TRACE_FILE, read_config
 
     config = read_config(run_dir)
     trace = os.path.join(run_dir, PAIR_TRACE_FILE)
@@ -484,7 +469,6 @@ def _run_audit(options: AuditOptions, train_args: list[str], yaml_path: str | No
             summary["ground_truth"]["cleaned_share_known_bad"] = (
                 sum(truth.get(i, False) for i in dropped_or_swapped) / len(dropped_or_swapped))
     atomic_write_json(os.path.join(options.output_dir, SUMMARY_FILE), summary)
-    from .report import write_report
 
     write_report(options.output_dir, summary, scored, truth, data.rows, mixture)
     logger.info("audit: done in %.0f s: %s", time.time() - started, os.path.join(options.output_dir, REPORT_FILE))

@@ -1,12 +1,9 @@
-"""TRL-facing names and argument mapping: a TRL user's code runs with ``from adaptdpo import DPOTrainer, DPOConfig``.
+"""What TRL users bring, in our terms; imports nothing of adaptdpo (the training layer builds on it).
 
-- :mod:`.trl_config`: a ``trl.DPOConfig`` becomes an :class:`~adaptdpo.config.AdaptiveDPOConfig`, field by field;
-  a field set to something adaptdpo cannot honour is refused by name.
-- :mod:`.trainer_inputs`: what TRL's ``DPOTrainer`` constructor accepts and we resolve before training: a model
-  given by name, no ``ref_model``, ``peft_config``, raw ``datasets.Dataset`` objects (validated and tokenised),
-  a missing ``processing_class``.
+- :mod:`.trl_config`: a ``trl.DPOConfig``'s fields as the keyword arguments of our config, field by field; a TRL
+  setting we cannot honour is refused by name. ``adaptdpo.from_trl_config(trl_args)`` builds the config itself.
 """
 
-from .trl_config import from_trl_config, is_trl_config
+from adaptdpo.compat.trl_config import is_trl_config, trl_config_values
 
-__all__ = ["from_trl_config", "is_trl_config"]
+__all__ = ["is_trl_config", "trl_config_values"]

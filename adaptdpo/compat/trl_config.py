@@ -1,4 +1,5 @@
-"""A ``trl.DPOConfig`` (TRL 1.16) as an :class:`~adaptdpo.config.AdaptiveDPOConfig`.
+"""A ``trl.DPOConfig`` (TRL 1.16) as the keyword arguments of an
+:class:`~adaptdpo.training.config.AdaptiveDPOConfig`.
 
 Every ``TrainingArguments`` field carries over unchanged (both configs extend it). TRL's own fields map to ours
 where we have them (``beta``, ``loss_type`` and ``loss_weights``, ``label_smoothing``, ``max_length``, ...). A TRL field
@@ -31,11 +32,10 @@ def _plain(value: Any) -> Any:
     return value.value if isinstance(value, enum.Enum) else value
 
 
-def from_trl_config(args: Any) -> Any:
-    """Our config for a ``trl.DPOConfig``; raises ValueError naming each TRL field we cannot honour."""
-    from ..config import AdaptiveDPOConfig
-
-    ours = {f.name for f in dataclasses.fields(AdaptiveDPOConfig) if f.init}
+def trl_config_values(args: Any, ours: set[str]) -> dict[str, Any]:
+    """The keyword arguments of our config for a ``trl.DPOConfig`` (``ours``: our config's field names); raises
+    ValueError naming each TRL field we cannot honour. The training layer builds the config from them
+    (:func:`adaptdpo.training.inputs.from_trl_config`), so this mapping imports nothing of adaptdpo."""
     trl_defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else
                              f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
                     for f in dataclasses.fields(type(args)) if f.init}
@@ -59,4 +59,4 @@ def from_trl_config(args: Any) -> Any:
                          "docs/migrating-from-trl.md): " + ", ".join(refused))
     if values.get("bf16") is None:
         values.pop("bf16", None)
-    return AdaptiveDPOConfig(**values)
+    return values

@@ -1,0 +1,107 @@
+"""Evaluation: gold-task metrics (exact judge) and implicit-reward metrics for any preference data.
+
+- :func:`preference_accuracy`: on held-out pairs labelled by the gold reward, how often the policy's
+  implicit reward β·(log π − log π_ref) ranks the gold-better response first (SamS's "test accuracy");
+  a tie (h = 0, e.g. policy = reference) counts ½.
+- :func:`gold_generation_metrics`: on held-out prompts, one sample from the policy and one from the
+  reference per prompt, drawn with the same random numbers; the gold win rate of the policy's sample
+  (tie ½; β-DPO's win rate with an exact judge instead of GPT-4), the mean gold reward of each, and
+  KL(π‖π_ref) estimated on the policy's samples as the mean of log π(y|x) − log π_ref(y|x).
+- :func:`selection_of_flipped_pairs`: from a run's pairs.jsonl, how often flipped and clean pairs were
+  trained on when they came up (β-DPO's filter, SamS's scheduler), and the share of flipped pairs among all
+  pairs trained on (which also counts data-level selection: Selective DPO's dropped pairs never come up).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from adaptdpo.data.collate import PreferenceCollator, batch_to
+from adaptdpo.data.tokenize import tokenize_rows
+from adaptdpo.models.sampling import completion_logps, prompt_token_ids, sample_completions
+from adaptdpo.models.sequence_logps import sequence_logps
+
+
+@torch.no_grad()
+def pair_completion_logps(model: Any, examples: Sequence[dict[str, Any]], pad_token_id: int, batch_size: int = 64,
+                          progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs (chosen, rejected), float64 on the CPU, of tokenised pairs
+    (``prompt_ids``/``chosen_ids``/``rejected_ids``), in eval mode; ``progress(n)`` after each batch."""
+    collate = PreferenceCollator(pad_token_id)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    chosen_out, rejected_out = [], []
+    for start in range(0, len(examples), batch_size):
+        batch = batch_to(collate(list(examples[start:start + batch_size])), device)
+        chosen, rejected = sequence_logps(model, batch).split()
+        chosen_out.append(chosen.double().cpu())
+        rejected_out.append(rejected.double().cpu())
+        if progress is not None:
+            progress(min(len(examples), start + batch_size))
+    model.train(was_training)
+    empty = torch.zeros(0, dtype=torch.float64)
+    return (torch.cat(chosen_out) if chosen_out else empty), (torch.cat(rejected_out) if rejected_out else empty)
+
+
+def pair_logratios(policy: Any, reference: Any, tokenizer: Any, rows: Sequence[dict[str, Any]],
+                   max_length: int | None = 256, batch_size: int = 64) -> torch.Tensor:
+    """h = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)) per row (float64)."""
+    examples, _ = tokenize_rows(list(rows), tokenizer, max_length, None)
+    out = []
+    for model in (policy, reference):
+        chosen, rejected = pair_completion_logps(model, examples, tokenizer.pad_token_id, batch_size)
+        out.append(chosen - rejected)
+    return out[0] - out[1]
+
+
+def preference_accuracy(policy: Any, reference: Any, tokenizer: Any, rows: Sequence[dict[str, Any]],
+                        beta: float = 0.1) -> dict[str, float]:
+    """Accuracy and mean margin of the implicit reward on rows whose ``chosen`` is the better response."""
+    h = pair_logratios(policy, reference, tokenizer, rows)
+    accuracy = ((h > 0).double() + 0.5 * (h == 0).double()).mean()
+    return {"accuracy": float(accuracy), "margin": float(beta * h.mean())}
+
+
+def gold_generation_metrics(policy: Any, reference: Any, tokenizer: Any, prompts: Sequence[Any],
+                            gold: Callable[[Any, str], float], seed: int = 0, max_new_tokens: int = 24,
+                            samples_per_prompt: int = 2) -> dict[str, float]:
+    """Gold win rate against the reference, mean gold rewards, KL(π‖π_ref) on held-out prompts (text, or chat
+    messages rendered by the tokenizer's template)."""
+    prompt_ids = prompt_token_ids(tokenizer, list(prompts)) * samples_per_prompt
+    texts = list(prompts) * samples_per_prompt
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    ours = sample_completions(policy, prompt_ids, eos, pad, max_new_tokens, seed)
+    theirs = sample_completions(reference, prompt_ids, eos, pad, max_new_tokens, seed)
+    decode = lambda c: tokenizer.decode([t for t in c if t != eos])  # noqa: E731
+    r_ours = torch.tensor([gold(p, decode(c)) for p, c in zip(texts, ours, strict=True)], dtype=torch.float64)
+    r_theirs = torch.tensor([gold(p, decode(c)) for p, c in zip(texts, theirs, strict=True)], dtype=torch.float64)
+    wins = (r_ours > r_theirs).double() + 0.5 * (r_ours == r_theirs).double()
+    kl = completion_logps(policy, prompt_ids, ours, pad) - completion_logps(reference, prompt_ids, ours, pad)
+    return {"win_rate": float(wins.mean()), "reward": float(r_ours.mean()), "reference_reward": float(r_theirs.mean()),
+            "kl": float(kl.mean()), "mean_length": sum(len(c) for c in ours) / len(ours)}
+
+
+def selection_of_flipped_pairs(run_dir: str, flipped: set[int]) -> dict[str, float]:
+    """Fraction of the appearances of flipped pairs (and of clean pairs) that were trained on."""
+    counts = {True: [0, 0], False: [0, 0]}  # flipped? → [trained, seen]
+    path = os.path.join(run_dir, "pairs.jsonl")
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            record = json.loads(line)
+            if "pair_id" not in record:
+                raise ValueError(f"{path}: records carry no pair_id (was the run traced with trace_pairs?)")
+            for pair_id, trained in zip(record["pair_id"], record["trained"], strict=True):
+                c = counts[pair_id in flipped]
+                c[0] += int(trained)
+                c[1] += 1
+    nan = float("nan")  # no such pair seen (e.g. no flips): no fraction
+    trained = counts[True][0] + counts[False][0]
+    return {"flipped_trained_fraction": counts[True][0] / counts[True][1] if counts[True][1] else nan,
+            "clean_trained_fraction": counts[False][0] / counts[False][1] if counts[False][1] else nan,
+            "flipped_share_of_trained": counts[True][0] / trained if trained else nan}

@@ -1,7 +1,0 @@
-"""The gold-reward task: a synthetic language with a hidden reward r*(x, y), a reference model trained on
-it, and on-policy preference pairs with controlled gold gaps and label flips (DESIGN.md §6)."""
-
-from .language import Language
-from .task import GoldTask, TaskSpec, build_task, load_task
-
-__all__ = ["GoldTask", "Language", "TaskSpec", "build_task", "load_task"]

@@ -1,0 +1,88 @@
+"""Train one method on the gold-reward task and score it with the exact judge (used by the demo and the
+quality benchmark)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from typing import Any
+
+from adaptdpo.evaluation.metrics import gold_generation_metrics, preference_accuracy, selection_of_flipped_pairs
+from adaptdpo.models.loading import load_tokenizer
+from adaptdpo.tasks.base import TaskFolder
+from adaptdpo.training.config import parse_config
+from adaptdpo.training.job import run_training
+from adaptdpo.training.run_dir import final_model_path
+
+logger = logging.getLogger(__name__)
+
+#: the four methods of the demo: each paper's defaults (β-DPO: α 0.6, ρ 0.8; SamS: ratio 0.5, top-k)
+METHODS: dict[str, dict[str, Any]] = {
+    "dpo": {"method": "dpo"},
+    "beta_dpo": {"method": "beta_dpo"},
+    "sams": {"method": "sams", "sams_ratio": 0.5, "sams_warmup_rounds": 10},
+    "beta_dpo+sams": {"method": "beta_dpo+sams", "sams_ratio": 0.5, "sams_warmup_rounds": 10},
+}
+
+
+def evaluate_on_task(policy: Any, reference: Any, tokenizer: Any, task: TaskFolder, beta: float,
+                     seed: int = 0) -> dict[str, float]:
+    """The exact judge's metrics of ``policy`` on ``task``'s held-out pairs and prompts (any task kind)."""
+    pref = preference_accuracy(policy, reference, tokenizer, task.eval_rows(), beta)
+    gen = gold_generation_metrics(policy, reference, tokenizer, task.eval_prompts(), task.gold_reward, seed=seed,
+                                  max_new_tokens=task.max_new_tokens)
+    return {"gold/accuracy": pref["accuracy"], "gold/margin": pref["margin"], "gold/win_rate": gen["win_rate"],
+            "gold/reward": gen["reward"], "gold/reference_reward": gen["reference_reward"], "kl": gen["kl"],
+            "mean_length": gen["mean_length"]}
+
+
+def _rows(path: str) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def gold_train_arguments(task: TaskFolder, overrides: dict[str, Any]) -> list[str]:
+    """``--key value`` flags for training on ``task`` (the task's training defaults, its reference and data, then
+    ``overrides``)."""
+    settings = {**task.train_defaults(), "model_name_or_path": task.reference_dir, "train_file": task.train_file,
+                **overrides}
+    argv: list[str] = []
+    for key, value in settings.items():
+        argv += [f"--{key}", str(value)]
+    return argv
+
+
+def train_and_evaluate(task: TaskFolder, overrides: dict[str, Any], output_dir: str, seed: int = 0,
+                       plots: bool = True) -> dict[str, Any]:
+    """Train on ``task`` with ``overrides`` (a method preset plus anything else), evaluate, write
+    ``<output_dir>/gold_eval.json``, return the evaluation (with wall time and the flipped-pair statistics)."""
+    from transformers import AutoModelForCausalLM
+
+
+    settings = {**task.train_defaults(), "model_name_or_path": task.reference_dir, "train_file": task.train_file,
+                "output_dir": output_dir, "seed": seed, "plots": plots, "resume": "never", **overrides}
+    config = parse_config(gold_train_arguments(task, settings))
+    if os.path.isdir(output_dir):
+        import shutil
+
+        shutil.rmtree(output_dir)
+    summary = run_training(config)
+    tokenizer = load_tokenizer(task.reference_dir)
+
+    device = config.device  # where it trained: the judge samples there too
+    policy = AutoModelForCausalLM.from_pretrained(final_model_path(output_dir)).to(device)
+    reference = AutoModelForCausalLM.from_pretrained(task.reference_dir).to(device)
+    result = evaluate_on_task(policy, reference, tokenizer, task, config.beta, seed=seed)
+    if config.train_file == task.train_file:  # pair ids are rows of the task's file
+        result.update(selection_of_flipped_pairs(output_dir, task.flipped_pair_ids()))
+    else:  # another file (e.g. an audit's cleaned copy): its own `flipped` column, undone where the pair was swapped
+        flipped = {i for i, row in enumerate(_rows(config.train_file))
+                   if bool(row.get("flipped")) != (row.get("audit_action") == "swapped")}
+        result.update(selection_of_flipped_pairs(output_dir, flipped))
+    result["wall_time_s"] = summary["wall_time_s"]
+    result["steps"] = summary["global_step"]
+    with open(os.path.join(output_dir, "gold_eval.json"), "w", encoding="utf-8") as fh:
+        json.dump({"settings": copy.deepcopy(settings), "result": result}, fh, indent=2)
+    return result

@@ -1,0 +1,183 @@
+"""What TRL's ``DPOTrainer(...)`` accepts, resolved into what :class:`~adaptdpo.training.trainer.AdaptiveDPOTrainer`
+trains on.
+
+- ``args``: None (TRL: ``DPOConfig(f"{model name}-DPO")``), our config, or a ``trl.DPOConfig`` (mapped);
+- ``model``: a model, or a name/path loaded like ``model_name_or_path`` (packaged models and .gguf files too);
+- ``processing_class``: default the model's tokenizer; a missing pad token becomes EOS (as TRL);
+- ``ref_model``: None → a frozen copy of the initial policy, or, with ``peft_config`` or a PEFT model, the base
+  with adapters disabled; with ``precompute_ref_log_probs`` the policy itself scores the data once;
+- datasets: ``datasets.Dataset`` / ``IterableDataset`` (validated and tokenised lazily as it streams) / lists of
+  dicts, raw (TRL's formats: standard or
+  conversational, explicit or implicit prompt; every row validated, errors name the dataset, row and field) or
+  already tokenised (``prompt_ids``/``chosen_ids``/``rejected_ids``); ``eval_dataset`` may be a dict of them.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+from typing import Any
+
+from adaptdpo.compat.trl_config import is_trl_config, trl_config_values
+from adaptdpo.data.readers import DataValidationError
+from adaptdpo.data.rows import normalise_row, text_row_as_messages
+from adaptdpo.data.tokenize import pair_example, pair_problem, tokenize_dataset, tokenize_pair
+from adaptdpo.models.loading import load_pretrained, load_tokenizer
+from adaptdpo.training.config import AdaptiveDPOConfig
+
+logger = logging.getLogger("adaptdpo")
+
+TOKENISED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+def from_trl_config(args: Any) -> AdaptiveDPOConfig:
+    """Our config for a ``trl.DPOConfig`` (TRL 1.16), field by field (:mod:`adaptdpo.compat.trl_config`)."""
+    return AdaptiveDPOConfig(**trl_config_values(args, {f.name for f in dataclasses.fields(AdaptiveDPOConfig)
+                                                       if f.init}))
+
+
+def resolve_args(args: Any, model: Any) -> Any:
+
+    if args is None:
+        name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
+        return AdaptiveDPOConfig(output_dir=f"{os.path.basename(str(name).rstrip('/')) or 'model'}-DPO")
+    if is_trl_config(args):
+        return from_trl_config(args)
+    if not isinstance(args, AdaptiveDPOConfig):
+        raise TypeError(f"args must be an adaptdpo DPOConfig (AdaptiveDPOConfig) or a trl.DPOConfig, got "
+                        f"{type(args).__name__}")
+    return args
+
+
+def resolve_model(model: Any, args: Any, quantization_config: Any = None) -> Any:
+    """``model`` itself, or the model a name/path names, loaded with ``model_init_kwargs`` (and
+    ``quantization_config``, TRL's trainer argument, for a quantised base)."""
+    if not isinstance(model, str):
+        if quantization_config is not None:
+            raise ValueError("quantization_config quantises a model as it is loaded, but the model is already "
+                             "loaded: pass its name or path, or drop quantization_config (as TRL)")
+        return model
+
+    kwargs = args.from_pretrained_kwargs(quantization_config)
+    return load_pretrained(model, args.dtype, args.attn_implementation, **kwargs)
+
+
+def resolve_tokenizer(processing_class: Any, model: Any, args: Any = None) -> Any:
+    if processing_class is None:
+
+        name = getattr(getattr(model, "config", None), "_name_or_path", None)
+        if not name:
+            raise ValueError("processing_class is None and the model does not say where it was loaded from: pass the "
+                             "tokenizer as processing_class")
+        processing_class = load_tokenizer(name, getattr(args, "model_revision", None),
+                                          bool(getattr(args, "trust_remote_code", False)))
+    if getattr(processing_class, "pad_token", None) is None and getattr(processing_class, "eos_token", None):
+        processing_class.pad_token = processing_class.eos_token
+    return processing_class
+
+
+def apply_peft(model: Any, peft_config: Any) -> Any:
+    if peft_config is None:
+        return model
+    try:
+        from peft import PeftConfig, get_peft_model
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("peft_config needs peft: pip install 'adaptdpo[peft]'") from e
+    if not isinstance(peft_config, PeftConfig):
+        raise TypeError("peft_config must be a peft.PeftConfig (e.g. peft.LoraConfig), got "
+                        f"{type(peft_config).__name__}")
+    if hasattr(model, "peft_config"):
+        raise ValueError("the model is already a PEFT model and a peft_config was given: pass one or the other")
+    return get_peft_model(model, peft_config)
+
+
+def frozen_copy(model: Any) -> Any:
+    """The reference TRL builds when none is given: the initial policy, frozen."""
+    reference = copy.deepcopy(model)
+    reference.requires_grad_(False)
+    return reference.eval()
+
+
+def _rows_of(dataset: Any, name: str) -> list[dict[str, Any]]:
+    import datasets
+
+    if isinstance(dataset, (datasets.Dataset, list, tuple)):
+        return [dict(row) for row in dataset]
+    raise TypeError(f"{name} must be a datasets.Dataset, an IterableDataset or a list of dicts, got "
+                    f"{type(dataset).__name__}")
+
+
+def normalised_row(raw: dict[str, Any], index: int, args: Any, name: str,
+                   hh_as_messages: bool = False) -> dict[str, Any]:
+    """One raw row validated and normalised (errors name ``name``, the row and the field); with
+    ``chat_format: messages``, plain text becomes messages (with ``hh_as_messages``, Anthropic HH text does)."""
+
+    row = normalise_row(dict(raw), name, index, None, args.implicit_prompt_marker)
+    if (args.chat_format == "messages" or hh_as_messages) and not isinstance(row["chosen"], list):
+        row = text_row_as_messages(row, only_hh=args.chat_format != "messages") or row
+    return row
+
+
+def streamed_dataset(dataset: Any, tokenizer: Any, args: Any, name: str, hh_as_messages: bool = False) -> Any:
+    """An ``IterableDataset`` validated and tokenised lazily, row by row, as it streams (nothing is read ahead);
+    a bad row stops training with an error naming the dataset, the row (its index in the stream) and the field."""
+
+    def tokenise(raw: dict[str, Any], index: int) -> dict[str, Any]:
+        pair = tokenize_pair(normalised_row(raw, index, args, name, hh_as_messages), tokenizer, args.max_length,
+                             args.max_prompt_length)
+        found = pair_problem(pair, args.max_length)
+        if found is not None:
+            raise DataValidationError(name, index, *found)
+        return pair_example(pair, index)
+
+    import datasets
+
+    ids = datasets.List(datasets.Value("int64"))
+    features = datasets.Features({"prompt_ids": ids, "chosen_ids": ids, "rejected_ids": ids,
+                                  "pair_id": datasets.Value("int64"), "length": datasets.Value("int64")})
+    mapped = dataset.map(tokenise, with_indices=True)
+    return mapped.select_columns(list(features)).cast(features)  # known columns: the trainer sees it is tokenised
+
+
+def is_tokenised(dataset: Any) -> bool:
+    columns = getattr(dataset, "column_names", None)  # None for a stream whose features are unknown
+    if columns is None and isinstance(dataset, (list, tuple)) and dataset:
+        columns = list(dataset[0])
+    return bool(columns) and all(c in columns for c in TOKENISED_COLUMNS)
+
+
+def prepare_dataset(dataset: Any, tokenizer: Any, args: Any, name: str) -> Any:
+    """A tokenised ``datasets.Dataset`` for the trainer (dicts of named datasets: each one)."""
+    import datasets
+
+    if dataset is None:
+        return None
+    if isinstance(dataset, (dict, datasets.DatasetDict, datasets.IterableDatasetDict)):
+        return {key: prepare_dataset(value, tokenizer, args, f"{name}[{key!r}]") for key, value in dataset.items()}
+    if isinstance(dataset, datasets.IterableDataset):
+        if tokenizer is None:
+            raise ValueError(f"{name} is raw data: pass processing_class (the tokenizer)")
+        return dataset if is_tokenised(dataset) else streamed_dataset(dataset, tokenizer, args, name)
+    if is_tokenised(dataset):
+        return dataset if isinstance(dataset, datasets.Dataset) else datasets.Dataset.from_list(list(dataset))
+
+    rows = []
+    kind = None
+    for index, raw in enumerate(_rows_of(dataset, name)):
+        row = normalised_row(raw, index, args, name)  # validated first: errors name the field
+        is_conversational = isinstance(raw["chosen"], list)
+        if kind is None:
+            kind = is_conversational
+        elif kind != is_conversational:
+            raise DataValidationError(name, index, "chosen", "mixes conversational and plain-text rows")
+        row["pair_id"] = index
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{name}: no rows")
+    tokenised, truncated = tokenize_dataset(rows, tokenizer, args.max_length, args.max_prompt_length, name,
+                                            num_proc=args.dataset_num_proc, main_process_first=args.main_process_first)
+    logger.info("%s: %d pairs tokenised (%d truncated to max_length=%s)", name, len(tokenised), truncated,
+                args.max_length)
+    return tokenised

@@ -1,0 +1,135 @@
+"""training.prepared_data"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from adaptdpo.data.readers import LoadReport
+from adaptdpo.data.rows import load_preference_rows, text_row_as_messages
+from adaptdpo.data.sources import load_mixture_rows, split_off_test_rows, streamed_mixture, streamed_source
+from adaptdpo.models.tiny import TINY_PRESETS
+from adaptdpo.training.config import AdaptiveDPOConfig
+from adaptdpo.training.inputs import normalised_row
+
+logger = logging.getLogger("adaptdpo")
+
+
+@dataclass
+class PreparedData:
+    train_rows: list[dict[str, Any]]
+    eval_rows: list[dict[str, Any]] | None
+    reports: list[LoadReport]
+
+
+def prepare_rows(config: AdaptiveDPOConfig) -> PreparedData:
+    held_out_later = config.eval_file is None and (config.eval_fraction > 0 or config.test_split_size is not None)
+    limit = None if held_out_later else config.max_train_samples
+    if config.datasets:
+
+        train_rows, reports = load_mixture_rows(config.datasets, skip_invalid=config.skip_invalid_rows,
+                                                implicit_prompt_marker=config.implicit_prompt_marker, limit=limit)
+    else:
+        train_rows, train_report = load_preference_rows(
+            config.train_file, config.train_split, skip_invalid=config.skip_invalid_rows,
+            config_name=config.dataset_config, implicit_prompt_marker=config.implicit_prompt_marker, limit=limit)
+        reports = [train_report]
+    eval_rows = None
+    seed = config.data_seed if config.data_seed is not None else config.seed
+    if config.test_split_size is not None and config.eval_file is None:
+
+        train_rows, eval_rows = split_off_test_rows(train_rows, config.test_split_size, seed)
+        eval_rows = eval_rows[: config.max_eval_samples]
+        train_rows = train_rows[: config.max_train_samples]
+    elif config.eval_file:
+        eval_rows, eval_report = load_preference_rows(
+            config.eval_file, config.eval_split, skip_invalid=config.skip_invalid_rows,
+            config_name=config.dataset_config if config.eval_file == config.train_file else None,
+            implicit_prompt_marker=config.implicit_prompt_marker, limit=config.max_eval_samples)
+        reports.append(eval_report)
+    elif config.eval_fraction > 0:
+        order = list(range(len(train_rows)))
+        random.Random(seed).shuffle(order)
+        n_eval = max(1, round(config.eval_fraction * len(train_rows)))
+        held = set(order[:n_eval])
+        eval_rows = [r for i, r in enumerate(train_rows) if i in held]
+        train_rows = [r for i, r in enumerate(train_rows) if i not in held]
+        if config.max_eval_samples is not None:
+            eval_rows = eval_rows[: config.max_eval_samples]
+        if config.max_train_samples is not None:
+            train_rows = train_rows[: config.max_train_samples]
+    return PreparedData(train_rows, eval_rows, reports)
+
+
+def chat_conversion(config: AdaptiveDPOConfig, tokenizer: Any) -> str | None:
+    """Which text rows ``chat_format`` renders as chat messages: "all", "hh" (Anthropic HH text only) or None."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if config.chat_format == "raw" or (config.chat_format == "auto" and (
+            config.model_name_or_path in TINY_PRESETS or not has_template)):
+        return None
+    if not has_template:
+        raise ValueError("chat_format=messages needs a tokenizer with a chat template; this one has none "
+                         "(use chat_format: raw)")
+    return "hh" if config.chat_format == "auto" else "all"
+
+
+def apply_chat_format(config: AdaptiveDPOConfig, data: PreparedData, tokenizer: Any) -> int:
+    """Render text rows through the chat template (``chat_format``); returns how many rows were converted."""
+    conversion = chat_conversion(config, tokenizer)
+    if conversion is None:
+        return 0
+    converted = 0
+    for rows in (data.train_rows, data.eval_rows or []):
+        for i, row in enumerate(rows):
+            as_messages = text_row_as_messages(row, only_hh=conversion == "hh")
+            if as_messages is not None:
+                rows[i] = as_messages
+                converted += 1
+    if converted:
+        logger.info("chat format: %d text rows rendered as chat messages through the tokenizer's template (HH "
+                    "'Human:/Assistant:' turns become user/assistant messages; chat_format: raw keeps the text)",
+                    converted)
+    return converted
+
+
+#: rows of a stream read to train a tiny preset's tokenizer
+TOKENIZER_SAMPLE_ROWS = 2000
+
+
+def streamed_sources(config: AdaptiveDPOConfig) -> tuple[Any, Any]:
+    """``dataset_streaming``: the raw training and evaluation streams (``IterableDataset``; eval None without
+    eval_file / dataset_test_split)."""
+
+    if config.datasets:
+        train = streamed_mixture(config.datasets)
+    else:
+        train = streamed_source(config.train_file, config.train_split, config.dataset_config)
+    if config.max_train_samples is not None:
+        train = train.take(config.max_train_samples)
+    evaluation = None
+    if config.eval_file:
+        evaluation = streamed_source(config.eval_file, config.eval_split,
+                                     config.dataset_config if config.eval_file == config.train_file else None)
+        if config.max_eval_samples is not None:
+            evaluation = evaluation.take(config.max_eval_samples)
+    return train, evaluation
+
+
+def stream_sample_rows(config: AdaptiveDPOConfig, stream: Any) -> list[dict[str, Any]]:
+    """The first rows of a stream, validated, when a tiny preset trains its tokenizer on them; else none (nothing
+    is read ahead)."""
+    import itertools
+
+
+    if config.model_name_or_path not in TINY_PRESETS or config.tokenizer_name_or_path:
+        return []
+    head = itertools.islice(iter(stream), TOKENIZER_SAMPLE_ROWS)
+    return [normalised_row(raw, i, config, stream_label(config)) for i, raw in enumerate(head)]
+
+
+def stream_label(config: AdaptiveDPOConfig, evaluation: bool = False) -> str:
+    if evaluation:
+        return f"{config.eval_file} (streamed)"
+    return "datasets mixture (streamed)" if config.datasets else f"{config.train_file} (streamed)"
