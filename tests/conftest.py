@@ -6,6 +6,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("ADAPTDPO_CPU_BF16", "0")  # the suite's numbers are float32 unless a test asks for bf16
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HH_FILE = os.path.join(ROOT, "data", "hh-rlhf", "harmless-base-test.jsonl.gz")

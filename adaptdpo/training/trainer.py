@@ -38,7 +38,9 @@ from adaptdpo.methods.step_policy import PairView, StepPlan, StepPolicy
 from adaptdpo.models.attention_masks import supports_shared_prompt
 from adaptdpo.models.lm_head import chunkable_head
 from adaptdpo.models.loading import disable_dropout
-from adaptdpo.models.sequence_logps import branch_pooling_masks, sequence_logps
+from adaptdpo.models.partial import freeze_below_top
+from adaptdpo.models.prefix_cache import PrefixCache
+from adaptdpo.models.sequence_logps import SequenceLogps, branch_pooling_masks, sequence_logps
 from adaptdpo.models.sources import load_encoder_backbone
 from adaptdpo.models.token_ops import unwrap
 from adaptdpo.training.checkpointing import CHECKPOINT_STATE_FILE, atomic_torch_save, mark_checkpoint_complete
@@ -96,6 +98,10 @@ class AdaptiveDPOTrainer(Trainer):
         if needs_copy:
             ref_model = frozen_copy(model)
         model = apply_peft(model, peft_config)
+        self.partial_training = None
+        if args.trainable_layers is not None and not _is_peft_model(model):
+            self.partial_training = freeze_below_top(model, args.trainable_layers)
+            logger.info(self.partial_training.describe())
         if _is_peft_model(model) and args.gradient_checkpointing:
             model.enable_input_require_grads()  # as TRL: checkpointed layers need an input that requires grad
         import datasets
@@ -137,6 +143,7 @@ class AdaptiveDPOTrainer(Trainer):
         if self.head_chunk and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
             logger.info("lm_head_chunk_size: the plain LM head under FSDP / DeepSpeed (the head's weight is sharded)")
             self.head_chunk = None
+        self._prefix_caches: dict[int, PrefixCache] = {}
         self.step_policy: StepPolicy = step_policy or build_step_policy(args, load_encoder_backbone)
         if hasattr(self.step_policy, "broadcast"):  # rank 0's decision is everyone's
             from accelerate.utils import broadcast
@@ -166,6 +173,8 @@ class AdaptiveDPOTrainer(Trainer):
         elif not self.peft_reference and args.sams_pretrain == "none":
             raise ValueError("AdaptiveDPOTrainer needs a reference: pass ref_model (a frozen copy of the initial "
                              "policy), set precompute_ref_log_probs, or train a PEFT adapter")
+        if self.partial_training is not None and args.prefix_cache:
+            self._attach_prefix_caches(model)
         if args.sync_ref_model:
             if self.ref_model is None:
                 raise ValueError("sync_ref_model (TR-DPO) needs a separate reference model: not with a PEFT adapter's "
@@ -175,6 +184,31 @@ class AdaptiveDPOTrainer(Trainer):
                                  "supported: its moving reference is saved whole with each checkpoint. Use DDP "
                                  "(--accelerate_config multi_gpu) or ZeRO-1/2")
             self.add_callback(ReferenceSyncCallback(self))
+
+    def _attach_prefix_caches(self, model: torch.nn.Module) -> None:
+        """The frozen-prefix cache (:mod:`adaptdpo.models.prefix_cache`) of the policy and of a separate reference
+        whose frozen blocks are the same (entries are shared when the fingerprints agree)."""
+        args = self.args
+        if args.sync_ref_model:
+            raise ValueError("prefix_cache with sync_ref_model (TR-DPO): the reference's lower blocks would move; set "
+                             "prefix_cache: false")
+        assert self.partial_training is not None
+        cache_dir = args.prefix_cache_dir or os.path.join(args.output_dir, "prefix_cache")
+        dtype = "bf16" if args.bf16 else "fp16" if args.fp16 else str(next(model.parameters()).dtype)
+        frozen = self.partial_training.frozen_blocks
+        for target in (model, self.ref_model):
+            if target is not None:
+                cache = PrefixCache(unwrap(target), frozen, cache_dir, dtype)
+                self._prefix_caches[id(unwrap(target))] = cache
+        logger.info("frozen-prefix cache of the %d frozen blocks in %s (%s)", frozen, cache_dir, dtype)
+
+    def _logps(self, model: torch.nn.Module, batch: dict[str, Tensor], **kwargs: Any) -> SequenceLogps:
+        """:func:`sequence_logps`, from the frozen-prefix cache where ``model`` has one."""
+        cache = self._prefix_caches.get(id(unwrap(model)))
+        if cache is None:
+            return sequence_logps(model, batch, **kwargs)
+        with cache.feeding(model, batch, lambda: sequence_logps(model, batch, **kwargs)):
+            return sequence_logps(model, batch, **kwargs)
 
     @staticmethod
     def _use_shared_prompt(args: AdaptiveDPOConfig, model: torch.nn.Module, ref_model: torch.nn.Module | None,
@@ -230,7 +264,7 @@ class AdaptiveDPOTrainer(Trainer):
             return batch["ref_chosen_logps"], batch["ref_rejected_logps"], None
         model = self.ref_model if self.ref_model is not None else self.model
         with self._reference_context(), self.compute_loss_context_manager():
-            out = sequence_logps(model, batch, output_hidden_states=output_hidden_states, ld_alpha=self.args.ld_alpha,
+            out = self._logps(model, batch, output_hidden_states=output_hidden_states, ld_alpha=self.args.ld_alpha,
                                  head_chunk=self.head_chunk)
         return *out.split(), out.outputs
 
@@ -281,7 +315,7 @@ class AdaptiveDPOTrainer(Trainer):
         with context:
             for batch in loader:
                 batch = batch_to(batch, device)
-                c, r = sequence_logps(reference, batch, ld_alpha=self.args.ld_alpha, head_chunk=self.head_chunk).split()
+                c, r = self._logps(reference, batch, ld_alpha=self.args.ld_alpha, head_chunk=self.head_chunk).split()
                 chosen.append(c.float().cpu())
                 rejected.append(r.float().cpu())
         reference.train(was_training)
@@ -372,7 +406,7 @@ class AdaptiveDPOTrainer(Trainer):
         # subset mode: this forward only scores the pairs; the gradient comes from a second, smaller one
         router = {"output_router_logits": True} if self.router_aux_loss_coef else None
         with torch.no_grad() if subset else contextlib.nullcontext():
-            policy = sequence_logps(model, inputs, output_hidden_states=context_source == "policy",
+            policy = self._logps(model, inputs, output_hidden_states=context_source == "policy",
                                     token_stats=self.args.token_metrics, ld_alpha=self.args.ld_alpha,
                                     wpo=self.args.use_weighting, model_kwargs=None if subset else router,
                                     head_chunk=self.head_chunk)
@@ -394,7 +428,10 @@ class AdaptiveDPOTrainer(Trainer):
                                  "output_hidden_states=True; use a transformers causal LM that returns them, or "
                                  "sams_context_source=" + ("reference" if context_source == "policy" else "policy"))
             pool = branch_pooling_masks(inputs["segment_ids"]) if "segment_ids" in inputs else inputs["attention_mask"]
-            contexts = layer_contexts(outputs.hidden_states, pool, self.args.sams_context_combine)
+            hidden = outputs.hidden_states
+            if self.partial_training is not None:  # the trained blocks' (the frozen ones may be skipped: cache)
+                hidden = hidden[self.partial_training.frozen_blocks:]
+            contexts = layer_contexts(hidden, pool, self.args.sams_context_combine)
             outputs.hidden_states = None
             extras["contexts"] = self._gather(contexts)[0]
         plan, mine, gathered = self.plan_step(chosen_logps, rejected_logps, ref_chosen, ref_rejected, training, extras)
@@ -468,7 +505,7 @@ class AdaptiveDPOTrainer(Trainer):
             sub = {k: inputs[k][rows] for k in ("input_ids", "attention_mask", "completion_mask")}
         width = int(sub["attention_mask"].sum(dim=1).max())  # right padding: drop columns no kept row uses
         sub = {k: v[:, :width] for k, v in sub.items()}
-        out = sequence_logps(model, sub, ld_alpha=self.args.ld_alpha, model_kwargs=model_kwargs,
+        out = self._logps(model, sub, ld_alpha=self.args.ld_alpha, model_kwargs=model_kwargs,
                              head_chunk=self.head_chunk)
         chosen, rejected = out.split()
         rest = [t[index] for t in pairs[2:]]
@@ -485,7 +522,7 @@ class AdaptiveDPOTrainer(Trainer):
         chosen = {k: inputs[k][:n] for k in ("input_ids", "attention_mask", "completion_mask")}
         frozen = self.args.sams_pretrain == "frozen"
         with torch.no_grad() if frozen else contextlib.nullcontext():
-            out = sequence_logps(model, chosen, output_hidden_states=training, head_chunk=self.head_chunk)
+            out = self._logps(model, chosen, output_hidden_states=training, head_chunk=self.head_chunk)
         nll = -out.logps / out.lengths.clamp(min=1).to(out.logps.dtype)
         m = self._metrics["train" if training else "eval"]
         m["sft/nll"].append(nll.detach().mean())

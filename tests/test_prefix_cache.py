@@ -1,0 +1,117 @@
+"""Top-K training (``trainable_layers``) and the frozen-prefix cache: exact against the uncached run, keyed, and
+never trusted when damaged."""
+
+import glob
+import logging
+import os
+import threading
+
+import pytest
+import torch
+from helpers import base_argv, final_params, train_in_process, train_logs, write_small_dataset
+
+
+def _run(hh_rows, tokenizer, tmp_path, name, **overrides):
+    tok = str(tmp_path / "tok")
+    if not os.path.isdir(tok):
+        tokenizer.save_pretrained(tok)
+    data = write_small_dataset(str(tmp_path / "pairs.jsonl"), hh_rows, n=16)
+    out = str(tmp_path / name)
+    settings = {"tiny_num_layers": 4, "max_steps": 3, "trainable_layers": 2, "save_strategy": "no", **overrides}
+    train_in_process(base_argv(data, tok, out, **settings))
+    return out
+
+
+@pytest.mark.parametrize("layout", [{"shared_prompt": "off"}, {"shared_prompt": "on"},
+                                    {"shared_prompt": "on", "padding_free": "true"}])
+def test_cached_top_k_training_equals_the_uncached_run(hh_rows, tokenizer, tmp_path, layout):
+    """3 steps of the top 2 of 4 blocks: the losses and the trained weights of the cached run equal the uncached
+    run's (fp32, 1e-5); the frozen blocks and the embeddings are unchanged in both; the cache was written."""
+    plain = _run(hh_rows, tokenizer, tmp_path, "plain", prefix_cache=False, **layout)
+    cached = _run(hh_rows, tokenizer, tmp_path, "cached", prefix_cache=True, **layout)
+    a, b = train_logs(plain), train_logs(cached)
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) < 1e-5
+        assert abs(x["grad_norm"] - y["grad_norm"]) < 1e-5
+    pa, pb = final_params(plain), final_params(cached)
+    start = final_params(_run(hh_rows, tokenizer, tmp_path, "start", prefix_cache=False, learning_rate=0.0, **layout))
+    moved = 0
+    for name in pa:
+        assert torch.allclose(pa[name], pb[name], atol=1e-5), name
+        frozen = name.startswith(("model.embed_tokens", "model.layers.0.", "model.layers.1."))  # an untied head trains
+        if frozen:
+            assert torch.equal(pa[name], start[name]), f"{name} is frozen but moved"
+        elif not torch.equal(pa[name], start[name]):
+            moved += 1
+    assert moved > 0
+    assert glob.glob(os.path.join(cached, "prefix_cache", "*", "*.safetensors"))
+
+
+def test_a_second_run_reads_the_cache_and_a_changed_key_misses(hh_rows, tokenizer, tmp_path):
+    """A shared prefix_cache_dir: the second identical run computes nothing; another max_length (other token
+    ids), another layout or another model (other frozen weights) writes new entries."""
+    shared = str(tmp_path / "shared-cache")
+    _run(hh_rows, tokenizer, tmp_path, "a", prefix_cache_dir=shared)
+    first = set(glob.glob(os.path.join(shared, "*", "*.safetensors")))
+    _run(hh_rows, tokenizer, tmp_path, "b", prefix_cache_dir=shared)
+    assert set(glob.glob(os.path.join(shared, "*", "*.safetensors"))) == first
+    for i, change in enumerate([{"max_length": 48}, {"shared_prompt": "off"}, {"seed": 11}]):
+        before = set(glob.glob(os.path.join(shared, "*", "*.safetensors")))
+        _run(hh_rows, tokenizer, tmp_path, f"c{i}", prefix_cache_dir=shared, **change)
+        assert set(glob.glob(os.path.join(shared, "*", "*.safetensors"))) > before, change
+
+
+def test_a_damaged_entry_is_recomputed_with_a_warning(hh_rows, tokenizer, tmp_path, caplog):
+    """Cut one entry short and flip a byte of another: both are reported, recomputed, and the run's numbers are
+    those of the undamaged run."""
+    shared = str(tmp_path / "cache")
+    good = _run(hh_rows, tokenizer, tmp_path, "good", prefix_cache_dir=shared)
+    files = sorted(glob.glob(os.path.join(shared, "*", "*.safetensors")))
+    with open(files[0], "r+b") as fh:
+        fh.truncate(os.path.getsize(files[0]) // 2)
+    with open(files[1], "r+b") as fh:
+        fh.seek(-3, os.SEEK_END)
+        byte = fh.read(1)
+        fh.seek(-3, os.SEEK_END)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    with caplog.at_level(logging.WARNING, logger="adaptdpo"):
+        again = _run(hh_rows, tokenizer, tmp_path, "again", prefix_cache_dir=shared)
+    warned = [r.getMessage() for r in caplog.records if "prefix cache" in r.getMessage()]
+    assert len(warned) == 2 and all("recomputing" in m for m in warned)
+    for x, y in zip(train_logs(good), train_logs(again)):
+        assert abs(x["loss"] - y["loss"]) < 1e-6
+
+
+def test_two_writers_of_one_entry_leave_one_whole_file(tmp_path):
+    """Concurrent writes of the same key go through a temporary file and a rename: the entry reads back whole."""
+    from adaptdpo.models.prefix_cache import PrefixCache
+
+    cache = PrefixCache.__new__(PrefixCache)
+    cache.cache_dir = str(tmp_path)
+    key = "ab" + "0" * 62
+    states = [torch.full((64, 32), float(i)) for i in range(8)]
+    threads = [threading.Thread(target=cache._write, args=(key, s)) for s in states]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    read = cache._read(key)
+    assert read is not None and any(torch.equal(read, s) for s in states)
+    assert not glob.glob(os.path.join(str(tmp_path), "*", "*.tmp-*"))
+
+
+def test_trainable_layers_freezes_below_the_top_and_says_so(policy_and_reference):
+    import copy
+
+    from adaptdpo.models.partial import freeze_below_top
+
+    model = copy.deepcopy(policy_and_reference[0])
+    summary = freeze_below_top(model, 1)
+    assert summary.frozen_blocks == 1 and summary.head_tied == model.config.tie_word_embeddings
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("model.layers.1.", "model.norm")) or n == "lm_head.weight"
+                             for n in trainable)
+    assert not any(n.startswith(("model.layers.0.", "model.embed_tokens")) for n in trainable)
+    with pytest.raises(ValueError, match="trainable_layers=3: the model has 2 blocks"):
+        freeze_below_top(copy.deepcopy(policy_and_reference[0]), 3)
