@@ -327,7 +327,7 @@ def cmd_task(args: list[str]) -> int:
     parser.add_argument("--quick", action="store_true", help="sentiment: a handful of prompts and short completions")
     spec_type = kinds[args[0]][0] if args and args[0] in kinds else SentimentSpec
     for field in dataclasses.fields(spec_type):
-        kind = str if field.name == "model" else (float if isinstance(field.default, float) else int)
+        kind = str if isinstance(field.default, str) else (float if isinstance(field.default, float) else int)
         parser.add_argument(f"--{field.name}", type=kind, help=f"default {field.default}")
     ns = parser.parse_args(args)
     spec_cls, build, cache = kinds[ns.kind]

@@ -178,11 +178,12 @@ class ResultCache:
     """A JSONL file of finished runs (``{"key": ..., "result": ...}`` per line): a benchmark that is interrupted
     resumes where it stopped, and tables can be redrawn without training again."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, path: str | None = None):
         import json
 
         os.makedirs(workdir, exist_ok=True)
-        self.path = os.path.join(workdir, "results.jsonl")
+        self.path = path or os.path.join(workdir, "results.jsonl")
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self.done: dict[str, dict] = {}
         if os.path.exists(self.path):
             with open(self.path, encoding="utf-8") as fh:

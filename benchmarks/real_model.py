@@ -46,6 +46,8 @@ from adaptdpo.tasks.experiment import train_and_evaluate
 from adaptdpo.tasks.sentiment.task import SentimentSpec, build_sentiment_task
 
 SAMS = {"method": "sams", "sams_ratio": 0.5}
+#: the evidence profile's finished runs, one line each, committed: the tables are rebuilt from them alone
+COMMITTED_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "real_model-cpu-topk.jsonl")
 METHODS: dict[str, dict[str, Any]] = {
     "DPO": {"method": "dpo"},
     "β-DPO": {"method": "beta_dpo"},
@@ -53,6 +55,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "SamS (MiniLM encoder)": {**SAMS, "sams_encoder_path": "all-minilm-l6-v2"},
     "random 50%": {**SAMS, "sams_selection": "random"},
     "β-DPO+SamS": {**SAMS, "method": "beta_dpo+sams"},
+    # the known-flip-rate rival: rDPO's unbiased loss at the true rate (Chowdhury et al. 2024)
+    "rDPO (ε = 0.2)": {"method": "dpo", "loss_type": "robust", "label_smoothing": 0.2},
 }
 BETAS = (0.05, 0.1, 0.3, 1.0)
 
@@ -82,9 +86,22 @@ PROFILES: dict[str, dict[str, Any]] = {
             # 32 steps instead of 112: a larger step, as for the sentiment runs
             "hh_train": {"max_length": 256, "max_prompt_length": 192, "per_device_train_batch_size": 8,
                          "per_device_eval_batch_size": 16, "num_train_epochs": 1, "learning_rate": 1e-5}},
+    # the CPU evidence profile: the top 4 of SmolLM2's 30 blocks over the frozen-prefix cache, bf16 autocast,
+    # 1,024 training pairs from the full pool (1,600 prompts; 256 held-out pairs, 128 held-out prompts), 64 steps
+    # of 16 pairs. About 5 minutes a run on 2 cores (the first run of a
+    # seed's data fills the cache)
+    "cpu-topk": {"task": {"train_pairs": 1024},
+                 "train": {"num_train_epochs": 1, "learning_rate": 3e-5, "trainable_layers": 4, "bf16": True,
+                           "shared_prefix_cache": True},
+                 "sams_warmup_rounds": 10,
+                 "hh": {"train_rows": 1800, "eval_rows": 400},
+                 "hh_train": {"max_length": 320, "max_prompt_length": 256, "per_device_train_batch_size": 16,
+                              "per_device_eval_batch_size": 32, "num_train_epochs": 1, "learning_rate": 3e-5,
+                              "trainable_layers": 4, "bf16": True, "shared_prefix_cache": True}},
     "quick": {"task": {"train_prompts": 12, "eval_pair_prompts": 4, "eval_prompts": 4, "max_new_tokens": 8,
                        "sampling_batch": 8, "train_pairs": 4},
-              "train": {"per_device_train_batch_size": 2, "max_steps": 2, "max_length": 64, "logging_steps": 1},
+              "train": {"per_device_train_batch_size": 2, "max_steps": 2, "max_length": 64, "logging_steps": 1,
+                        "trainable_layers": 2, "shared_prefix_cache": True},
               "sams_warmup_rounds": 1,
               "hh": {"train_rows": 4, "eval_rows": 4},
               "hh_train": {"max_length": 96, "max_prompt_length": 64, "per_device_train_batch_size": 2,
@@ -142,12 +159,21 @@ def environment() -> dict[str, str]:
     return {"device": device, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
+def with_cache_dir(settings: dict[str, Any], workdir: str) -> dict[str, Any]:
+    """``shared_prefix_cache``: every run of the profile shares one frozen-prefix cache (its entries are keyed by
+    the frozen weights and each row's tokens, so runs on other data or models never read each other's)."""
+    settings = dict(settings)
+    if settings.pop("shared_prefix_cache", False):
+        settings["prefix_cache_dir"] = os.path.join(workdir, "prefix_cache")
+    return settings
+
+
 def run_sentiment(profile: dict[str, Any], task_overrides: dict, train_overrides: dict, seed: int,
                   workdir: str) -> dict[str, Any]:
     spec = SentimentSpec(**{**profile["task"], **task_overrides, "data_seed": seed})
     task = build_sentiment_task(spec, os.path.join(workdir, "cache"))
-    return train_and_evaluate(task, {**profile["train"], **train_overrides, "trace_pairs": True},
-                              os.path.join(workdir, "run"), seed=seed, plots=False)
+    settings = with_cache_dir({**profile["train"], **train_overrides, "trace_pairs": True}, workdir)
+    return train_and_evaluate(task, settings, os.path.join(workdir, "run"), seed=seed, plots=False)
 
 
 def hh_files(profile: dict[str, Any], flip_rate: float, seed: int, folder: str) -> tuple[str, str, set[int]]:
@@ -189,6 +215,7 @@ def run_hh(profile: dict[str, Any], flip_rate: float, train_overrides: dict, see
     settings = {**SENTIMENT_TRAIN_DEFAULTS, "model_name_or_path": "smollm2-135m-instruct", "train_file": train_path,
                 "eval_file": eval_path, "chat_format": "auto", **profile["hh_train"], **train_overrides,
                 "output_dir": out, "seed": seed, "plots": False, "resume": "never", "trace_pairs": True}
+    settings = with_cache_dir(settings, workdir)
     summary = run_training(parse_config([x for k, v in settings.items() for x in (f"--{k}", str(v))]))
     ev = summary["final_eval"]
     result = {"hh/accuracy": ev["eval_rewards/accuracies"], "hh/margin": ev["eval_rewards/margins"],
@@ -210,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiments", default="noise,mix,frontier,gap,filters,hh")
     parser.add_argument("--budget_s", type=float, default=None, help="stop before a run that would end past this")
     parser.add_argument("--workdir", default="runs/bench-real")
+    parser.add_argument("--results", default=None, help="the JSONL of finished runs (default: <workdir>/<profile>/"
+                        "results.jsonl; the cpu-topk profile's is committed: benchmarks/results/)")
     parser.add_argument("--out", default=None, help="markdown file for the tables")
     parser.add_argument("--plots", default=None, help="folder for the figures (frontier, recovery)")
     parser.add_argument("--tables_only", action="store_true", help="redraw tables and figures from the results")
@@ -220,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")
     profile = PROFILES[ns.profile]
     workdir = os.path.join(ns.workdir, ns.profile)
-    cache = ResultCache(workdir)
+    results_path = ns.results or (COMMITTED_RESULTS if ns.profile == "cpu-topk" else None)
+    cache = ResultCache(workdir, results_path)
     plan = experiments(quick=ns.quick, sams_warmup_rounds=profile["sams_warmup_rounds"])
     chosen = [e for e in ns.experiments.split(",") if e in plan]
     unknown = [e for e in ns.experiments.split(",") if e not in experiments()]

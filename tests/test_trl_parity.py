@@ -132,13 +132,13 @@ def test_loss_list_composes_with_per_pair_beta_and_a_selection_mask(setup, tmp_p
     """How TRL's objectives compose with β-DPO and SamS: every term gets the pair's β (sft ignores it), and the
     batch-coupled sft term averages over the pairs trained on only."""
     from adaptdpo.methods.losses import combined_preference_loss
-    from adaptdpo.methods.step_policy import StepPlan
+    from adaptdpo.methods.step_policy import StepPlan, StepPolicyBase
 
     policy, reference, batch, _, tokenizer = setup
     beta = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
     keep = torch.tensor([True, False, True, True, False, True])
 
-    class FixedPlan:  # stands in for β-DPO's per-pair β and SamS's selection
+    class FixedPlan(StepPolicyBase):  # stands in for β-DPO's per-pair β and SamS's selection
         def plan(self, view):
             return StepPlan(beta=beta, train_mask=keep)
 

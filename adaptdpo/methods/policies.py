@@ -13,10 +13,10 @@ from torch import Tensor
 from adaptdpo.methods.beta_dpo import BetaDPO, kept_count
 from adaptdpo.methods.sams.scheduler import SamsScheduler
 from adaptdpo.methods.sams.selection import num_selected
-from adaptdpo.methods.step_policy import PairView, StepPlan
+from adaptdpo.methods.step_policy import PairView, StepPlan, StepPolicyBase
 
 
-class BetaDPOPolicy:
+class BetaDPOPolicy(StepPolicyBase):
     """β-DPO as a step policy: the controller sees the global micro-batch's margins on every rank.
 
     Every rank runs the controller on identical inputs with an identically seeded generator, so β and the
@@ -49,7 +49,7 @@ class BetaDPOPolicy:
         self.controller.load_state_dict(state["beta_dpo"])
 
 
-class SamsPolicy:
+class SamsPolicy(StepPolicyBase):
     """SamS as a step policy.
 
     Every rank runs the scheduler on the gathered global micro-batch; rank 0's selection is broadcast so
@@ -154,7 +154,7 @@ class SamsPolicy:
             self.scheduler.load_state_dict(state["sams"])
 
 
-class BetaSamsPolicy:
+class BetaSamsPolicy(StepPolicyBase):
     """β-DPO + SamS: SamS picks k pairs; β-DPO calibrates β from the margins of those k (its M0 and σ follow
     the selected pairs) and its filter keeps ⌊ρ·k⌋ of them. ``beta_dpo_keep_ratio: 1`` keeps all k."""
 

@@ -45,6 +45,18 @@ class StepPlan:
 
 
 class StepPolicy(Protocol):
+    """What the trainer asks of a method every training micro-batch.
+
+    ``needs_contexts``: the policy reads per-pair hidden-state contexts (``view.extras["contexts"]``; SamS);
+    ``mode``: ``mask`` (one forward with gradient, untrained pairs weighted 0) or ``subset`` (a no-grad forward
+    on every pair, then forward and backward on the trained ones); ``broadcast``: set by the trainer under
+    several processes to a function that makes rank 0's tensor everyone's (None: one process, or not needed).
+    :class:`StepPolicyBase` gives the defaults (no contexts, ``mask``, no broadcast)."""
+
+    needs_contexts: bool
+    mode: str
+    broadcast: Any
+
     def plan(self, view: PairView) -> StepPlan: ...
 
     def num_trained(self, n_pairs: int) -> int:
@@ -56,7 +68,15 @@ class StepPolicy(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-class StaticBeta:
+class StepPolicyBase:
+    """The defaults of :class:`StepPolicy`'s attributes: no contexts, one forward with a mask, no broadcast."""
+
+    needs_contexts: bool = False
+    mode: str = "mask"
+    broadcast: Any = None
+
+
+class StaticBeta(StepPolicyBase):
     """DPO: one fixed β, every pair trained on."""
 
     def __init__(self, beta: float):

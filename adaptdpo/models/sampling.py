@@ -9,6 +9,7 @@ random numbers, so a model compared with itself produces the same samples (win r
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,13 +54,15 @@ def _nucleus(probs: Tensor, top_p: float) -> Tensor:
 @torch.no_grad()
 def generate(model: Any, prompt_ids: list[list[int]], eos_token_ids: int | list[int], pad_token_id: int,
              max_new_tokens: int, seed: int, temperature: float = 1.0, top_p: float = 1.0,
-             batch_size: int = 256) -> list[Sample]:
+             batch_size: int = 256, autocast: torch.dtype | None = None) -> list[Sample]:
     """Batched generation with a KV cache from any causal LM (policy or reference), deterministic under ``seed``.
 
     ``temperature`` 0 is greedy decoding; otherwise tokens are drawn from softmax(logits / temperature),
     restricted to the ``top_p`` nucleus. Prompts are left-padded; a row stops at its first EOS id. At
     temperature 1 and top_p 1 the draws are exactly ancestral sampling with the seed's random numbers, so two
-    models sampled with one seed share them (a model against itself: identical samples)."""
+    models sampled with one seed share them (a model against itself: identical samples). ``autocast``: run the
+    forwards under autocast to this dtype (bf16: about 1.9x faster on a CPU with native bf16; other samples than
+    float32's, so it belongs to whatever key caches them)."""
     eos = torch.tensor([eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids))
     was_training = model.training
     model.eval()
@@ -75,8 +78,9 @@ def generate(model: Any, prompt_ids: list[list[int]], eos_token_ids: int | list[
         past, step_ids = None, ids
         for _ in range(max_new_tokens):
             positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
-            step = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=past,
-                         use_cache=True)
+            with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
+                step = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=past,
+                             use_cache=True)
             past = step.past_key_values
             logits = step.logits[:, -1].float()
             if temperature == 0:

@@ -7,6 +7,7 @@ import copy
 import json
 import logging
 import os
+import time
 from typing import Any
 
 from adaptdpo.evaluation.metrics import gold_generation_metrics, preference_accuracy, selection_of_flipped_pairs
@@ -71,6 +72,7 @@ def train_and_evaluate(task: TaskFolder, overrides: dict[str, Any], output_dir: 
     summary = run_training(config)
     tokenizer = load_tokenizer(task.reference_dir)
 
+    evaluation_started = time.time()
     device = config.device  # where it trained: the judge samples there too
     policy = AutoModelForCausalLM.from_pretrained(final_model_path(output_dir)).to(device)
     reference = AutoModelForCausalLM.from_pretrained(task.reference_dir).to(device)
@@ -81,6 +83,7 @@ def train_and_evaluate(task: TaskFolder, overrides: dict[str, Any], output_dir: 
         flipped = {i for i, row in enumerate(_rows(config.train_file))
                    if bool(row.get("flipped")) != (row.get("audit_action") == "swapped")}
         result.update(selection_of_flipped_pairs(output_dir, flipped))
+    result["eval_time_s"] = time.time() - evaluation_started
     result["wall_time_s"] = summary["wall_time_s"]
     result["steps"] = summary["global_step"]
     with open(os.path.join(output_dir, "gold_eval.json"), "w", encoding="utf-8") as fh:

@@ -145,7 +145,13 @@ class AdaptiveDPOTrainer(Trainer):
             self.head_chunk = None
         self._prefix_caches: dict[int, PrefixCache] = {}
         self.step_policy: StepPolicy = step_policy or build_step_policy(args, load_encoder_backbone)
-        if hasattr(self.step_policy, "broadcast"):  # rank 0's decision is everyone's
+        missing = [a for a in ("needs_contexts", "mode", "broadcast", "plan", "num_trained", "state_dict",
+                               "load_state_dict") if not hasattr(self.step_policy, a)]
+        if missing:
+            raise TypeError(f"step_policy {type(self.step_policy).__name__} lacks {', '.join(missing)} of the "
+                            "StepPolicy protocol (subclass adaptdpo.methods.step_policy.StepPolicyBase for the "
+                            "defaults)")
+        if self.step_policy.needs_contexts:  # rank 0's decision is everyone's
             from accelerate.utils import broadcast
 
             self.step_policy.broadcast = broadcast if self.accelerator.num_processes > 1 else None
@@ -400,8 +406,8 @@ class AdaptiveDPOTrainer(Trainer):
         if self.args.sams_pretrain != "none":
             loss = self._scheduler_pretraining_loss(model, inputs, training, num_items_in_batch)
             return (loss, None) if return_outputs else loss
-        wants_contexts = training and getattr(self.step_policy, "needs_contexts", False)
-        subset = wants_contexts and getattr(self.step_policy, "mode", "mask") == "subset"
+        wants_contexts = training and self.step_policy.needs_contexts
+        subset = wants_contexts and self.step_policy.mode == "subset"
         context_source = self.args.sams_context_source if wants_contexts else None
         # subset mode: this forward only scores the pairs; the gradient comes from a second, smaller one
         router = {"output_router_logits": True} if self.router_aux_loss_coef else None

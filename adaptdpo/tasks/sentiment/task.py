@@ -33,6 +33,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from adaptdpo.models.loading import load_tokenizer
 from adaptdpo.models.sampling import generate, prompt_token_ids
 from adaptdpo.models.sources import model_fingerprint, resolve_model
@@ -76,6 +78,7 @@ class SentimentSpec:
     max_new_tokens: int = 48
     temperature: float = 1.0
     sampling_batch: int = 64  # prompts per sampling chunk (fixed: it decides which random numbers a row gets)
+    sampling_dtype: str = "float32"  # bfloat16: the pool sampled under bf16 autocast (faster on a bf16 CPU)
     sample_seed: int = 0
     train_pairs: int = 512
     high_gap_fraction: float = 0.5
@@ -93,7 +96,10 @@ class SentimentSpec:
     def pool_key(self, model_sha256: str) -> dict[str, Any]:
         keys = ("prompt_seed", "held_out_share", "train_prompts", "eval_pair_prompts", "eval_prompts",
                 "max_new_tokens", "temperature", "sampling_batch", "sample_seed")
-        return {"model_sha256": model_sha256, **{k: getattr(self, k) for k in keys}}
+        key = {"model_sha256": model_sha256, **{k: getattr(self, k) for k in keys}}
+        if self.sampling_dtype != "float32":  # float32 pools keep the key they were built with
+            key["sampling_dtype"] = self.sampling_dtype
+        return key
 
 
 @dataclass
@@ -161,7 +167,8 @@ class PairSampler:
         tok = self.tokenizer
         ids = prompt_token_ids(tok, [user_turn(p) for p in prompts])
         samples = generate(self.model, ids, tok.eos_token_id, tok.pad_token_id, self.spec.max_new_tokens, seed,
-                           temperature=self.spec.temperature, batch_size=len(ids))
+                           temperature=self.spec.temperature, batch_size=len(ids),
+                           autocast=torch.bfloat16 if self.spec.sampling_dtype == "bfloat16" else None)
         out = []
         for s in samples:
             ended = bool(s.tokens) and s.tokens[-1] == tok.eos_token_id
