@@ -160,11 +160,14 @@ def environment() -> dict[str, str]:
 
 
 def with_cache_dir(settings: dict[str, Any], workdir: str) -> dict[str, Any]:
-    """``shared_prefix_cache``: every run of the profile shares one frozen-prefix cache (its entries are keyed by
-    the frozen weights and each row's tokens, so runs on other data or models never read each other's)."""
+    """``shared_prefix_cache``: every run of the profile shares one frozen-prefix cache and one cache of the
+    reference's per-pair log-probs (entries keyed by the weights and each row's tokens, so runs on other data or
+    models never read each other's)."""
     settings = dict(settings)
     if settings.pop("shared_prefix_cache", False):
         settings["prefix_cache_dir"] = os.path.join(workdir, "prefix_cache")
+        settings["cache_reference_logps"] = True  # the frozen start model: each pair's two numbers, once
+        settings["ref_cache_dir"] = os.path.join(workdir, "ref_logps")
     return settings
 
 

@@ -18,6 +18,7 @@ def _run(hh_rows, tokenizer, tmp_path, name, **overrides):
     data = write_small_dataset(str(tmp_path / "pairs.jsonl"), hh_rows, n=16)
     out = str(tmp_path / name)
     settings = {"tiny_num_layers": 4, "max_steps": 3, "trainable_layers": 2, "save_strategy": "no", **overrides}
+    settings = {k: v for k, v in settings.items() if v is not None}  # None: the field's default
     train_in_process(base_argv(data, tok, out, **settings))
     return out
 
@@ -115,3 +116,33 @@ def test_trainable_layers_freezes_below_the_top_and_says_so(policy_and_reference
     assert not any(n.startswith(("model.layers.0.", "model.embed_tokens")) for n in trainable)
     with pytest.raises(ValueError, match="trainable_layers=3: the model has 2 blocks"):
         freeze_below_top(copy.deepcopy(policy_and_reference[0]), 3)
+
+
+def test_cached_reference_logps_equal_the_live_reference_and_are_read_by_a_later_run(hh_rows, tokenizer, tmp_path,
+                                                                                     policy_and_reference, caplog):
+    """cache_reference_logps: the run's losses equal the live reference's; a second run with the same cache folder
+    computes no reference log-prob (every pair a hit), a run at another max_length adds new pairs."""
+    from adaptdpo.models.pair_logps_cache import PairLogpsCache
+
+    shared = str(tmp_path / "ref-cache")
+    live = _run(hh_rows, tokenizer, tmp_path, "live", trainable_layers=None, max_steps=2)
+    cached = _run(hh_rows, tokenizer, tmp_path, "cached", trainable_layers=None, max_steps=2,
+                  cache_reference_logps=True, ref_cache_dir=shared)
+    for x, y in zip(train_logs(live), train_logs(cached)):
+        assert abs(x["loss"] - y["loss"]) < 1e-6
+    files = glob.glob(os.path.join(shared, "pairs-*.jsonl"))
+    lines = sum(1 for f in files for _ in open(f))
+    assert lines == 8  # 2 steps x 4 pairs
+    _run(hh_rows, tokenizer, tmp_path, "again", trainable_layers=None, max_steps=2, cache_reference_logps=True,
+         ref_cache_dir=shared)
+    assert sum(1 for f in glob.glob(os.path.join(shared, "pairs-*.jsonl")) for _ in open(f)) == 8
+    _run(hh_rows, tokenizer, tmp_path, "shorter", trainable_layers=None, max_steps=2, cache_reference_logps=True,
+         ref_cache_dir=shared, max_length=40)
+    assert sum(1 for f in glob.glob(os.path.join(shared, "pairs-*.jsonl")) for _ in open(f)) > 8
+    kept = sum(1 for f in glob.glob(os.path.join(shared, "pairs-*.jsonl")) for _ in open(f))
+    with open(files[0], "a", encoding="utf-8") as fh:
+        fh.write('{"key": "cut sh')  # a write cut short by a kill
+    with caplog.at_level(logging.WARNING, logger="adaptdpo"):
+        reread = PairLogpsCache(policy_and_reference[0], shared, "x")
+    assert len(reread.values) == kept
+    assert any("cut short" in r.getMessage() for r in caplog.records)

@@ -250,6 +250,10 @@ class AdaptiveDPOConfig(TrainingArguments):
     precompute_ref_log_probs: bool = _f(False, "Compute reference log-probs once before training, cache them "
                                         "on disk, and free the reference model.")
     ref_cache_dir: str | None = _f(None, "Where cached reference log-probs live; default <output_dir>/ref_logps.")
+    cache_reference_logps: bool = _f(False, "Compute each pair's reference log-probs once and keep them in "
+                                     "ref_cache_dir, keyed by the reference's weights, the pair's tokens, the layout, "
+                                     "ld_alpha and the compute dtype: later epochs, methods, seeds and runs read them "
+                                     "(a live reference; not with sync_ref_model).")
     # ---- partial fine-tuning: the top blocks over a cache of the frozen ones (docs/performance.md)
     trainable_layers: int | None = _f(None, "Train only the top K transformer blocks (and the final norm; an untied "
                                       "LM head too): the embeddings, the blocks below and a tied head stay frozen. "
@@ -325,6 +329,8 @@ class AdaptiveDPOConfig(TrainingArguments):
         elif self.bf16 and (self.use_cpu or not torch.cuda.is_available()) and not cpu_has_native_bf16():
             logger.warning("bf16=true on a CPU without native bf16 (no avx512_bf16 or AMX): bf16 autocast is "
                            "emulated there and slower than float32")
+        if self.bf16 and not self.use_cpu and not torch.cuda.is_available():
+            self.use_cpu = True  # bf16 autocast on the CPU: transformers asks for use_cpu there
         self._apply_trl_dataset_names()
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
             self.activation_checkpointing = True  # TRL's DPO default (gradient_checkpointing=True)

@@ -38,6 +38,7 @@ from adaptdpo.methods.step_policy import PairView, StepPlan, StepPolicy
 from adaptdpo.models.attention_masks import supports_shared_prompt
 from adaptdpo.models.lm_head import chunkable_head
 from adaptdpo.models.loading import disable_dropout
+from adaptdpo.models.pair_logps_cache import PairLogpsCache
 from adaptdpo.models.partial import freeze_below_top
 from adaptdpo.models.prefix_cache import PrefixCache
 from adaptdpo.models.sequence_logps import SequenceLogps, branch_pooling_masks, sequence_logps
@@ -181,6 +182,17 @@ class AdaptiveDPOTrainer(Trainer):
                              "policy), set precompute_ref_log_probs, or train a PEFT adapter")
         if self.partial_training is not None and args.prefix_cache:
             self._attach_prefix_caches(model)
+        self._ref_logps_cache: PairLogpsCache | None = None
+        if args.cache_reference_logps and not args.precompute_ref_log_probs:
+            if args.sync_ref_model:
+                raise ValueError("cache_reference_logps with sync_ref_model (TR-DPO): the reference moves, its "
+                                 "log-probs cannot be kept")
+            reference = self.ref_model if self.ref_model is not None else self.model
+            dtype = "bf16" if args.bf16 else "fp16" if args.fp16 else str(next(reference.parameters()).dtype)
+            with self._reference_context():
+                self._ref_logps_cache = PairLogpsCache(
+                    reference, args.ref_cache_dir or os.path.join(args.output_dir, "ref_logps"),
+                    f"peft_base={self.peft_reference} ld_alpha={args.ld_alpha} dtype={dtype}")
         if args.sync_ref_model:
             if self.ref_model is None:
                 raise ValueError("sync_ref_model (TR-DPO) needs a separate reference model: not with a PEFT adapter's "
@@ -268,11 +280,17 @@ class AdaptiveDPOTrainer(Trainer):
         base) and the reference forward's outputs (None for precomputed values)."""
         if "ref_chosen_logps" in batch:
             return batch["ref_chosen_logps"], batch["ref_rejected_logps"], None
+        cache = None if output_hidden_states else self._ref_logps_cache
+        if cache is not None and (hit := cache.get(batch)) is not None:
+            return *hit, None
         model = self.ref_model if self.ref_model is not None else self.model
         with self._reference_context(), self.compute_loss_context_manager():
             out = self._logps(model, batch, output_hidden_states=output_hidden_states, ld_alpha=self.args.ld_alpha,
-                                 head_chunk=self.head_chunk)
-        return *out.split(), out.outputs
+                              head_chunk=self.head_chunk)
+        chosen, rejected = out.split()
+        if cache is not None:
+            cache.put(batch, chosen, rejected)
+        return chosen, rejected, out.outputs
 
     def _reference_fingerprint(self, reference: torch.nn.Module, dataset: Any) -> str:
         h = hashlib.sha256()
