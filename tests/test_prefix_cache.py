@@ -146,3 +146,27 @@ def test_cached_reference_logps_equal_the_live_reference_and_are_read_by_a_later
         reread = PairLogpsCache(policy_and_reference[0], shared, "x")
     assert len(reread.values) == kept
     assert any("cut short" in r.getMessage() for r in caplog.records)
+
+
+def test_lora_on_the_top_blocks_adapts_only_those(policy_and_reference):
+    """trainable_layers with LoRA: peft's layers_to_transform holds the top K blocks; adapters only there."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from adaptdpo.models.partial import lora_on_top
+
+    base = copy.deepcopy(policy_and_reference[0])
+    config = lora_on_top(LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), base, 1)
+    assert config.layers_to_transform == [1] and config.layers_pattern == "layers"
+    adapted = {n.split(".lora_")[0] for n, _ in get_peft_model(base, config).named_parameters() if "lora_" in n}
+    assert adapted and all(".layers.1." in n for n in adapted)
+
+
+def test_the_model_card_says_which_blocks_were_trained(tmp_path):
+    from adaptdpo.training.config import AdaptiveDPOConfig
+    from adaptdpo.training.model_card import model_card
+
+    card = model_card(AdaptiveDPOConfig(output_dir=str(tmp_path), use_cpu=True, trainable_layers=4,
+                                        model_name_or_path="smollm2-135m-instruct"))
+    assert "| `trainable_layers` | 4 (only the top 4 blocks" in card

@@ -11,7 +11,9 @@ nothing); an untied head trains, a tied one cannot without moving the embeddings
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -92,3 +94,16 @@ def freeze_below_top(model: torch.nn.Module, trainable_layers: int) -> PartialTr
     trainable = sum(p.numel() for p in base.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in base.parameters() if not p.requires_grad)
     return PartialTraining(n, trainable_layers, path, trainable, frozen, tied)
+
+
+def lora_on_top(lora_config: Any, model: torch.nn.Module, trainable_layers: int) -> Any:
+    """A copy of a ``peft.LoraConfig`` that adapts only the top ``trainable_layers`` blocks (peft's
+    ``layers_to_transform`` and ``layers_pattern``); everything else of it unchanged."""
+    path, blocks = decoder_blocks(model)
+    n = len(blocks)
+    if not 1 <= trainable_layers <= n:
+        raise ValueError(f"trainable_layers={trainable_layers}: the model has {n} blocks; choose 1 to {n}")
+    config = copy.copy(lora_config)
+    config.layers_to_transform = list(range(n - trainable_layers, n))
+    config.layers_pattern = path.rsplit(".", 1)[-1]
+    return config

@@ -17,6 +17,7 @@ from adaptdpo.data.pair_scores import read_pair_scores
 from adaptdpo.data.tokenize import tokenize_dataset
 from adaptdpo.methods.pair_selection import make_policy, select_pairs
 from adaptdpo.models.loading import check_half_precision_updates, load_pretrained, load_tokenizer
+from adaptdpo.models.partial import lora_on_top
 from adaptdpo.models.tiny import TINY_PRESETS, build_tiny_model, text_fingerprint, tiny_model_config, train_tokenizer
 from adaptdpo.training.checkpointing import (
     atomic_torch_save,
@@ -137,7 +138,10 @@ def build_models(config: AdaptiveDPOConfig, train_rows: list[dict[str, Any]]) ->
 def apply_lora(config: AdaptiveDPOConfig, policy: Any) -> Any:
     from peft import get_peft_model
 
-    return get_peft_model(policy, config.lora_config())
+    lora = config.lora_config()
+    if config.trainable_layers is not None:  # LoRA on the top K blocks only
+        lora = lora_on_top(lora, policy, config.trainable_layers)
+    return get_peft_model(policy, lora)
 
 
 class ConfigChangedError(ValueError):

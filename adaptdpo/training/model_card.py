@@ -60,6 +60,10 @@ def _settings(config: Any) -> list[tuple[str, Any]]:
                                                 "max_length", "seed")]
     if config.use_peft:
         rows += [(k, getattr(config, k)) for k in ("lora_r", "lora_alpha")]
+    if getattr(config, "trainable_layers", None) is not None:
+        rows.append(("trainable_layers", f"{config.trainable_layers} (only the top {config.trainable_layers} blocks "
+                     "and the final norm were trained; the embeddings, the blocks below and a tied LM head are the "
+                     "base model's)"))
     return rows
 
 

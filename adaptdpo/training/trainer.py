@@ -39,7 +39,7 @@ from adaptdpo.models.attention_masks import supports_shared_prompt
 from adaptdpo.models.lm_head import chunkable_head
 from adaptdpo.models.loading import disable_dropout
 from adaptdpo.models.pair_logps_cache import PairLogpsCache
-from adaptdpo.models.partial import freeze_below_top
+from adaptdpo.models.partial import freeze_below_top, lora_on_top
 from adaptdpo.models.prefix_cache import PrefixCache
 from adaptdpo.models.sequence_logps import SequenceLogps, branch_pooling_masks, sequence_logps
 from adaptdpo.models.sources import load_encoder_backbone
@@ -98,6 +98,8 @@ class AdaptiveDPOTrainer(Trainer):
                       and not args.precompute_ref_log_probs and args.sams_pretrain == "none")
         if needs_copy:
             ref_model = frozen_copy(model)
+        if peft_config is not None and args.trainable_layers is not None:  # LoRA on the top K blocks only
+            peft_config = lora_on_top(peft_config, model, args.trainable_layers)
         model = apply_peft(model, peft_config)
         self.partial_training = None
         if args.trainable_layers is not None and not _is_peft_model(model):
