@@ -23,10 +23,9 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import mean_std
+from common import HH, mean_std
 
 from adaptdpo.data.rows import load_preference_rows
-from adaptdpo.tasks.demo import default_data_path
 from adaptdpo.training.config import parse_config
 from adaptdpo.training.job import run_training
 
@@ -55,7 +54,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     ns = parser.parse_args()
     logging.disable(logging.WARNING)
-    rows, _ = load_preference_rows(default_data_path(), skip_invalid=True)
+    rows, _ = load_preference_rows(HH, skip_invalid=True)
     train, held = rows[:1800], rows[-400:]
     results: dict[tuple[str, float], list[dict]] = {}
     with tempfile.TemporaryDirectory() as work:

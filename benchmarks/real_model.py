@@ -40,7 +40,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ResultCache, mean_std
+from common import HH, ResultCache, mean_std
 
 from adaptdpo.tasks.experiment import train_and_evaluate
 from adaptdpo.tasks.sentiment.task import SentimentSpec, build_sentiment_task
@@ -182,9 +182,8 @@ def run_sentiment(profile: dict[str, Any], task_overrides: dict, train_overrides
 def hh_files(profile: dict[str, Any], flip_rate: float, seed: int, folder: str) -> tuple[str, str, set[int]]:
     """(training file with ``flip_rate`` of its labels swapped, recorded in ``flipped``; held-out file; flipped ids)."""
     from adaptdpo.data.rows import load_preference_rows
-    from adaptdpo.tasks.demo import default_data_path
 
-    rows, _ = load_preference_rows(default_data_path(), skip_invalid=True)
+    rows, _ = load_preference_rows(HH, skip_invalid=True)
     n_train, n_eval = profile["hh"]["train_rows"], profile["hh"]["eval_rows"]
     train, held = rows[:n_train], rows[-n_eval:]
     os.makedirs(folder, exist_ok=True)

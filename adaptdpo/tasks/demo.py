@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import time
-from importlib import resources
 from typing import Any
 
 from adaptdpo.tasks.experiment import METHODS, train_and_evaluate
@@ -26,19 +25,6 @@ from adaptdpo.tasks.toy.task import TaskSpec, build_task
 from adaptdpo.training.plots import plot_comparison
 
 logger = logging.getLogger(__name__)
-
-
-def default_data_path() -> str:
-    """The shipped HH file: in the source tree (editable install) or next to the installed package."""
-    candidates = [
-        os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "hh-rlhf",
-                     "harmless-base-test.jsonl.gz"),
-        str(resources.files("adaptdpo") / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"),
-    ]
-    for path in candidates:
-        if os.path.exists(path):
-            return path
-    raise FileNotFoundError("the shipped HH data is missing; looked in " + ", ".join(candidates))
 
 
 COLUMNS = [("gold/accuracy", "held-out accuracy (gold)"), ("gold/win_rate", "win rate vs reference"),
