@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import HH, mean_std
 
 from adaptdpo.data.rows import load_preference_rows
-from adaptdpo.training.config import parse_config
+from adaptdpo.training.config_io import parse_config
 from adaptdpo.training.job import run_training
 
 METHODS = {"dpo": {"method": "dpo"}, "beta_dpo": {"method": "beta_dpo"},

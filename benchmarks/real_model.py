@@ -208,7 +208,7 @@ def hh_files(profile: dict[str, Any], flip_rate: float, seed: int, folder: str) 
 def run_hh(profile: dict[str, Any], flip_rate: float, train_overrides: dict, seed: int, workdir: str) -> dict:
     from adaptdpo.evaluation.metrics import selection_of_flipped_pairs
     from adaptdpo.tasks.sentiment.task import SENTIMENT_TRAIN_DEFAULTS
-    from adaptdpo.training.config import parse_config
+    from adaptdpo.training.config_io import parse_config
     from adaptdpo.training.job import run_training
 
     train_path, eval_path, flipped = hh_files(profile, flip_rate, seed, os.path.join(workdir, "hh-data"))

@@ -11,7 +11,7 @@ import sys
 import torch
 from transformers import TrainerCallback
 
-from adaptdpo.training.config import parse_config
+from adaptdpo.training.config_io import parse_config
 from adaptdpo.training.job import run_training
 
 

@@ -35,7 +35,7 @@ def base_argv(data_file: str, tokenizer_dir: str, output_dir: str, **overrides: 
 
 
 def train_in_process(argv: list[str]) -> dict:
-    from adaptdpo.training.config import parse_config
+    from adaptdpo.training.config_io import parse_config
     from adaptdpo.training.job import run_training
 
     return run_training(parse_config(argv))

@@ -9,7 +9,7 @@ import sys
 
 from transformers import TrainerCallback
 
-from adaptdpo.training.config import parse_config
+from adaptdpo.training.config_io import parse_config
 from adaptdpo.training.job import run_training
 
 

@@ -315,7 +315,7 @@ def test_selective_dpo_trains_the_easiest_half_easy_to_hard(audited, hand_built,
 
 
 def test_pair_scores_must_come_from_the_same_file(audited, hand_built, tmp_path):
-    from adaptdpo.training.config import parse_config
+    from adaptdpo.training.config_io import parse_config
     from adaptdpo.training.job import run_training
 
     _, reference, rows = hand_built

@@ -5,7 +5,7 @@ import sys
 import pytest
 import yaml
 
-from adaptdpo.training.config import config_reference_markdown, parse_config
+from adaptdpo.training.config_io import config_reference_markdown, parse_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,7 +9,7 @@ from helpers import base_argv, train_in_process, train_logs, write_small_dataset
 
 from adaptdpo.data.readers import DataValidationError
 from adaptdpo.data.sources import fraction_counts, load_mixture_rows, streamed_mixture
-from adaptdpo.training.config import parse_config
+from adaptdpo.training.config_io import parse_config
 
 
 def write_rows(path, rows, extra: bool = False):

@@ -12,7 +12,8 @@ import pytest
 import torch
 from helpers import base_argv, final_params, run_cli, train_in_process, train_logs, write_small_dataset
 
-from adaptdpo.training.config import AdaptiveDPOConfig, ConfigError, parse_config
+from adaptdpo.training.config import AdaptiveDPOConfig
+from adaptdpo.training.config_io import ConfigError, parse_config
 from adaptdpo.training.trainer import AdaptiveDPOTrainer
 
 

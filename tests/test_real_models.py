@@ -150,7 +150,7 @@ def test_two_lora_dpo_steps_change_the_adapter_and_keep_the_base(hh_file, tmp_pa
             "--plots", "false", "--disable_tqdm", "true", "--report_to", "none"]
     from transformers import TrainerCallback
 
-    from adaptdpo.training.config import parse_config
+    from adaptdpo.training.config_io import parse_config
     from adaptdpo.training.job import run_training
 
     trained = {}

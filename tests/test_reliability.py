@@ -23,7 +23,7 @@ from adaptdpo.data.readers import DataValidationError
 from adaptdpo.data.rows import load_preference_rows
 from adaptdpo.data.tokenize import tokenize_rows
 from adaptdpo.training.checkpointing import atomic_write_text, usable_checkpoint, verify_checkpoint
-from adaptdpo.training.config import parse_config
+from adaptdpo.training.config_io import parse_config
 from adaptdpo.training.job import ConfigChangedError
 from adaptdpo.training.run_dir import read_metrics
 from adaptdpo.training.run_lock import RunDirectoryInUse, RunLock
@@ -170,7 +170,7 @@ def test_resuming_with_a_changed_config_is_refused_then_recorded_when_accepted(s
 def test_configs_recorded_by_older_versions_resume_unchanged():
     """A run recorded before a field existed resumes when the field is at its default; a single loss name equals
     a one-element loss_type list; a real change is still named."""
-    from adaptdpo.training.config import config_defaults
+    from adaptdpo.training.config_io import config_defaults
     from adaptdpo.training.run_dir import config_changes
 
     defaults = config_defaults()

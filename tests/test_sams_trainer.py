@@ -178,7 +178,7 @@ def test_scheduler_pretraining_then_dpo_warm_start(hh_rows, tokenizer, tmp_path)
 
     from adaptdpo.cli import main
     from adaptdpo.methods.registry import build_step_policy
-    from adaptdpo.training.config import parse_config
+    from adaptdpo.training.config_io import parse_config
 
     tokenizer.save_pretrained(str(tmp_path / "tok"))
     data = write_small_dataset(str(tmp_path / "pairs.jsonl"), hh_rows, n=24)

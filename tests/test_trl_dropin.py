@@ -183,7 +183,7 @@ def test_trl_dpo_command_and_adaptdpo_train_with_the_same_flags(model_dir, rows,
 
 
 def test_trl_cli_names_in_the_config(tmp_path):
-    from adaptdpo.training.config import ConfigError, parse_config
+    from adaptdpo.training.config_io import ConfigError, parse_config
 
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("model_name_or_path: tiny-llama\nbeta: 0.3\n", encoding="utf-8")
@@ -202,7 +202,7 @@ def test_trl_cli_names_in_the_config(tmp_path):
 
 
 def test_train_needs_a_model(tmp_path):
-    from adaptdpo.training.config import parse_config
+    from adaptdpo.training.config_io import parse_config
     from adaptdpo.training.job import run_training
 
     with pytest.raises(ValueError, match="model_name_or_path is required"):
@@ -339,7 +339,7 @@ def test_model_init_kwargs_reach_from_pretrained(model_dir, tmp_path):
     from datasets import Dataset
 
     from adaptdpo import DPOConfig, DPOTrainer
-    from adaptdpo.training.config import parse_config
+    from adaptdpo.training.config_io import parse_config
 
     args = DPOConfig(output_dir=str(tmp_path / "o"), report_to="none", use_cpu=True,
                      model_init_kwargs={"attn_implementation": "eager"})

@@ -116,7 +116,7 @@ def test_loss_lists_with_weights_match_trl(setup, loss_types, weights, tmp_path)
 
 
 def test_loss_list_from_the_command_line_and_yaml(tmp_path):
-    from adaptdpo.training.config import parse_config
+    from adaptdpo.training.config_io import parse_config
 
     config = parse_config(["--loss_type", "sigmoid", "sft", "--loss_weights", "1.0", "0.5"])
     assert config.loss_type == ["sigmoid", "sft"] and config.loss_weights == [1.0, 0.5]

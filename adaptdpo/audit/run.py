@@ -41,7 +41,8 @@ from adaptdpo.evaluation.metrics import pair_completion_logps
 from adaptdpo.models.loading import load_pretrained, load_tokenizer
 from adaptdpo.models.tiny import TINY_PRESETS
 from adaptdpo.training.checkpointing import atomic_torch_save, atomic_write_json, atomic_write_text
-from adaptdpo.training.config import AdaptiveDPOConfig, parse_config
+from adaptdpo.training.config import AdaptiveDPOConfig
+from adaptdpo.training.config_io import parse_config
 from adaptdpo.training.job import run_training
 from adaptdpo.training.prepared_data import PreparedData, apply_chat_format
 from adaptdpo.training.run_dir import PAIR_TRACE_FILE, final_model_path, read_config

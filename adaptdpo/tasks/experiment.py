@@ -13,7 +13,7 @@ from typing import Any
 from adaptdpo.evaluation.metrics import gold_generation_metrics, preference_accuracy, selection_of_flipped_pairs
 from adaptdpo.models.loading import load_tokenizer
 from adaptdpo.tasks.base import TaskFolder
-from adaptdpo.training.config import parse_config
+from adaptdpo.training.config_io import parse_config
 from adaptdpo.training.job import run_training
 from adaptdpo.training.run_dir import final_model_path
 

@@ -28,7 +28,8 @@ from adaptdpo.training.checkpointing import (
     usable_checkpoint,
     verify_checkpoint,
 )
-from adaptdpo.training.config import AdaptiveDPOConfig, config_defaults
+from adaptdpo.training.config import AdaptiveDPOConfig
+from adaptdpo.training.config_io import config_defaults
 from adaptdpo.training.inputs import streamed_dataset
 from adaptdpo.training.model_card import write_model_card
 from adaptdpo.training.plots import plot_run
