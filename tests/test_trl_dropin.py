@@ -377,3 +377,70 @@ def test_a_streamed_iterable_dataset_trains_like_trl(model_dir, tmp_path):
     trainer = DPOTrainer(model=model_dir, args=args, train_dataset=Dataset.from_list(rows).to_iterable_dataset())
     with pytest.raises(DataValidationError, match=r"train_dataset.*row 11.*rejected"):
         trainer.train()
+
+
+# ------------------------------------------------------------------------------------------------ evaluation habits
+
+TIMING = ("runtime", "samples_per_second", "steps_per_second")
+
+
+def evaluated(trainer_cls, config_cls, model_dir, out, **extra):
+    """One training step, then evaluate() on two named eval sets (6 and 2 pairs, eval batches of 4) with a
+    compute_metrics that keeps what it was handed: (evaluate()'s dict, the eval log records, the EvalPredictions)."""
+    from datasets import Dataset
+
+    seen = []
+
+    def compute_metrics(prediction):
+        seen.append((prediction.predictions, prediction.label_ids))
+        return {"mean_logit": float(prediction.predictions[prediction.predictions != -100].mean())}
+
+    args = config_cls(output_dir=out, per_device_train_batch_size=8, per_device_eval_batch_size=4, max_steps=1,
+                      learning_rate=1e-3, logging_steps=1, report_to="none", use_cpu=True, bf16=False,
+                      gradient_checkpointing=False, seed=0, save_strategy="no", **extra)
+    trainer = trainer_cls(model=model_dir, args=args, train_dataset=Dataset.from_list(STANDARD),
+                          eval_dataset={"a": Dataset.from_list(STANDARD[:6]), "b": Dataset.from_list(STANDARD[6:])},
+                          compute_metrics=compute_metrics)
+    trainer.train()
+    metrics = trainer.evaluate()
+    records = [r for r in trainer.state.log_history if any(k.startswith("eval") for k in r)]
+    return metrics, records, seen
+
+
+@pytest.fixture(scope="module")
+def trl_evaluation(model_dir, tmp_path_factory):
+    from trl import DPOConfig as TRLConfig
+    from trl import DPOTrainer as TRLTrainer
+
+    return evaluated(TRLTrainer, TRLConfig, model_dir, str(tmp_path_factory.mktemp("trl-eval")))
+
+
+@pytest.mark.parametrize("layout", [{}, {"shared_prompt": "off"}, {"padding_free": True}],
+                         ids=["shared-prompt", "stacked", "padding-free"])
+def test_compute_metrics_and_eval_metric_names_are_trls(model_dir, trl_evaluation, layout, tmp_path):
+    """compute_metrics gets what TRL 1.16's evaluation hands it (the logits of the stacked [chosen; rejected] rows and
+    their input_ids as labels, whatever our layout), and every eval metric TRL logs, eval_num_tokens included, has
+    TRL's name and value; with named eval sets we add eval_<name>_<metric> beside TRL's eval_<metric>. Found by
+    trying TRL scripts with only the import changed (issue 28): compute_metrics was never called."""
+    import numpy as np
+
+    from adaptdpo import DPOConfig, DPOTrainer
+
+    theirs = trl_evaluation
+    ours = evaluated(DPOTrainer, DPOConfig, model_dir, str(tmp_path / "ours"), **layout)
+    assert len(ours[2]) == len(theirs[2]) == 2  # called once per eval set
+    for (our_logits, our_labels), (trl_logits, trl_labels) in zip(ours[2], theirs[2], strict=True):
+        assert our_logits.shape == trl_logits.shape and np.array_equal(our_labels, trl_labels)
+        np.testing.assert_allclose(our_logits, trl_logits, atol=1e-4, rtol=1e-4)
+    assert len(ours[1]) == len(theirs[1]) == 2
+    for our_record, trl_record in zip(ours[1], theirs[1], strict=True):
+        for key, value in trl_record.items():
+            if not key.endswith(TIMING):
+                assert our_record[key] == pytest.approx(value, abs=1e-4, rel=1e-4), key
+        name = "a" if "eval_a_loss" in our_record else "b"
+        for key in ("rewards/margins", "logps/chosen", "num_tokens"):  # ours too, per set
+            assert our_record[f"eval_{name}_{key}"] == our_record[f"eval_{key}"]
+    for key, value in theirs[0].items():  # evaluate()'s dict: TRL's keys (eval_<metric> is the last set's, as TRL)
+        if not key.endswith(TIMING):
+            assert ours[0][key] == pytest.approx(value, abs=1e-4, rel=1e-4), key
+    assert ours[0]["eval_num_tokens"] == theirs[0]["eval_num_tokens"] > 0

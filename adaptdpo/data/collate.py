@@ -29,6 +29,31 @@ def pairs_in_batch(batch: dict[str, Any]) -> int:
     return rows if "segment_ids" in batch else rows // 2
 
 
+def stacked_rows(batch: dict[str, Any], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict[str, Tensor]:
+    """TRL's stacked rows of a collated batch in any layout: ``input_ids`` and ``attention_mask`` of [prompt + chosen]
+    for every pair, then [prompt + rejected] for every pair, right-padded with ``pad_token_id`` (what TRL 1.16's
+    collator builds; a stacked batch is returned as it is). A packed or padding-free batch is unpacked from its
+    ``segment_ids`` (and ``document_ids``)."""
+    if "segment_ids" not in batch:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    ids, segments = batch["input_ids"], batch["segment_ids"]
+    if "document_ids" in batch:  # padding-free: one row, the pairs one after the other
+        documents = batch["document_ids"][0]
+        pairs = range(int(batch["pair_starts"].shape[0]))
+        parts = [(ids[0][documents == j], segments[0][documents == j]) for j in pairs]
+    else:
+        parts = list(zip(ids, segments, strict=True))
+    chosen, rejected = [], []
+    for row, seg in parts:
+        prompt = row[seg == 1].tolist()
+        chosen.append(prompt + row[seg == 2].tolist())
+        rejected.append(prompt + row[seg == 3].tolist())
+    seqs = chosen + rejected
+    device = ids.device
+    return {"input_ids": _pad(seqs, pad_token_id, pad_to_multiple_of).to(device),
+            "attention_mask": _pad([[1] * len(s) for s in seqs], 0, pad_to_multiple_of).to(device)}
+
+
 def batch_to(batch: dict[str, Any], device: Any) -> dict[str, Any]:
     """Move a collated batch's tensors to ``device`` (its ``logits_to_keep`` is a plain int and stays)."""
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from transformers import Trainer
 
-from adaptdpo.data.collate import PreferenceCollator, batch_to, pairs_in_batch
+from adaptdpo.data.collate import PreferenceCollator, batch_to, pairs_in_batch, stacked_rows
 from adaptdpo.methods.losses import BATCH_COUPLED_LOSSES, combined_preference_loss
 from adaptdpo.methods.registry import build_step_policy, method_spec
 from adaptdpo.methods.sams.contexts import layer_contexts
@@ -616,7 +616,9 @@ class AdaptiveDPOTrainer(Trainer):
             if self.accelerator.num_processes > 1:
                 tokens = self.accelerator.gather(tokens)
             self._tokens_this_run = tokens.sum() + (0 if self._tokens_this_run is None else self._tokens_this_run)
-            m["num_tokens"] = [self._tokens_this_run + self.run_totals.get("num_tokens", 0.0)]
+        # as TRL, evaluation logs it too (eval_num_tokens): the training tokens so far
+        this_run = 0.0 if self._tokens_this_run is None else self._tokens_this_run
+        m["num_tokens"] = [this_run + self.run_totals.get("num_tokens", 0.0)]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
@@ -625,9 +627,12 @@ class AdaptiveDPOTrainer(Trainer):
             if values:
                 values = [v if isinstance(v, Tensor) else torch.tensor(float(v)) for v in values]
                 averaged[key] = torch.stack([v.detach().float().cpu() for v in values]).mean().item()
-        if mode == "eval":  # the evaluation's own prefix: eval_ or, for a named eval set, eval_<name>_
+        if mode == "eval":  # TRL's names (eval_<metric>) and, for a named eval set, also eval_<name>_<metric>
             prefix = next((k[: -len("loss")] for k in logs if k.startswith("eval") and k.endswith("_loss")), "eval_")
-            averaged = {f"{prefix}{key}": value for key, value in averaged.items()}
+            named = {f"eval_{key}": value for key, value in averaged.items()}
+            if prefix != "eval_":
+                named.update({f"{prefix}{key}": value for key, value in averaged.items()})
+            averaged = named
         logs.update(averaged)  # in place: evaluate() returns this same dict
         if "train_loss" in logs:  # the final log: the mean over every step of the run, across resumes
             steps_now = self.state.global_step - getattr(self, "_initial_global_step", 0)
@@ -710,11 +715,21 @@ class AdaptiveDPOTrainer(Trainer):
             return super().training_step(*args, **kwargs)
 
     def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
-                        ignore_keys: list[str] | None = None) -> tuple[Tensor, None, None]:
+                        ignore_keys: list[str] | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """TRL 1.16's: the loss and, unless ``prediction_loss_only`` (transformers sets it when there is no
+        ``compute_metrics``), the model's logits over TRL's stacked rows (every pair's [prompt + chosen], then every
+        pair's [prompt + rejected], right-padded) and those rows' ``input_ids`` as labels, from a second forward as
+        in TRL. In every layout: a packed or padding-free batch is unpacked to the stacked rows first."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            if prediction_loss_only:
+                return loss.detach(), None, None
+            pad = getattr(self.processing_class, "pad_token_id", None)
+            pad = getattr(self.data_collator, "pad_token_id", pad if pad is not None else 0)
+            rows = stacked_rows(inputs, pad, getattr(self.data_collator, "pad_to_multiple_of", None))
+            logits = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"], use_cache=False).logits
+        return loss.detach(), logits, rows["input_ids"]
 
     # ------------------------------------------------------------------------------------ checkpoints
 
