@@ -35,13 +35,14 @@ def model_dir(tokenizer, tmp_path_factory):
     return str(folder)
 
 
-def quickstart(module_trainer, module_config, model_dir: str, rows: list[dict], out: str, **extra) -> dict:
+def quickstart(module_trainer, module_config, model_dir: str, rows: list[dict], out: str,
+               args_extra: dict | None = None, **extra) -> dict:
     """TRL's quickstart (model by name, raw Dataset, no ref_model, no tokenizer) for one step over all rows."""
     from datasets import Dataset
 
     args = module_config(output_dir=out, per_device_train_batch_size=len(rows), max_steps=1, learning_rate=1e-3,
                          logging_steps=1, report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False,
-                         seed=0, save_strategy="no")
+                         seed=0, save_strategy="no", **(args_extra or {}))
     trainer = module_trainer(model=model_dir, args=args, train_dataset=Dataset.from_list(rows), **extra)
     trainer.train()
     return next(r for r in trainer.state.log_history if "loss" in r)
@@ -444,3 +445,59 @@ def test_compute_metrics_and_eval_metric_names_are_trls(model_dir, trl_evaluatio
         if not key.endswith(TIMING):
             assert ours[0][key] == pytest.approx(value, abs=1e-4, rel=1e-4), key
     assert ours[0]["eval_num_tokens"] == theirs[0]["eval_num_tokens"] > 0
+
+
+LONG_PROMPT = {"prompt": "Question 8: what is 8 plus 8, and why, and how would you show it to a child, step by step?",
+               "chosen": " It is 16.", "rejected": " Maybe 15."}
+
+
+@pytest.mark.parametrize("mode", [None, "keep_end"], ids=["default-keep_start", "keep_end"])
+def test_truncation_modes_are_trls(model_dir, mode, tmp_path, caplog):
+    """max_length 20 on the quickstart (prompts of 17 tokens, completions of 6-14) and one pair whose prompt alone
+    is longer: the first step equals TRL's with TRL's default (keep_start: completions cut to 3 tokens, the long pair
+    dropped: with a warning here, silently in TRL) and with keep_end (every row keeps its last 20 tokens: the long
+    pair is kept, its rows lose different parts of the prompt). Found by trying TRL scripts (issue 28): with
+    truncation, logps/chosen and num_tokens differed from TRL's."""
+    import logging
+
+    from trl import DPOConfig as TRLConfig
+    from trl import DPOTrainer as TRLTrainer
+
+    from adaptdpo import DPOConfig, DPOTrainer
+
+    rows = [*STANDARD, LONG_PROMPT]
+    settings = {"max_length": 20, **({"truncation_mode": mode} if mode else {})}
+    theirs = quickstart(TRLTrainer, TRLConfig, model_dir, rows, str(tmp_path / "trl"), settings)
+    with caplog.at_level(logging.WARNING, logger="adaptdpo"):
+        ours = quickstart(DPOTrainer, DPOConfig, model_dir, rows, str(tmp_path / "ours"), settings)
+    for key in COMPARED:
+        assert ours[key] == pytest.approx(theirs[key], abs=1e-4), key
+    expected_tokens = 8 * 2 * 20 if mode is None else 9 * 2 * 20  # every row cut to 20 tokens
+    assert ours["num_tokens"] == expected_tokens
+    assert ("1 pair(s) dropped: the prompt alone fills max_length=20" in caplog.text) == (mode is None)
+    assert from_trl_config_mode(mode) == (mode or "keep_start")
+
+
+def from_trl_config_mode(mode):
+    from trl import DPOConfig as TRLConfig
+
+    from adaptdpo import from_trl_config
+
+    extra = {"truncation_mode": mode} if mode else {}
+    return from_trl_config(TRLConfig(output_dir="unused", report_to="none", use_cpu=True, **extra)).truncation_mode
+
+
+def test_our_truncation_rule_is_an_explicit_opt_in(tmp_path):
+    """keep_prompt_end (the prompt keeps its end, no pair dropped) is chosen by truncation_mode or by setting
+    max_prompt_length, which has no meaning under TRL's modes: set with one of them, it is an error, not ignored."""
+    from adaptdpo import DPOConfig
+    from adaptdpo.training.config import parse_config
+
+    out = str(tmp_path / "o")
+    assert DPOConfig(output_dir=out).truncation_mode == "keep_start"
+    assert DPOConfig(output_dir=out, max_prompt_length=8).truncation_mode == "keep_prompt_end"
+    assert parse_config(["--truncation_mode", "keep_end"]).truncation_mode == "keep_end"
+    with pytest.raises(ValueError, match="max_prompt_length=8 applies to truncation_mode keep_prompt_end only"):
+        DPOConfig(output_dir=out, max_prompt_length=8, truncation_mode="keep_start")
+    with pytest.raises(ValueError, match="invalid choice: 'keep_middle'"):
+        parse_config(["--truncation_mode", "keep_middle"])

@@ -251,3 +251,28 @@ def test_wpo_and_ld_dpo_match_trl(setup, settings, layout, tmp_path, hh_rows):
         assert ours_metrics[key] == pytest.approx(trl_metrics[key], abs=1e-4, rel=1e-5), key
     for (name, a), (_, b) in zip(ours.model.named_parameters(), theirs.model.named_parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_label_smoothing_with_sigmoid_changes_nothing_as_in_trl_and_is_warned(setup, tmp_path, caplog):
+    """TRL 1.16's sigmoid ignores label_smoothing (before TRL 1.0 it made it cDPO): the same loss with 0.1 as with 0,
+    there and here; here a warning says so (TRL says nothing). Found by trying TRL scripts (issue 28)."""
+    import logging
+
+    policy, reference, batch, _, tokenizer = setup
+    plain, _ = trl_loss_and_metrics(setup, "sigmoid", 0.3, 0.0, tmp_path / "a")
+    smoothed, _ = trl_loss_and_metrics(setup, "sigmoid", 0.3, 0.1, tmp_path / "b")
+    assert smoothed.item() == plain.item()
+    with caplog.at_level(logging.WARNING, logger="adaptdpo"):
+        args = AdaptiveDPOConfig(output_dir=str(tmp_path / "ours"), beta=0.3, label_smoothing=0.1, use_cpu=True,
+                                 report_to="none")
+    assert "label_smoothing=0.1 has no effect with loss_type ['sigmoid']" in caplog.text
+    ours = AdaptiveDPOTrainer(model=copy.deepcopy(policy), args=args, ref_model=copy.deepcopy(reference),
+                              processing_class=tokenizer)
+    ours.model.train()
+    n_pairs = batch["input_ids"].shape[0] // 2
+    loss = ours.compute_loss(ours.model, dict(batch), num_items_in_batch=torch.tensor(n_pairs))
+    assert loss.item() == pytest.approx(plain.item(), abs=1e-5, rel=1e-5)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="adaptdpo"):
+        AdaptiveDPOConfig(output_dir=str(tmp_path / "r"), loss_type="robust", label_smoothing=0.1, use_cpu=True)
+    assert "has no effect" not in caplog.text

@@ -153,7 +153,8 @@ def read_audit_data(config: AdaptiveDPOConfig, tokenizer: Any) -> AuditData:
     formatted = PreparedData([dict(r) for r in rows], None, [report])
     apply_chat_format(config, formatted, tokenizer)
     examples, _ = tokenize_rows(formatted.train_rows, tokenizer, config.max_length, config.max_prompt_length,
-                                config.train_file, report if config.skip_invalid_rows else None)
+                                config.train_file, report if config.skip_invalid_rows else None,
+                                truncation_mode=config.truncation_mode)
     for e in report.skipped:
         if e.row is not None:
             problems.setdefault(int(e.row), f"{e.field}: {e.problem}")

@@ -19,8 +19,6 @@ logger = logging.getLogger("adaptdpo")
 
 #: TRL fields that change nothing in the result here (logged, then ignored)
 SPEED_ONLY = {"precompute_ref_batch_size": "reference log-probs are precomputed at per_device_eval_batch_size",
-              "truncation_mode": "pairs are truncated by adaptdpo's rule: the prompt keeps its end, completions their "
-                                 "start, and no pair is dropped (docs/data-formats.md)",
               "pad_token": "deprecated in TRL; set tokenizer.pad_token instead"}
 
 

@@ -82,6 +82,12 @@ class PreferenceCollator:
     pad_to_multiple_of: int | None = None
     shared_prompt: bool = False
     padding_free: bool = False
+    #: TRL's truncation_mode keep_end: every stacked row keeps its last this many tokens (stacked layout only)
+    keep_end_max_length: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.keep_end_max_length is not None and self.shared_prompt:
+            raise ValueError("keep_end truncation cuts each of a pair's two rows on its own: the stacked layout only")
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Tensor]:
         if self.padding_free:
@@ -93,7 +99,12 @@ class PreferenceCollator:
         # the LM head only needs the positions from the shortest prompt on (see logprobs.completion_window);
         # both padded layouts start every row with its prompt (one row holding every pair needs all positions)
         width = batch["input_ids"].shape[1]
-        first = 1 if self.padding_free else max(1, min(len(e["prompt_ids"]) for e in examples))
+        if self.padding_free:
+            first = 1
+        elif self.shared_prompt:
+            first = max(1, min(len(e["prompt_ids"]) for e in examples))
+        else:  # a keep_end row may have lost part (or all) of its prompt
+            first = max(1, int(batch["completion_mask"].int().argmax(dim=1).min()))
         batch["logits_to_keep"] = width - first + 1
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             if key in examples[0]:
@@ -107,6 +118,9 @@ class PreferenceCollator:
         seqs += [e["prompt_ids"] + e["rejected_ids"] for e in examples]
         completion = [[0] * len(e["prompt_ids"]) + [1] * len(e["chosen_ids"]) for e in examples]
         completion += [[0] * len(e["prompt_ids"]) + [1] * len(e["rejected_ids"]) for e in examples]
+        if self.keep_end_max_length is not None:  # TRL's collator: each row keeps its last max_length tokens
+            cut = slice(-self.keep_end_max_length, None)
+            seqs, completion = [s[cut] for s in seqs], [m[cut] for m in completion]
         batch: dict[str, Any] = {
             "input_ids": _pad(seqs, self.pad_token_id, self.pad_to_multiple_of),
             "attention_mask": _pad([[1] * len(s) for s in seqs], 0, self.pad_to_multiple_of),

@@ -1,8 +1,8 @@
 """Tokenising a preference dataset with ``datasets``: ``Dataset.map`` (``dataset_num_proc`` workers), cached on disk
 by content, done once by the main process while the other ranks wait and then load it.
 
-The rules are :func:`adaptdpo.data.tokenize.tokenize_pair`'s (TRL 1.16's tokenisation, our truncation). A pair that
-cannot
+The rules are :func:`adaptdpo.data.tokenize.tokenize_pair`'s (TRL 1.16's tokenisation and, by default, its truncation:
+``truncation_mode``). A pair that cannot
 be trained on (no completion tokens, or chosen and rejected identical after truncation) is an error naming the
 source, row and field, or with a ``report`` (``skip_invalid_rows``) a skipped row listed in it, exactly as
 :func:`adaptdpo.data.tokenize.tokenize_rows` does; workers return the problem instead of raising it, so the first
@@ -33,6 +33,28 @@ logger = logging.getLogger("adaptdpo")
 TOKENIZATION_VERSION = 1
 COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "pair_id", "length")
 
+#: how a pair longer than max_length is cut: TRL 1.16's two modes, and adaptdpo's own rule
+TRUNCATION_MODES = ("keep_start", "keep_end", "keep_prompt_end")
+
+
+def resolve_truncation_mode(mode: str | None, max_prompt_length: int | None = None) -> str:
+    """``truncation_mode`` with its default resolved: TRL's keep_start, or keep_prompt_end (adaptdpo's rule, the one
+    ``max_prompt_length`` belongs to) when ``max_prompt_length`` is set."""
+    if mode is None:
+        return "keep_prompt_end" if max_prompt_length is not None else "keep_start"
+    if mode not in TRUNCATION_MODES:
+        raise ValueError(f"truncation_mode={mode!r}: choose one of {', '.join(TRUNCATION_MODES)}")
+    return mode
+
+
+def keep_end_row(prompt: Sequence[int], completion: Sequence[int], max_length: int) -> tuple[list[int], list[int]]:
+    """TRL's keep_end cut of one sequence: the last ``max_length`` tokens of prompt + completion, as (the prompt's
+    part, the completion's part)."""
+    drop = max(0, len(prompt) + len(completion) - max_length)
+    if drop <= len(prompt):
+        return list(prompt[drop:]), list(completion)
+    return [], list(completion[drop - len(prompt):])
+
 
 def cache_root() -> str:
     base = os.environ.get("ADAPTDPO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "adaptdpo")
@@ -50,8 +72,9 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def rows_fingerprint(rows: list[dict[str, Any]], tokenizer: Any, max_length: int | None,
-                     max_prompt_length: int | None) -> str:
-    h = hashlib.sha256(f"v{TOKENIZATION_VERSION} {max_length} {max_prompt_length}".encode())
+                     max_prompt_length: int | None, truncation_mode: str | None = None) -> str:
+    mode = resolve_truncation_mode(truncation_mode, max_prompt_length)
+    h = hashlib.sha256(f"v{TOKENIZATION_VERSION} {max_length} {max_prompt_length} {mode}".encode())
     h.update(tokenizer_fingerprint(tokenizer).encode())
     for row in rows:
         h.update(json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode())
@@ -59,14 +82,16 @@ def rows_fingerprint(rows: list[dict[str, Any]], tokenizer: Any, max_length: int
 
 
 def _tokenize_batch(batch: dict[str, list], tokenizer: Any, max_length: int | None,
-                    max_prompt_length: int | None) -> dict[str, list]:
-    out: dict[str, list] = {name: [] for name in (*COLUMNS, "truncated", "problem_field", "problem")}
+                    max_prompt_length: int | None, truncation_mode: str | None = None) -> dict[str, list]:
+    out: dict[str, list] = {name: [] for name in (*COLUMNS, "truncated", "dropped", "problem_field", "problem")}
     for i in range(len(batch["pair_id"])):
-        pair = tokenize_pair(json.loads(batch["row"][i]), tokenizer, max_length, max_prompt_length)
-        field, problem = pair_problem(pair, max_length) or (None, None)
-        for key, value in pair_example(pair, batch["pair_id"][i]).items():
+        pair = tokenize_pair(json.loads(batch["row"][i]), tokenizer, max_length, max_prompt_length, truncation_mode)
+        found = None if pair.dropped else pair_problem(pair, max_length, truncation_mode)
+        field, problem = found or (None, None)
+        for key, value in pair_example(pair, batch["pair_id"][i], max_length, truncation_mode).items():
             out[key].append(value)
         out["truncated"].append(bool(pair.truncated))
+        out["dropped"].append(bool(pair.dropped))
         out["problem_field"].append(field)
         out["problem"].append(problem)
     return out
@@ -74,13 +99,17 @@ def _tokenize_batch(batch: dict[str, list], tokenizer: Any, max_length: int | No
 
 def tokenize_dataset(rows: list[dict[str, Any]], tokenizer: Any, max_length: int | None,
                      max_prompt_length: int | None, source: str = "<data>", report: LoadReport | None = None,
-                     num_proc: int | None = None, main_process_first: Any = None) -> tuple[Any, int]:
-    """A tokenised ``datasets.Dataset`` of ``rows`` (normalised rows with ``pair_id``) and how many were truncated."""
+                     num_proc: int | None = None, main_process_first: Any = None,
+                     truncation_mode: str | None = None) -> tuple[Any, int]:
+    """A tokenised ``datasets.Dataset`` of ``rows`` (normalised rows with ``pair_id``) and how many were truncated.
+
+    With ``truncation_mode`` keep_start, pairs whose prompt alone fills ``max_length`` are dropped (as TRL), with a
+    warning that counts them."""
     import contextlib
 
     import datasets
 
-    key = rows_fingerprint(rows, tokenizer, max_length, max_prompt_length)
+    key = rows_fingerprint(rows, tokenizer, max_length, max_prompt_length, truncation_mode)
     folder = os.path.join(cache_root(), key)
     context = main_process_first(desc=f"tokenise {source}") if main_process_first else contextlib.nullcontext()
     with context:
@@ -97,7 +126,8 @@ def tokenize_dataset(rows: list[dict[str, Any]], tokenizer: Any, max_length: int
             tokenised = raw.map(_tokenize_batch, batched=True, batch_size=256, num_proc=workers,
                                 remove_columns=raw.column_names, desc=f"tokenising {source}",
                                 fn_kwargs={"tokenizer": tokenizer, "max_length": max_length,
-                                           "max_prompt_length": max_prompt_length})
+                                           "max_prompt_length": max_prompt_length,
+                                           "truncation_mode": truncation_mode})
             tmp = f"{folder}.tmp-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             tokenised.save_to_disk(tmp)
@@ -116,9 +146,24 @@ def tokenize_dataset(rows: list[dict[str, Any]], tokenizer: Any, max_length: int
             report.rows_kept -= 1
         bad = {i for i, _, _ in problems}
         keep = [i for i in keep if i not in bad]
+    dropped = {i for i, flag in enumerate(tokenised["dropped"]) if flag}
+    if dropped:
+        warn_dropped(source, len(dropped), max_length)
+        keep = [i for i in keep if i not in dropped]
+        if not keep:
+            raise ValueError(f"{source}: no pair left: every prompt fills max_length={max_length} (truncation_mode "
+                             "keep_start drops such pairs, as TRL); raise max_length or use truncation_mode keep_end "
+                             "or keep_prompt_end")
+    if len(keep) < len(tokenised):
         tokenised = tokenised.select(keep)
     truncated = int(sum(tokenised["truncated"]))
-    return tokenised.remove_columns(["truncated", "problem_field", "problem"]), truncated
+    return tokenised.remove_columns(["truncated", "dropped", "problem_field", "problem"]), truncated
+
+
+def warn_dropped(source: str, count: int, max_length: int | None) -> None:
+    logger.warning("%s: %d pair(s) dropped: the prompt alone fills max_length=%s, so truncation_mode keep_start (TRL's "
+                   "default) leaves no completion token (TRL drops them too, silently); truncation_mode keep_end or "
+                   "keep_prompt_end keeps them", source, count, max_length)
 
 
 # --------------------------------------------------------------------------------------------- tokenising
@@ -139,18 +184,27 @@ class TokenizedPair:
     chosen_ids: list[int]
     rejected_ids: list[int]
     truncated: bool = False
+    dropped: bool = False  # keep_start: the prompt alone fills max_length (TRL drops the pair)
 
 
 def tokenize_pair(row: dict[str, Field], tokenizer: Any, max_length: int | None = None,
-                  max_prompt_length: int | None = None) -> TokenizedPair:
-    """Tokenise one normalised row the way TRL 1.16 does, then truncate.
+                  max_prompt_length: int | None = None, truncation_mode: str | None = None) -> TokenizedPair:
+    """Tokenise one normalised row the way TRL 1.16 does, then truncate as ``truncation_mode`` says.
 
     Plain text gets EOS appended to each completion; messages are rendered with the chat template (the
     prompt with the generation prompt). As in TRL, the completion starts where the tokenised prompt and
-    prompt+completion diverge. Truncation (classic DPO rule): when prompt + longer completion exceeds
-    ``max_length``, the prompt keeps its last ``max_prompt_length`` tokens (default ``max_length // 2``),
-    then completions keep their first tokens up to ``max_length``.
+    prompt+completion diverge. Truncation, when prompt + a completion exceeds ``max_length``:
+
+    - ``keep_start`` (TRL's default): each sequence keeps its first ``max_length`` tokens, so the prompt stays whole
+      and the completions keep their start; a pair whose prompt alone fills ``max_length`` is marked ``dropped``;
+    - ``keep_end`` (TRL): each sequence keeps its last ``max_length`` tokens. Its two sequences may keep different
+      parts of the prompt, which one prompt cannot hold: the ids stay whole here and the collator cuts each stacked
+      row (``PreferenceCollator(keep_end_max_length=...)``), as TRL's collator does;
+    - ``keep_prompt_end`` (adaptdpo's rule, the default when ``max_prompt_length`` is given): the prompt keeps its
+      last ``max_prompt_length`` tokens (default ``max_length // 2``), then the completions their first tokens up to
+      ``max_length``; no pair is dropped.
     """
+    mode = resolve_truncation_mode(truncation_mode, max_prompt_length)
     prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
     if isinstance(chosen, list):
         extra = dict(row.get("chat_template_kwargs") or {})
@@ -173,51 +227,87 @@ def tokenize_pair(row: dict[str, Field], tokenizer: Any, max_length: int | None 
         full_rejected = tokenizer(prompt + rejected, add_special_tokens=True)["input_ids"]
     cut = min(common_prefix_length(prompt_ids, full_chosen), common_prefix_length(prompt_ids, full_rejected))
     pair = TokenizedPair(list(prompt_ids[:cut]), list(full_chosen[cut:]), list(full_rejected[cut:]))
-    if max_length is not None:
-        longest = max(len(pair.chosen_ids), len(pair.rejected_ids))
-        if len(pair.prompt_ids) + longest > max_length:
-            pair.truncated = True
-            keep_prompt = max_prompt_length if max_prompt_length is not None else max_length // 2
-            if len(pair.prompt_ids) > keep_prompt:
-                pair.prompt_ids = pair.prompt_ids[-keep_prompt:] if keep_prompt > 0 else []
-            room = max_length - len(pair.prompt_ids)
-            if room < 1:
-                raise ValueError(f"max_prompt_length={keep_prompt} leaves no room for a completion in "
-                                 f"max_length={max_length}")
-            pair.chosen_ids = pair.chosen_ids[:room]
-            pair.rejected_ids = pair.rejected_ids[:room]
+    return truncate_pair(pair, max_length, max_prompt_length, mode)
+
+
+def truncate_pair(pair: TokenizedPair, max_length: int | None, max_prompt_length: int | None = None,
+                  truncation_mode: str | None = None) -> TokenizedPair:
+    """Cut a tokenised pair longer than ``max_length`` as ``truncation_mode`` says (see :func:`tokenize_pair`)."""
+    mode = resolve_truncation_mode(truncation_mode, max_prompt_length)
+    if max_length is None:
+        return pair
+    longest = max(len(pair.chosen_ids), len(pair.rejected_ids))
+    if len(pair.prompt_ids) + longest <= max_length:
+        return pair
+    pair.truncated = True
+    if mode == "keep_end":  # cut per stacked row by the collator
+        return pair
+    if mode == "keep_start":
+        if len(pair.prompt_ids) >= max_length:
+            pair.dropped = True
+            return pair
+        room = max_length - len(pair.prompt_ids)
+    else:
+        keep_prompt = max_prompt_length if max_prompt_length is not None else max_length // 2
+        if len(pair.prompt_ids) > keep_prompt:
+            pair.prompt_ids = pair.prompt_ids[-keep_prompt:] if keep_prompt > 0 else []
+        room = max_length - len(pair.prompt_ids)
+        if room < 1:
+            raise ValueError(f"max_prompt_length={keep_prompt} leaves no room for a completion in "
+                             f"max_length={max_length}")
+    pair.chosen_ids = pair.chosen_ids[:room]
+    pair.rejected_ids = pair.rejected_ids[:room]
     return pair
 
 
-def pair_problem(pair: TokenizedPair, max_length: int | None) -> tuple[str, str] | None:
+def pair_problem(pair: TokenizedPair, max_length: int | None,
+                 truncation_mode: str | None = None) -> tuple[str, str] | None:
     """(field, problem) when a tokenised pair carries no preference signal (a completion without tokens, or two
-    completions with the same ids, possible after truncation), else None."""
+    completions with the same ids, possible after truncation), else None. With keep_end, judged on the rows the
+    collator will cut (a row that lost its whole prompt does not score its first token, as TRL)."""
     if not pair.chosen_ids or not pair.rejected_ids:
         return ("chosen" if not pair.chosen_ids else "rejected"), "completion has no tokens after tokenisation"
+    if truncation_mode == "keep_end" and max_length is not None:
+        chosen = keep_end_row(pair.prompt_ids, pair.chosen_ids, max_length)
+        rejected = keep_end_row(pair.prompt_ids, pair.rejected_ids, max_length)
+        for name, (prompt, completion) in (("chosen", chosen), ("rejected", rejected)):
+            if len(completion) - (0 if prompt else 1) < 1:
+                return name, f"no completion token is scored after truncation to max_length={max_length}"
+        if chosen == rejected:
+            return "rejected", f"identical to chosen after truncation to max_length={max_length} (keep_end)"
+        return None
     if pair.chosen_ids == pair.rejected_ids:
         return "rejected", f"identical to chosen after tokenisation/truncation to max_length={max_length}"
     return None
 
 
-def pair_example(pair: TokenizedPair, pair_id: int) -> dict[str, Any]:
+def pair_example(pair: TokenizedPair, pair_id: int, max_length: int | None = None,
+                 truncation_mode: str | None = None) -> dict[str, Any]:
     """The trainer's columns for one pair; ``length`` is the padded row width it needs (group_by_length)."""
+    length = len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
+    if truncation_mode == "keep_end" and max_length is not None:
+        length = min(length, max_length)
     return {"prompt_ids": pair.prompt_ids, "chosen_ids": pair.chosen_ids, "rejected_ids": pair.rejected_ids,
-            "pair_id": int(pair_id),
-            "length": len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))}
+            "pair_id": int(pair_id), "length": length}
 
 
 def tokenize_rows(rows: Sequence[dict[str, Field]], tokenizer: Any, max_length: int | None,
                   max_prompt_length: int | None, source: str = "<data>",
-                  report: LoadReport | None = None) -> tuple[list[dict[str, Any]], int]:
+                  report: LoadReport | None = None,
+                  truncation_mode: str | None = None) -> tuple[list[dict[str, Any]], int]:
     """Tokenise normalised rows; returns the examples and how many were truncated.
 
     A pair whose two completions tokenise to the same ids (possible after truncation) carries no preference
-    signal: an error, or with a ``report`` (``skip_invalid_rows``) a skipped row listed in it.
+    signal: an error, or with a ``report`` (``skip_invalid_rows``) a skipped row listed in it. With keep_start,
+    pairs whose prompt fills ``max_length`` are dropped with a warning (as TRL drops them).
     """
-    examples, truncated = [], 0
+    examples, truncated, dropped = [], 0, 0
     for i, row in enumerate(rows):
-        pair = tokenize_pair(row, tokenizer, max_length, max_prompt_length)
-        found = pair_problem(pair, max_length)
+        pair = tokenize_pair(row, tokenizer, max_length, max_prompt_length, truncation_mode)
+        if pair.dropped:
+            dropped += 1
+            continue
+        found = pair_problem(pair, max_length, truncation_mode)
         if found is not None:
             problem = DataValidationError(source, int(row.get("pair_id", i)), *found)
             if report is None:
@@ -226,5 +316,7 @@ def tokenize_rows(rows: Sequence[dict[str, Field]], tokenizer: Any, max_length: 
             report.rows_kept -= 1
             continue
         truncated += pair.truncated
-        examples.append(pair_example(pair, int(row.get("pair_id", i))))
+        examples.append(pair_example(pair, int(row.get("pair_id", i)), max_length, truncation_mode))
+    if dropped:
+        warn_dropped(source, dropped, max_length)
     return examples, truncated

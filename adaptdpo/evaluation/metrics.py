@@ -52,7 +52,7 @@ def pair_completion_logps(model: Any, examples: Sequence[dict[str, Any]], pad_to
 def pair_logratios(policy: Any, reference: Any, tokenizer: Any, rows: Sequence[dict[str, Any]],
                    max_length: int | None = 256, batch_size: int = 64) -> torch.Tensor:
     """h = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)) per row (float64)."""
-    examples, _ = tokenize_rows(list(rows), tokenizer, max_length, None)
+    examples, _ = tokenize_rows(list(rows), tokenizer, max_length, None, truncation_mode="keep_prompt_end")
     out = []
     for model in (policy, reference):
         chosen, rejected = pair_completion_logps(model, examples, tokenizer.pad_token_id, batch_size)

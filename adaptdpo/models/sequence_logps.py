@@ -203,7 +203,7 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], output_hidd
     mask = batch["completion_mask"][:, start:].to(torch.float32)
     scores = window.scores(lambda x: x[:, :-1], labels, token_stats, wpo)
     per_token = scores.logp
-    lengths = batch["completion_mask"].sum(dim=-1)
+    lengths = batch["completion_mask"][:, 1:].sum(dim=-1)  # scored tokens (a row's first token never is), as TRL
     weights = mask
     if ld_alpha is not None:
         n = mask.shape[0] // 2

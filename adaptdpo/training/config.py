@@ -17,10 +17,14 @@ import torch
 import yaml
 from transformers import TrainingArguments
 
+from adaptdpo.data.tokenize import TRUNCATION_MODES, resolve_truncation_mode
 from adaptdpo.methods.beta_dpo import FILTERS, INITS, LEVELS
 from adaptdpo.methods.losses import F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSS_TYPES
 from adaptdpo.methods.pair_selection import ORDERS, POLICIES
 from adaptdpo.methods.registry import METHOD_NAMES, method_spec
+
+#: the losses that read label_smoothing (TRL 1.16's too: its sigmoid ignores it, as ours does)
+LABEL_SMOOTHING_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -109,9 +113,20 @@ class AdaptiveDPOConfig(TrainingArguments):
                                  "of stopping with an error naming file, row and field.")
     implicit_prompt_marker: str = _f("\n\nAssistant:", "For implicit-prompt text pairs: the prompt ends after "
                                      "the last occurrence of this string in the shared prefix.")
-    max_length: int | None = _f(1024, "Maximum tokens of prompt + completion; longer pairs are truncated "
-                                "(prompt first, keeping its end; then completions, keeping their start).")
-    max_prompt_length: int | None = _f(None, "Prompt tokens kept when a pair is too long; default max_length/2.")
+    max_length: int | None = _f(1024, "Maximum tokens of prompt + completion (TRL's field); longer pairs are cut as "
+                                "truncation_mode says. None: no truncation.")
+    truncation_mode: str | None = _f(None, "How a pair longer than max_length is cut. keep_start (TRL's default): each "
+                                     "of its two sequences (prompt + completion) keeps its first max_length tokens, "
+                                     "and a pair whose prompt alone fills max_length is dropped (as TRL; warned with "
+                                     "a count). keep_end (TRL): each sequence keeps its last max_length tokens (the "
+                                     "two may keep different parts of the prompt, so the stacked layout is used). "
+                                     "keep_prompt_end (adaptdpo's rule): the prompt keeps its last max_prompt_length "
+                                     "tokens, then the completions their first; no pair is dropped. Unset: "
+                                     "keep_prompt_end when max_prompt_length is set, else keep_start.",
+                                     choices=TRUNCATION_MODES)
+    max_prompt_length: int | None = _f(None, "truncation_mode keep_prompt_end: prompt tokens kept when a pair is too "
+                                       "long (default max_length/2); setting it selects that rule when "
+                                       "truncation_mode is unset.")
     pad_to_multiple_of: int | None = _f(None, "Pad batches to a multiple of this length.")
     dataset_streaming: bool = _f(False, "Stream the training (and test-split) data instead of reading it first (TRL's "
                                  "flag; datasets' streaming=True): rows are validated and tokenised as they arrive, "
@@ -152,7 +167,8 @@ class AdaptiveDPOConfig(TrainingArguments):
                 "YAML: a name or a list): " + ", ".join(LOSS_TYPES) + ".", "choices": LOSS_TYPES})
     loss_weights: list[float] | None = _f(None, "Weights of the losses in loss_type (default 1 each); MPO is "
                                           "loss_type [sigmoid, bco_pair, sft] with weights [0.8, 0.2, 1.0].")
-    label_smoothing: float = _f(0.0, "Flip rate ε for robust; ε for exo_pair; smoothing for aot, aot_unpaired.")
+    label_smoothing: float = _f(0.0, "Flip rate ε for robust; ε for exo_pair; smoothing for aot, aot_unpaired. "
+                                "Other losses ignore it, sigmoid included (as TRL 1.16; a warning says so).")
     discopop_tau: float = _f(0.05, "Temperature τ of the discopop loss.")
     f_divergence_type: str = _f("reverse_kl", "f-DPO regulariser (Wang et al. 2024): reverse_kl (DPO), forward_kl, "
                                 "js_divergence, alpha_divergence; other than reverse_kl only with the losses built on "
@@ -448,6 +464,34 @@ class AdaptiveDPOConfig(TrainingArguments):
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be at least 2 (a prompt token and a completion token), got "
                              f"{self.max_length}")
+        self._warn_about_settings_without_effect()
+        self.truncation_mode = resolve_truncation_mode(self.truncation_mode, self.max_prompt_length)
+        if self.max_prompt_length is not None and self.truncation_mode != "keep_prompt_end":
+            raise ValueError(f"max_prompt_length={self.max_prompt_length} applies to truncation_mode keep_prompt_end "
+                             f"only; with truncation_mode {self.truncation_mode} it would change nothing: drop it, or "
+                             "set truncation_mode keep_prompt_end")
+
+    def _warn_about_settings_without_effect(self) -> None:
+        """A warning for each setting that changes nothing with the rest of the config (nothing silently unused)."""
+        import logging
+
+        unused = []  # (setting, why it changes nothing)
+        if self.label_smoothing and not set(self.loss_type) & set(LABEL_SMOOTHING_LOSSES):
+            unused.append((f"label_smoothing={self.label_smoothing}", f"it is read only by "
+                           f"{', '.join(LABEL_SMOOTHING_LOSSES)}; TRL 1.16's sigmoid ignores it too (before TRL 1.0 "
+                           "it made sigmoid the conservative cDPO loss); for noisy labels loss_type robust reads it as "
+                           "the flip rate"))
+        if self.discopop_tau != 0.05 and "discopop" not in self.loss_type:
+            unused.append((f"discopop_tau={self.discopop_tau}", "it is read only by loss_type discopop"))
+        if self.f_alpha_divergence_coef != 0.5 and self.f_divergence_type != "alpha_divergence":
+            unused.append((f"f_alpha_divergence_coef={self.f_alpha_divergence_coef}", "it is read only with "
+                           "f_divergence_type alpha_divergence"))
+        if not self.sync_ref_model and (self.ref_model_mixup_alpha != 0.6 or self.ref_model_sync_steps != 512):
+            unused.append(("ref_model_mixup_alpha / ref_model_sync_steps", "they are read only with sync_ref_model "
+                           "true"))
+        for setting, why in unused:
+            logging.getLogger("adaptdpo").warning("%s has no effect with loss_type %s: %s", setting, self.loss_type,
+                                                  why)
 
     def _apply_trl_dataset_names(self) -> None:
         """TRL's dataset flags as our fields (a conflict with an explicitly different value of ours is an error)."""

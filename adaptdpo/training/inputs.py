@@ -23,7 +23,15 @@ from typing import Any
 from adaptdpo.compat.trl_config import is_trl_config, trl_config_values
 from adaptdpo.data.readers import DataValidationError
 from adaptdpo.data.rows import normalise_row, text_row_as_messages
-from adaptdpo.data.tokenize import pair_example, pair_problem, tokenize_dataset, tokenize_pair
+from adaptdpo.data.tokenize import (
+    TokenizedPair,
+    pair_example,
+    pair_problem,
+    tokenize_dataset,
+    tokenize_pair,
+    truncate_pair,
+    warn_dropped,
+)
 from adaptdpo.models.loading import load_pretrained, load_tokenizer
 from adaptdpo.training.config import AdaptiveDPOConfig
 
@@ -124,20 +132,28 @@ def streamed_dataset(dataset: Any, tokenizer: Any, args: Any, name: str, hh_as_m
     """An ``IterableDataset`` validated and tokenised lazily, row by row, as it streams (nothing is read ahead);
     a bad row stops training with an error naming the dataset, the row (its index in the stream) and the field."""
 
+    mode = args.truncation_mode
+
     def tokenise(raw: dict[str, Any], index: int) -> dict[str, Any]:
         pair = tokenize_pair(normalised_row(raw, index, args, name, hh_as_messages), tokenizer, args.max_length,
-                             args.max_prompt_length)
-        found = pair_problem(pair, args.max_length)
+                             args.max_prompt_length, mode)
+        found = None if pair.dropped else pair_problem(pair, args.max_length, mode)
         if found is not None:
             raise DataValidationError(name, index, *found)
-        return pair_example(pair, index)
+        return {**pair_example(pair, index, args.max_length, mode), "dropped": pair.dropped}
+
+    def kept(row: dict[str, Any]) -> bool:
+        if row["dropped"]:  # keep_start: the prompt alone fills max_length (TRL drops the pair too)
+            logger.warning("%s: row %d dropped: its prompt alone fills max_length=%s (truncation_mode keep_start, as "
+                           "TRL)", name, row["pair_id"], args.max_length)
+        return not row["dropped"]
 
     import datasets
 
     ids = datasets.List(datasets.Value("int64"))
     features = datasets.Features({"prompt_ids": ids, "chosen_ids": ids, "rejected_ids": ids,
                                   "pair_id": datasets.Value("int64"), "length": datasets.Value("int64")})
-    mapped = dataset.map(tokenise, with_indices=True)
+    mapped = dataset.map(tokenise, with_indices=True).filter(kept)
     return mapped.select_columns(list(features)).cast(features)  # known columns: the trainer sees it is tokenised
 
 
@@ -146,6 +162,36 @@ def is_tokenised(dataset: Any) -> bool:
     if columns is None and isinstance(dataset, (list, tuple)) and dataset:
         columns = list(dataset[0])
     return bool(columns) and all(c in columns for c in TOKENISED_COLUMNS)
+
+
+def truncated_tokenised(dataset: Any, args: Any, name: str) -> Any:
+    """Already tokenised data cut to ``max_length`` as ``truncation_mode`` says, as raw data is (keep_end: by the
+    collator); a pair left without signal is an error naming the dataset and row."""
+    if args.max_length is None or args.truncation_mode == "keep_end":
+        return dataset
+    columns = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+    def cut(row: dict[str, Any], index: int) -> dict[str, Any]:
+        pair = truncate_pair(TokenizedPair(*(list(row[c]) for c in columns)), args.max_length, args.max_prompt_length,
+                             args.truncation_mode)
+        found = None if pair.dropped else pair_problem(pair, args.max_length, args.truncation_mode)
+        if found is not None:
+            raise DataValidationError(name, index, *found)
+        out = {"prompt_ids": pair.prompt_ids, "chosen_ids": pair.chosen_ids, "rejected_ids": pair.rejected_ids,
+               "_dropped": pair.dropped}
+        if "length" in row:
+            out["length"] = len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
+        return out
+
+    longest = max(len(p) + max(len(c), len(r)) for p, c, r in zip(*(dataset[c] for c in columns), strict=True))
+    if longest <= args.max_length:
+        return dataset
+    mapped = dataset.map(cut, with_indices=True)
+    dropped = sum(mapped["_dropped"])
+    if dropped:
+        warn_dropped(name, dropped, args.max_length)
+        mapped = mapped.filter(lambda row: not row["_dropped"])
+    return mapped.remove_columns("_dropped")
 
 
 def prepare_dataset(dataset: Any, tokenizer: Any, args: Any, name: str) -> Any:
@@ -161,7 +207,8 @@ def prepare_dataset(dataset: Any, tokenizer: Any, args: Any, name: str) -> Any:
             raise ValueError(f"{name} is raw data: pass processing_class (the tokenizer)")
         return dataset if is_tokenised(dataset) else streamed_dataset(dataset, tokenizer, args, name)
     if is_tokenised(dataset):
-        return dataset if isinstance(dataset, datasets.Dataset) else datasets.Dataset.from_list(list(dataset))
+        dataset = dataset if isinstance(dataset, datasets.Dataset) else datasets.Dataset.from_list(list(dataset))
+        return truncated_tokenised(dataset, args, name)
 
     rows = []
     kind = None
@@ -177,7 +224,8 @@ def prepare_dataset(dataset: Any, tokenizer: Any, args: Any, name: str) -> Any:
     if not rows:
         raise ValueError(f"{name}: no rows")
     tokenised, truncated = tokenize_dataset(rows, tokenizer, args.max_length, args.max_prompt_length, name,
-                                            num_proc=args.dataset_num_proc, main_process_first=args.main_process_first)
+                                            num_proc=args.dataset_num_proc, main_process_first=args.main_process_first,
+                                            truncation_mode=args.truncation_mode)
     logger.info("%s: %d pairs tokenised (%d truncated to max_length=%s)", name, len(tokenised), truncated,
                 args.max_length)
     return tokenised

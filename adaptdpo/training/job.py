@@ -304,18 +304,25 @@ def _run_training(config: AdaptiveDPOConfig, extra_callbacks: list | None) -> di
         skip_report = (lambda i: data.reports[i]) if config.skip_invalid_rows else (lambda i: None)
         tokenize = functools.partial(tokenize_dataset, tokenizer=tokenizer, max_length=config.max_length,
                                      max_prompt_length=config.max_prompt_length, num_proc=config.dataset_num_proc,
-                                     main_process_first=config.main_process_first)
+                                     main_process_first=config.main_process_first,
+                                     truncation_mode=config.truncation_mode)
         train_source = "datasets mixture" if config.datasets else config.train_file
+        skipped_before = sum(len(r.skipped) for r in data.reports)
         train_dataset, train_truncated = tokenize(data.train_rows, source=train_source, report=skip_report(0))
         eval_dataset, eval_truncated = None, 0
         if data.eval_rows:
             eval_dataset, eval_truncated = tokenize(data.eval_rows, source=config.eval_file or train_source,
                                                     report=skip_report(len(data.reports) - 1))
+        # pairs truncation_mode keep_start dropped (their prompt fills max_length), as TRL drops them
+        dropped = (len(data.train_rows) + len(data.eval_rows or []) - len(train_dataset)
+                   - (len(eval_dataset) if eval_dataset is not None else 0)
+                   - (sum(len(r.skipped) for r in data.reports) - skipped_before))
 
         warn_about_short_epochs(config, len(train_dataset))
         data_summary = {
             "train_pairs": len(train_dataset), "eval_pairs": len(eval_dataset) if eval_dataset is not None else 0,
             "train_truncated_pairs": train_truncated, "eval_truncated_pairs": eval_truncated,
+            "truncation_mode": config.truncation_mode, "dropped_pairs": dropped,
             "skipped_rows": sum(len(r.skipped) for r in data.reports),
             "implicit_prompt_rows": sum(r.implicit_prompt_rows for r in data.reports),
             "chat_formatted_rows": chat_rows,

@@ -44,6 +44,9 @@ RESUME_NEUTRAL_FIELDS = frozenset({
 })
 PAIR_TRACE_FILE = "pairs.jsonl"
 
+#: the value a field had, in effect, in runs recorded before it existed (when that is not its default now)
+VALUES_BEFORE_THE_FIELD = {"truncation_mode": "keep_prompt_end"}
+
 
 def versions() -> dict[str, str]:
     import accelerate
@@ -91,6 +94,7 @@ def config_changes(old: dict[str, Any], new: dict[str, Any],
         if isinstance(side.get("loss_type"), str):
             side["loss_type"] = [side["loss_type"]]
     defaults = yaml.safe_load(yaml.safe_dump(defaults or {}))
+    old = {**{k: v for k, v in VALUES_BEFORE_THE_FIELD.items() if k in new and k not in old}, **old}
     out = {}
     for key in sorted(set(old) | set(new)):
         if key in RESUME_NEUTRAL_FIELDS:

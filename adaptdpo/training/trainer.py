@@ -128,9 +128,11 @@ class AdaptiveDPOTrainer(Trainer):
             if processing_class is None:
                 raise ValueError("pass processing_class (the tokenizer) or a data_collator")
             shared = self._use_shared_prompt(args, model, ref_model, self.router_aux_loss_coef)
+            keep_end = args.max_length if args.truncation_mode == "keep_end" else None
             data_collator = PreferenceCollator(processing_class.pad_token_id, args.pad_to_multiple_of,
                                                shared_prompt=shared,
-                                               padding_free=self._use_padding_free(args, model, shared))
+                                               padding_free=self._use_padding_free(args, model, shared),
+                                               keep_end_max_length=keep_end)
         if args.ignore_bias_buffers:  # TRL's DDP workaround: boolean buffers (attention masks) stay out of the sync
             model._ddp_params_and_buffers_to_ignore = [name for name, buffer in model.named_buffers()
                                                        if buffer.dtype == torch.bool]
@@ -235,6 +237,13 @@ class AdaptiveDPOTrainer(Trainer):
                            router_aux_loss_coef: float = 0.0) -> bool:
         if args.shared_prompt == "off" or args.sams_pretrain != "none":  # pre-training reads chosen rows only
             return False
+        if args.truncation_mode == "keep_end" and args.max_length is not None:
+            if args.shared_prompt == "on":
+                raise ValueError("shared_prompt=on cannot be used with truncation_mode keep_end: each of a pair's two "
+                                 "sequences keeps its own last max_length tokens, so they need not share a prompt; "
+                                 "use auto or off, or truncation_mode keep_start / keep_prompt_end")
+            logger.info("truncation_mode keep_end: the stacked layout (each row of a pair is cut on its own, as TRL)")
+            return False
         if router_aux_loss_coef:  # the router's load statistics take a 2D padding mask, not the branch mask
             if args.shared_prompt == "on":
                 raise ValueError("shared_prompt=on cannot be used with a mixture-of-experts model's router loss "
@@ -257,7 +266,7 @@ class AdaptiveDPOTrainer(Trainer):
         reasons = []
         if not shared_prompt:
             reasons.append("the shared-prompt layout is off (shared_prompt, a model whose attention takes no custom "
-                           "mask, or a router loss)")
+                           "mask, a router loss, or truncation_mode keep_end)")
         if method_spec(args.method).reads_hidden_states:
             reasons.append(f"method {args.method} reads per-row hidden states")
         if args.padding_free and reasons:
@@ -305,6 +314,8 @@ class AdaptiveDPOTrainer(Trainer):
             h.update(param.detach().float().cpu().numpy().tobytes())
         h.update(str(self.peft_reference).encode())
         h.update(f"ld_alpha={self.args.ld_alpha}".encode())  # LD-DPO weights the reference's tokens too
+        # keep_end rows are cut by the collator, so the ids alone do not say what was scored
+        h.update(f"max_length={self.args.max_length} truncation_mode={self.args.truncation_mode}".encode())
         return h.hexdigest()[:20]
 
     def _with_reference_logps(self, reference: torch.nn.Module, dataset: Any, name: str) -> Any:

@@ -290,6 +290,7 @@ def build_task(spec: TaskSpec = TaskSpec(), cache_root: str = "runs/gold-cache")
 GOLD_TRAIN_DEFAULTS: dict[str, Any] = {
     **TASK_RUN_SETTINGS,
     "max_length": 64,
+    "truncation_mode": "keep_prompt_end",  # the rule docs/results.md was made with (before TRL's keep_start default)
     "per_device_train_batch_size": 16,
     "num_train_epochs": 3,
     "learning_rate": 1e-3,
