@@ -7,6 +7,7 @@ nothing may be written or lost when a run is refused.
 import gzip
 import json
 import logging
+import math
 import os
 import signal
 import stat
@@ -566,3 +567,186 @@ def test_tr_dpo_moving_reference_resumes_exactly(small, tmp_path):
         assert torch.equal(a[name], b[name]), name
     losses = [r["loss"] for r in train_logs(whole)], [r["loss"] for r in train_logs(crashed)]
     assert losses[0] == losses[1]
+
+
+# ------------------------------------------------------------------------------------------------ issue 28: bad input
+
+@pytest.mark.parametrize("flags", [["--num_train_epochs", "0"], ["--max_steps", "0"]], ids=["epochs-0", "max-steps-0"])
+def test_a_run_that_would_train_nothing_is_refused_before_any_work(small, tmp_path, flags):
+    """Issue 28: --num_train_epochs 0 reported a complete run with train_loss 0.0 and saved the untrained model;
+    --max_steps 0 trained a step while config.yaml recorded 0. Both are refused, nothing is written; the Python
+    trainer refuses them at train() as well."""
+    data, tok = small
+    out = str(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"trains nothing|would train nothing"):
+        train_in_process(base_argv(data, tok, out) + flags)
+    assert not os.path.exists(out)
+
+
+def test_python_trainer_refuses_a_run_that_trains_nothing(models_and_examples, tmp_path):
+    from helpers import make_trainer
+
+    trainer = make_trainer(models_and_examples, tmp_path / "o", num_train_epochs=0)
+    with pytest.raises(ValueError, match="num_train_epochs=0 with max_steps=-1 trains nothing"):
+        trainer.train()
+
+
+def test_an_output_dir_that_is_a_file_is_named(tmp_path):
+    """Issue 28: an output_dir that is an existing file."""
+    path = tmp_path / "notes.txt"
+    path.write_text("mine")
+    with pytest.raises(ValueError, match=rf"output_dir={path} is a file; it must be a folder"):
+        parse_config(["--output_dir", str(path)])
+    assert path.read_text() == "mine"
+
+
+def test_a_full_disk_during_a_checkpoint_says_so_and_the_run_resumes(small, tmp_path, monkeypatch):
+    """Issue 28: a full disk during a checkpoint surfaced as torch's zip-writer assertion ("unexpected pos ..."). The
+    message now says that the disk is full, where, how much is free and how much the checkpoint needs, and what the
+    run resumes from; the same command then resumes from the last complete checkpoint. (The write failure is torch's
+    own message, recorded under a file-size limit; the free space is the one thing simulated.)"""
+    import transformers.trainer as hf_trainer
+
+    import adaptdpo.training.checkpointing as checkpointing
+
+    data, tok = small
+    out = str(tmp_path / "run")
+    argv = base_argv(data, tok, out, max_steps=6, save_strategy="steps", save_steps=2, plots=False)
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(f, str) and os.path.join("checkpoint-4", "optimizer.pt") in f:
+            with open(f, "wb") as fh:
+                fh.write(b"PK\x03\x04")  # what the writer had got out before the disk filled up
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(hf_trainer.torch, "save", save)
+    monkeypatch.setattr(checkpointing, "free_bytes", lambda path: 4096)
+    with pytest.raises(checkpointing.CheckpointWriteError) as caught:
+        train_in_process(argv)
+    message = str(caught.value)
+    assert f"writing checkpoint {out}/checkpoint-4 failed: the disk holding {out} is full (0.0 MB free; the " \
+           "checkpoint needs about " in message
+    needed = checkpointing.folder_bytes(os.path.join(out, "checkpoint-2"))
+    assert f"needs about {needed / 2**20:.1f} MB" in message
+    assert f"the run resumes from {out}/checkpoint-2 (the last complete checkpoint)" in message
+    assert "unexpected pos 704 vs 598" in message  # the original error is kept in the message
+    monkeypatch.undo()
+    summary = train_in_process(argv)
+    assert summary["resumed_from"].endswith("checkpoint-2") and summary["global_step"] == 6
+
+
+def test_resuming_into_another_model_shape_names_the_fields_before_tokenising(small, tmp_path, monkeypatch):
+    """Issue 28: a checkpoint resumed into a model of another shape printed a 4 KB state-dict mismatch after
+    tokenising. The checkpoint's weights (safetensors headers) are compared with the requested model first, and the
+    model config fields that differ are named."""
+    import adaptdpo.training.job as job
+
+    data, tok = small
+    out = str(tmp_path / "run")
+    crashed_run(base_argv(data, tok, out, max_steps=4, save_strategy="steps", save_steps=2), 3)
+
+    def no_tokenising(*args, **kwargs):
+        raise AssertionError("tokenised before the model check")
+
+    monkeypatch.setattr(job, "tokenize_dataset", no_tokenising)
+    wider = base_argv(data, tok, out, max_steps=4, save_strategy="steps", save_steps=2, tiny_hidden_size=48,
+                      accept_config_change="true")
+    with pytest.raises(ValueError, match=r"resume checkpoint .*checkpoint-2 holds another model than the one asked "
+                                         r"for: the model config differs: head_dim: 16 in the checkpoint, 24 asked "
+                                         r"for; hidden_size: 32 in the checkpoint, 48 asked for; intermediate_size: "
+                                         r"128 in the checkpoint, 192 asked for; 21 tensor\(s\) have another shape "
+                                         r"\(first: model\.embed_tokens\.weight \[512, 32\]") as caught:
+        train_in_process(wider)
+    assert len(str(caught.value)) < 1000
+
+
+def test_copies_of_training_rows_stay_out_of_the_eval_split(hh_rows, tmp_path, caplog):
+    """Issue 28: with eval_fraction, copies of training rows landed in the eval split and inflated its metrics. They
+    are left out of it (counted in a warning); an eval_file with copies is warned about, not changed."""
+    from adaptdpo.training.prepared_data import prepare_rows
+
+    path = str(tmp_path / "dups.jsonl")
+    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in hh_rows[:20]]
+    write_small_dataset(path, rows + rows[:10], n=30)  # rows 20-29 copy rows 0-9
+    with caplog.at_level(logging.WARNING, logger="adaptdpo"):
+        data = prepare_rows(parse_config(["--train_file", path, "--eval_fraction", "0.3", "--seed", "1"]))
+    key = lambda r: (r["prompt"], r["chosen"], r["rejected"])  # noqa: E731
+    train = {key(r) for r in data.train_rows}
+    assert data.eval_rows and not any(key(r) in train for r in data.eval_rows)
+    held = 9  # round(0.3 * 30)
+    copies = held - len(data.eval_rows)
+    assert copies > 0 and (f"eval_fraction=0.3: {copies} of the {held} held-out rows are copies of training rows"
+                           in caplog.text)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="adaptdpo"):
+        data = prepare_rows(parse_config(["--train_file", path, "--eval_file", path]))
+    assert len(data.eval_rows) == 30 and f"eval_file={path}: 30 of its 30 rows are copies of training rows" in \
+        caplog.text
+
+
+def test_reference_log_prob_columns_are_either_used_checked_or_said_to_be_ignored(tmp_path, models_and_examples,
+                                                                                    caplog):
+    """Issue 28: ref_chosen_logps / ref_rejected_logps columns were silently ignored, even holding NaN or text. In raw
+    rows they are ignored with a warning (the live reference scores the pairs, as TRL); in already tokenised data
+    (TRL's precompute leaves them there) they are the reference values: checked, then used."""
+    import copy
+
+    from datasets import Dataset
+
+    from adaptdpo.training.config import AdaptiveDPOConfig
+    from adaptdpo.training.trainer import AdaptiveDPOTrainer
+
+    path = str(tmp_path / "with_ref.jsonl")
+    _write_lines(path, [json.dumps({**json.loads(GOOD), "ref_chosen_logps": "n/a", "ref_rejected_logps": None}) + "\n",
+                        GOOD])
+    rows, report = load_preference_rows(path)
+    assert report.reference_column_rows == 1 and len(rows) == 2
+    assert f"{path}: 1 row(s) carry ref_chosen_logps / ref_rejected_logps; they are ignored" in \
+        report.reference_columns_notice()
+    policy, reference, examples, tokenizer = models_and_examples
+    args = AdaptiveDPOConfig(output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none")
+    with caplog.at_level(logging.WARNING, logger="adaptdpo"):
+        AdaptiveDPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args,
+                           processing_class=tokenizer,
+                           train_dataset=Dataset.from_list([{**json.loads(GOOD), "ref_chosen_logps": float("nan"),
+                                                             "ref_rejected_logps": -1.0}] * 2))
+    assert "train_dataset: 2 row(s) carry ref_chosen_logps / ref_rejected_logps; they are ignored" in caplog.text
+
+    def tokenised(chosen, rejected):
+        return Dataset.from_list([{**e, "ref_chosen_logps": c, "ref_rejected_logps": r}
+                                  for e, c, r in zip(examples, chosen, rejected, strict=True)])
+
+    n = len(examples)
+    for bad, problem in ((float("nan"), "nan is not a log-prob"), (2.5, "2.5 is not a log-prob")):
+        with pytest.raises(DataValidationError, match=rf"train_dataset: row 3, field 'ref_rejected_logps': {problem}"):
+            AdaptiveDPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args,
+                               processing_class=tokenizer,
+                               train_dataset=tokenised([-1.0] * n, [-1.0] * 3 + [bad] + [-1.0] * (n - 4)))
+    with pytest.raises(DataValidationError, match=r"row 0, field 'ref_chosen_logps': expected a number"):
+        AdaptiveDPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args,
+                           processing_class=tokenizer, train_dataset=tokenised(["-1.0"] * n, [-1.0] * n))
+    # sound values are used: the policy's own log-probs as the reference give the first loss ln 2 exactly
+    from adaptdpo.data.collate import PreferenceCollator
+    from adaptdpo.models.sequence_logps import sequence_logps
+
+    with torch.no_grad():
+        own_chosen, own_rejected = sequence_logps(policy, PreferenceCollator(tokenizer.pad_token_id)(examples)).split()
+    trainer = AdaptiveDPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args,
+                                 processing_class=tokenizer,
+                                 train_dataset=tokenised(own_chosen.tolist(), own_rejected.tolist()))
+    trainer.model.train()
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
+    loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(n))
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-5)
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "csv"])
+def test_a_utf8_byte_order_mark_is_read_not_called_an_invalid_row(tmp_path, suffix):
+    """Issue 28: a file saved with a UTF-8 BOM (Windows editors) had its first row called invalid."""
+    path = tmp_path / f"bom.{suffix}"
+    text = GOOD * 2 if suffix == "jsonl" else 'prompt,chosen,rejected\n"Q?", yes, no\n"R?", yes, no\n'
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    rows, report = load_preference_rows(str(path))
+    assert len(rows) == 2 and not report.skipped and rows[0]["prompt"] == "Q?"

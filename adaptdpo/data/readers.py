@@ -33,6 +33,9 @@ Field = str | list[Message]
 
 LOCAL_SUFFIXES = (".jsonl.gz", ".json.gz", ".jsonl", ".json", ".parquet", ".csv")
 
+#: TRL's columns of precomputed reference log-probs (what its precompute_ref_log_probs adds to a tokenised dataset)
+REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+
 
 class DataValidationError(ValueError):
     """A malformed row: carries the source, the row index (0-based) and the offending field."""
@@ -57,12 +60,26 @@ class LoadReport:
     skipped: list[DataValidationError] = field(default_factory=list)
     implicit_prompt_rows: int = 0
     conversational: bool = False
+    reference_column_rows: int = 0  # raw rows carrying ref_chosen_logps / ref_rejected_logps (ignored)
+
+    def reference_columns_notice(self) -> str | None:
+        """What happens to reference log-prob columns in raw rows (None when there are none)."""
+        if not self.reference_column_rows:
+            return None
+        return reference_columns_notice(self.source, self.reference_column_rows)
 
     def summary(self) -> str:
         text = f"{self.source}: {self.rows_kept} of {self.rows_read} rows kept"
         if self.skipped:
             text += f", {len(self.skipped)} skipped; first: " + "; ".join(str(e) for e in self.skipped[:5])
         return text
+
+
+def reference_columns_notice(source: str, rows: int) -> str:
+    return (f"{source}: {rows} row(s) carry {' / '.join(REFERENCE_COLUMNS)}; they are ignored, whatever they hold: "
+            "the reference model scores every pair, as TRL does without precompute_ref_log_probs "
+            "(precompute_ref_log_probs computes and caches them; already tokenised data, prompt_ids, chosen_ids and "
+            "rejected_ids, with these two columns is trained on them, after a check)")
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -87,6 +104,8 @@ def _lines(path: str) -> Iterator[tuple[int, str | DataValidationError]]:
     with _open_binary(path) as fh:
         try:
             for line_no, raw in enumerate(fh, start=1):
+                if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark: read as utf-8-sig
+                    raw = raw[3:]
                 try:
                     yield line_no, raw.decode("utf-8")
                 except UnicodeDecodeError as e:

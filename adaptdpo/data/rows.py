@@ -8,7 +8,15 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from adaptdpo.data.readers import DataValidationError, Field, LoadReport, Message, RowOrError, read_rows
+from adaptdpo.data.readers import (
+    REFERENCE_COLUMNS,
+    DataValidationError,
+    Field,
+    LoadReport,
+    Message,
+    RowOrError,
+    read_rows,
+)
 
 # --------------------------------------------------------------------------------------------- normalising
 
@@ -195,6 +203,8 @@ def load_preference_rows(source: str, split: str = "train", *, skip_invalid: boo
             continue
         if raw.get("prompt") is None:
             report.implicit_prompt_rows += 1
+        if any(key in raw for key in REFERENCE_COLUMNS):
+            report.reference_column_rows += 1
         row["pair_id"] = index
         rows.append(row)
         report.rows_kept += 1

@@ -180,3 +180,165 @@ def usable_checkpoint(run_dir: str, log: Any = None) -> str | None:
             log(f"checkpoint {path} is damaged and was moved to {aside}: " + "; ".join(problems)
                 + ". Falling back to the previous complete checkpoint.")
     return None
+
+
+# --------------------------------------------------------------------------------------------- a full disk
+
+#: a write that failed for want of space (errno 28, as Python and safetensors say it), and one cut short as torch's zip
+#: writer reports it when given a path (it says only where the stream stopped)
+_NO_SPACE = ("no space left on device", "os error 28")
+_CUT_SHORT = ("unexpected pos", "file write failed")
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, most often); the message says where and how much it needs."""
+
+
+def free_bytes(path: str) -> int:
+    """Free bytes on the file system holding ``path`` (its nearest existing folder)."""
+    folder = os.path.abspath(path)
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    return shutil.disk_usage(folder).free
+
+
+def folder_bytes(folder: str) -> int:
+    total = 0
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(os.path.join(dirpath, name))
+    return total
+
+
+def state_bytes(*objects: Any) -> int:
+    """Bytes of the tensors a checkpoint of these holds (a module's state dict, an optimizer's state)."""
+    total = 0
+    for obj in objects:
+        if obj is None:
+            continue
+        if isinstance(obj, torch.nn.Module):
+            tensors = list(obj.state_dict().values())
+        else:  # an optimizer
+            tensors = [v for state in obj.state.values() for v in state.values()]
+        total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    return total
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB"
+
+
+def describe_write_failure(error: BaseException, folder: str, needed: int, last_complete: str | None) -> str | None:
+    """A message for a checkpoint write that failed because the disk is full (None when it is not that): where, how
+    much the checkpoint needs (``needed`` bytes) against how much is free, and what the run can resume from."""
+    text = str(error).lower()
+    no_space = getattr(error, "errno", None) == 28 or any(mark in text for mark in _NO_SPACE)
+    if not no_space and not any(mark in text for mark in _CUT_SHORT):
+        return None
+    free = free_bytes(folder)
+    where = os.path.dirname(os.path.abspath(folder))
+    if no_space or free < needed:
+        cause = f"the disk holding {where} is full ({_mb(free)} free; the checkpoint needs about {_mb(needed)})"
+    else:
+        cause = (f"a write was cut short although the disk holding {where} has {_mb(free)} free (the checkpoint needs "
+                 f"about {_mb(needed)}): a disk quota or a file-size limit (ulimit -f) is the usual cause")
+    resume = (f"the run resumes from {last_complete} (the last complete checkpoint) with the same command"
+              if last_complete else "no complete checkpoint was written yet, so the run would start again")
+    return (f"writing checkpoint {folder} failed: {cause}. The partial folder is ignored on resume; {resume}. Free "
+            f"space there, lower save_total_limit, or set --output_dir on a larger disk (the error was: "
+            f"{str(error).strip()[:200]})")
+
+
+# ------------------------------------------------------------------------------------ another model's checkpoint
+
+#: model config fields that do not shape the weights (left out when naming what differs)
+_CONFIG_NOISE = {"_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype", "use_cache",
+                 "_attn_implementation", "attn_implementation", "_attn_implementation_autoset", "output_attentions",
+                 "output_hidden_states", "return_dict", "pad_token_id", "bos_token_id", "eos_token_id",
+                 "id2label", "label2id", "tokenizer_class", "torch_compile", "problem_type"}
+
+
+def _safetensors_shapes(path: str) -> dict[str, list[int]]:
+    import struct
+
+    with open(path, "rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(length))
+    return {k: list(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+
+
+def saved_shapes(folder: str) -> tuple[dict[str, list[int]], bool] | None:
+    """{tensor name: shape} of the weights a checkpoint holds (read from the safetensors headers, nothing loaded) and
+    whether they are a PEFT adapter's; None when it holds no safetensors weights."""
+    import glob
+
+    if os.path.isfile(os.path.join(folder, "adapter_model.safetensors")):
+        return _safetensors_shapes(os.path.join(folder, "adapter_model.safetensors")), True
+    files = glob.glob(os.path.join(glob.escape(folder), "model*.safetensors"))
+    if not files:
+        return None
+    shapes: dict[str, list[int]] = {}
+    for path in sorted(files):
+        shapes.update(_safetensors_shapes(path))
+    return shapes, False
+
+
+def _config_differences(folder: str, model: Any) -> list[str]:
+    path = os.path.join(folder, "config.json")
+    base = getattr(model, "get_base_model", lambda: model)()
+    config = getattr(base, "config", None)
+    if not os.path.isfile(path) or config is None:
+        return []
+    with open(path, encoding="utf-8") as fh:
+        saved = json.load(fh)
+    if saved.get("model_type") == getattr(config, "model_type", None):  # both with the class's defaults filled in
+        with contextlib.suppress(Exception):
+            saved = type(config).from_dict(saved).to_dict()
+    wanted = config.to_dict()
+    keys = sorted((set(saved) | set(wanted)) - _CONFIG_NOISE)
+    return [f"{k}: {saved.get(k)!r} in the checkpoint, {wanted.get(k)!r} asked for" for k in keys
+            if saved.get(k) != wanted.get(k) and not isinstance(saved.get(k, wanted.get(k)), dict)]
+
+
+def model_mismatch(folder: str, model: Any) -> str | None:
+    """Why the weights of checkpoint ``folder`` cannot be loaded into ``model`` (other shapes, other tensors), naming
+    the model config fields that differ; None when they fit (or the checkpoint holds no safetensors weights)."""
+    found = saved_shapes(folder)
+    if found is None:
+        return None
+    saved, is_adapter = found
+    if is_adapter:
+        try:
+            from peft import get_peft_model_state_dict
+        except ImportError:  # pragma: no cover - depends on the environment
+            return None
+        if not hasattr(model, "peft_config"):
+            return "the checkpoint holds a LoRA adapter, the model asked for is not a PEFT model (use_peft)"
+        state = get_peft_model_state_dict(model)
+        tied_ok: set[str] = set()
+    else:
+        state = model.state_dict()
+        by_storage: dict[int, list[str]] = {}
+        for name, tensor in state.items():
+            by_storage.setdefault(tensor.data_ptr(), []).append(name)
+        # a tied weight (lm_head = embed_tokens) is saved once
+        tied_ok = {n for names in by_storage.values() if any(x in saved for x in names) for n in names}
+    ours = {k: list(v.shape) for k, v in state.items()}
+    reshaped = [k for k in ours if k in saved and saved[k] != ours[k]]
+    missing = [k for k in ours if k not in saved and k not in tied_ok]
+    unexpected = [k for k in saved if k not in ours]
+    if not (reshaped or missing or unexpected):
+        return None
+    parts = []
+    fields = _config_differences(folder, model)
+    if fields:
+        parts.append("the model config differs: " + "; ".join(fields[:8]) + (" ..." if len(fields) > 8 else ""))
+    if reshaped:
+        k = reshaped[0]
+        parts.append(f"{len(reshaped)} tensor(s) have another shape (first: {k} {saved[k]} in the checkpoint, "
+                     f"{ours[k]} asked for)")
+    if missing or unexpected:
+        parts.append(f"{len(missing)} tensor(s) of the model are not in the checkpoint, {len(unexpected)} of the "
+                     f"checkpoint not in the model (first: {(missing or unexpected)[0]})")
+    return "; ".join(parts)

@@ -461,6 +461,9 @@ class AdaptiveDPOConfig(TrainingArguments):
         for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)}")
+        if self.output_dir and os.path.isfile(self.output_dir):
+            raise ValueError(f"output_dir={self.output_dir} is a file; it must be a folder (the run directory, created "
+                             "if missing): choose another --output_dir")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be at least 2 (a prompt token and a completion token), got "
                              f"{self.max_length}")
@@ -470,6 +473,17 @@ class AdaptiveDPOConfig(TrainingArguments):
             raise ValueError(f"max_prompt_length={self.max_prompt_length} applies to truncation_mode keep_prompt_end "
                              f"only; with truncation_mode {self.truncation_mode} it would change nothing: drop it, or "
                              "set truncation_mode keep_prompt_end")
+
+    def check_trains_something(self) -> None:
+        """Refuse a run length that trains nothing: max_steps 0 (transformers reads it as unset and trains the
+        epochs instead) and num_train_epochs <= 0 with max_steps -1 (a 'complete' run with an untrained model)."""
+        if self.max_steps == 0:
+            raise ValueError("max_steps=0 would train nothing (transformers takes 0 as unset and trains "
+                             "num_train_epochs instead): set max_steps > 0, or -1 to train num_train_epochs epochs")
+        if self.max_steps < 0 and self.num_train_epochs <= 0:
+            raise ValueError(f"num_train_epochs={self.num_train_epochs:g} with max_steps={self.max_steps} trains "
+                             "nothing (the run would end 'complete' with the untrained model): set num_train_epochs "
+                             "> 0 or max_steps > 0")
 
     def _warn_about_settings_without_effect(self) -> None:
         """A warning for each setting that changes nothing with the rest of the config (nothing silently unused)."""

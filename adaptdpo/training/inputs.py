@@ -21,7 +21,7 @@ import os
 from typing import Any
 
 from adaptdpo.compat.trl_config import is_trl_config, trl_config_values
-from adaptdpo.data.readers import DataValidationError
+from adaptdpo.data.readers import REFERENCE_COLUMNS, DataValidationError, reference_columns_notice
 from adaptdpo.data.rows import normalise_row, text_row_as_messages
 from adaptdpo.data.tokenize import (
     TokenizedPair,
@@ -164,6 +164,30 @@ def is_tokenised(dataset: Any) -> bool:
     return bool(columns) and all(c in columns for c in TOKENISED_COLUMNS)
 
 
+def checked_reference_columns(dataset: Any, name: str) -> None:
+    """Already tokenised data may carry precomputed reference log-probs (TRL's ``ref_chosen_logps`` /
+    ``ref_rejected_logps``, as its precompute_ref_log_probs leaves them): the trainer uses them, so both must be there
+    and hold finite log-probs (numbers <= 0); errors name the dataset, the row and the column."""
+    import math
+
+    present = [c for c in REFERENCE_COLUMNS if c in dataset.column_names]
+    if not present:
+        return
+    if len(present) == 1:
+        missing = next(c for c in REFERENCE_COLUMNS if c not in present)
+        raise DataValidationError(name, None, missing, f"missing, while {present[0]} is given (precomputed reference "
+                                  "log-probs need both columns)")
+    for column in REFERENCE_COLUMNS:
+        for index, value in enumerate(dataset[column]):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise DataValidationError(name, index, column, f"expected a number (a summed log-prob), got "
+                                          f"{type(value).__name__} {value!r:.40}")
+            if not math.isfinite(value) or value > 1e-3:
+                raise DataValidationError(name, index, column, f"{value} is not a log-prob (a finite number <= 0)")
+    logger.info("%s: its %s columns are the reference log-probs (checked: finite, <= 0); no reference model scores "
+                "these pairs", name, " / ".join(REFERENCE_COLUMNS))
+
+
 def truncated_tokenised(dataset: Any, args: Any, name: str) -> Any:
     """Already tokenised data cut to ``max_length`` as ``truncation_mode`` says, as raw data is (keep_end: by the
     collator); a pair left without signal is an error naming the dataset and row."""
@@ -208,7 +232,13 @@ def prepare_dataset(dataset: Any, tokenizer: Any, args: Any, name: str) -> Any:
         return dataset if is_tokenised(dataset) else streamed_dataset(dataset, tokenizer, args, name)
     if is_tokenised(dataset):
         dataset = dataset if isinstance(dataset, datasets.Dataset) else datasets.Dataset.from_list(list(dataset))
+        checked_reference_columns(dataset, name)
         return truncated_tokenised(dataset, args, name)
+    columns = getattr(dataset, "column_names", None) or (list(dataset[0]) if isinstance(dataset, (list, tuple))
+                                                         and dataset else [])
+    with_reference = [c for c in REFERENCE_COLUMNS if c in columns]
+    if with_reference:  # raw rows: the live reference scores them (as TRL without precompute_ref_log_probs); say so
+        logger.warning("%s", reference_columns_notice(name, len(dataset)))
 
     rows = []
     kind = None

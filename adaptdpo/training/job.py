@@ -24,6 +24,7 @@ from adaptdpo.training.checkpointing import (
     atomic_write_json,
     checkpoint_folders,
     last_complete_checkpoint,
+    model_mismatch,
     remove_incomplete_checkpoints,
     usable_checkpoint,
     verify_checkpoint,
@@ -240,6 +241,7 @@ def run_training(config: AdaptiveDPOConfig, extra_callbacks: list | None = None)
 
     The output directory is locked for the run (:mod:`adaptdpo.training.run_lock`). A finished run is reported and
     left as it is unless ``overwrite_output_dir`` is set; an interrupted one resumes (``resume: auto``)."""
+    config.check_trains_something()
     os.makedirs(config.output_dir, exist_ok=True)
     lock = RunLock(config.output_dir) if config.is_main_process else contextlib.nullcontext()
     with lock:
@@ -288,6 +290,12 @@ def _run_training(config: AdaptiveDPOConfig, extra_callbacks: list | None) -> di
         reference = None  # scheduler pre-training trains on the chosen responses alone: no reference
     if config.use_peft:
         policy = apply_lora(config, policy)
+    if resume is not None:  # before tokenising: a checkpoint of another model shape is named, not a 4 KB load error
+        mismatch = model_mismatch(resume, policy)
+        if mismatch:
+            raise ValueError(f"resume checkpoint {resume} holds another model than the one asked for: {mismatch}. "
+                             "Resume with the model settings it was trained with, or start a new run "
+                             "(--overwrite_output_dir true or another --output_dir)")
     check_half_precision_updates(policy, config.learning_rate, config.allow_half_precision_updates)
     if streams is not None:
 
@@ -347,6 +355,8 @@ def _run_training(config: AdaptiveDPOConfig, extra_callbacks: list | None) -> di
                                          "field": err.field, "problem": err.problem}) + "\n")
     for report in data.reports:
         logger.log(logging.WARNING if report.skipped else logging.INFO, "%s", report.summary())
+        if report.reference_columns_notice():
+            logger.warning("%s", report.reference_columns_notice())
     logger.info("data: %s", data_summary)
     logger.info("processes: world_size=%d (%s), device %s", config.world_size,
                 config.distributed_state.distributed_type.value, config.device)

@@ -24,6 +24,36 @@ class PreparedData:
     reports: list[LoadReport]
 
 
+def _pair_key(row: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps([row["prompt"], row["chosen"], row["rejected"]], sort_keys=True, ensure_ascii=False)
+
+
+def held_out_without_copies(train_rows: list[dict[str, Any]], eval_rows: list[dict[str, Any]], how: str,
+                            drop: bool = True) -> list[dict[str, Any]]:
+    """The held-out rows less those that are copies of a training row (same prompt, chosen and rejected): scored in
+    evaluation they would measure pairs the model trained on. Dropped (``drop``, a split of the training data) or,
+    for an eval file the user chose, kept; either way warned with counts."""
+    seen = {_pair_key(r) for r in train_rows}
+    copies = [r for r in eval_rows if _pair_key(r) in seen]
+    if not copies:
+        return eval_rows
+    if not drop:
+        logger.warning("%s: %d of its %d rows are copies of training rows (same prompt, chosen and rejected; first "
+                       "eval row %s): their metrics measure pairs the model trains on", how, len(copies),
+                       len(eval_rows), copies[0].get("pair_id"))
+        return eval_rows
+    kept = [r for r in eval_rows if _pair_key(r) not in seen]
+    logger.warning("%s: %d of the %d held-out rows are copies of training rows (same prompt, chosen and rejected; "
+                   "first: row %s); they are left out of the eval split, whose metrics they would inflate (%d rows "
+                   "remain)", how, len(copies), len(eval_rows), copies[0].get("pair_id"), len(kept))
+    if not kept:
+        raise ValueError(f"{how}: every held-out row is a copy of a training row, so no eval row is left; deduplicate "
+                         "the data or give an eval_file")
+    return kept
+
+
 def prepare_rows(config: AdaptiveDPOConfig) -> PreparedData:
     held_out_later = config.eval_file is None and (config.eval_fraction > 0 or config.test_split_size is not None)
     limit = None if held_out_later else config.max_train_samples
@@ -41,14 +71,16 @@ def prepare_rows(config: AdaptiveDPOConfig) -> PreparedData:
     if config.test_split_size is not None and config.eval_file is None:
 
         train_rows, eval_rows = split_off_test_rows(train_rows, config.test_split_size, seed)
-        eval_rows = eval_rows[: config.max_eval_samples]
         train_rows = train_rows[: config.max_train_samples]
+        eval_rows = held_out_without_copies(train_rows, eval_rows, f"test_split_size={config.test_split_size}")
+        eval_rows = eval_rows[: config.max_eval_samples]
     elif config.eval_file:
         eval_rows, eval_report = load_preference_rows(
             config.eval_file, config.eval_split, skip_invalid=config.skip_invalid_rows,
             config_name=config.dataset_config if config.eval_file == config.train_file else None,
             implicit_prompt_marker=config.implicit_prompt_marker, limit=config.max_eval_samples)
         reports.append(eval_report)
+        eval_rows = held_out_without_copies(train_rows, eval_rows, f"eval_file={config.eval_file}", drop=False)
     elif config.eval_fraction > 0:
         order = list(range(len(train_rows)))
         random.Random(seed).shuffle(order)
@@ -56,10 +88,11 @@ def prepare_rows(config: AdaptiveDPOConfig) -> PreparedData:
         held = set(order[:n_eval])
         eval_rows = [r for i, r in enumerate(train_rows) if i in held]
         train_rows = [r for i, r in enumerate(train_rows) if i not in held]
-        if config.max_eval_samples is not None:
-            eval_rows = eval_rows[: config.max_eval_samples]
         if config.max_train_samples is not None:
             train_rows = train_rows[: config.max_train_samples]
+        eval_rows = held_out_without_copies(train_rows, eval_rows, f"eval_fraction={config.eval_fraction}")
+        if config.max_eval_samples is not None:
+            eval_rows = eval_rows[: config.max_eval_samples]
     return PreparedData(train_rows, eval_rows, reports)
 
 

@@ -44,7 +44,16 @@ from adaptdpo.models.prefix_cache import PrefixCache
 from adaptdpo.models.sequence_logps import SequenceLogps, branch_pooling_masks, sequence_logps
 from adaptdpo.models.sources import load_encoder_backbone
 from adaptdpo.models.token_ops import unwrap
-from adaptdpo.training.checkpointing import CHECKPOINT_STATE_FILE, atomic_torch_save, mark_checkpoint_complete
+from adaptdpo.training.checkpointing import (
+    CHECKPOINT_STATE_FILE,
+    CheckpointWriteError,
+    atomic_torch_save,
+    describe_write_failure,
+    folder_bytes,
+    last_complete_checkpoint,
+    mark_checkpoint_complete,
+    state_bytes,
+)
 from adaptdpo.training.config import AdaptiveDPOConfig
 from adaptdpo.training.hub import model_files_only
 from adaptdpo.training.inputs import (
@@ -682,6 +691,7 @@ class AdaptiveDPOTrainer(Trainer):
                 f"and train again. No final model was saved; checkpoints so far are in {self.args.output_dir}")
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
+        self.args.check_trains_something()
         self._invocation_start = time.time()
         return super().train(*args, **kwargs)
 
@@ -755,23 +765,35 @@ class AdaptiveDPOTrainer(Trainer):
             self.flush_trace()
         limit = self.args.save_total_limit
         self.args.save_total_limit = None
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.save_total_limit = limit
         run_dir = self._get_output_dir(trial=trial)
         folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        totals = self._run_totals_now()  # every rank: may gather
-        if self.args.should_save:
-            atomic_torch_save({"step_policy": self.step_policy.state_dict(), "run_totals": totals},
-                              os.path.join(folder, CHECKPOINT_STATE_FILE))
-            if self.args.sync_ref_model:  # TR-DPO: the reference has moved; resume must start from where it is
-                save_reference(self.ref_model, os.path.join(folder, REFERENCE_STATE_FILE))
+        try:
+            super()._save_checkpoint(model, trial)
+            totals = self._run_totals_now()  # every rank: may gather
+            if self.args.should_save:
+                atomic_torch_save({"step_policy": self.step_policy.state_dict(), "run_totals": totals},
+                                  os.path.join(folder, CHECKPOINT_STATE_FILE))
+                if self.args.sync_ref_model:  # TR-DPO: the reference has moved; resume must start from where it is
+                    save_reference(self.ref_model, os.path.join(folder, REFERENCE_STATE_FILE))
+        except (OSError, RuntimeError) as error:  # a full disk: torch's zip writer says only "unexpected pos ..."
+            self._raise_if_disk_full(error, folder, run_dir)
+            raise
+        finally:
+            self.args.save_total_limit = limit
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             mark_checkpoint_complete(folder)
             rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+
+    def _raise_if_disk_full(self, error: BaseException, folder: str, run_dir: str) -> None:
+        """Name a full disk (where, how much the checkpoint needs) instead of torch's zip-writer assertion."""
+        last = last_complete_checkpoint(run_dir)
+        needed = folder_bytes(last) if last else state_bytes(self.model, self.optimizer,
+                                                             self.ref_model if self.args.sync_ref_model else None)
+        message = describe_write_failure(error, folder, needed, last)
+        if message is not None:
+            raise CheckpointWriteError(message) from error
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """As transformers does; then, when a changed learning_rate was accepted on resume, the restored schedule
