@@ -106,6 +106,22 @@ def config_changes(old: dict[str, Any], new: dict[str, Any],
     return out
 
 
+#: what a run optimises (the loss, β, method, pair selection, truncation): checked by the trainer itself on resume
+OBJECTIVE_FIELDS = frozenset({"beta", "loss_type", "loss_weights", "label_smoothing", "discopop_tau",
+                              "f_divergence_type", "f_alpha_divergence_coef", "use_weighting", "ld_alpha", "method",
+                              "max_length", "max_prompt_length", "truncation_mode", "sync_ref_model",
+                              "ref_model_mixup_alpha", "ref_model_sync_steps", "precompute_ref_log_probs"})
+OBJECTIVE_PREFIXES = ("beta_dpo_", "sams_", "pair_")
+
+
+def objective_changes(old: dict[str, Any], new: dict[str, Any],
+                      defaults: dict[str, Any] | None = None) -> dict[str, tuple[Any, Any]]:
+    """:func:`config_changes` restricted to what the run optimises (:data:`OBJECTIVE_FIELDS`, β-DPO's, SamS's and the
+    pair selection's fields)."""
+    return {k: v for k, v in config_changes(old, new, defaults).items()
+            if k in OBJECTIVE_FIELDS or k.startswith(OBJECTIVE_PREFIXES)}
+
+
 def record_config_changes(run_dir: str, step: int, changes: dict[str, tuple[Any, Any]]) -> None:
     """Append an accepted change to config_changes.jsonl: from ``step`` on, the new values apply."""
     record = {"from_step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),

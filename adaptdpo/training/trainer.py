@@ -54,7 +54,7 @@ from adaptdpo.training.checkpointing import (
     mark_checkpoint_complete,
     state_bytes,
 )
-from adaptdpo.training.config import AdaptiveDPOConfig
+from adaptdpo.training.config import AdaptiveDPOConfig, config_defaults
 from adaptdpo.training.hub import model_files_only
 from adaptdpo.training.inputs import (
     apply_peft,
@@ -67,7 +67,7 @@ from adaptdpo.training.inputs import (
 from adaptdpo.training.model_card import write_model_card
 from adaptdpo.training.reference import is_sharded, prepare_reference
 from adaptdpo.training.reference_sync import REFERENCE_STATE_FILE, ReferenceSyncCallback, save_reference
-from adaptdpo.training.run_dir import PAIR_TRACE_FILE, read_summary
+from adaptdpo.training.run_dir import PAIR_TRACE_FILE, objective_changes, read_summary
 from adaptdpo.training.safeguards import STALLED_STEPS, TrainingStalledError, router_aux_loss_coefficient
 
 logger = logging.getLogger(__name__)
@@ -303,6 +303,10 @@ class AdaptiveDPOTrainer(Trainer):
         cache = None if output_hidden_states else self._ref_logps_cache
         if cache is not None and (hit := cache.get(batch)) is not None:
             return *hit, None
+        if self.ref_model is None and not self.peft_reference:  # never the trained policy in the reference's place
+            raise ValueError("this batch has no precomputed reference log-probs and the trainer keeps no reference "
+                             "model (precompute_ref_log_probs): evaluate datasets passed at construction, or through "
+                             "evaluate(eval_dataset=...) before training")
         model = self.ref_model if self.ref_model is not None else self.model
         with self._reference_context(), self.compute_loss_context_manager():
             out = self._logps(model, batch, output_hidden_states=output_hidden_states, ld_alpha=self.args.ld_alpha,
@@ -771,8 +775,8 @@ class AdaptiveDPOTrainer(Trainer):
             super()._save_checkpoint(model, trial)
             totals = self._run_totals_now()  # every rank: may gather
             if self.args.should_save:
-                atomic_torch_save({"step_policy": self.step_policy.state_dict(), "run_totals": totals},
-                                  os.path.join(folder, CHECKPOINT_STATE_FILE))
+                atomic_torch_save({"step_policy": self.step_policy.state_dict(), "run_totals": totals,
+                                   "method": self.args.method}, os.path.join(folder, CHECKPOINT_STATE_FILE))
                 if self.args.sync_ref_model:  # TR-DPO: the reference has moved; resume must start from where it is
                     save_reference(self.ref_model, os.path.join(folder, REFERENCE_STATE_FILE))
         except (OSError, RuntimeError) as error:  # a full disk: torch's zip writer says only "unexpected pos ..."
@@ -785,6 +789,29 @@ class AdaptiveDPOTrainer(Trainer):
             mark_checkpoint_complete(folder)
             rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+
+    def _check_objective_unchanged(self, checkpoint: str) -> None:
+        """A resumed run keeps its objective: a checkpoint trained with another loss, β, method, selection or
+        truncation is refused, naming the fields (``accept_config_change`` continues with the new values). The
+        command line checks the whole config before this (adaptdpo.training.job)."""
+        from transformers.trainer import TRAINING_ARGS_NAME
+
+        path = os.path.join(checkpoint, TRAINING_ARGS_NAME)
+        if self.args.accept_config_change or not os.path.isfile(path):
+            return
+        try:
+            saved = torch.load(path, weights_only=False)
+            recorded = vars(saved)  # the fields it had (one added since falls back to the class default otherwise)
+            old = {k: v for k, v in saved.to_serialisable().items() if k in recorded}
+        except Exception as e:  # written by another version or another trainer: nothing to compare
+            logger.info("%s: not compared with this run's settings (%s)", path, e)
+            return
+        changes = objective_changes(old, self.args.to_serialisable(), config_defaults())
+        if changes:
+            listed = ", ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in changes.items())
+            raise ValueError(f"resume checkpoint {checkpoint} was trained with another objective: {listed}. Resume "
+                             "with the settings it was trained with, or set accept_config_change true to continue "
+                             "with the new ones")
 
     def _raise_if_disk_full(self, error: BaseException, folder: str, run_dir: str) -> None:
         """Name a full disk (where, how much the checkpoint needs) instead of torch's zip-writer assertion."""
@@ -814,12 +841,45 @@ class AdaptiveDPOTrainer(Trainer):
         scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # what get_last_lr() reports
         logger.warning("learning rate schedule continues from the accepted new base rate %g (was %g)", new, base[0])
 
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """As TRL 1.16: a dataset given here is prepared as at construction (raw rows validated and tokenised, a dict
+        evaluated set by set as ``<prefix>_<name>``) and, with ``precompute_ref_log_probs``, gets its reference
+        log-probs, which after training without a reference model (nor a PEFT base) is an error, not the trained
+        policy's log-probs."""
+        if eval_dataset is None or isinstance(eval_dataset, str):
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if isinstance(eval_dataset, dict):
+            metrics: dict[str, float] = {}
+            for name, dataset in eval_dataset.items():
+                metrics.update(self.evaluate(dataset, ignore_keys, f"{metric_key_prefix}_{name}"))
+            return metrics
+        columns = getattr(eval_dataset, "column_names", None) or []
+        if self.args.precompute_ref_log_probs and "ref_chosen_logps" not in columns:
+            if self.ref_model is None and not self.peft_reference and self.state.global_step > 0:
+                raise ValueError("evaluate(eval_dataset=...) after training with precompute_ref_log_probs and no "
+                                 "reference model: the reference is not kept in memory, so its log-probs for a new "
+                                 "dataset cannot be computed (the policy has moved). Pass the dataset as eval_dataset "
+                                 "at construction, pass a ref_model, or set precompute_ref_log_probs false (as TRL)")
+            eval_dataset = prepare_dataset(eval_dataset, self.processing_class, self.args, "eval_dataset")
+            reference = self.ref_model if self.ref_model is not None else self.model
+            eval_dataset = self._with_reference_logps(reference, eval_dataset, "eval")
+        else:
+            eval_dataset = prepare_dataset(eval_dataset, self.processing_class, self.args, "eval_dataset")
+        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        self._check_objective_unchanged(resume_from_checkpoint)
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = os.path.join(resume_from_checkpoint, CHECKPOINT_STATE_FILE)
         if os.path.exists(path):
             state = torch.load(path, weights_only=False)
-            self.step_policy.load_state_dict(state["step_policy"])
+            if state.get("method", self.args.method) != self.args.method:  # an accepted change of method
+                logger.warning("%s was trained with method %s; method %s starts its own state (β-DPO's moving "
+                               "averages, SamS's scheduler) afresh", resume_from_checkpoint, state["method"],
+                               self.args.method)
+            else:
+                self.step_policy.load_state_dict(state["step_policy"])
             self.run_totals = dict(state.get("run_totals", self.run_totals))
         reference_state = os.path.join(resume_from_checkpoint, REFERENCE_STATE_FILE)
         if self.args.sync_ref_model and os.path.exists(reference_state):
