@@ -222,3 +222,40 @@ def test_tokenize_dataset_equals_tokenize_rows_cached_and_parallel(hh_rows, toke
     kept, _ = tokenize_dataset(bad, tokenizer, 96, 48, "hh", report=report)
     assert [r["pair_id"] for r in kept] == [0, 1, 2, 4, 5]
     assert [(e.row, e.field) for e in report.skipped] == [(3, "rejected")] and report.rows_kept == 5
+
+
+def test_already_tokenised_data_is_cut_as_raw_data_is(models_and_examples, tmp_path, caplog):
+    """prompt_ids / chosen_ids / rejected_ids given to the trainer are truncated by the same truncation_mode as raw
+    rows (max_length is never silently ignored): keep_start cuts the completions and drops a pair whose prompt fills
+    max_length (warned); keep_end leaves the ids to the collator, which keeps each row's last max_length tokens."""
+    import copy
+    import logging
+
+    from datasets import Dataset
+
+    from adaptdpo.training.config import AdaptiveDPOConfig
+    from adaptdpo.training.trainer import AdaptiveDPOTrainer
+
+    policy, reference, examples, tokenizer = models_and_examples
+    rows = [{"prompt_ids": e["prompt_ids"], "chosen_ids": e["chosen_ids"], "rejected_ids": e["rejected_ids"]}
+            for e in examples]
+    longest_prompt = max(len(r["prompt_ids"]) for r in rows)
+    limit = longest_prompt  # the longest prompt alone fills it: that pair is dropped by keep_start
+    datasets_seen = {}
+    for mode in ("keep_start", "keep_end"):
+        with caplog.at_level(logging.WARNING, logger="adaptdpo"):
+            trainer = AdaptiveDPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference),
+                                         processing_class=tokenizer, train_dataset=Dataset.from_list(rows),
+                                         args=AdaptiveDPOConfig(output_dir=str(tmp_path / mode), use_cpu=True,
+                                                                max_length=limit, truncation_mode=mode))
+        datasets_seen[mode] = (trainer.train_dataset, trainer.data_collator)
+    kept, _ = datasets_seen["keep_start"]
+    expected = [r for r in rows if len(r["prompt_ids"]) < limit]
+    assert 0 < len(kept) == len(expected) < len(rows) and "pair(s) dropped" in caplog.text
+    for got, row in zip(kept, expected, strict=True):
+        room = limit - len(row["prompt_ids"])
+        assert got["prompt_ids"] == row["prompt_ids"] and got["chosen_ids"] == row["chosen_ids"][:room]
+    untouched, collator = datasets_seen["keep_end"]
+    assert len(untouched) == len(rows) and untouched[0]["chosen_ids"] == rows[0]["chosen_ids"]
+    assert collator.keep_end_max_length == limit and not collator.shared_prompt
+    assert collator([untouched[i] for i in range(3)])["input_ids"].shape[1] <= limit
