@@ -29,9 +29,9 @@ def model_dir(tokenizer, tmp_path_factory):
     cfg = tiny_model_config("tiny-llama", len(tokenizer), 32, 2, 4, 256, tokenizer.pad_token_id,
                             tokenizer.eos_token_id)
     build_tiny_model(cfg, seed=1).save_pretrained(folder)
-    tokenizer.chat_template = CHAT_TEMPLATE
+    original, tokenizer.chat_template = tokenizer.chat_template, CHAT_TEMPLATE
     tokenizer.save_pretrained(folder)
-    tokenizer.chat_template = None
+    tokenizer.chat_template = original  # the session's tokenizer, as the other test files expect it
     return str(folder)
 
 
