@@ -137,7 +137,7 @@ def test_a_resumed_run_refuses_a_changed_loss_beta_method_or_selection(small, ch
 
     from datasets import Dataset
 
-    from adaptdpo.training.config import parse_config
+    from adaptdpo.training.config_io import parse_config
     from adaptdpo.training.job import ConfigChangedError
 
     data, tok = small

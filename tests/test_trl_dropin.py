@@ -491,7 +491,7 @@ def test_our_truncation_rule_is_an_explicit_opt_in(tmp_path):
     """keep_prompt_end (the prompt keeps its end, no pair dropped) is chosen by truncation_mode or by setting
     max_prompt_length, which has no meaning under TRL's modes: set with one of them, it is an error, not ignored."""
     from adaptdpo import DPOConfig
-    from adaptdpo.training.config import parse_config
+    from adaptdpo.training.config_io import parse_config
 
     out = str(tmp_path / "o")
     assert DPOConfig(output_dir=out).truncation_mode == "keep_start"
