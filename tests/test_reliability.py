@@ -537,6 +537,7 @@ def test_scheduler_rounds_with_the_pool_on_another_device_than_the_networks():
     assert ("meta", "cpu") in moved  # pooled rounds came back to the round's device before the fit
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_sams_scheduler_on_cuda_with_a_cpu_pool():
     from adaptdpo.methods.sams.scheduler import SamsScheduler
