@@ -25,15 +25,16 @@ HH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "
 
 
 def build(pairs: int, hidden: int, layers: int, max_length: int, workdir: str, vocab: int = 0,
-          shared_prompt: bool = False, padding_free: bool = False):
+          shared_prompt: bool = False, padding_free: bool = False, model: bool = True):
     """(policy, tokenizer, collated batch of ``pairs`` HH pairs; packed when ``shared_prompt``, every pair in one row
-    when ``padding_free``)."""
+    when ``padding_free``). ``model=False``: no policy (None), only the batch (a 0.5 B model takes seconds to
+    initialise)."""
     rows, _ = load_preference_rows(HH, skip_invalid=True, limit=max(pairs, 256))
     texts = [r[k] for r in rows for k in ("prompt", "chosen", "rejected")]
     tok = train_tokenizer(texts, 2048, os.path.join(workdir, "tok-" + text_fingerprint(texts, 2048)))
     cfg = tiny_model_config("tiny-llama", max(len(tok), vocab), hidden, layers, max(1, hidden // 64), max_length,
                             tok.pad_token_id, tok.eos_token_id)
-    policy = build_tiny_model(cfg, seed=0)
+    policy = build_tiny_model(cfg, seed=0) if model else None
     examples, _ = tokenize_rows(rows[:pairs], tok, max_length=max_length, max_prompt_length=max_length // 2)
     collator = PreferenceCollator(tok.pad_token_id, shared_prompt=shared_prompt or padding_free,
                                   padding_free=padding_free)

@@ -8,7 +8,11 @@ Each placement trains the tiny-llama preset at the given shape from the same see
 --steps optimizer steps, bf16 autocast over fp32 weights. Reported: the loss at every logged step against the
 one-process run's, seconds per step after the first, peak CUDA memory. Finished placements are kept in
 <workdir>/results.jsonl and skipped when the command is run again; ZeRO-3 is skipped when deepspeed is not
-installed (`make gpu-wheels-deepspeed` builds a wheel for the GPU machine).
+installed (`make -f benchmarks/gpu/Makefile gpu-wheels-deepspeed` builds a wheel for the GPU machine).
+
+``--cpu`` (the dry run of gpu_suite.sh first): the one-process run on the CPU in this process, float32; the sharded
+placements are not run (accelerate puts FSDP and DeepSpeed on GPUs only): their launch commands are built and
+checked, and their rows say so.
 """
 
 from __future__ import annotations
@@ -29,19 +33,39 @@ PLACEMENTS = {"one process": [], "FSDP2": ["--accelerate_config", "fsdp2", "--nu
               "ZeRO-3": ["--accelerate_config", "zero3", "--num_processes", "1"]}
 
 
-def train(name: str, ns: argparse.Namespace) -> dict:
-    out = os.path.join(ns.workdir, name.replace(" ", "-"))
-    shutil.rmtree(out, ignore_errors=True)
-    argv = [sys.executable, "-m", "adaptdpo", "train", os.path.join(ROOT, "configs", "tiny-cpu.yaml"),
-            *PLACEMENTS[name], "--use_cpu", "false", "--bf16", "auto", "--tiny_hidden_size", str(ns.hidden),
-            "--tiny_num_layers", str(ns.layers), "--tiny_num_heads", str(ns.hidden // 64),
-            "--tokenizer_vocab_size", "8192", "--max_length", "512", "--max_prompt_length", "256",
+def train_args(name: str, ns: argparse.Namespace, out: str) -> list[str]:
+    """``adaptdpo train``'s arguments for one placement."""
+    return [os.path.join(ROOT, "configs", "tiny-cpu.yaml"), *PLACEMENTS[name],
+            "--use_cpu", str(ns.cpu).lower(), "--bf16", "false" if ns.cpu else "auto",
+            "--tiny_hidden_size", str(ns.hidden), "--tiny_num_layers", str(ns.layers),
+            "--tiny_num_heads", str(max(1, ns.hidden // 64)), "--tokenizer_vocab_size", str(ns.vocab),
+            "--max_length", str(ns.max_length), "--max_prompt_length", str(ns.max_length // 2),
             "--per_device_train_batch_size", "8", "--learning_rate", "1e-5", "--max_steps", str(ns.steps),
             "--logging_steps", "1", "--eval_strategy", "no", "--save_strategy", "no", "--plots", "false",
             "--output_dir", out]
-    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
-    if done.returncode != 0:
-        return {"error": done.stderr[-1500:]}
+
+
+def train(name: str, ns: argparse.Namespace) -> dict:
+    out = os.path.join(ns.workdir, name.replace(" ", "-"))
+    shutil.rmtree(out, ignore_errors=True)
+    args = train_args(name, ns, out)
+    if ns.cpu:
+        from adaptdpo.cli import accelerate_launch_command
+
+        if PLACEMENTS[name]:  # FSDP2 / ZeRO-3: GPUs only; the launch command must still be a valid one
+            launch = accelerate_launch_command(args)
+            assert launch is not None and "--config_file" in launch, launch
+            return {"skipped": "CPU dry run: accelerate puts FSDP and DeepSpeed on GPUs only (launch command "
+                               "checked, not run)"}
+        from adaptdpo.training.config import parse_config
+        from adaptdpo.training.job import run_training
+
+        run_training(parse_config(args[1:], yaml_path=args[0]))
+    else:
+        done = subprocess.run([sys.executable, "-m", "adaptdpo", "train", *args], cwd=ROOT, capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            return {"error": done.stderr[-1500:]}
     with open(os.path.join(out, "summary.json"), encoding="utf-8") as fh:
         summary = json.load(fh)
     with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as fh:
@@ -52,17 +76,23 @@ def train(name: str, ns: argparse.Namespace) -> dict:
             "peak_cuda_gib": summary.get("peak_cuda_allocated_bytes", 0) / 2**30, "versions": summary["versions"]}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--vocab", type=int, default=8192, help="the tokenizer's vocabulary (trained on the data)")
+    parser.add_argument("--max_length", type=int, default=512)
+    parser.add_argument("--placements", nargs="+", default=list(PLACEMENTS), choices=list(PLACEMENTS))
+    parser.add_argument("--cpu", action="store_true", help="the dry run: see the module docstring")
     parser.add_argument("--workdir", default="runs/sharded")
     parser.add_argument("--out", default=None)
-    ns = parser.parse_args()
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ns = parser.parse_args(argv)
+    ns.placements = ["one process", *(p for p in ns.placements if p != "one process")]
     cache = ResultCache(ns.workdir)
-    shape = f"hidden {ns.hidden}, {ns.layers} layers, {ns.steps} steps"
-    for name in PLACEMENTS:
+    shape = f"hidden {ns.hidden}, {ns.layers} layers, {ns.steps} steps" + (", CPU" if ns.cpu else "")
+    for name in ns.placements:
         key = f"{name} | {shape}"
         if key in cache.done:
             continue
@@ -72,12 +102,15 @@ def main() -> int:
         print(f"training: {name} ({shape})", file=sys.stderr)
         cache.add(key, train(name, ns))
     base = cache.done.get(f"one process | {shape}", {})
-    lines = [f"Shape: tiny-llama, {shape}, 8 HH pairs a step, bf16 autocast over fp32 weights, one GPU.", "",
+    where = "float32 on the CPU (dry run)" if ns.cpu else "bf16 autocast over fp32 weights, one GPU"
+    lines = [f"Shape: tiny-llama, {shape}, 8 HH pairs a step (max_length {ns.max_length}), {where}.", "",
              "| placement | max abs loss diff vs one process | s/step | peak CUDA GiB |", "|---|---|---|---|"]
-    for name in PLACEMENTS:
+    for name in ns.placements:
         result = cache.done.get(f"{name} | {shape}")
         if result is None:
             lines.append(f"| {name} | not run | | |")
+        elif "skipped" in result:
+            lines.append(f"| {name} | skipped: {result['skipped']} | | |")
         elif "error" in result:
             lines.append(f"| {name} | failed: {result['error'].strip().splitlines()[-1][:150]} | | |")
         else:
@@ -89,6 +122,9 @@ def main() -> int:
     if ns.out:
         with open(ns.out, "w", encoding="utf-8") as fh:
             fh.write(text)
+    if ns.json:
+        with open(ns.json, "w", encoding="utf-8") as fh:
+            json.dump({name: cache.done.get(f"{name} | {shape}") for name in ns.placements}, fh, indent=2)
     return 0
 
 

@@ -12,7 +12,9 @@ scheduler), timed in steady state: its replay pool holds the 32 rounds the sched
 reference forward, N = matmul parameters, T = tokens of the stacked batch — the same T for every
 configuration, so a configuration that does less work shows a higher "effective" rate), compared with
 this machine's measured dense matmul throughput. Memory (``--memory``): the step's peak above idle, measured in a fresh
-process per configuration (see common.step_memory).
+process per configuration (see common.step_memory); ``--memory_in_process``: in this process, after the timed rounds
+(on CUDA exact: max_memory_allocated during the step minus the allocated memory before it, whatever else is resident;
+on the CPU only indicative). ``--json``: the figures as JSON too (benchmarks/gpu_first.py reads them).
 """
 
 from __future__ import annotations
@@ -131,29 +133,37 @@ def memory_in_fresh_process(ns, name: str) -> dict[str, int]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup_steps", type=int, default=2, help="untimed steps per configuration first")
+    parser.add_argument("--peak_size", type=int, default=0, help="side of the square matmul whose throughput is the "
+                        "reference (0: 8192 on CUDA, 1024 on the CPU)")
     add_shape_arguments(parser, pairs=8, hidden=256, layers=4, max_length=256)
     parser.add_argument("--out", default=None)
     parser.add_argument("--memory", action="store_true", help="also measure each step's peak memory above idle, "
                         "in a fresh process per configuration")
+    parser.add_argument("--memory_in_process", action="store_true", help="the same, in this process after the timed "
+                        "rounds (exact on CUDA, see the module docstring)")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--configs", nargs="+", default=None, choices=list(OURS), metavar="NAME",
                         help="only these adaptdpo configurations (with TRL and 'adaptdpo dpo'); default all")
     parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: memory of one configuration
-    ns = parser.parse_args()
+    ns = parser.parse_args(argv)
     if ns.only:
         print(json.dumps(memory_of(ns, ns.only)))
-        return
+        return None
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
+    memory = ns.memory or ns.memory_in_process
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as workdir:
         policy, tok, batch = build(ns.pairs, ns.hidden, ns.layers, ns.max_length, workdir, ns.vocab)
-        _, _, packed = build(ns.pairs, ns.hidden, ns.layers, ns.max_length, workdir, ns.vocab, shared_prompt=True)
+        _, _, packed = build(ns.pairs, ns.hidden, ns.layers, ns.max_length, workdir, ns.vocab, shared_prompt=True,
+                             model=False)
         _, _, padding_free = build(ns.pairs, ns.hidden, ns.layers, ns.max_length, workdir, ns.vocab,
-                                   padding_free=True)
+                                   padding_free=True, model=False)
         layouts = {"stacked": batch, "packed": packed, "padding_free": padding_free}
         trainers = {"TRL DPOTrainer": make_trl_trainer(policy, tok, os.path.join(workdir, "trl"), cuda)}
         batches = {"TRL DPOTrainer": batch}
@@ -163,7 +173,7 @@ def main() -> None:
             trainers[name] = make_trainer(policy_for(name, policy), tok, os.path.join(workdir, str(i)), overrides, cuda)
             batches[name] = layouts[layout]
         for name, trainer in trainers.items():  # SamS: its scheduler fits on a full-size pool, as in a long run
-            warm_up(trainer, batches[name])
+            warm_up(trainer, batches[name], ns.warmup_steps)
         times: dict[str, list[float]] = {name: [] for name in trainers}
         for r in range(ns.rounds):
             order = list(trainers) if r % 2 == 0 else list(reversed(trainers))
@@ -172,8 +182,10 @@ def main() -> None:
                                                      for _ in range(ns.steps)))
             print(f"round {r + 1}/{ns.rounds}: " + ", ".join(f"{k} {v[-1] * 1e3:.0f} ms" for k, v in times.items()),
                   file=sys.stderr)
-        machine = matmul_throughput(device, torch.bfloat16 if cuda else torch.float32, 8192 if cuda else 1024,
-                                    20 if cuda else 5)
+        in_process = {name: step_memory(trainer, batches[name]) for name, trainer in trainers.items()
+                      } if ns.memory_in_process else {}
+        machine = matmul_throughput(device, torch.bfloat16 if cuda else torch.float32,
+                                    ns.peak_size or (8192 if cuda else 1024), 20 if cuda else 5)
     tokens = int(batch["attention_mask"].sum())
     n_matmul = matmul_params(policy)
     lines = [
@@ -185,25 +197,38 @@ def main() -> None:
         "",
         "| configuration | median step (ms) | step-time ratio to TRL (median over rounds) | step-time ratio to "
         "adaptdpo dpo (median over rounds) | pairs/s | tokens/s | achieved TFLOP/s (8·N·T) | share of matmul "
-        "throughput |" + (" step memory above idle (MiB) | memory ratio to TRL |" if ns.memory else ""),
-        "|---|---|---|---|---|---|---|---|" + ("---|---|" if ns.memory else ""),
+        "throughput |" + (" step memory above idle (MiB) | memory ratio to TRL |" if memory else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|---|" if memory else ""),
     ]
-    peak = {name: memory_in_fresh_process(ns, name) for name in times} if ns.memory else {}
+    peak = in_process or ({name: memory_in_fresh_process(ns, name) for name in times} if ns.memory else {})
     def ratio_to(values: list[float], base: str) -> float:
         return statistics.median(v / b for v, b in zip(values, times[base], strict=True))
 
+    figures: dict[str, dict] = {}
     for name, values in times.items():
         step = statistics.median(values)
         flops = 8 * n_matmul * tokens / step
+        figures[name] = {"step_s": step, "time_ratio_to_trl": ratio_to(values, "TRL DPOTrainer"),
+                         "pairs_per_s": ns.pairs / step, "tflops_8nt": flops / 1e12}
         row = (f"| {name} | {step * 1e3:.1f} | {ratio_to(values, 'TRL DPOTrainer'):.3f} | "
                f"{ratio_to(values, 'adaptdpo dpo'):.3f} | {ns.pairs / step:.1f} | {tokens / step:,.0f} | "
                f"{flops / 1e12:.3f} | {flops / machine:.1%} |")
-        if ns.memory:
+        if memory:
             above = peak[name]["peak"] - peak[name]["idle"]
             trl = peak["TRL DPOTrainer"]["peak"] - peak["TRL DPOTrainer"]["idle"]
             row += f" {above / 2**20:.0f} | {above / trl:.3f} |"
+            figures[name].update(memory_bytes=above, memory_ratio_to_trl=above / trl)
         lines.append(row)
+    if ns.memory_in_process:
+        lines.append("\nStep memory measured in this one process after the timed rounds"
+                     + ("." if cuda else " (on the CPU only indicative: see the module docstring)."))
     emit_table("\n".join(lines) + "\n", ns.out)
+    result = {"device": device_line(ns), "shape": shape_argv(ns), "tokens": tokens, "matmul_params": n_matmul,
+              "matmul_tflops": machine / 1e12, "configs": figures}
+    if ns.json:
+        with open(ns.json, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, indent=2)
+    return result
 
 
 if __name__ == "__main__":
