@@ -132,7 +132,7 @@ def piece_cuda_tests(ctx: Context) -> dict:
     if ctx.dry:  # they are collected and skip here; two cheap CPU twins run too (the test suite runs all of them)
         selections.append(("CPU twins", ["tests/test_cuda_paths.py", "-k", "controller or padding_free"]))
     # a test that hangs fails alone where the image has pytest-timeout
-    per_test = ["--timeout", "100"] if importlib.util.find_spec("pytest_timeout") and not ctx.dry else []
+    per_test = ["--timeout", "120"] if importlib.util.find_spec("pytest_timeout") and not ctx.dry else []
     table = ctx.table("a_cuda_tests.md")
     with open(table, "w", encoding="utf-8") as fh:
         fh.write("## CUDA paths against the dense reference (tests/test_cuda_paths.py)\n\n"
@@ -268,7 +268,7 @@ def piece_fsdp2(ctx: Context) -> dict:
 
 
 PIECES = [
-    Piece("a", "a_cuda_tests.md", "CUDA correctness tests (pytest -m cuda)", 150, 45, piece_cuda_tests),
+    Piece("a", "a_cuda_tests.md", "CUDA correctness tests (pytest -m cuda)", 180, 45, piece_cuda_tests),
     Piece("b1", "b_trl.md", "TRL 1.16 vs ours, SmolLM2-135M shape", 90, 45, piece_trl_smollm2),
     Piece("b2", "b_trl.md", "TRL 1.16 vs ours, 0.47 B shape", 110, 60, piece_trl_half_b),
     Piece("c", "c_mfu.md", "MFU at the 0.47 B shape", 70, 40, piece_mfu),
