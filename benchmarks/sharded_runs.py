@@ -57,7 +57,7 @@ def train(name: str, ns: argparse.Namespace) -> dict:
             assert launch is not None and "--config_file" in launch, launch
             return {"skipped": "CPU dry run: accelerate puts FSDP and DeepSpeed on GPUs only (launch command "
                                "checked, not run)"}
-        from adaptdpo.training.config import parse_config
+        from adaptdpo.training.config_io import parse_config
         from adaptdpo.training.job import run_training
 
         run_training(parse_config(args[1:], yaml_path=args[0]))
