@@ -54,7 +54,8 @@ from adaptdpo.training.checkpointing import (
     mark_checkpoint_complete,
     state_bytes,
 )
-from adaptdpo.training.config import AdaptiveDPOConfig, config_defaults
+from adaptdpo.training.config import AdaptiveDPOConfig
+from adaptdpo.training.config_io import config_defaults
 from adaptdpo.training.hub import model_files_only
 from adaptdpo.training.inputs import (
     apply_peft,
