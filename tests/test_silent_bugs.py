@@ -45,7 +45,7 @@ def test_packed_micro_batches_of_unequal_pair_counts_weight_every_pair_equally(m
     for (name, a), (_, b) in zip(packed.model.named_parameters(), whole.model.named_parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
     # what the bug computes (each micro-batch's mean, halved) differs: the test would have caught it
-    means = [float(packed.compute_loss(packed.model, dict(b), num_items_in_batch=None)) / 2 for b in micro]
+    means = [packed.compute_loss(packed.model, dict(b), num_items_in_batch=None).item() / 2 for b in micro]
     assert abs(sum(means) - expected) > 1e-3
 
 
