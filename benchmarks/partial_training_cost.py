@@ -65,10 +65,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{label}: first step {first:.2f} s, median {statistics.median(times):.2f} s", file=sys.stderr)
             del trainer
     full = results[0][2]
+    load = os.getloadavg()[1]  # over the last 5 minutes: other jobs on the machine slow every row
     lines = [f"SmolLM2-135M-Instruct, {ns.pairs} HH pairs ({tokens} tokens, max_length {ns.max_length}, shared-prompt "
              f"layout), forward + backward + optimizer step; CPU: {platform.processor() or platform.machine()}, "
              f"{torch.get_num_threads()} threads, native bf16: {cpu_has_native_bf16()}; torch {torch.__version__}; "
-             f"{time.strftime('%Y-%m-%d')}. Median of {ns.rounds} steps after a first one (which fills the cache).",
+             f"{time.strftime('%Y-%m-%d')}. Median of {ns.rounds} steps after a first one (which fills the cache). "
+             f"Load average at the end: {load:.1f} (above the core count: other jobs shared the cores).",
              "", "Command: `python benchmarks/partial_training_cost.py "
              f"--pairs {ns.pairs} --max_length {ns.max_length} --top {ns.top} --rounds {ns.rounds}`", "",
              "| configuration | first step (s) | step (s) | × full fp32 |", "|---|---|---|---|"]
