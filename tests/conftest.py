@@ -47,3 +47,14 @@ def models_and_examples(hh_rows, tokenizer, policy_and_reference):
     policy, reference = policy_and_reference
     examples, _ = tokenize_rows(hh_rows[:8], tokenizer, max_length=96, max_prompt_length=48)
     return policy, reference, examples, tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _torch_default_dtype_restored():
+    """Every test starts with torch's default dtype (float32): a test or library call that leaves float64 behind
+    (seen: a float64 reference model built in the CUDA-path CPU twins) must not change the next test's numbers."""
+    import torch
+
+    dtype = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(dtype)
