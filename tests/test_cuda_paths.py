@@ -143,6 +143,8 @@ def _trainer(tok, device: str, out, policy, reference, **overrides):
     from adaptdpo.training.config import AdaptiveDPOConfig
     from adaptdpo.training.trainer import AdaptiveDPOTrainer
 
+    # float32 unless a test asks for bf16 (bf16: auto turns it on on CUDA; these compare with float64 at 1e-4)
+    overrides.setdefault("bf16", False)
     args = AdaptiveDPOConfig(output_dir=str(out), use_cpu=device == "cpu", report_to="none", trace_pairs=False,
                              beta=0.1, **overrides)
     trainer = AdaptiveDPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args,
@@ -314,9 +316,20 @@ def test_sams_scheduler_rounds_with_its_pool_match_the_cpu(device):
         torch.testing.assert_close(a.rewards, b.rewards, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(a.predictions, b.predictions, atol=1e-4, rtol=1e-4)
     for module_a, module_b in zip(on_device.modules(), on_cpu.modules(), strict=True):
-        for (name, a), b in zip(module_a.named_parameters(), module_b.parameters(), strict=True):
+        for (name, a), b in zip(module_a.named_parameters(recurse=False), module_b.parameters(recurse=False),
+                                strict=True):
             assert a.device.type == device
-            torch.testing.assert_close(a.detach().cpu(), b.detach(), atol=1e-5, rtol=1e-4, msg=name)
+            a, b = a.detach().cpu(), b.detach()
+            if name == "in_proj_bias":
+                # the key bias shifts every score of a query by the same q·b_k, which softmax ignores: its true
+                # gradient is 0, so Adam turns each device's rounding noise (~1e-9) into steps of up to lr, in
+                # different directions on the two devices (seen on an H200: the only parameter off). Its query and
+                # value thirds are compared, the key third is left out.
+                third = a.numel() // 3
+                keep = torch.ones_like(a, dtype=torch.bool)
+                keep[third:2 * third] = False
+                a, b = a[keep], b[keep]
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=f"{type(module_a).__name__}.{name}")
 
 
 @pytest.mark.parametrize("level", ["batch", "instance"])
