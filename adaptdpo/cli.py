@@ -15,13 +15,15 @@ import sys
 USAGE = """adaptdpo <command> [...]
 
 commands:
-  train CONFIG.yaml [--key value ...]   train with a YAML config; every field can be overridden (--help lists them);
+  train [CONFIG.yaml] --train_file FILE --model_name_or_path M [--key value ...]
+                                        train a policy on preference pairs; every field can be set in the YAML
+                                        file or as a flag (--help: the common ones, grouped; --help-all: all);
                                         --accelerate_config NAME|FILE [--num_processes N] launches it through
                                         accelerate (multi_gpu, fsdp2, zero1/2/3, single_gpu, cpu-2proc)
   sft CONFIG.yaml [--key value ...]     SamS scheduler pre-training (paper App. F.3): SFT on the chosen responses
                                         (--sams_pretrain frozen: policy fixed) → <output_dir>/sams_scheduler.pt
-  demo [--output_dir DIR] [--key value ...]
-                                        the main job: DPO on the embedded default (tiny model, shipped HH slice)
+  demo [--quick] [--output_dir DIR]     the main job: builds the gold-reward task (tiny model, 20% flipped labels),
+                                        trains DPO, β-DPO, SamS and β-DPO+SamS on it and compares them (report.md)
   eval MODEL_OR_RUN_DIR (--task TASK_DIR | --data FILE) [--reference REF] [--beta B]
                                         gold-task metrics (accuracy, win rate, reward, KL) or implicit-reward
                                         accuracy and margin on any preference file
@@ -29,11 +31,11 @@ commands:
                                         build a gold task (sentiment: prompts x topics, completions sampled from
                                         SmolLM2-135M-Instruct, judged by VADER; cached) and print its folder
   audit DATA [CONFIG.yaml] [--folds K] [--output_dir DIR] [--clean drop|swap|none] [--key value ...]
-                                        find suspect pairs: K DPO models cross-fitted on the other folds score
-                                        every pair (audit.jsonl, report.md, cleaned.jsonl); training fields
+                                        find suspect pairs: every pair scored by models that never saw it
+                                        (audit.jsonl, report.md, cleaned.jsonl); training fields
                                         (--model_name_or_path, --beta, ...) set the fold models
   report RUN_DIR                        (re)draw the plots of a run directory (curves, margins, β)
-  config-reference                      print the config reference (markdown)
+  config-reference [--update DOC]       print the config reference (markdown), or rewrite it in DOC
   export-model SRC DIR                  write a packaged model (smollm2-135m-instruct, all-minilm-l6-v2) or a
                                         .gguf file as a plain float32 model folder (safetensors + tokenizer)
 
@@ -110,7 +112,7 @@ def accelerate_launch_command(args: list[str], command: str = "train") -> list[s
 
 
 def cmd_train(args: list[str]) -> int:
-    from adaptdpo.training.config_io import make_parser, parse_config
+    from adaptdpo.training.config_io import grouped_help, make_parser, parse_config
     from adaptdpo.training.job import run_training
 
     launch = accelerate_launch_command(args)
@@ -120,12 +122,16 @@ def cmd_train(args: list[str]) -> int:
         logging.getLogger("adaptdpo").info("launching: %s", " ".join(launch))
         return subprocess.call(launch)
 
-    if any(a in ("-h", "--help") for a in args):
+    if "--help-all" in args:
         parser = make_parser()
         parser.prog = "adaptdpo train [CONFIG.yaml]"
         parser.description = ("Train a policy with a pairwise preference loss. Fields come from the YAML file, "
-                              "then from --key value flags (which win). Every field is listed below.")
+                              "then from --key value flags (which win). Every field is listed below; "
+                              "`adaptdpo train --help` shows the ones a user sets, grouped.")
         parser.print_help()
+        return 0
+    if any(a in ("-h", "--help") for a in args):
+        sys.stdout.write(grouped_help())
         return 0
     yaml_path, rest = _split_config_path(args)
     config = parse_config(rest, yaml_path)
@@ -133,7 +139,29 @@ def cmd_train(args: list[str]) -> int:
     if config.should_save:
         print(json.dumps({"run_dir": config.output_dir, "final_metrics": summary["final_metrics"],
                           "wall_time_s": summary["wall_time_s"]}, indent=2))
+        print(run_result_lines(config.output_dir, summary), file=sys.stderr)
     return 0
+
+
+def run_result_lines(run_dir: str, summary: dict) -> str:
+    """What a finished run gives, in words: the held-out result, then where the model and the report are."""
+    if summary.get("already_complete"):
+        return f"{run_dir} already held a complete run (nothing trained): its summary is {run_dir}/summary.json"
+    lines = [f"done: {summary.get('global_step')} steps in {float(summary.get('wall_time_s') or 0):.0f} s"]
+    ev = summary.get("final_eval") or {}
+    if "eval_rewards/accuracies" in ev:
+        pairs = (summary.get("data") or {}).get("eval_pairs")
+        where = f" ({pairs} pairs)" if pairs else ""
+        lines.append(f"held-out{where}: reward accuracy 0.5 (chance) at the start, where "
+                     f"the policy is the reference and every margin is 0 → {ev['eval_rewards/accuracies']:.3f}; "
+                     f"margin 0 → {ev.get('eval_rewards/margins', float('nan')):.3f}; eval loss "
+                     f"{ev.get('eval_loss', float('nan')):.4f} (log 2 = 0.6931 at the start)")
+    else:
+        lines.append("held-out: none (no eval_file, and eval_fraction held nothing out): this run reports training "
+                     "metrics only")
+    lines.append(f"model: {run_dir} (model.safetensors or the LoRA adapter, tokenizer, README.md model card)")
+    lines.append(f"report: {run_dir}/summary.json, metrics.jsonl, pairs.jsonl; plots in {run_dir}/plots")
+    return "\n".join(lines)
 
 
 def cmd_sft(args: list[str]) -> int:

@@ -171,9 +171,28 @@ def with_cache_dir(settings: dict[str, Any], workdir: str) -> dict[str, Any]:
     return settings
 
 
+#: committed sentiment pools (the on-policy samples of SmolLM2, about 1.5 MB of text): a folder is named by the
+#: hash of the model's sha256 and the sampling settings, so one is used only where that key matches
+COMMITTED_POOLS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "pools")
+
+
+def seed_pools(cache: str) -> None:
+    """Copy the committed pools absent from ``cache`` into it (a fresh checkout then skips the hour of sampling)."""
+    if not os.path.isdir(COMMITTED_POOLS):
+        return
+    for name in os.listdir(COMMITTED_POOLS):
+        target = os.path.join(cache, name)
+        if name.startswith("sentiment-pool-") and not os.path.isdir(target):
+            os.makedirs(cache, exist_ok=True)
+            shutil.copytree(os.path.join(COMMITTED_POOLS, name), f"{target}.tmp-{os.getpid()}")
+            os.replace(f"{target}.tmp-{os.getpid()}", target)
+            print(f"sentiment pool {name}: copied from {COMMITTED_POOLS}", file=sys.stderr)
+
+
 def run_sentiment(profile: dict[str, Any], task_overrides: dict, train_overrides: dict, seed: int,
                   workdir: str) -> dict[str, Any]:
     spec = SentimentSpec(**{**profile["task"], **task_overrides, "data_seed": seed})
+    seed_pools(os.path.join(workdir, "cache"))
     task = build_sentiment_task(spec, os.path.join(workdir, "cache"))
     settings = with_cache_dir({**profile["train"], **train_overrides, "trace_pairs": True}, workdir)
     return train_and_evaluate(task, settings, os.path.join(workdir, "run"), seed=seed, plots=False)

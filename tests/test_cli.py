@@ -43,8 +43,8 @@ def test_shipped_configs_parse(name):
 
 
 def test_help_lists_our_fields():
-    out = subprocess.run([sys.executable, "-m", "adaptdpo.cli", "train", "--help"], capture_output=True, text=True,
-                         cwd=ROOT, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "adaptdpo.cli", "train", "--help-all"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0
     for flag in ("--beta", "--loss_type", "--train_file", "--skip_invalid_rows", "--precompute_ref_log_probs",
                  "--per_device_train_batch_size"):

@@ -65,7 +65,9 @@ def test_gradient_accumulation_equals_one_big_batch(small, tmp_path):
     train_in_process(base_argv(data, tok, acc, per_device_train_batch_size=2, gradient_accumulation_steps=4,
                                **common))
     for a, b in zip(train_logs(big), train_logs(acc), strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+        # float32 sums in another order (with 1 thread: 0.7527818 against 0.7527808); a wrong normalisation of the
+        # micro-batches is off by percents
+        assert a["loss"] == pytest.approx(b["loss"], abs=5e-6)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
         assert a["rewards/accuracies"] == pytest.approx(b["rewards/accuracies"], abs=1e-6)
     assert_same_params(big, acc)

@@ -47,8 +47,9 @@ def _rows(path: str) -> list[dict[str, Any]]:
 def gold_train_arguments(task: TaskFolder, overrides: dict[str, Any]) -> list[str]:
     """``--key value`` flags for training on ``task`` (the task's training defaults, its reference and data, then
     ``overrides``)."""
+    # eval_fraction 0: every training pair is trained on; the task judges on its own held-out prompts and pairs
     settings = {**task.train_defaults(), "model_name_or_path": task.reference_dir, "train_file": task.train_file,
-                **overrides}
+                "eval_fraction": 0, **overrides}
     argv: list[str] = []
     for key, value in settings.items():
         argv += [f"--{key}", str(value)]

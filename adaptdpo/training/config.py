@@ -96,8 +96,9 @@ class AdaptiveDPOConfig(TrainingArguments):
     disable_dropout: bool = _f(True, "Set dropout to 0 in policy and reference (DPO log-probs must be "
                                "deterministic).")
     # ---- data
-    train_file: str = _f("data/hh-rlhf/harmless-base-test.jsonl.gz", "Training data: a .json/.jsonl(.gz)/"
-                         ".parquet/.csv file, a `datasets` folder saved to disk, or a hub dataset name.")
+    train_file: str | None = _f(None, "Training data (required: this, dataset_name or datasets): a .json/.jsonl(.gz)/"
+                                ".parquet/.csv file, a `datasets` folder saved to disk, or a hub dataset name. The "
+                                "shipped HH split: data/hh-rlhf/harmless-base-test.jsonl.gz.")
     train_split: str = _f("train", "Split to read from a datasets folder or hub dataset.")
     dataset_name: str | None = _f(None, "TRL's name for the training data (`trl dpo --dataset_name`): sets train_file.")
     dataset_config: str | None = _f(None, "Configuration name of a hub dataset (datasets.load_dataset's `name`).")
@@ -106,7 +107,10 @@ class AdaptiveDPOConfig(TrainingArguments):
                                         "eval_split, and eval_file to the training data unless eval_file is set).")
     eval_file: str | None = _f(None, "Held-out data (same formats); default: eval_fraction of the training rows.")
     eval_split: str = _f("test", "Split to read from eval_file when it is a datasets folder or hub dataset.")
-    eval_fraction: float = _f(0.0, "Fraction of training rows held out for evaluation when eval_file is unset.")
+    eval_fraction: float | None = _f(None, "Fraction of training rows held out for evaluation when eval_file and "
+                                     "test_split_size are unset. auto (unset): 5% of the rows (at least 16, at most "
+                                     "500) when there are at least 200 training rows (fewer: none, with a warning); "
+                                     "0: none (TRL's behaviour).")
     max_train_samples: int | None = _f(None, "Use at most this many (valid) training rows, in file order.")
     max_eval_samples: int | None = _f(None, "Use at most this many evaluation rows.")
     skip_invalid_rows: bool = _f(False, "Skip malformed rows (listed in skipped_rows.jsonl and the log) instead "
@@ -339,6 +343,8 @@ class AdaptiveDPOConfig(TrainingArguments):
             self.bf16 = None if self.bf16.lower() == "auto" else self.bf16.lower() in ("true", "1", "yes")
         if isinstance(self.padding_free, str):
             self.padding_free = _bool_or_auto(self.padding_free)
+        if isinstance(self.eval_fraction, str):
+            self.eval_fraction = None if self.eval_fraction.strip().lower() == "auto" else float(self.eval_fraction)
         if self.bf16 is None:
             self.bf16 = auto_bf16(self.use_cpu, self.fp16)
         elif self.bf16 and (self.use_cpu or not torch.cuda.is_available()) and not cpu_has_native_bf16():
@@ -371,13 +377,14 @@ class AdaptiveDPOConfig(TrainingArguments):
         if self.test_split_size is not None and self.test_split_size <= 0:
             raise ValueError(f"test_split_size must be > 0 (a share below 1 or a number of rows), got "
                              f"{self.test_split_size}")
-        if self.test_split_size is not None and self.eval_fraction > 0:
+        if self.test_split_size is not None and (self.eval_fraction or 0) > 0:
             raise ValueError("test_split_size and eval_fraction both hold out training rows; give one")
         if self.dataset_streaming:
             if self.max_steps is None or self.max_steps <= 0:
                 raise ValueError("dataset_streaming needs max_steps (a stream has no length, so epochs cannot be "
                                  "counted), as in TRL")
-            needs_all = {"eval_fraction": self.eval_fraction > 0, "test_split_size": self.test_split_size is not None,
+            needs_all = {"eval_fraction": (self.eval_fraction or 0) > 0,
+                         "test_split_size": self.test_split_size is not None,
                          "pair_selection": self.pair_selection != "all",
                          "pair_order": self.pair_order not in ("auto", "shuffled"),
                          "skip_invalid_rows": self.skip_invalid_rows,
@@ -432,7 +439,7 @@ class AdaptiveDPOConfig(TrainingArguments):
             raise ValueError("scheduler pre-training has no reference forward: use sams_context_source=policy")
         if self.sams_scheduler_init and not os.path.isfile(self.sams_scheduler_init):
             raise ValueError(f"sams_scheduler_init={self.sams_scheduler_init!r}: no such file")
-        if not 0.0 <= self.eval_fraction < 1.0:
+        if self.eval_fraction is not None and not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if not 0.0 < self.sams_ratio <= 1.0:
             raise ValueError(f"sams_ratio must be in (0, 1] (the fraction of each batch trained on), got "
@@ -473,6 +480,15 @@ class AdaptiveDPOConfig(TrainingArguments):
             raise ValueError(f"max_prompt_length={self.max_prompt_length} applies to truncation_mode keep_prompt_end "
                              f"only; with truncation_mode {self.truncation_mode} it would change nothing: drop it, or "
                              "set truncation_mode keep_prompt_end")
+
+    def check_training_data(self) -> None:
+        """A run needs training data named: no file is read by default (the shipped HH split used to be, silently)."""
+        if self.train_file is None and self.dataset_name is None and not self.datasets:
+            raise ValueError("no training data given: set train_file (--train_file PATH: a .jsonl/.json/.parquet/.csv "
+                             "file or a datasets folder) or dataset_name (--dataset_name NAME: a hub dataset or a "
+                             "datasets folder; `datasets:` for a mixture). The shipped HH split is "
+                             "data/hh-rlhf/harmless-base-test.jsonl.gz; docs/data-formats.md shows a row of each "
+                             "format")
 
     def check_trains_something(self) -> None:
         """Refuse a run length that trains nothing: max_steps 0 (transformers reads it as unset and trains the

@@ -67,6 +67,11 @@ def load_yaml(path: str) -> dict[str, Any]:
     return data
 
 
+def _fraction_or_auto(value: str) -> float | None:
+    """``eval_fraction``: a number, or auto (None)."""
+    return None if str(value).strip().lower() in ("auto", "none") else float(value)
+
+
 class ConfigError(ValueError):
     """A config value or flag that cannot be used (the message names the key)."""
 
@@ -78,8 +83,12 @@ class ConfigParser(HfArgumentParser):
     def __init__(self) -> None:
         super().__init__(AdaptiveDPOConfig, allow_abbrev=False)
         for action in self._actions:
+            if action.help and "%" in action.help and "%(" not in action.help:
+                action.help = action.help.replace("%", "%%")  # argparse %-formats help texts ("5% of the rows")
             if action.dest in ("bf16", "padding_free"):
                 action.type = _bool_or_auto
+            if action.dest == "eval_fraction":
+                action.type = _fraction_or_auto
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise ConfigError(message)
@@ -151,18 +160,93 @@ def config_defaults() -> dict[str, Any]:
     return {k: v for k, v in out.items() if isinstance(v, (str, int, float, bool, list, type(None)))}
 
 
-def config_reference_markdown() -> str:
-    """The config reference table (docs/config.md), generated from the dataclass metadata."""
-    lines = ["| field | default | meaning |", "|---|---|---|"]
+#: The groups of ``adaptdpo train --help`` and docs/config.md, in order: (title, the fields a user sets, the
+#: prefixes and names of the rest of the group's fields). ``--help`` shows the first list; docs/config.md shows
+#: every field of ours in its group, and ``--help-all`` every field, transformers' too.
+FIELD_GROUPS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
+    ("data", ("train_file", "dataset_name", "eval_file", "eval_fraction", "max_length", "max_prompt_length",
+              "truncation_mode", "max_train_samples"),
+     ("train_", "dataset", "eval_", "max_eval_samples", "skip_invalid_rows", "implicit_prompt_marker",
+      "pad_to_multiple_of", "datasets", "test_split_size", "chat_format", "pair_", "weight_column", "beta_column")),
+    ("model", ("model_name_or_path", "ref_model_name_or_path", "trainable_layers", "use_peft", "lora_r", "dtype"),
+     ("tokenizer_", "tiny_", "allow_half_precision_updates", "attn_implementation", "model_", "trust_remote_code",
+      "disable_dropout", "prefix_cache", "lora_", "use_rslora", "use_dora", "load_in_", "bnb_", "use_bnb_")),
+    ("method and loss", ("method", "beta", "loss_type", "label_smoothing", "beta_dpo_alpha", "sams_ratio",
+                         "sams_mode"),
+     ("loss_", "discopop_", "f_", "use_weighting", "ld_alpha", "sync_ref_model", "ref_model_", "beta_dpo_", "sams_",
+      "epsilon_", "eps_", "holder_", "router_aux_loss_coef")),
+    ("training", ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+                  "gradient_accumulation_steps", "bf16", "seed"),
+     ("activation_", "shared_prompt", "padding_free", "lm_head_chunk_size", "precompute_ref_log_probs",
+      "ref_cache_dir", "cache_reference_logps", "ignore_bias_buffers", "remove_unused_columns")),
+    ("output", ("output_dir", "logging_steps", "save_strategy", "report_to", "plots", "resume"),
+     ("overwrite_output_dir", "accept_config_change", "token_metrics", "trace_pairs")),
+)
+
+#: flags that are not config fields: read by ``adaptdpo train`` before the config is parsed
+LAUNCH_FLAGS = (("--config FILE", "a YAML file of fields (TRL's flag; or give it as the first argument)"),
+                ("--accelerate_config NAME|FILE", "launch through accelerate: multi_gpu, fsdp2, zero1, zero2, zero3, "
+                                                  "single_gpu, cpu-2proc, or an accelerate YAML file"),
+                ("--num_processes N", "with --accelerate_config: the number of processes"),
+                ("--debug", "the full traceback on an error"))
+
+
+def field_group(name: str) -> str:
+    """The FIELD_GROUPS title ``name`` belongs to ("other" when none)."""
+    for title, main, rest in FIELD_GROUPS:
+        if name in main or any(name == r or (r.endswith("_") and name.startswith(r)) or
+                               (not r.endswith("_") and name.startswith(r) and r in ("dataset", "prefix_cache"))
+                               for r in rest):
+            return title
+    return "other"
+
+
+def _first_sentence(text: str) -> str:
+    text = " ".join(text.split())
+    cut = text.find(". ")
+    return text if cut < 0 else text[:cut + 1]
+
+
+def grouped_help(prog: str = "adaptdpo train [CONFIG.yaml]") -> str:
+    """``adaptdpo train --help``: the fields a user sets, grouped, then the launch flags; --help-all for the rest."""
     fields = {f.name: f for f in dataclasses.fields(AdaptiveDPOConfig)}
-    for name in AdaptiveDPOConfig.__annotations__:  # ours first, then the TrainingArguments defaults we change
-        if name not in fields:  # class variables
-            continue
-        f = fields[name]
-        default = field_default(f)
-        text = f.metadata.get("help", "").replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| `{f.name}` | `{default!r}` | {text} |")
+    lines = [f"usage: {prog} [--key value ...]", "",
+             "Train a policy with a pairwise preference loss. Fields come from the YAML file, then from --key value "
+             "flags, which win.", "Training data is required: --train_file or --dataset_name.", ""]
+    for title, main, _ in FIELD_GROUPS:
+        lines.append(f"{title}:")
+        for name in main:
+            f = fields[name]
+            default = field_default(f)
+            default = getattr(default, "value", default)
+            if default is None and "auto (unset)" in f.metadata.get("help", ""):
+                default = "auto"
+            lines.append(f"  --{name} (default {default!r}): {_first_sentence(f.metadata.get('help', ''))}")
+        lines.append("")
+    lines.append("launching:")
+    lines += [f"  {flag}: {text}" for flag, text in LAUNCH_FLAGS]
+    lines += ["", f"adaptdpo train --help-all lists all {len(fields)} fields (transformers' TrainingArguments too); "
+              "docs/config.md has ours, grouped as above."]
     return "\n".join(lines) + "\n"
+
+
+def config_reference_markdown() -> str:
+    """The config reference (docs/config.md), generated from the dataclass metadata: one table per FIELD_GROUPS
+    group, each field of ours in its group, then the TrainingArguments defaults we change."""
+    fields = {f.name: f for f in dataclasses.fields(AdaptiveDPOConfig)}
+    ours = [name for name in AdaptiveDPOConfig.__annotations__ if name in fields]  # class variables left out
+    out: list[str] = []
+    for title in [g[0] for g in FIELD_GROUPS] + ["other"]:
+        names = [n for n in ours if field_group(n) == title]
+        if not names:
+            continue
+        out += [f"### {title}", "", "| field | default | meaning |", "|---|---|---|"]
+        for name in names:
+            f = fields[name]
+            text = f.metadata.get("help", "").replace("|", "\\|").replace("\n", " ")
+            out.append(f"| `{f.name}` | `{field_default(f)!r}` | {text} |")
+        out.append("")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -255,6 +255,7 @@ def _run_training(config: AdaptiveDPOConfig, extra_callbacks: list | None) -> di
         raise ValueError("model_name_or_path is required: a local model folder, a .gguf file, a packaged model "
                          f"(smollm2-135m-instruct) or a hub id; or a tiny preset ({', '.join(TINY_PRESETS)}) for a "
                          "small model with random weights")
+    config.check_training_data()
     if config.load_in_4bit or config.load_in_8bit:
         if not config.use_peft:
             raise ValueError("load_in_4bit / load_in_8bit train a LoRA adapter on a quantised base (QLoRA): set "

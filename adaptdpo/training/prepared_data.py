@@ -54,9 +54,32 @@ def held_out_without_copies(train_rows: list[dict[str, Any]], eval_rows: list[di
     return kept
 
 
+#: ``eval_fraction: auto``: this share of the training rows is held out, within [floor, cap] rows, when the
+#: training set has at least AUTO_EVAL_MIN_ROWS rows (so that every run reports a held-out number; fewer rows make
+#: a held-out figure mostly noise, and the run says so)
+AUTO_EVAL_FRACTION, AUTO_EVAL_FLOOR, AUTO_EVAL_CAP, AUTO_EVAL_MIN_ROWS = 0.05, 16, 500, 200
+
+
+def auto_eval_rows(train_rows: int) -> int:
+    """How many of ``train_rows`` rows ``eval_fraction: auto`` holds out: 5% within [16, 500], none below 200."""
+    if train_rows < AUTO_EVAL_MIN_ROWS:
+        return 0
+    return min(AUTO_EVAL_CAP, max(AUTO_EVAL_FLOOR, round(AUTO_EVAL_FRACTION * train_rows)))
+
+
+def _auto_split_applies(config: AdaptiveDPOConfig) -> bool:
+    return (config.eval_fraction is None and config.eval_file is None and config.test_split_size is None
+            and not config.dataset_streaming)
+
+
 def prepare_rows(config: AdaptiveDPOConfig) -> PreparedData:
-    held_out_later = config.eval_file is None and (config.eval_fraction > 0 or config.test_split_size is not None)
+    auto = _auto_split_applies(config)
+    explicit_fraction = (config.eval_fraction or 0) > 0
+    held_out_later = config.eval_file is None and (explicit_fraction or config.test_split_size is not None)
     limit = None if held_out_later else config.max_train_samples
+    if auto and config.max_train_samples is not None:
+        # the held-out rows come on top of max_train_samples training rows
+        limit = config.max_train_samples + auto_eval_rows(config.max_train_samples)
     if config.datasets:
 
         train_rows, reports = load_mixture_rows(config.datasets, skip_invalid=config.skip_invalid_rows,
@@ -81,19 +104,37 @@ def prepare_rows(config: AdaptiveDPOConfig) -> PreparedData:
             implicit_prompt_marker=config.implicit_prompt_marker, limit=config.max_eval_samples)
         reports.append(eval_report)
         eval_rows = held_out_without_copies(train_rows, eval_rows, f"eval_file={config.eval_file}", drop=False)
-    elif config.eval_fraction > 0:
+    elif explicit_fraction or (auto and auto_eval_rows(_wanted(config, len(train_rows))) > 0):
         order = list(range(len(train_rows)))
         random.Random(seed).shuffle(order)
-        n_eval = max(1, round(config.eval_fraction * len(train_rows)))
+        if explicit_fraction:
+            n_eval, how = max(1, round(config.eval_fraction * len(train_rows))), f"eval_fraction={config.eval_fraction}"
+        else:
+            n_eval = auto_eval_rows(_wanted(config, len(train_rows)))
+            how = "eval_fraction=auto"
+            logger.info("eval_fraction=auto: %d of the %d training rows held out for evaluation (5%%, at least %d, at "
+                        "most %d; eval_fraction: 0 trains on all of them)", n_eval, len(train_rows), AUTO_EVAL_FLOOR,
+                        AUTO_EVAL_CAP)
         held = set(order[:n_eval])
         eval_rows = [r for i, r in enumerate(train_rows) if i in held]
         train_rows = [r for i, r in enumerate(train_rows) if i not in held]
         if config.max_train_samples is not None:
             train_rows = train_rows[: config.max_train_samples]
-        eval_rows = held_out_without_copies(train_rows, eval_rows, f"eval_fraction={config.eval_fraction}")
+        eval_rows = held_out_without_copies(train_rows, eval_rows, how)
         if config.max_eval_samples is not None:
             eval_rows = eval_rows[: config.max_eval_samples]
+    elif auto:
+        logger.warning("no held-out split: %d training rows are fewer than the %d that eval_fraction=auto needs to "
+                       "hold out 5%%, so this run reports no held-out number; give an eval_file, or set "
+                       "eval_fraction", len(train_rows), AUTO_EVAL_MIN_ROWS)
     return PreparedData(train_rows, eval_rows, reports)
+
+
+def _wanted(config: AdaptiveDPOConfig, loaded: int) -> int:
+    """The training rows a run asks for: max_train_samples when set (and fewer were not loaded)."""
+    if config.max_train_samples is None:
+        return loaded
+    return min(loaded, config.max_train_samples)
 
 
 def chat_conversion(config: AdaptiveDPOConfig, tokenizer: Any) -> str | None:
