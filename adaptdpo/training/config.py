@@ -19,11 +19,12 @@ from transformers import TrainingArguments
 
 from adaptdpo.data.tokenize import TRUNCATION_MODES, resolve_truncation_mode
 from adaptdpo.methods.beta_dpo import FILTERS, INITS, LEVELS
-from adaptdpo.methods.losses import F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSS_TYPES
+from adaptdpo.methods.losses import F_DIVERGENCE_LOSSES, F_DIVERGENCES, HOLDER_GAMMA, LOSS_TYPES, SIGMOID_SMOOTHING
 from adaptdpo.methods.pair_selection import ORDERS, POLICIES
 from adaptdpo.methods.registry import METHOD_NAMES, method_spec
 
-#: the losses that read label_smoothing (TRL 1.16's too: its sigmoid ignores it, as ours does)
+#: the losses that read label_smoothing (TRL 1.16's too); sigmoid reads it too unless sigmoid_label_smoothing is
+#: ignore (TRL 1.16's sigmoid ignores it; ours is then conservative DPO)
 LABEL_SMOOTHING_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")
 
 
@@ -167,8 +168,16 @@ class AdaptiveDPOConfig(TrainingArguments):
                 "YAML: a name or a list): " + ", ".join(LOSS_TYPES) + ".", "choices": LOSS_TYPES})
     loss_weights: list[float] | None = _f(None, "Weights of the losses in loss_type (default 1 each); MPO is "
                                           "loss_type [sigmoid, bco_pair, sft] with weights [0.8, 0.2, 1.0].")
-    label_smoothing: float = _f(0.0, "Flip rate ε for robust; ε for exo_pair; smoothing for aot, aot_unpaired. "
-                                "Other losses ignore it, sigmoid included (as TRL 1.16; a warning says so).")
+    label_smoothing: float = _f(0.0, "Flip rate ε for robust (rDPO) and for sigmoid (conservative DPO, cDPO: the "
+                                "target of σ(βh) is 1 − ε; see sigmoid_label_smoothing); ε for exo_pair; smoothing "
+                                "for aot, aot_unpaired.")
+    sigmoid_label_smoothing: str = _f("cdpo", "What sigmoid does with label_smoothing > 0: cdpo (conservative DPO, "
+                                      "Mitchell 2023: −(1−ε)·log σ(βh) − ε·log σ(−βh), TRL before 1.0) or ignore "
+                                      "(TRL 1.16, whose sigmoid loss never reads label_smoothing; a trl.DPOConfig "
+                                      "maps to it).", choices=SIGMOID_SMOOTHING)
+    holder_gamma: float = _f(HOLDER_GAMMA, "Hölder-DPO (loss_type holder): the power γ > 0 of the density-power "
+                             "score; larger γ discounts pairs the model finds unlikely more (γ → 0 is DPO). Our "
+                             "default, not the paper's (docs/noisy-labels.md).")
     discopop_tau: float = _f(0.05, "Temperature τ of the discopop loss.")
     f_divergence_type: str = _f("reverse_kl", "f-DPO regulariser (Wang et al. 2024): reverse_kl (DPO), forward_kl, "
                                 "js_divergence, alpha_divergence; other than reverse_kl only with the losses built on "
@@ -425,6 +434,13 @@ class AdaptiveDPOConfig(TrainingArguments):
                                  f"losses of loss_type {self.loss_type}")
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
+        if "sigmoid" in self.loss_type and self.sigmoid_label_smoothing == "cdpo" \
+                and not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing={self.label_smoothing} with loss_type sigmoid is conservative DPO "
+                             "(cDPO), whose ε is an assumed flip rate in [0, 0.5); or set sigmoid_label_smoothing "
+                             "ignore")
+        if "holder" in self.loss_type and self.holder_gamma <= 0:
+            raise ValueError(f"holder_gamma must be > 0 (Hölder-DPO's power γ), got {self.holder_gamma}")
         if self.sams_context_source == "reference" and self.precompute_ref_log_probs:
             raise ValueError("sams_context_source=reference needs the reference forward, but "
                              "precompute_ref_log_probs replaces it with cached values: use one or the other")
@@ -490,11 +506,12 @@ class AdaptiveDPOConfig(TrainingArguments):
         import logging
 
         unused = []  # (setting, why it changes nothing)
-        if self.label_smoothing and not set(self.loss_type) & set(LABEL_SMOOTHING_LOSSES):
+        readers = set(LABEL_SMOOTHING_LOSSES) | ({"sigmoid"} if self.sigmoid_label_smoothing == "cdpo" else set())
+        if self.label_smoothing and not set(self.loss_type) & readers:
             unused.append((f"label_smoothing={self.label_smoothing}", f"it is read only by "
-                           f"{', '.join(LABEL_SMOOTHING_LOSSES)}; TRL 1.16's sigmoid ignores it too (before TRL 1.0 "
-                           "it made sigmoid the conservative cDPO loss); for noisy labels loss_type robust reads it as "
-                           "the flip rate"))
+                           f"{', '.join(LABEL_SMOOTHING_LOSSES)} and by sigmoid with sigmoid_label_smoothing cdpo "
+                           "(conservative DPO); sigmoid_label_smoothing ignore is TRL 1.16's sigmoid, which ignores "
+                           "it; for noisy labels loss_type robust reads it as the flip rate"))
         if self.discopop_tau != 0.05 and "discopop" not in self.loss_type:
             unused.append((f"discopop_tau={self.discopop_tau}", "it is read only by loss_type discopop"))
         if self.f_alpha_divergence_coef != 0.5 and self.f_divergence_type != "alpha_divergence":

@@ -31,7 +31,7 @@ from torch import Tensor
 from transformers import Trainer
 
 from adaptdpo.data.collate import PreferenceCollator, batch_to, pairs_in_batch, stacked_rows
-from adaptdpo.methods.losses import BATCH_COUPLED_LOSSES, combined_preference_loss
+from adaptdpo.methods.losses import BATCH_COUPLED_LOSSES, combined_preference_loss, holder_contamination
 from adaptdpo.methods.registry import build_step_policy, method_spec
 from adaptdpo.methods.sams.contexts import layer_contexts
 from adaptdpo.methods.step_policy import PairView, StepPlan, StepPolicy
@@ -506,7 +506,9 @@ class AdaptiveDPOTrainer(Trainer):
                                           label_smoothing=self.args.label_smoothing, chosen_lengths=pairs[4],
                                           rejected_lengths=pairs[5], discopop_tau=self.args.discopop_tau,
                                           f_divergence_type=self.args.f_divergence_type,
-                                          f_alpha_divergence_coef=self.args.f_alpha_divergence_coef)
+                                          f_alpha_divergence_coef=self.args.f_alpha_divergence_coef,
+                                          sigmoid_label_smoothing=self.args.sigmoid_label_smoothing,
+                                          holder_gamma=self.args.holder_gamma)
         if self.args.use_weighting:
             losses = losses * pairs[6]
         weights = torch.ones_like(losses) if keep is None else keep.to(losses.dtype)
@@ -618,6 +620,12 @@ class AdaptiveDPOTrainer(Trainer):
         m["rewards/accuracies"].append((chosen_rewards > rejected_rewards).float().mean())
         m["logps/chosen"].append(allv[:, 0].mean())
         m["logps/rejected"].append(allv[:, 1].mean())
+        if "holder" in self.args.loss_type:  # Hölder-DPO's contamination-ratio estimate ε̂ = 1 − ξ̂ (docs/metrics.md)
+            step_beta = plan.beta.detach().to(allv.device)
+            if step_beta.numel() not in (1, allv.shape[0]):  # per-pair β of this rank only: the configured β
+                step_beta = torch.tensor(self.args.beta, device=allv.device)
+            m["holder/contamination"].append(holder_contamination(step_beta * (allv[:, 2] - allv[:, 3]),
+                                                                  self.args.holder_gamma))
         for key, value in plan.metrics.items():
             m[key].append(value)
 
