@@ -24,3 +24,65 @@ def test_holder_logs_its_contamination_estimate(models_and_examples, tmp_path):
         rc, rr = sequence_logps(trainer.ref_model, dict(batch)).split()
     h = (c - rc) - (r - rr)
     assert float(logged[0]) == pytest.approx(float(holder_contamination(0.2 * h, 0.5)), abs=1e-6)
+
+
+@pytest.mark.parametrize("shared_prompt", ["off", "on"])
+def test_epsilon_dpo_trains_each_pair_with_its_beta(models_and_examples, tmp_path, shared_prompt):
+    """One step of method epsilon_dpo = DPO with β_i = β/(1 + ε·s_i), s_i decided from the perturbed policies
+    (recomputed here from both models' full logits); the next optimizer step's β_t moves by 1/(1 + ε·mean s)."""
+    from test_epsilon_dpo import direct_perturbed
+
+    from adaptdpo.methods.epsilon_dpo import kl_steps
+    from adaptdpo.methods.losses import preference_loss
+
+    policy, reference, examples, _ = models_and_examples
+    trainer = make_trainer(models_and_examples, tmp_path / "e", method="epsilon_dpo", epsilon_dpo_epsilon=0.05,
+                           shared_prompt=shared_prompt)
+    batch = PreferenceCollator(0, shared_prompt=shared_prompt == "on")(examples)
+    loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=torch.tensor(8))
+    stacked = PreferenceCollator(0)(examples)
+    steps = kl_steps(direct_perturbed(policy, reference, stacked, 0.05))
+    assert steps.abs().sum() > 0  # the check below is not just DPO
+    with torch.no_grad():
+        c, r = sequence_logps_of(policy, stacked)
+        rc, rr = sequence_logps_of(reference, stacked)
+    expected = preference_loss(c, r, rc, rr, 0.2 / (1 + 0.05 * steps.double())).mean()
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    metrics = trainer._metrics["train"]
+    assert float(metrics["eps_dpo/beta"][0]) == pytest.approx(0.2)
+    trainer.state.global_step = 1  # the next optimizer step: β_1 = 0.2/(1 + ε·mean s)
+    trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=torch.tensor(8))
+    assert float(metrics["eps_dpo/beta"][1]) == pytest.approx(0.2 / (1 + 0.05 * steps.double().mean().item()),
+                                                              rel=1e-6)
+
+
+def sequence_logps_of(model, batch):
+    from adaptdpo.models.sequence_logps import sequence_logps
+
+    return sequence_logps(model, dict(batch)).split()
+
+
+def test_epsilon_dpo_refuses_what_it_cannot_use(tmp_path):
+    from adaptdpo.training.config import AdaptiveDPOConfig
+
+    with pytest.raises(ValueError, match="precompute_ref_log_probs"):
+        AdaptiveDPOConfig(output_dir=str(tmp_path), use_cpu=True, method="epsilon_dpo", precompute_ref_log_probs=True)
+    with pytest.raises(ValueError, match="aot"):
+        AdaptiveDPOConfig(output_dir=str(tmp_path), use_cpu=True, method="epsilon_dpo", loss_type="aot")
+    with pytest.raises(ValueError, match="epsilon_dpo_epsilon"):
+        AdaptiveDPOConfig(output_dir=str(tmp_path), use_cpu=True, method="epsilon_dpo", epsilon_dpo_epsilon=1.5)
+
+
+def test_every_method_and_robust_loss_has_its_citation_in_the_model_card(tmp_path):
+    from adaptdpo.methods.registry import METHODS
+    from adaptdpo.training.config import AdaptiveDPOConfig
+    from adaptdpo.training.model_card import CITATIONS, model_card
+
+    assert all(key in CITATIONS for spec in METHODS.values() for key in spec.citations)
+    card = model_card(AdaptiveDPOConfig(output_dir=str(tmp_path), use_cpu=True, method="epsilon_dpo",
+                                        loss_type=["sigmoid", "holder"], label_smoothing=0.1))
+    for key in ("lee2025kl", "mitchell2023note", "fujisawa2025scalable", "| `epsilon_dpo_epsilon` | 0.01 |"):
+        assert key in card, key
+    card = model_card(AdaptiveDPOConfig(output_dir=str(tmp_path), use_cpu=True, loss_type="robust",
+                                        label_smoothing=0.2))
+    assert "chowdhury2024provably" in card and "mitchell2023note" not in card

@@ -19,6 +19,7 @@ from transformers import TrainingArguments
 
 from adaptdpo.data.tokenize import TRUNCATION_MODES, resolve_truncation_mode
 from adaptdpo.methods.beta_dpo import FILTERS, INITS, LEVELS
+from adaptdpo.methods.epsilon_dpo import EPSILON
 from adaptdpo.methods.losses import F_DIVERGENCE_LOSSES, F_DIVERGENCES, HOLDER_GAMMA, LOSS_TYPES, SIGMOID_SMOOTHING
 from adaptdpo.methods.pair_selection import ORDERS, POLICIES
 from adaptdpo.methods.registry import METHOD_NAMES, method_spec
@@ -159,9 +160,8 @@ class AdaptiveDPOConfig(TrainingArguments):
                          "ascending difficulty, every epoch), hard_to_easy; auto = easy_to_hard with pair_selection "
                          "easiest (Selective DPO), shuffled otherwise.", choices=("auto", *ORDERS))
     # ---- objective
-    method: str = _f("dpo", "Training method: dpo (static β), beta_dpo (dynamic β + β-guided filtering), sams "
-                     "(a contextual-bandit scheduler picks the pairs of each batch), beta_dpo+sams (SamS picks, "
-                     "β-DPO calibrates β on the picked pairs and filters them).", choices=METHOD_NAMES)
+    method: str = _f("dpo", "Training method: " + "; ".join(f"{name} ({method_spec(name).summary})"
+                                                            for name in METHOD_NAMES) + ".", choices=METHOD_NAMES)
     beta: float = _f(0.1, "β of the loss (τ for IPO): the strength of the KL regularisation toward the reference.")
     loss_type: list[str] = field(default_factory=lambda: ["sigmoid"], metadata={
         "help": "Pairwise loss, or several summed with loss_weights (TRL's list: --loss_type sigmoid sft is RPO; "
@@ -207,6 +207,11 @@ class AdaptiveDPOConfig(TrainingArguments):
                               "baseline of the paper's §5.2: grad_head, grad_tail, grad_tail_head.", choices=FILTERS)
     beta_dpo_init: str = _f("first_batch", "How M0 and σ start: first_batch (the first batch's mean and std) or "
                             "zero (the official code).", choices=INITS)
+    # ---- ε-DPO (method: epsilon_dpo); see adaptdpo/methods/epsilon_dpo.py and docs/noisy-labels.md
+    epsilon_dpo_epsilon: float = _f(EPSILON, "ε-DPO ε: the relative perturbation of β (the policies for β/(1 ± ε) "
+                                    "are estimated from the policy's and the reference's logits); each pair's β is "
+                                    "β_t/(1 + ε·s), s ∈ {−1, 0, 1}, and β_t moves by 1/(1 + ε·mean s) per step. "
+                                    "0.01: the paper's code.")
     # ---- SamS (method: sams); see docs/sams.md
     sams_ratio: float = _f(0.5, "SamS: fraction of each batch trained on (k = max(1, ⌊ratio·n⌋)); 1 = DPO.")
     sams_selection: str = _f("topk", "SamS selection: topk (paper), softmax (official code), random (the "
@@ -439,6 +444,15 @@ class AdaptiveDPOConfig(TrainingArguments):
             raise ValueError(f"label_smoothing={self.label_smoothing} with loss_type sigmoid is conservative DPO "
                              "(cDPO), whose ε is an assumed flip rate in [0, 0.5); or set sigmoid_label_smoothing "
                              "ignore")
+        if self.method == "epsilon_dpo":
+            if not 0.0 < self.epsilon_dpo_epsilon < 1.0:
+                raise ValueError(f"epsilon_dpo_epsilon must be in (0, 1), got {self.epsilon_dpo_epsilon}")
+            if self.precompute_ref_log_probs:
+                raise ValueError("method epsilon_dpo estimates the perturbed policies from the reference's logits: "
+                                 "it cannot use precompute_ref_log_probs (cached log-probs have no logits)")
+            if set(self.loss_type) & {"aot", "aot_unpaired"}:
+                raise ValueError("method epsilon_dpo gives every pair its own β; aot / aot_unpaired sort the batch "
+                                 "and take one β for all of it")
         if "holder" in self.loss_type and self.holder_gamma <= 0:
             raise ValueError(f"holder_gamma must be > 0 (Hölder-DPO's power γ), got {self.holder_gamma}")
         if self.sams_context_source == "reference" and self.precompute_ref_log_probs:

@@ -31,6 +31,7 @@ from torch import Tensor
 from transformers import Trainer
 
 from adaptdpo.data.collate import PreferenceCollator, batch_to, pairs_in_batch, stacked_rows
+from adaptdpo.methods.epsilon_dpo import PERTURBED_KEY
 from adaptdpo.methods.losses import BATCH_COUPLED_LOSSES, combined_preference_loss, holder_contamination
 from adaptdpo.methods.registry import build_step_policy, method_spec
 from adaptdpo.methods.sams.contexts import layer_contexts
@@ -41,7 +42,7 @@ from adaptdpo.models.loading import disable_dropout
 from adaptdpo.models.pair_logps_cache import PairLogpsCache
 from adaptdpo.models.partial import freeze_below_top, lora_on_top
 from adaptdpo.models.prefix_cache import PrefixCache
-from adaptdpo.models.sequence_logps import SequenceLogps, branch_pooling_masks, sequence_logps
+from adaptdpo.models.sequence_logps import SequenceLogps, branch_pooling_masks, perturbed_logratios, sequence_logps
 from adaptdpo.models.sources import load_encoder_backbone
 from adaptdpo.models.token_ops import unwrap
 from adaptdpo.training.checkpointing import (
@@ -295,15 +296,16 @@ class AdaptiveDPOTrainer(Trainer):
         return contextlib.nullcontext()
 
     @torch.no_grad()
-    def reference_logps(self, batch: dict[str, Tensor],
-                        output_hidden_states: bool = False) -> tuple[Tensor, Tensor, Any]:
+    def reference_logps(self, batch: dict[str, Tensor], output_hidden_states: bool = False,
+                        keep_window: bool = False) -> tuple[Tensor, Tensor, Any, SequenceLogps | None]:
         """Reference log-probs of a stacked batch (precomputed columns, the reference model, or the LoRA
-        base) and the reference forward's outputs (None for precomputed values)."""
+        base), the reference forward's outputs and its whole result (both None for precomputed values; with
+        ``keep_window`` the result holds the scored window, for ε-DPO)."""
         if "ref_chosen_logps" in batch:
-            return batch["ref_chosen_logps"], batch["ref_rejected_logps"], None
-        cache = None if output_hidden_states else self._ref_logps_cache
+            return batch["ref_chosen_logps"], batch["ref_rejected_logps"], None, None
+        cache = None if output_hidden_states or keep_window else self._ref_logps_cache  # a hit has no window
         if cache is not None and (hit := cache.get(batch)) is not None:
-            return *hit, None
+            return *hit, None, None
         if self.ref_model is None and not self.peft_reference:  # never the trained policy in the reference's place
             raise ValueError("this batch has no precomputed reference log-probs and the trainer keeps no reference "
                              "model (precompute_ref_log_probs): evaluate datasets passed at construction, or through "
@@ -311,11 +313,11 @@ class AdaptiveDPOTrainer(Trainer):
         model = self.ref_model if self.ref_model is not None else self.model
         with self._reference_context(), self.compute_loss_context_manager():
             out = self._logps(model, batch, output_hidden_states=output_hidden_states, ld_alpha=self.args.ld_alpha,
-                              head_chunk=self.head_chunk)
+                              head_chunk=self.head_chunk, keep_window=keep_window)
         chosen, rejected = out.split()
         if cache is not None:
             cache.put(batch, chosen, rejected)
-        return chosen, rejected, out.outputs
+        return chosen, rejected, out.outputs, out
 
     def _reference_fingerprint(self, reference: torch.nn.Module, dataset: Any) -> str:
         h = hashlib.sha256()
@@ -454,20 +456,28 @@ class AdaptiveDPOTrainer(Trainer):
         wants_contexts = training and self.step_policy.needs_contexts
         subset = wants_contexts and self.step_policy.mode == "subset"
         context_source = self.args.sams_context_source if wants_contexts else None
+        perturbation = getattr(self.step_policy, "perturbation", None) if training else None  # ε-DPO's ε
         # subset mode: this forward only scores the pairs; the gradient comes from a second, smaller one
         router = {"output_router_logits": True} if self.router_aux_loss_coef else None
         with torch.no_grad() if subset else contextlib.nullcontext():
             policy = self._logps(model, inputs, output_hidden_states=context_source == "policy",
                                     token_stats=self.args.token_metrics, ld_alpha=self.args.ld_alpha,
                                     wpo=self.args.use_weighting, model_kwargs=None if subset else router,
-                                    head_chunk=self.head_chunk)
+                                    head_chunk=self.head_chunk, keep_window=perturbation is not None)
         aux_loss = getattr(policy.outputs, "aux_loss", None) if router else None
         chosen_logps, rejected_logps = policy.split()
         chosen_lengths, rejected_lengths = policy.lengths.chunk(2, dim=0)
-        ref_chosen, ref_rejected, ref_outputs = self.reference_logps(
-            inputs, output_hidden_states=context_source == "reference")
+        ref_chosen, ref_rejected, ref_outputs, ref_scored = self.reference_logps(
+            inputs, output_hidden_states=context_source == "reference", keep_window=perturbation is not None)
         ref_chosen, ref_rejected = ref_chosen.to(chosen_logps.dtype), ref_rejected.to(chosen_logps.dtype)
         extras: dict[str, Any] = {}
+        if perturbation is not None:  # ε-DPO: the perturbed policies' log-ratios from both forwards' logits
+            if ref_scored is None:
+                raise ValueError("method epsilon_dpo needs a reference forward (its logits), not precomputed "
+                                 "reference log-probs")
+            extras[PERTURBED_KEY] = self._gather(perturbed_logratios(policy, ref_scored, perturbation))[0]
+            extras["global_step"] = self.state.global_step
+            policy.window = policy.rescore = ref_scored = None  # what backward needs, autograd keeps
         if training and self._trace_path is not None and "pair_id" in inputs:
             extras["pair_id"] = self._gather(inputs["pair_id"])[0]
         if context_source is not None:
