@@ -190,7 +190,7 @@ def test_cleaned_data_keeps_row_identities(audited, hand_built):
     for r in cleaned:
         original = rows[r["audit_row"]]
         assert {k: v for k, v in r.items() if k != "audit_row"} == original
-    assert summary["cleaned_counts"] == {"kept": 38, "swapped": 0, "dropped": 2, "unscored": 0}
+    assert summary["cleaned_counts"] == {"kept": 38, "swapped": 0, "dropped": 2, "weighted": 0, "unscored": 0}
 
 
 def test_swap_mode_swaps_chosen_rejected_and_their_fields(audited, hand_built):

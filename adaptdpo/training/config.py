@@ -146,6 +146,16 @@ class AdaptiveDPOConfig(TrainingArguments):
     dataset_num_proc: int | None = _f(None, "Processes for tokenising the data (datasets' Dataset.map); the result is "
                                       "cached by content under $ADAPTDPO_CACHE/tokenized (default "
                                       "~/.cache/adaptdpo/tokenized) and made once by the main process.")
+    weight_column: str | None = _f(None, "A column of the training data holding a loss weight per pair (a finite "
+                                   "number >= 0: annotator confidence, a reward model's margin, `adaptdpo audit "
+                                   "--clean weight`'s audit_weight = 1 − P(flip)). The loss is Σ w·ℓ over the pairs "
+                                   "trained on divided by the optimizer step's Σ w (all micro-batches and processes; "
+                                   "times k/n per micro-batch when a method trains on k of n pairs). Evaluation is "
+                                   "unweighted. A bad value is an error naming file, row and field (or a skipped "
+                                   "row with skip_invalid_rows); a missing column, an error before training.")
+    beta_column: str | None = _f(None, "A column of the training data holding a β per pair (a finite number > 0): it "
+                                 "replaces beta for that pair; a method that changes β (beta_dpo, epsilon_dpo) "
+                                 "multiplies it by its β / beta. Evaluation uses beta. Errors as weight_column.")
     # ---- data selection (Selective DPO and friends; scores from `adaptdpo audit`, docs/audit.md)
     pair_selection: str = _f("all", "Which pairs to train on, from per-pair difficulty scores (pair_scores_file): "
                              "all; easiest (Selective DPO: the pair_keep_ratio share with the lowest cross-fitted "
@@ -453,6 +463,9 @@ class AdaptiveDPOConfig(TrainingArguments):
             if set(self.loss_type) & {"aot", "aot_unpaired"}:
                 raise ValueError("method epsilon_dpo gives every pair its own β; aot / aot_unpaired sort the batch "
                                  "and take one β for all of it")
+        if self.beta_column and set(self.loss_type) & {"aot", "aot_unpaired"}:
+            raise ValueError("beta_column gives every pair its own β; aot / aot_unpaired sort the batch and take one β "
+                             "for all of it")
         if "holder" in self.loss_type and self.holder_gamma <= 0:
             raise ValueError(f"holder_gamma must be > 0 (Hölder-DPO's power γ), got {self.holder_gamma}")
         if self.sams_context_source == "reference" and self.precompute_ref_log_probs:

@@ -126,7 +126,7 @@ class AdaptiveDPOTrainer(Trainer):
                                  "IterableDataset has none: use a Dataset, or a live reference")
             # as TRL: batches of a stream cannot be dispatched from one process (they are not concatenable)
             args.accelerator_config.dispatch_batches = False
-        train_dataset = prepare_dataset(train_dataset, processing_class, args, "train_dataset")
+        train_dataset = prepare_dataset(train_dataset, processing_class, args, "train_dataset", pair_columns=True)
         eval_dataset = prepare_dataset(eval_dataset, processing_class, args, "eval_dataset")
         self.router_aux_loss_coef = router_aux_loss_coefficient(model, args)
         self.head_chunk = args.lm_head_chunk_size or None  # 0: the plain head
@@ -377,13 +377,27 @@ class AdaptiveDPOTrainer(Trainer):
     # ------------------------------------------------------------------------------------ the step
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Tensor | None:
-        """Pairs trained on in this optimizer step, summed over micro-batches and ranks."""
-        total = 0
+        """Pairs trained on in this optimizer step, summed over micro-batches and ranks: the loss's denominator.
+
+        With per-pair weights (weight_column) it is their sum instead: over every micro-batch and rank of the step,
+        Σ_i w_i · k/n, where k of a micro-batch's n pairs are trained on (k = n, so exactly Σ w_i, unless a method
+        selects pairs; all weights 1: exactly the pairs trained on, as without weights)."""
+        if not any("weight" in batch for batch in batch_samples):
+            total = 0
+            for batch in batch_samples:
+                local = torch.tensor([pairs_in_batch(batch)], device=device)
+                n_global = (int(self.accelerator.gather(local).sum()) if self.accelerator.num_processes > 1
+                            else int(local))
+                total += self.step_policy.num_trained(n_global)
+            return torch.tensor(total, device=device)
+        weighted = torch.zeros((), dtype=torch.float64, device=device)
         for batch in batch_samples:
-            local = torch.tensor([pairs_in_batch(batch)], device=device)
-            n_global = int(self.accelerator.gather(local).sum()) if self.accelerator.num_processes > 1 else int(local)
-            total += self.step_policy.num_trained(n_global)
-        return torch.tensor(total, device=device)
+            local = torch.stack([torch.tensor(float(pairs_in_batch(batch)), dtype=torch.float64, device=device),
+                                 batch["weight"].to(device, torch.float64).sum()])[None]
+            n_global, weight = (self.accelerator.gather(local).sum(dim=0) if self.accelerator.num_processes > 1
+                                else local[0]).tolist()
+            weighted += weight * self.step_policy.num_trained(int(n_global)) / n_global
+        return weighted.clamp(min=1e-12).float()  # a step whose pairs all weigh 0 trains on nothing (loss 0)
 
     def _gather(self, tensor: Tensor) -> tuple[Tensor, int]:
         """All ranks' values in rank order, and where this rank's slice starts."""
@@ -499,10 +513,15 @@ class AdaptiveDPOTrainer(Trainer):
         beta = plan.beta.to(chosen_logps.device)
         if beta.dim() == 1:
             beta = beta[mine]
+        if training and "beta" in inputs:  # beta_column: the pair's β replaces the configured one; a method's β/β0
+            beta = inputs["beta"].to(chosen_logps) * (beta / self.args.beta)  # (β-DPO, ε-DPO) multiplies it
         pairs = [chosen_logps, rejected_logps, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths]
         if self.args.use_weighting:  # WPO (Zhou et al. 2024, Eq. 2): w = exp(mean aligned log p)(y_w)·(same)(y_l)
             chosen_wpo, rejected_wpo = policy.wpo_mean.chunk(2, dim=0)
             pairs.append(torch.exp(chosen_wpo + rejected_wpo).to(chosen_logps.dtype))
+        pair_weighted = training and "weight" in inputs  # weight_column: a loss weight per pair
+        if pair_weighted:
+            pairs.append(inputs["weight"].to(chosen_logps))
         keep = None if plan.train_mask is None else plan.train_mask[mine].to(chosen_logps.device)
         if subset:
             pairs, beta, keep, aux_loss = self._subset_forward(model, inputs, pairs, beta, keep, router)
@@ -522,6 +541,8 @@ class AdaptiveDPOTrainer(Trainer):
         if self.args.use_weighting:
             losses = losses * pairs[6]
         weights = torch.ones_like(losses) if keep is None else keep.to(losses.dtype)
+        if pair_weighted:  # Σ w_i·ℓ_i over the pairs trained on / the step's weight sum (_get_num_items_in_batch)
+            weights = weights * pairs[-1]
         loss = self._reduce(losses * weights, weights, training, num_items_in_batch)
         if aux_loss is not None:  # MoE router load balancing (TRL adds it to its per-micro-batch mean loss)
             loss = loss + self.router_aux_loss_coef * aux_loss / self._micro_batches_per_step(training,
@@ -543,7 +564,7 @@ class AdaptiveDPOTrainer(Trainer):
             # sum / (pairs trained on in the whole optimizer step); DDP averages gradients over ranks, so
             # multiply back by the number of processes to get the global mean
             return weighted.sum() / num_items_in_batch * self.accelerator.num_processes
-        return weighted.sum() / weights.sum().clamp(min=1)
+        return weighted.sum() / weights.sum().clamp(min=1e-12)  # a mask's sum is 0 or >= 1; pair weights need not
 
     def _subset_forward(self, model: torch.nn.Module, inputs: dict[str, Tensor], pairs: list[Tensor],
                         beta: Tensor, keep: Tensor | None, model_kwargs: dict[str, Any] | None = None,
