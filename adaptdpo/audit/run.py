@@ -39,6 +39,7 @@ from adaptdpo.data.readers import DataValidationError, read_rows
 from adaptdpo.data.rows import load_preference_rows
 from adaptdpo.data.tokenize import tokenize_rows
 from adaptdpo.evaluation.metrics import pair_completion_logps
+from adaptdpo.methods.losses import holder_contamination
 from adaptdpo.models.loading import load_pretrained, load_tokenizer
 from adaptdpo.models.tiny import TINY_PRESETS
 from adaptdpo.training.checkpointing import atomic_torch_save, atomic_write_json, atomic_write_text
@@ -471,6 +472,8 @@ def _run_audit(options: AuditOptions, train_args: list[str], yaml_path: str | No
         "unscored_rows": data.total_rows - len(ids), "folds": options.folds, "fold_seed": options.fold_seed,
         "beta": base.beta, "model": base.model_name_or_path, "method": base.method,
         "estimated_flip_rate": mixture.flip_rate, "mixture": dataclasses.asdict(mixture),
+        # Hölder-DPO's contamination estimate 1 − ξ̂ of the same held-out margins (a second, model-free estimate)
+        "holder_flip_rate": float(holder_contamination(margins, base.holder_gamma)), "holder_gamma": base.holder_gamma,
         "clean": options.clean, "cleaned_counts": counts,
         "mean_validation_loss": float(losses.mean()), "heldout_accuracy_of_labels": float((h > 0).double().mean()),
         "wall_time_s": round(time.time() - started, 1),
