@@ -86,3 +86,22 @@ def test_every_method_and_robust_loss_has_its_citation_in_the_model_card(tmp_pat
     card = model_card(AdaptiveDPOConfig(output_dir=str(tmp_path), use_cpu=True, loss_type="robust",
                                         label_smoothing=0.2))
     assert "chowdhury2024provably" in card and "mitchell2023note" not in card
+
+
+def test_a_resume_sees_the_rivals_settings_as_the_objective():
+    """sigmoid_label_smoothing, holder_gamma, ε-DPO's ε and the per-pair columns change what a run optimises; a run
+    recorded before cDPO (sigmoid with label_smoothing, which then did nothing) resumes as ignore, not as cDPO."""
+    from adaptdpo.training.run_dir import objective_changes
+
+    defaults = {"sigmoid_label_smoothing": "cdpo", "holder_gamma": 0.5, "epsilon_dpo_epsilon": 0.01,
+                "weight_column": None, "beta_column": None}
+    before = {"loss_type": ["sigmoid"], "label_smoothing": 0.1}
+    changes = objective_changes(before, {**before, **defaults}, defaults)
+    assert changes == {"sigmoid_label_smoothing": ("ignore", "cdpo")}
+    assert objective_changes(before, {**before, **defaults, "sigmoid_label_smoothing": "ignore"}, defaults) == {}
+    plain = {"loss_type": ["sigmoid"], "label_smoothing": 0.0}  # the field changes nothing there: no refusal
+    assert objective_changes(plain, {**plain, **defaults}, defaults) == {}
+    now = {**plain, **defaults}
+    for key, value in (("holder_gamma", 0.3), ("epsilon_dpo_epsilon", 0.05), ("weight_column", "w"),
+                       ("beta_column", "b")):
+        assert objective_changes(now, {**now, key: value}, defaults) == {key: (defaults[key], value)}
