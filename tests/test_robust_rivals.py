@@ -105,3 +105,21 @@ def test_a_resume_sees_the_rivals_settings_as_the_objective():
     for key, value in (("holder_gamma", 0.3), ("epsilon_dpo_epsilon", 0.05), ("weight_column", "w"),
                        ("beta_column", "b")):
         assert objective_changes(now, {**now, key: value}, defaults) == {key: (defaults[key], value)}
+
+
+def test_epsilon_dpo_over_the_frozen_prefix_cache_and_with_the_reference_cache(hh_rows, tokenizer, tmp_path):
+    """ε-DPO reads both forwards' scored windows: training the top 2 of 4 blocks over the frozen-prefix cache, with
+    cache_reference_logps on (which ε-DPO's training steps bypass: a cached log-prob has no logits), gives the
+    uncached run's losses, gradient norms and baseline β (3 steps, fp32)."""
+    from helpers import train_logs
+    from test_prefix_cache import _run
+
+    settings = {"method": "epsilon_dpo", "epsilon_dpo_epsilon": 0.05}
+    plain = train_logs(_run(hh_rows, tokenizer, tmp_path, "plain", prefix_cache=False, **settings))
+    cached = train_logs(_run(hh_rows, tokenizer, tmp_path, "cached", prefix_cache=True, cache_reference_logps=True,
+                             ref_cache_dir=str(tmp_path / "ref-cache"), **settings))
+    assert len(plain) == len(cached) == 3
+    for x, y in zip(plain, cached, strict=True):
+        assert abs(x["loss"] - y["loss"]) < 1e-5 and abs(x["grad_norm"] - y["grad_norm"]) < 1e-5
+        assert x["eps_dpo/beta"] == pytest.approx(y["eps_dpo/beta"], rel=1e-9)
+    assert plain[-1]["eps_dpo/beta"] != pytest.approx(0.1, rel=1e-6)  # β_t moved: the decisions were not all 0
