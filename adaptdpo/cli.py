@@ -30,7 +30,7 @@ commands:
   task sentiment|toy [--flip_rate R --high_gap_fraction H --train_pairs N ...] [--quick] [--cache DIR]
                                         build a gold task (sentiment: prompts x topics, completions sampled from
                                         SmolLM2-135M-Instruct, judged by VADER; cached) and print its folder
-  audit DATA [CONFIG.yaml] [--folds K] [--output_dir DIR] [--clean drop|swap|none] [--key value ...]
+  audit DATA [CONFIG.yaml] [--folds K] [--output_dir DIR] [--clean drop|swap|weight|none] [--key value ...]
                                         find suspect pairs: every pair scored by models that never saw it
                                         (audit.jsonl, report.md, cleaned.jsonl); training fields
                                         (--model_name_or_path, --beta, ...) set the fold models
@@ -257,9 +257,10 @@ def audit_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", help="the audit folder (default: runs/audit-<data file name>)")
     parser.add_argument("--folds", type=int, default=5, help="K: models trained on K-1 folds each (default 5)")
     parser.add_argument("--fold_seed", type=int, default=0, help="seed of the fold assignment")
-    parser.add_argument("--clean", default="drop", choices=("drop", "swap", "none"),
+    parser.add_argument("--clean", default="drop", choices=("drop", "swap", "weight", "none"),
                         help="cleaned.jsonl: drop the top suspects (default), swap chosen/rejected of confident ones, "
-                             "or write all rows unchanged")
+                             "keep every row with audit_weight = 1 − P(flip) (train with --weight_column "
+                             "audit_weight), or write all rows unchanged")
     parser.add_argument("--drop_fraction", type=float, default=None,
                         help="share of pairs dropped by --clean drop (default: the estimated flip rate)")
     parser.add_argument("--swap_threshold", type=float, default=0.8,

@@ -11,9 +11,11 @@ docs/results.md). Recipes: DPO clean / noisy; audit then DPO on the cleaned data
 share; swap confident suspects, p ≥ 0.8; swap every likely flip, p ≥ 0.5); Selective DPO (easiest 50% by
 cross-fitted validation loss, easy to hard) alone, with SamS (75% per batch, the SamS paper's Table 3
 setting) and with β-DPO; the hardest 50% instead (arXiv 2508.04149's choice); β-DPO; SamS; the robust loss
-(rDPO) with the true and with the audit's estimated flip rate.
+(rDPO) and conservative DPO (cDPO) with the true and with the audit's estimated flip rate; Hölder-DPO; ε-DPO;
+the audit's 1 − P(flip) as a per-pair loss weight (weight_column). Same seeds and data for every recipe.
 
-"won back" = (recipe − DPO noisy) / (DPO clean − DPO noisy), on the means over seeds.
+"won back" = (recipe − DPO noisy) / (DPO clean − DPO noisy), on the means over seeds; "Δ accuracy" = the recipe's
+accuracy minus DPO noisy's, paired by seed, mean ± standard error.
 Results are cached in <workdir>/results.jsonl (one line per run): an interrupted run resumes.
 """
 
@@ -66,6 +68,15 @@ def recipes(audit_dir: str, estimated_rate: float) -> list[tuple[str, str, dict[
                                                              "label_smoothing": FLIP_RATE}),
         ("robust DPO (rDPO), ε = audit's estimate", "noisy", {"method": "dpo", "loss_type": "robust",
                                                               "label_smoothing": round(estimated_rate, 4)}),
+        ("conservative DPO (cDPO), ε = 0.2 (true rate)", "noisy", {"method": "dpo", "loss_type": "sigmoid",
+                                                                   "label_smoothing": FLIP_RATE}),
+        ("conservative DPO (cDPO), ε = audit's estimate", "noisy", {"method": "dpo", "loss_type": "sigmoid",
+                                                                    "label_smoothing": round(estimated_rate, 4)}),
+        ("Hölder-DPO (γ = 0.5)", "noisy", {"method": "dpo", "loss_type": "holder", "holder_gamma": 0.5}),
+        ("ε-DPO (ε = 0.01)", "noisy", {"method": "epsilon_dpo", "epsilon_dpo_epsilon": 0.01}),
+        ("audit → weight 1 − P(flip), DPO", "noisy",
+         {**METHODS["dpo"], "train_file": os.path.join(audit_dir, "cleaned-weight.jsonl"),
+          "weight_column": "audit_weight"}),
     ]
 
 
@@ -74,7 +85,8 @@ def audit_task(task: Any, workdir: str, seed: int) -> dict[str, Any]:
     out = os.path.join(workdir, f"audit-seed{seed}")
     train_args = gold_train_arguments(task, {**AUDIT_TRAINING, "seed": seed, "plots": False})
     # later passes reuse the fold models and scores of the first: only the cleaned file changes
-    for name, mode, threshold in (("swap", "swap", 0.8), ("swap05", "swap", 0.5), ("drop", "drop", 0.8)):
+    for name, mode, threshold in (("swap", "swap", 0.8), ("swap05", "swap", 0.5), ("weight", "weight", 0.8),
+                                  ("drop", "drop", 0.8)):
         run_audit(AuditOptions(data=task.train_file, output_dir=out, folds=5, fold_seed=seed, clean=mode,
                                swap_threshold=threshold), train_args)
         shutil.copy(os.path.join(out, "cleaned.jsonl"), os.path.join(out, f"cleaned-{name}.jsonl"))
@@ -161,18 +173,30 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+def paired_gain(results: list[dict], noisy: list[dict], key: str = "gold/accuracy") -> str:
+    """mean ± standard error over seeds of (recipe − DPO noisy), paired by seed (results are in seed order)."""
+    diffs = [r[key] - n[key] for r, n in zip(results, noisy, strict=False)]
+    if len(diffs) < 2 or results is noisy:
+        return "–"
+    mean = _mean(diffs)
+    se = (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)) ** 0.5
+    return f"{mean:+.3f} ± {se:.3f}"
+
+
 def format_tables(per_recipe: dict[str, list[dict]], audits: list[dict]) -> str:
     gts = [a["ground_truth"] for a in audits]
     cell = lambda key: mean_std([g[key] for g in gts])  # noqa: E731
     lines = ["### The audit on the noisy training sets (5 folds, cross-fitted DPO margins)", "",
              "| seeds | AUROC (flipped pairs) | average precision | precision at the true flip rate | "
-             "estimated flip rate | true flip rate |", "|---|---|---|---|---|---|",
+             "estimated flip rate | Hölder-DPO's estimate 1 − ξ̂ (γ = 0.5) | true flip rate |",
+             "|---|---|---|---|---|---|---|",
              f"| {len(audits)} | {cell('auroc')} | {cell('average_precision')} | {cell('precision_at_flip_rate')} "
-             f"| {mean_std([a['estimated_flip_rate'] for a in audits])} | {cell('true_flip_rate')} |",
+             f"| {mean_std([a['estimated_flip_rate'] for a in audits])} "
+             f"| {mean_std([a.get('holder_flip_rate', float('nan')) for a in audits])} | {cell('true_flip_rate')} |",
              "", "### Noise recovery (20% flips, mean ± std over seeds)", "",
              "| recipe | seeds | " + " | ".join(k[1] for k in KEYS)
-             + " | accuracy gap won back | reward gap won back |",
-             "|---|---|" + "---|" * (len(KEYS) + 2)]
+             + " | accuracy gap won back | reward gap won back | Δ accuracy vs DPO noisy (± s.e.) |",
+             "|---|---|" + "---|" * (len(KEYS) + 3)]
     clean, noisy = per_recipe["DPO, clean data"], per_recipe["DPO, 20% flips"]
     for label, results in per_recipe.items():
         cells = [mean_std([r.get(k, float("nan")) for r in results]) for k, _ in KEYS]
@@ -181,7 +205,8 @@ def format_tables(per_recipe: dict[str, list[dict]], audits: list[dict]) -> str:
             gap = _mean([r[key] for r in clean]) - _mean([r[key] for r in noisy])
             won.append("–" if label.startswith("DPO,") or abs(gap) < 1e-12 else
                        f"{(_mean([r[key] for r in results]) - _mean([r[key] for r in noisy])) / gap:+.0%}")
-        lines.append(f"| {label} | {len(results)} | " + " | ".join(cells + won) + " |")
+        lines.append(f"| {label} | {len(results)} | " + " | ".join(cells + won + [paired_gain(results, noisy)])
+                     + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -11,8 +11,9 @@ cached pool of on-policy pairs, then is judged on held-out prompts and pairs
 held-out implicit-reward accuracy against gold labels, mean gold reward of its samples, win rate against the
 reference's samples drawn with the same random numbers, KL(π‖π_ref) on its samples. Experiments:
 
-  noise     DPO, β-DPO, SamS (policy hidden states), SamS (MiniLM encoder), random 50%, β-DPO+SamS;
-            mixed gaps, 0% and 20% flips (SamS Fig. 3, β-DPO+SamS); the recovery table is drawn from it
+  noise     DPO, β-DPO, SamS (policy hidden states), SamS (MiniLM encoder), random 50%, β-DPO+SamS, and the
+            robust rivals rDPO and cDPO (ε = 0.2), Hölder-DPO, ε-DPO; mixed gaps, 0% and 20% flips (SamS Fig. 3,
+            β-DPO+SamS); the recovery table is drawn from it
   gap       static β ∈ {0.05, 0.1, 0.3, 1.0} on low-gap and on high-gap data          (β-DPO Fig. 1b/2)
   mix       β-DPO (batch, instance) against static β on mixtures 0.2/0.5/0.8           (β-DPO Table 2)
   frontier  DPO over β, β-DPO over β0 (mixed gaps, clean): the reward–KL frontier      (DPO Fig. 2)
@@ -57,6 +58,11 @@ METHODS: dict[str, dict[str, Any]] = {
     "β-DPO+SamS": {**SAMS, "method": "beta_dpo+sams"},
     # the known-flip-rate rival: rDPO's unbiased loss at the true rate (Chowdhury et al. 2024)
     "rDPO (ε = 0.2)": {"method": "dpo", "loss_type": "robust", "label_smoothing": 0.2},
+    # the other robust-DPO rivals (issue 27), after the rows above so that their result keys stay: cDPO at the
+    # planted rate, and the two that assume no rate
+    "cDPO (ε = 0.2)": {"method": "dpo", "loss_type": "sigmoid", "label_smoothing": 0.2},
+    "Hölder-DPO (γ = 0.5)": {"method": "dpo", "loss_type": "holder", "holder_gamma": 0.5},
+    "ε-DPO (ε = 0.01)": {"method": "epsilon_dpo", "epsilon_dpo_epsilon": 0.01},
 }
 BETAS = (0.05, 0.1, 0.3, 1.0)
 

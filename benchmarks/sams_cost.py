@@ -56,7 +56,7 @@ CONFIGS = {
 
 def _with_reference_columns(trainer, batch):
     """Precomputed reference: the batch carries the reference log-probs, as the cached dataset column would."""
-    ref_chosen, ref_rejected, _ = trainer.reference_logps(batch)
+    ref_chosen, ref_rejected, _, _ = trainer.reference_logps(batch)
     return {**batch, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
 
 

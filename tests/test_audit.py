@@ -178,6 +178,12 @@ def test_planted_flipped_pairs_rank_at_the_top(audited):
     assert os.path.isfile(os.path.join(out, "plots", "audit_roc_precision.png"))
     text = open(os.path.join(out, "report.md"), encoding="utf-8").read()
     assert "| 1 | 7 |" in text or "| 1 | 29 |" in text
+    # Hölder-DPO's contamination estimate of the same held-out margins, beside the mixture fit's
+    from adaptdpo.methods.losses import holder_contamination
+
+    margins = torch.tensor([r["margin"] for r in records if "margin" in r], dtype=torch.float64)
+    assert summary["holder_flip_rate"] == pytest.approx(float(holder_contamination(margins, 0.5)), abs=1e-9)
+    assert 0.0 <= summary["holder_flip_rate"] <= 1.0 and "Hölder-DPO's 1 − ξ̂" in text
 
 
 def test_cleaned_data_keeps_row_identities(audited, hand_built):
@@ -190,7 +196,7 @@ def test_cleaned_data_keeps_row_identities(audited, hand_built):
     for r in cleaned:
         original = rows[r["audit_row"]]
         assert {k: v for k, v in r.items() if k != "audit_row"} == original
-    assert summary["cleaned_counts"] == {"kept": 38, "swapped": 0, "dropped": 2, "unscored": 0}
+    assert summary["cleaned_counts"] == {"kept": 38, "swapped": 0, "dropped": 2, "weighted": 0, "unscored": 0}
 
 
 def test_swap_mode_swaps_chosen_rejected_and_their_fields(audited, hand_built):

@@ -11,7 +11,7 @@ from adaptdpo.methods.losses import LOSS_TYPES, preference_loss
 # Completion lengths 2 and 4 (for ipo, sigmoid_norm: per-token ratios 0.25 and -0.125, h̄ = 0.375).
 # β = 0.5, label_smoothing ε = 0.1, discopop τ = 0.05.  ls(x) = log σ(x), sg(x) = σ(x).
 HAND = {
-    "sigmoid": 0.4740769841801067,  # -ls(0.5)
+    "sigmoid": 0.5240769841801067,  # cDPO at ε = .1: -.9 ls(.5) - .1 ls(-.5) = .9 · .474077 + .1 · .974077
     "hinge": 0.5,  # max(0, 1 - 0.5)
     "ipo": 0.390625,  # (0.375 - 1/(2·0.5))² = (-0.625)²
     "exo_pair": 0.27205483350588544,  # sg(.5)(ls(.5) - log .9) + sg(-.5)(ls(-.5) - log .1)
@@ -23,6 +23,9 @@ HAND = {
     "apo_down": 0.9397171696839436,  # sg(.25) + 1 - sg(.5)
     "discopop": 0.6065246465980625,  # -ls(.5)(1 - sg(10)) + e^-.5 sg(10)
     "sigmoid_norm": 0.6037852895555947,  # -ls(.5 · .375)
+    # Hölder, γ = .5 (default): p = sg(.5) = .622459, q = .377541; a = p^.5 = .788961, b = p^1.5 + q^1.5 = .491094 +
+    # .231978 = .723072; one pair, so ξ̂ = a/b = 1.091121; (1 - 1.5 ξ̂^.5 a + .5 ξ̂^1.5 b) / .5
+    "holder": 0.3517540242119285,
 }
 
 
@@ -113,8 +116,11 @@ def test_gradients_match_finite_differences(loss_type):
         beta = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
 
     def f(c, r, rc, rr, b):
-        return preference_loss(c, r, rc, rr, b, loss_type, label_smoothing=0.2, chosen_lengths=lengths[0],
-                               rejected_lengths=lengths[1], discopop_tau=0.5)
+        out = preference_loss(c, r, rc, rr, b, loss_type, label_smoothing=0.2, chosen_lengths=lengths[0],
+                              rejected_lengths=lengths[1], discopop_tau=0.5)
+        # holder's scale ξ̂ is a detached batch statistic at its optimum: the gradient of the batch mean is exact
+        # (envelope theorem), that of one pair alone is not
+        return out.mean() if loss_type == "holder" else out
 
     assert torch.autograd.gradcheck(f, (*inputs, beta), eps=1e-6, atol=1e-6)
 
@@ -140,3 +146,83 @@ def test_sft_term_and_weighted_loss_lists_by_hand():
                                  chosen_lengths=lengths)
     with pytest.raises(ValueError, match="chosen_lengths"):
         preference_loss(chosen, rejected, ref_chosen, ref_rejected, 0.5, "sft")
+
+
+def _ls(x):  # log σ(x)
+    return -math.log1p(math.exp(-x))
+
+
+def _pairs(h, dtype=torch.float64):
+    """Pairs whose policy log-ratio difference is h (reference 0): chosen log-prob h, rejected 0."""
+    h = torch.tensor(h, dtype=dtype)
+    zero = torch.zeros_like(h)
+    return h, zero, zero.clone(), zero.clone()
+
+
+def test_cdpo_by_hand_and_its_gradient_vanishes_at_one_minus_epsilon():
+    """cDPO (Mitchell 2023): −(1−ε) log σ(βh) − ε log σ(−βh); the target of σ(βh) is 1 − ε."""
+    # β = 1, ε = .1: h = 0 → −.9 ls(0) − .1 ls(0) = ln 2; h = 2 → −.9 ls(2) − .1 ls(−2) = .9 · .126928 + .1 · 2.126928
+    c, r, rc, rr = _pairs([0.0, 2.0])
+    out = preference_loss(c, r, rc, rr, 1.0, "sigmoid", label_smoothing=0.1)
+    assert out.tolist() == pytest.approx([math.log(2), 0.9 * -_ls(2.0) + 0.1 * -_ls(-2.0)], abs=1e-12)
+    assert out[1].item() == pytest.approx(0.3269280110429725, abs=1e-12)
+    # ε = 0 and the TRL 1.16 switch are plain DPO: −ls(2) = .126928
+    for kwargs in ({"label_smoothing": 0.0}, {"label_smoothing": 0.1, "sigmoid_label_smoothing": "ignore"}):
+        assert preference_loss(c, r, rc, rr, 1.0, "sigmoid", **kwargs)[1].item() == pytest.approx(-_ls(2.0), abs=1e-12)
+    # d/dh = −β(1 − ε − σ(βh)): zero where σ(βh) = .9, i.e. βh = ln 9 (β = .5, h = 2 ln 9); DPO's is −β(1 − .9) there
+    h = torch.tensor([2 * math.log(9.0)], dtype=torch.float64, requires_grad=True)
+    zero = torch.zeros(1, dtype=torch.float64)
+    preference_loss(h, zero, zero, zero, 0.5, "sigmoid", label_smoothing=0.1).sum().backward()
+    assert h.grad.item() == pytest.approx(0.0, abs=1e-12)
+    h.grad = None
+    preference_loss(h, zero, zero, zero, 0.5, "sigmoid").sum().backward()
+    assert h.grad.item() == pytest.approx(-0.5 * 0.1, abs=1e-12)
+    with pytest.raises(ValueError, match="cDPO"):
+        preference_loss(c, r, rc, rr, 1.0, "sigmoid", label_smoothing=0.5)
+
+
+def test_rdpo_is_the_papers_unbiased_loss_by_hand():
+    """rDPO (Chowdhury et al. 2024): ℓ̂(h) = ((1−ε) ℓ(h) − ε ℓ(−h)) / (1 − 2ε), ℓ(h) = −log σ(βh).
+
+    β = 1, ε = .2, h = .5: ℓ(.5) = .474077, ℓ(−.5) = .974077; ℓ̂(.5) = (.8 · .474077 − .2 · .974077) / .6 = .307410;
+    ℓ̂(−.5) = (.8 · .974077 − .2 · .474077) / .6 = 1.140744. Unbiased: a pair whose true order gives h = .5 is seen
+    as it is with probability .8 and reversed (h = −.5) with .2: .8 · .307410 + .2 · 1.140744 = .474077 = ℓ(.5)."""
+    c, r, rc, rr = _pairs([0.5, -0.5])
+    out = preference_loss(c, r, rc, rr, 1.0, "robust", label_smoothing=0.2)
+    assert out.tolist() == pytest.approx([0.30741031751343336, 1.1407436508467667], abs=1e-12)
+    assert (0.8 * out[0] + 0.2 * out[1]).item() == pytest.approx(-_ls(0.5), abs=1e-12)
+    # a confidently wrong pair (h = −20, σ ≈ 0) keeps a gradient: d/dh = −((1−ε)(1−σ) + εσ)/(1−2ε) → −.8/.6
+    h = torch.tensor([-20.0], dtype=torch.float64, requires_grad=True)
+    zero = torch.zeros(1, dtype=torch.float64)
+    preference_loss(h, zero, zero, zero, 1.0, "robust", label_smoothing=0.2).sum().backward()
+    assert h.grad.item() == pytest.approx(-0.8 / 0.6, abs=1e-6)
+
+
+def test_holder_by_hand_contamination_estimate_and_redescending_gradient():
+    """Ten pairs, β = 1: eight the model gets right with certainty (βh = 60: p = 1) and two it calls flipped
+    (βh = −60: p = 0). γ = .5: a = p^γ = [1]*8 + [0]*2, b = p^1.5 + q^1.5 = [1]*10, ξ̂ = mean a / mean b = .8, so the
+    contamination estimate is 1 − ξ̂ = .2, the share of the two.
+    ℓ = (1 − 1.5 ξ̂^.5 a + .5 ξ̂^1.5 b) / .5: right pairs (1 − 1.341641 + .357771)/.5 = .032260, flipped
+    (1 + .357771)/.5 = 2.715542; the flipped pairs' gradient is 0 (p^γ(1 − p) and p(1 − p) vanish at p = 0)."""
+    from adaptdpo.methods.losses import holder_contamination
+
+    h = torch.tensor([60.0] * 8 + [-60.0] * 2, dtype=torch.float64, requires_grad=True)
+    zero = torch.zeros(10, dtype=torch.float64)
+    out = preference_loss(h, zero, zero, zero, 1.0, "holder", holder_gamma=0.5)
+    assert out[:8].tolist() == pytest.approx([0.03226018] * 8, abs=1e-7)
+    assert out[8:].tolist() == pytest.approx([2.71554175] * 2, abs=1e-7)
+    assert holder_contamination(h.detach(), 0.5).item() == pytest.approx(0.2, abs=1e-9)
+    out.sum().backward()
+    assert h.grad.abs().max().item() < 1e-5
+    # DPO would still pull the two flipped pairs with gradient −1 each
+    # a model unsure of everything (p = .5): ξ̂ = .5^.5 / (2 · .5^1.5) = 1 → no contamination
+    assert holder_contamination(torch.zeros(4), 0.5).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_holder_tends_to_dpo_as_gamma_goes_to_zero():
+    c, r, rc, rr = _pairs([1.0, -0.5, 3.0, 0.2])
+    dpo = preference_loss(c, r, rc, rr, 0.7, "sigmoid")
+    holder = preference_loss(c, r, rc, rr, 0.7, "holder", holder_gamma=1e-6)
+    torch.testing.assert_close(holder, dpo, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="holder_gamma"):
+        preference_loss(c, r, rc, rr, 0.7, "holder", holder_gamma=0.0)

@@ -91,6 +91,7 @@ def test_uneven_last_accumulation_step_is_normalised_by_pairs(small, tmp_path):
 
 METHODS = {"dpo": {}, "beta_dpo": {"method": "beta_dpo", "beta_dpo_alpha": 3.0, "beta_dpo_keep_ratio": 0.5},
            "sams": {"method": "sams", "sams_warmup_rounds": 2, "sams_ratio": 0.5},
+           "epsilon_dpo": {"method": "epsilon_dpo", "epsilon_dpo_epsilon": 0.05},
            # subset mode: with 2 pairs per rank a rank can have no selected pair (its zero-weight path)
            "beta_dpo+sams_subset": {"method": "beta_dpo+sams", "sams_mode": "subset", "sams_warmup_rounds": 2,
                                     "sams_ratio": 0.5, "beta_dpo_alpha": 3.0, "beta_dpo_keep_ratio": 0.5}}
@@ -142,7 +143,7 @@ def test_kill_and_resume_gives_the_same_run(small, tmp_path, method):
     assert_same_params(straight, crashed)
     assert_same_trace(straight, crashed)
     plots = {"dpo": [], "beta_dpo": ["beta_dpo.png"], "sams": ["sams.png"],
-             "beta_dpo+sams_subset": ["beta_dpo.png", "sams.png"]}[method]
+             "beta_dpo+sams_subset": ["beta_dpo.png", "sams.png"], "epsilon_dpo": []}[method]
     for name in ["training_curves.png", "margins.png", *plots]:
         assert os.path.exists(os.path.join(crashed, "plots", name)), name
     if method == "beta_dpo":

@@ -253,25 +253,39 @@ def test_wpo_and_ld_dpo_match_trl(setup, settings, layout, tmp_path, hh_rows):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
-def test_label_smoothing_with_sigmoid_changes_nothing_as_in_trl_and_is_warned(setup, tmp_path, caplog):
-    """TRL 1.16's sigmoid ignores label_smoothing (before TRL 1.0 it made it cDPO): the same loss with 0.1 as with 0,
-    there and here; here a warning says so (TRL says nothing). Found by trying TRL scripts (issue 28)."""
+def test_label_smoothing_with_sigmoid_trl_ignores_it_cdpo_does_not(setup, tmp_path, caplog):
+    """TRL 1.16's sigmoid ignores label_smoothing (before TRL 1.0 it made it cDPO): the same loss with 0.1 as with 0
+    there. Ours is conservative DPO unless sigmoid_label_smoothing: ignore, which gives TRL's loss (and a warning that
+    label_smoothing has no effect) and which a mapped trl.DPOConfig sets, so the drop-in keeps TRL's numbers."""
     import logging
+
+    from trl import DPOConfig as TRLConfig
+
+    from adaptdpo import from_trl_config
 
     policy, reference, batch, _, tokenizer = setup
     plain, _ = trl_loss_and_metrics(setup, "sigmoid", 0.3, 0.0, tmp_path / "a")
     smoothed, _ = trl_loss_and_metrics(setup, "sigmoid", 0.3, 0.1, tmp_path / "b")
-    assert smoothed.item() == plain.item()
-    with caplog.at_level(logging.WARNING, logger="adaptdpo"):
-        args = AdaptiveDPOConfig(output_dir=str(tmp_path / "ours"), beta=0.3, label_smoothing=0.1, use_cpu=True,
-                                 report_to="none")
-    assert "label_smoothing=0.1 has no effect with loss_type ['sigmoid']" in caplog.text
-    ours = AdaptiveDPOTrainer(model=copy.deepcopy(policy), args=args, ref_model=copy.deepcopy(reference),
-                              processing_class=tokenizer)
-    ours.model.train()
+    assert smoothed.item() == plain.item()  # TRL: no effect at all
     n_pairs = batch["input_ids"].shape[0] // 2
-    loss = ours.compute_loss(ours.model, dict(batch), num_items_in_batch=torch.tensor(n_pairs))
-    assert loss.item() == pytest.approx(plain.item(), abs=1e-5, rel=1e-5)
+
+    def ours(name, **kw):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="adaptdpo"):
+            args = AdaptiveDPOConfig(output_dir=str(tmp_path / name), beta=0.3, label_smoothing=0.1, use_cpu=True,
+                                     report_to="none", **kw)
+        trainer = AdaptiveDPOTrainer(model=copy.deepcopy(policy), args=args, ref_model=copy.deepcopy(reference),
+                                     processing_class=tokenizer)
+        trainer.model.train()
+        return trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=torch.tensor(n_pairs)).item()
+
+    assert ours("ignore", sigmoid_label_smoothing="ignore") == pytest.approx(plain.item(), abs=1e-5, rel=1e-5)
+    assert "label_smoothing=0.1 has no effect with loss_type ['sigmoid']" in caplog.text
+    assert abs(ours("cdpo") - plain.item()) > 1e-3  # cDPO: a different loss
+    assert "has no effect" not in caplog.text
+    mapped = from_trl_config(TRLConfig(output_dir=str(tmp_path / "m"), label_smoothing=0.1, report_to="none",
+                                       use_cpu=True, bf16=False))
+    assert (mapped.label_smoothing, mapped.sigmoid_label_smoothing) == (0.1, "ignore")
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="adaptdpo"):
         AdaptiveDPOConfig(output_dir=str(tmp_path / "r"), loss_type="robust", label_smoothing=0.1, use_cpu=True)

@@ -85,6 +85,8 @@ def write_report(out_dir: str, summary: dict[str, Any], scored: dict[int, dict[s
              "(higher = more suspect). Rows: 0-based indices in the input file.", "",
              "| quantity | value |", "|---|---|",
              f"| estimated flip rate (mirrored-Gaussian fit of the margins) | {summary['estimated_flip_rate']:.3f} |",
+             *([f"| estimated flip rate (Hölder-DPO's 1 − ξ̂ of the margins, γ = {summary['holder_gamma']}) | "
+                f"{summary['holder_flip_rate']:.3f} |"] if "holder_flip_rate" in summary else []),
              f"| held-out pairs whose margin agrees with their label | {summary['heldout_accuracy_of_labels']:.3f} |",
              f"| mean held-out DPO loss (Selective DPO's difficulty) | {summary['mean_validation_loss']:.4f} |",
              f"| rows not scored (invalid, see audit.jsonl) | {summary['unscored_rows']} |"]

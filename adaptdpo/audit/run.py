@@ -11,7 +11,8 @@
    precision, precision at the flip rate.
 6. Write ``audit.jsonl`` (one object per input row, ``row`` = its 0-based index in the input, counting every
    row), ``audit_summary.json``, ``report.md`` with plots, and ``cleaned.jsonl`` (top suspects dropped, or
-   confident suspects swapped; every kept row carries ``audit_row``).
+   confident suspects swapped, or every pair kept with ``audit_weight`` = 1 − P(flip) for ``--weight_column
+   audit_weight``; every kept row carries ``audit_row``).
 
 Everything lands in one output folder, locked for the run; an interrupted audit resumes where it stopped.
 """
@@ -38,6 +39,7 @@ from adaptdpo.data.readers import DataValidationError, read_rows
 from adaptdpo.data.rows import load_preference_rows
 from adaptdpo.data.tokenize import tokenize_rows
 from adaptdpo.evaluation.metrics import pair_completion_logps
+from adaptdpo.methods.losses import holder_contamination
 from adaptdpo.models.loading import load_pretrained, load_tokenizer
 from adaptdpo.models.tiny import TINY_PRESETS
 from adaptdpo.training.checkpointing import atomic_torch_save, atomic_write_json, atomic_write_text
@@ -54,7 +56,9 @@ REPORT_FILE = "report.md"
 FOLDS_FILE = "folds.json"
 REFERENCE_FILE = "reference_logps.pt"
 SCORES_FILE = "heldout_scores.json"
-CLEAN_MODES = ("drop", "swap", "none")
+CLEAN_MODES = ("drop", "swap", "weight", "none")
+#: the column --clean weight writes: 1 − the pair's suspected-flip probability (train with --weight_column)
+WEIGHT_FIELD = "audit_weight"
 #: config fields that do not change what a fold model learns (free to differ when an audit resumes)
 NEUTRAL_FIELDS = {"output_dir", "train_file", "logging_dir", "report_to", "plots", "trace_pairs", "disable_tqdm",
                   "logging_steps", "save_strategy", "save_steps", "save_total_limit", "resume", "push_to_hub",
@@ -327,13 +331,17 @@ def decide_actions(options: AuditOptions, scored: dict[int, dict[str, Any]], fli
         for i, s in scored.items():
             if s["flip_probability"] >= options.swap_threshold:
                 actions[i] = "swap"
+    elif options.clean == "weight":
+        actions = {i: "weight" for i in scored}
     return actions
 
 
-def write_cleaned(options: AuditOptions, actions: dict[int, str], path: str) -> dict[str, int]:
-    """The input rows minus dropped ones, swapped ones swapped, each with ``audit_row`` (and ``audit_action``
-    when changed); rows that could not be scored are left out (listed in audit.jsonl)."""
-    counts = {"kept": 0, "swapped": 0, "dropped": 0, "unscored": 0}
+def write_cleaned(options: AuditOptions, actions: dict[int, str], path: str,
+                  scored: dict[int, dict[str, Any]] | None = None) -> dict[str, int]:
+    """The input rows minus dropped ones, swapped ones swapped, weighted ones with ``audit_weight`` = 1 − P(flip),
+    each with ``audit_row`` (and ``audit_action`` when changed); rows that could not be scored are left out (listed
+    in audit.jsonl)."""
+    counts = {"kept": 0, "swapped": 0, "dropped": 0, "weighted": 0, "unscored": 0}
     lines = []
     for index, (raw, _) in enumerate(read_rows(options.data)):
         action = actions.get(index)
@@ -348,6 +356,10 @@ def write_cleaned(options: AuditOptions, actions: dict[int, str], path: str) -> 
             row = _swap_paired_fields(row)
             row["audit_action"] = "swapped"
             counts["swapped"] += 1
+        elif action == "weight":
+            assert scored is not None, "--clean weight needs the scores"
+            row[WEIGHT_FIELD] = round(1.0 - scored[index]["flip_probability"], 6)
+            counts["weighted"] += 1
         row["audit_row"] = index
         counts["kept"] += 1
         lines.append(json.dumps(row, ensure_ascii=False, default=str) + "\n")
@@ -440,7 +452,7 @@ def _run_audit(options: AuditOptions, train_args: list[str], yaml_path: str | No
             scored[i].update(signals.get(i, {}))
     truth = read_truth(options, data.total_rows)
     actions = decide_actions(options, scored, mixture.flip_rate)
-    counts = write_cleaned(options, actions, os.path.join(options.output_dir, CLEANED_FILE))
+    counts = write_cleaned(options, actions, os.path.join(options.output_dir, CLEANED_FILE), scored)
 
     records = []
     for index in range(data.total_rows):
@@ -460,13 +472,15 @@ def _run_audit(options: AuditOptions, train_args: list[str], yaml_path: str | No
         "unscored_rows": data.total_rows - len(ids), "folds": options.folds, "fold_seed": options.fold_seed,
         "beta": base.beta, "model": base.model_name_or_path, "method": base.method,
         "estimated_flip_rate": mixture.flip_rate, "mixture": dataclasses.asdict(mixture),
+        # Hölder-DPO's contamination estimate 1 − ξ̂ of the same held-out margins (a second, model-free estimate)
+        "holder_flip_rate": float(holder_contamination(margins, base.holder_gamma)), "holder_gamma": base.holder_gamma,
         "clean": options.clean, "cleaned_counts": counts,
         "mean_validation_loss": float(losses.mean()), "heldout_accuracy_of_labels": float((h > 0).double().mean()),
         "wall_time_s": round(time.time() - started, 1),
     }
     if truth is not None:
         summary["ground_truth"] = truth_metrics(scored, truth, mixture.flip_rate)
-        dropped_or_swapped = [i for i, a in actions.items() if a != "keep"]
+        dropped_or_swapped = [i for i, a in actions.items() if a in ("drop", "swap")]
         if dropped_or_swapped:
             summary["ground_truth"]["cleaned_share_known_bad"] = (
                 sum(truth.get(i, False) for i in dropped_or_swapped) / len(dropped_or_swapped))

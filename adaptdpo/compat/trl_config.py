@@ -4,7 +4,9 @@
 Every ``TrainingArguments`` field carries over unchanged (both configs extend it). TRL's own fields map to ours
 where we have them (``beta``, ``loss_type`` and ``loss_weights``, ``label_smoothing``, ``max_length``, ...). A TRL field
 we do not implement is accepted at its TRL default and refused by name at any other value, so nothing a user set
-is silently ignored. Fields that only change speed or bookkeeping (``dataset_num_proc``,
+is silently ignored. TRL's meaning is kept where ours differs by default: TRL 1.16's ``sigmoid`` ignores
+``label_smoothing``, so a mapped config sets ``sigmoid_label_smoothing: ignore`` (ours is conservative DPO). Fields
+that only change speed or bookkeeping (``dataset_num_proc``,
 ``precompute_ref_batch_size``, ``padding_free``) are accepted and logged.
 """
 
@@ -57,4 +59,10 @@ def trl_config_values(args: Any, ours: set[str]) -> dict[str, Any]:
                          "docs/migrating-from-trl.md): " + ", ".join(refused))
     if values.get("bf16") is None:
         values.pop("bf16", None)
+    if "sigmoid_label_smoothing" in ours:  # TRL 1.16's sigmoid ignores label_smoothing: keep its numbers
+        values["sigmoid_label_smoothing"] = "ignore"
+        if values.get("label_smoothing") and "sigmoid" in values.get("loss_type", []):
+            logger.info("DPOConfig.label_smoothing=%s with loss_type sigmoid: TRL 1.16 ignores it, and so does this "
+                        "mapping (sigmoid_label_smoothing: ignore); for conservative DPO (cDPO) use adaptdpo's "
+                        "config, where sigmoid_label_smoothing defaults to cdpo", values["label_smoothing"])
     return values

@@ -65,7 +65,7 @@ class PreferenceCollator:
 
     This is TRL 1.16's layout (``input_ids``, ``attention_mask``, ``completion_mask``), so a batch built
     here can be fed to TRL's ``DPOTrainer`` and back. Precomputed ``ref_chosen_logps`` /
-    ``ref_rejected_logps`` and ``pair_id`` pass through.
+    ``ref_rejected_logps``, ``pair_id`` and the per-pair ``weight`` / ``beta`` pass through.
 
     ``shared_prompt=True``: the packed layout instead, n rows [prompt, chosen, rejected] with
     ``segment_ids`` (1 prompt, 2 chosen, 3 rejected, 0 padding) and ``position_ids`` that restart at the
@@ -111,6 +111,9 @@ class PreferenceCollator:
                 batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
         if "pair_id" in examples[0]:
             batch["pair_id"] = torch.tensor([e["pair_id"] for e in examples], dtype=torch.long)
+        for key in ("weight", "beta"):  # per-pair loss weight and β (weight_column, beta_column)
+            if key in examples[0]:
+                batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
         return batch
 
     def _stacked(self, examples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -88,9 +89,48 @@ def extract_prompt(chosen: Field, rejected: Field, marker: str | None = "\n\nAss
     return chosen[:k], chosen[k:], rejected[k:]
 
 
+#: the per-pair columns a config can name (``weight_column``, ``beta_column``), under these names once read
+PAIR_VALUE_COLUMNS = ("weight", "beta")
+
+
+def pair_value(value: Any, kind: str, src: str, row: int, field_name: str, line: int | None = None) -> float:
+    """A per-pair ``weight`` (a finite number ≥ 0) or ``beta`` (a finite number > 0) from a row's ``field_name``; a
+    number, or its text (CSV cells are text). Anything else is an error naming the source, row and field."""
+    what = "a loss weight (weight_column)" if kind == "weight" else "a per-pair β (beta_column)"
+    if value is None:
+        raise DataValidationError(src, row, field_name, f"missing: {what} is needed for every row", line)
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise DataValidationError(src, row, field_name, f"expected {what}, a number, got {type(value).__name__}",
+                                  line)
+    try:
+        number = float(value)
+    except ValueError:
+        raise DataValidationError(src, row, field_name, f"expected {what}, a number, got {value!r}", line) from None
+    if not math.isfinite(number):
+        raise DataValidationError(src, row, field_name, f"{what} must be finite, got {value!r}", line)
+    if kind == "weight" and number < 0:
+        raise DataValidationError(src, row, field_name, f"{what} must be >= 0, got {value!r}", line)
+    if kind == "beta" and number <= 0:
+        raise DataValidationError(src, row, field_name, f"{what} must be > 0, got {value!r}", line)
+    return number
+
+
+def check_pair_columns(columns: Iterable[str], source: str, weight_column: str | None,
+                       beta_column: str | None) -> None:
+    """A configured ``weight_column`` / ``beta_column`` that the data does not have at all is an error before any
+    work (not a row to skip); ``columns``: the data's column names (of its first row)."""
+    present = set(columns)
+    for option, name in (("weight_column", weight_column), ("beta_column", beta_column)):
+        if name is not None and name not in present:
+            raise ValueError(f"{source}: {option}={name!r} but the data has no column {name!r} (its columns: "
+                             f"{', '.join(sorted(present))})")
+
+
 def normalise_row(raw: dict[str, Any], src: str, row: int, line: int | None = None,
-                  marker: str | None = "\n\nAssistant:") -> dict[str, Field]:
-    """Check one raw row and return ``{"prompt", "chosen", "rejected"}``; raise naming the bad field."""
+                  marker: str | None = "\n\nAssistant:", weight_column: str | None = None,
+                  beta_column: str | None = None) -> dict[str, Field]:
+    """Check one raw row and return ``{"prompt", "chosen", "rejected"}`` (plus ``weight`` / ``beta`` when their columns
+    are named); raise naming the bad field."""
     for name in ("chosen", "rejected"):
         if name not in raw or raw[name] is None:
             raise DataValidationError(src, row, name, "missing", line)
@@ -121,6 +161,9 @@ def normalise_row(raw: dict[str, Any], src: str, row: int, line: int | None = No
         if conversational:
             _check_turn_order(prompt, value, name, src, row, line)
     out: dict[str, Any] = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    for kind, name in (("weight", weight_column), ("beta", beta_column)):
+        if name is not None:
+            out[kind] = pair_value(raw.get(name), kind, src, row, name, line)
     if conversational:  # TRL's row-level template inputs: the tools the assistant may call, extra template kwargs
         tools = raw.get("tools")
         if isinstance(tools, str):
@@ -175,22 +218,28 @@ def text_row_as_messages(row: dict[str, Field], only_hh: bool) -> dict[str, Fiel
 
 def load_preference_rows(source: str, split: str = "train", *, skip_invalid: bool = False,
                          implicit_prompt_marker: str | None = "\n\nAssistant:", limit: int | None = None,
-                         config_name: str | None = None,
-                         raw_rows: Iterable[RowOrError] | None = None) -> tuple[list[dict[str, Field]], LoadReport]:
+                         config_name: str | None = None, raw_rows: Iterable[RowOrError] | None = None,
+                         weight_column: str | None = None,
+                         beta_column: str | None = None) -> tuple[list[dict[str, Field]], LoadReport]:
     """Read and validate every row of ``source`` (or of ``raw_rows``, rows already read, with ``source`` naming
-    them in errors); return normalised rows and a report."""
+    them in errors); return normalised rows and a report. ``weight_column`` / ``beta_column``: read each row's
+    per-pair loss weight / β from these columns (as ``weight`` / ``beta``); a column the data lacks is an error."""
     report = LoadReport(source=source)
     rows: list[dict[str, Field]] = []
     kind: bool | None = None
     raw_rows = read_rows(source, split, config_name) if raw_rows is None else raw_rows
+    columns_checked = weight_column is None and beta_column is None
     for index, (raw, line) in enumerate(raw_rows):
         if limit is not None and report.rows_kept >= limit:
             break
         report.rows_read += 1
+        if not columns_checked and not isinstance(raw, DataValidationError):
+            check_pair_columns(raw, source, weight_column, beta_column)  # the first readable row has the columns
+            columns_checked = True
         try:
             if isinstance(raw, DataValidationError):  # a line that could not be read as a row
                 raise raw
-            row = normalise_row(raw, source, index, line, implicit_prompt_marker)
+            row = normalise_row(raw, source, index, line, implicit_prompt_marker, weight_column, beta_column)
             is_conv = isinstance(row["chosen"], list)
             if kind is None:
                 kind = is_conv

@@ -95,8 +95,9 @@ def fraction_counts(sizes: list[int], fractions: list[float]) -> list[int]:
 
 
 def load_mixture_rows(entries: list[dict[str, Any]], *, skip_invalid: bool = False,
-                      implicit_prompt_marker: str | None = "\n\nAssistant:",
-                      limit: int | None = None) -> tuple[list[dict[str, Any]], list[LoadReport]]:
+                      implicit_prompt_marker: str | None = "\n\nAssistant:", limit: int | None = None,
+                      weight_column: str | None = None,
+                      beta_column: str | None = None) -> tuple[list[dict[str, Any]], list[LoadReport]]:
     """The rows of a mixture, validated entry by entry and concatenated in entry order; ``pair_id`` runs over
     the whole mixture. Returns the rows and one report per entry."""
     labels = [entry_label(i, e) for i, e in enumerate(entries)]
@@ -113,7 +114,8 @@ def load_mixture_rows(entries: list[dict[str, Any]], *, skip_invalid: bool = Fal
         if not entry_rows:
             raise ValueError(f"{label}: no rows")
         part, report = load_preference_rows(label, skip_invalid=skip_invalid, raw_rows=entry_rows,
-                                            implicit_prompt_marker=implicit_prompt_marker)
+                                            implicit_prompt_marker=implicit_prompt_marker,
+                                            weight_column=weight_column, beta_column=beta_column)
         conversational = isinstance(part[0]["chosen"], list)
         if kind is not None and kind[1] != conversational:
             raise ValueError(f"{label} is {'conversational' if conversational else 'plain text'} but {kind[0]} is "

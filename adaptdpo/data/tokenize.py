@@ -27,6 +27,10 @@ from typing import Any
 
 from adaptdpo.data.readers import DataValidationError, Field, LoadReport, Message
 
+#: the per-pair columns (:data:`adaptdpo.data.rows.PAIR_VALUE_COLUMNS`) a tokenised dataset carries when its rows have
+#: them (named here to keep this module below rows)
+PAIR_VALUE_COLUMNS = ("weight", "beta")
+
 logger = logging.getLogger("adaptdpo")
 
 #: bump when the tokenisation rules change, so that old caches are not reused
@@ -84,6 +88,9 @@ def rows_fingerprint(rows: list[dict[str, Any]], tokenizer: Any, max_length: int
 def _tokenize_batch(batch: dict[str, list], tokenizer: Any, max_length: int | None,
                     max_prompt_length: int | None, truncation_mode: str | None = None) -> dict[str, list]:
     out: dict[str, list] = {name: [] for name in (*COLUMNS, "truncated", "dropped", "problem_field", "problem")}
+    for key in PAIR_VALUE_COLUMNS:  # per-pair weight / β: carried through as they are
+        if key in batch:
+            out[key] = list(batch[key])
     for i in range(len(batch["pair_id"])):
         pair = tokenize_pair(json.loads(batch["row"][i]), tokenizer, max_length, max_prompt_length, truncation_mode)
         found = None if pair.dropped else pair_problem(pair, max_length, truncation_mode)
@@ -119,9 +126,12 @@ def tokenize_dataset(rows: list[dict[str, Any]], tokenizer: Any, max_length: int
         else:
             # each row as JSON text: text and message rows, tool calls, tools and content parts all fit one schema
             wanted = ("prompt", "chosen", "rejected", "tools", "chat_template_kwargs")
-            raw = datasets.Dataset.from_dict({
-                "row": [json.dumps({k: row[k] for k in wanted if k in row}, ensure_ascii=False) for row in rows],
-                "pair_id": [int(row["pair_id"]) for row in rows]})
+            columns = {"row": [json.dumps({k: row[k] for k in wanted if k in row}, ensure_ascii=False) for row in rows],
+                       "pair_id": [int(row["pair_id"]) for row in rows]}
+            for key in PAIR_VALUE_COLUMNS:
+                if key in rows[0]:
+                    columns[key] = [float(row[key]) for row in rows]
+            raw = datasets.Dataset.from_dict(columns)
             workers = num_proc if num_proc and num_proc > 1 and len(rows) >= 2 * num_proc else None
             tokenised = raw.map(_tokenize_batch, batched=True, batch_size=256, num_proc=workers,
                                 remove_columns=raw.column_names, desc=f"tokenising {source}",
@@ -282,13 +292,18 @@ def pair_problem(pair: TokenizedPair, max_length: int | None,
 
 
 def pair_example(pair: TokenizedPair, pair_id: int, max_length: int | None = None,
-                 truncation_mode: str | None = None) -> dict[str, Any]:
-    """The trainer's columns for one pair; ``length`` is the padded row width it needs (group_by_length)."""
+                 truncation_mode: str | None = None, row: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The trainer's columns for one pair; ``length`` is the padded row width it needs (group_by_length); the row's
+    per-pair ``weight`` / ``beta`` when it has them."""
     length = len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
     if truncation_mode == "keep_end" and max_length is not None:
         length = min(length, max_length)
-    return {"prompt_ids": pair.prompt_ids, "chosen_ids": pair.chosen_ids, "rejected_ids": pair.rejected_ids,
-            "pair_id": int(pair_id), "length": length}
+    out = {"prompt_ids": pair.prompt_ids, "chosen_ids": pair.chosen_ids, "rejected_ids": pair.rejected_ids,
+           "pair_id": int(pair_id), "length": length}
+    for key in PAIR_VALUE_COLUMNS:
+        if row is not None and key in row:
+            out[key] = float(row[key])
+    return out
 
 
 def tokenize_rows(rows: Sequence[dict[str, Field]], tokenizer: Any, max_length: int | None,
@@ -316,7 +331,7 @@ def tokenize_rows(rows: Sequence[dict[str, Field]], tokenizer: Any, max_length: 
             report.rows_kept -= 1
             continue
         truncated += pair.truncated
-        examples.append(pair_example(pair, int(row.get("pair_id", i)), max_length, truncation_mode))
+        examples.append(pair_example(pair, int(row.get("pair_id", i)), max_length, truncation_mode, row))
     if dropped:
         warn_dropped(source, dropped, max_length)
     return examples, truncated

@@ -61,9 +61,28 @@ class PairLogps:
         return chosen - rejected
 
 
-def sigmoid_loss(p: PairLogps, beta: Beta, **_: float) -> Tensor:
-    """DPO (Rafailov et al. 2023, Eq. 7): −log σ(β·h)."""
-    return -F.logsigmoid(beta * p.delta)
+#: what ``sigmoid`` does with ``label_smoothing`` ε > 0: ``cdpo`` (conservative DPO, Mitchell 2023; TRL < 1.0) or
+#: ``ignore`` (TRL 1.16, whose sigmoid loss never reads label_smoothing)
+SIGMOID_SMOOTHING = ("cdpo", "ignore")
+
+
+def sigmoid_loss(p: PairLogps, beta: Beta, *, label_smoothing: float = 0.0, sigmoid_smoothing: str = "cdpo",
+                 **_: float) -> Tensor:
+    """DPO (Rafailov et al. 2023, Eq. 7): −log σ(β·h). With ``label_smoothing`` ε > 0, conservative DPO (cDPO,
+    Mitchell 2023, "A note on DPO with noisy preferences"): the labels are taken to be flipped with probability ε,
+    so the target of σ(βh) is 1 − ε instead of 1 — the binary cross-entropy −(1 − ε)·log σ(βh) − ε·log σ(−βh), as TRL
+    computed it before 1.0. Its gradient −β·(1 − ε − σ(βh)) vanishes at σ(βh) = 1 − ε: a pair is no longer pushed
+    once the model prefers its chosen response with probability 1 − ε. ``sigmoid_smoothing="ignore"`` is TRL 1.16,
+    which ignores label_smoothing for this loss."""
+    if sigmoid_smoothing not in SIGMOID_SMOOTHING:
+        raise ValueError(f"sigmoid_label_smoothing must be one of {SIGMOID_SMOOTHING}, got {sigmoid_smoothing!r}")
+    logits = beta * p.delta
+    if sigmoid_smoothing == "ignore" or label_smoothing == 0.0:
+        return -F.logsigmoid(logits)
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"sigmoid with label_smoothing is conservative DPO (cDPO): it needs 0 <= label_smoothing "
+                         f"< 0.5 (the assumed flip rate), got {label_smoothing}")
+    return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
 
 
 def hinge_loss(p: PairLogps, beta: Beta, **_: float) -> Tensor:
@@ -99,7 +118,11 @@ def nca_pair_loss(p: PairLogps, beta: Beta, **_: float) -> Tensor:
 
 
 def robust_loss(p: PairLogps, beta: Beta, *, label_smoothing: float = 0.0, **_: float) -> Tensor:
-    """Robust DPO (Chowdhury et al. 2024, Eq. 9), unbiased under flip rate ε = label_smoothing ∈ [0, ½)."""
+    """Robust DPO (rDPO; Chowdhury et al. 2024, "Provably Robust DPO"): the unbiased loss under a known flip rate
+    ε = label_smoothing ∈ [0, ½), ℓ̂(h) = ((1 − ε)·ℓ(h) − ε·ℓ(−h)) / (1 − 2ε) with ℓ(h) = −log σ(βh), the DPO loss
+    of the observed order and ℓ(−h) that of the reversed one. Unbiased: if a pair's true order is observed with
+    probability 1 − ε and reversed with probability ε, (1 − ε)·ℓ̂(h) + ε·ℓ̂(−h) = ℓ(h) (tested with hand numbers).
+    Unlike cDPO it can be negative and its gradient does not vanish: it pushes a confidently wrong pair back."""
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"robust needs 0 <= label_smoothing < 0.5 (the flip rate), got {label_smoothing}")
     logits = beta * p.delta
@@ -160,6 +183,55 @@ def discopop_loss(p: PairLogps, beta: Beta, *, discopop_tau: float = 0.05, **_: 
     return -F.logsigmoid(logits) * (1 - modulation) + torch.exp(-logits) * modulation
 
 
+HOLDER_GAMMA = 0.5
+
+
+def _holder_terms(logits: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
+    """a_i = p_i^γ and b_i = p_i^(1+γ) + (1 − p_i)^(1+γ), p_i = σ(βh_i): the model's probability of the observed
+    label to the power γ, and the power integral ∫ p^(1+γ) over the two labels (computed in log space)."""
+    log_p, log_q = F.logsigmoid(logits), F.logsigmoid(-logits)
+    return torch.exp(gamma * log_p), torch.exp((1 + gamma) * log_p) + torch.exp((1 + gamma) * log_q)
+
+
+def holder_scale(logits: Tensor, gamma: float = HOLDER_GAMMA) -> Tensor:
+    """ξ̂ = mean(a) / mean(b) (detached): the scale of the enlarged model ξ·p_θ that minimises the batch's
+    density-power score for fixed θ. When a share ε of the labels are flipped and the model gives those a
+    probability near 0 (the paper's strict tail contamination), ξ̂ ≈ 1 − ε."""
+    a, b = _holder_terms(logits.detach(), gamma)
+    return a.mean() / b.mean()
+
+
+def holder_contamination(logits: Tensor, gamma: float = HOLDER_GAMMA) -> Tensor:
+    """The contamination-ratio estimate ε̂ = 1 − ξ̂ of a batch (``logits`` = β·h per pair), clamped to [0, 1]
+    (ξ̂ > 1 happens on clean data while the model is unsure; the clamp is ours). Detached."""
+    return (1 - holder_scale(logits, gamma)).clamp(0.0, 1.0)
+
+
+def holder_loss(p: PairLogps, beta: Beta, *, holder_gamma: float = HOLDER_GAMMA, **_: float) -> Tensor:
+    """Hölder-DPO (Fujisawa, Adachi & Osborne, NeurIPS 2025, arXiv 2505.17859), as we read it: the label model
+    p_i = σ(βh_i) fitted with the density-power score of the *enlarged* model ξ·p_θ (Kanamori & Fujisawa 2015), whose
+    minimiser over θ is the γ-divergence estimate (robust, redescending) and over ξ the clean share 1 − ε.
+
+    The paper's own equation could not be read where this was written (only its abstract): this is the construction
+    the abstract and the Hölder-divergence literature describe (Hölder divergence + enlarged model → γ-divergence
+    estimate of θ and an estimate of the outlier ratio), not a transcription; see docs/noisy-labels.md.
+
+    Per pair, with a_i = p_i^γ, b_i = p_i^(1+γ) + (1 − p_i)^(1+γ) and ξ̂ = mean(a)/mean(b) over the batch (detached,
+    :func:`holder_scale`):  ℓ_i = (1 − (1 + γ)·ξ̂^γ·a_i + γ·ξ̂^(1+γ)·b_i) / γ.  The batch mean is (1 − J)/γ with
+    J = mean(a)^(1+γ)/mean(b)^γ, the profiled objective, and — ξ̂ being its optimum — its gradient is exactly J's
+    (envelope theorem). As γ → 0 it tends to DPO's −log σ(βh) (tested). The gradient in βh is
+    −(1 + γ)·ξ̂^γ·p^γ·(1 − p) + (1 + γ)·ξ̂^(1+γ)·p·(1 − p)·(p^γ − (1 − p)^γ), which → 0 as p → 0: a pair the model
+    confidently calls mislabelled stops pulling (redescending); DPO's tends to −1. Batch-coupled through ξ̂ (the
+    pairs trained on are its batch)."""
+    if holder_gamma <= 0:
+        raise ValueError(f"holder needs holder_gamma > 0 (the power γ), got {holder_gamma}")
+    logits = beta * p.delta
+    a, b = _holder_terms(logits, holder_gamma)
+    xi = holder_scale(logits, holder_gamma)
+    g = holder_gamma
+    return (1 - (1 + g) * xi**g * a + g * xi ** (1 + g) * b) / g
+
+
 def kto_pair_loss(p: PairLogps, beta: Beta, **_: float) -> Tensor:
     """Paired KTO (Ethayarajh et al. 2024, Eq. 7 of the HALOs paper), as TRL ≤ 0.11's ``kto_pair``.
 
@@ -206,13 +278,16 @@ LOSSES: dict[str, Callable[..., Tensor]] = {
     "sigmoid_norm": sigmoid_norm_loss,
     "sft": sft_loss,
     "kto_pair": kto_pair_loss,
+    "holder": holder_loss,
 }
 LOSS_TYPES: tuple[str, ...] = tuple(LOSSES)
 #: losses whose pair-i output depends on the other pairs of the batch (AOT sorts it, kto_pair averages it, sft
-#: divides by the batch's chosen tokens): under a mask, their batch is the pairs trained on.
-BATCH_COUPLED_LOSSES: frozenset[str] = frozenset({"aot", "aot_unpaired", "kto_pair", "sft"})
-#: the losses TRL 1.16's DPOTrainer has (kto_pair was removed from it in 0.12; sft only makes sense in a mixture)
-TRL_LOSS_TYPES: tuple[str, ...] = tuple(t for t in LOSS_TYPES if t != "kto_pair")
+#: divides by the batch's chosen tokens, holder's scale ξ̂ is a batch statistic): under a mask, their batch is the
+#: pairs trained on.
+BATCH_COUPLED_LOSSES: frozenset[str] = frozenset({"aot", "aot_unpaired", "kto_pair", "sft", "holder"})
+#: the losses TRL 1.16's DPOTrainer has (kto_pair was removed from it in 0.12; sft only makes sense in a mixture;
+#: holder is ours)
+TRL_LOSS_TYPES: tuple[str, ...] = tuple(t for t in LOSS_TYPES if t not in ("kto_pair", "holder"))
 
 
 #: f-DPO (Wang et al. 2024): the divergences TRL 1.16 offers, and the losses that admit them (the
@@ -255,6 +330,8 @@ def preference_loss(
     discopop_tau: float = 0.05,
     f_divergence_type: str = "reverse_kl",
     f_alpha_divergence_coef: float = 0.5,
+    sigmoid_label_smoothing: str = "cdpo",
+    holder_gamma: float = HOLDER_GAMMA,
 ) -> Tensor:
     """Per-pair losses, shape [n], for one of :data:`LOSS_TYPES`.
 
@@ -263,11 +340,15 @@ def preference_loss(
         ref_chosen_logps, ref_rejected_logps: the same under the frozen reference.
         beta: a float, or a tensor of shape [n] (one β per pair; β-DPO's instance level) or [] .
         loss_type: which loss; see the table in docs/metrics.md.
-        label_smoothing: the flip rate ε of ``robust``, the ε of ``exo_pair``, the smoothing of ``aot*``.
+        label_smoothing: the flip rate ε of ``robust`` and of ``sigmoid`` (cDPO), the ε of ``exo_pair``, the
+            smoothing of ``aot*``.
         chosen_lengths, rejected_lengths: completion token counts, required by ``ipo`` and ``sigmoid_norm``.
         discopop_tau: the temperature τ of ``discopop``.
         f_divergence_type, f_alpha_divergence_coef: f-DPO: the log-ratios enter the loss through
             :func:`f_divergence_scores` (reverse_kl = DPO); only :data:`F_DIVERGENCE_LOSSES` admit another one.
+        sigmoid_label_smoothing: ``cdpo`` (label_smoothing makes ``sigmoid`` conservative DPO) or ``ignore``
+            (TRL 1.16: ``sigmoid`` ignores it).
+        holder_gamma: the power γ of ``holder`` (Hölder-DPO).
     """
     try:
         fn = LOSSES[loss_type]
@@ -294,7 +375,8 @@ def preference_loss(
                               f_divergence_scores(pairs.rejected_logratios, f_divergence_type,
                                                   f_alpha_divergence_coef),
                               zeros, zeros, chosen_lengths, rejected_lengths)
-    return fn(pairs, beta, label_smoothing=label_smoothing, discopop_tau=discopop_tau)
+    return fn(pairs, beta, label_smoothing=label_smoothing, discopop_tau=discopop_tau,
+              sigmoid_smoothing=sigmoid_label_smoothing, holder_gamma=holder_gamma)
 
 
 def implicit_rewards(logratios: Tensor, beta: Beta) -> Tensor:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from adaptdpo.methods.beta_dpo import BetaDPO
+from adaptdpo.methods.epsilon_dpo import EpsilonDPO, EpsilonDPOPolicy
 from adaptdpo.methods.policies import BetaDPOPolicy, BetaSamsPolicy, SamsPolicy
 from adaptdpo.methods.step_policy import StaticBeta, StepPolicy
 
@@ -53,6 +54,10 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
                ("beta-dpo", "sams"), ("dpo", "beta_dpo", "sams"), True,
                lambda config, load: BetaSamsPolicy(SamsPolicy(config, load_backbone=load),
                                                    BetaDPOPolicy(beta_dpo_controller(config)))),
+    MethodSpec("epsilon_dpo", "ε-DPO", "a β for every pair from whether its preference logit grows monotonically "
+               "when β is perturbed, estimated from the policy's and the reference's logits (Lee et al. 2025)",
+               ("epsilon-dpo",), ("dpo", "epsilon_dpo"), False,
+               lambda config, _: EpsilonDPOPolicy(EpsilonDPO(config.beta, config.epsilon_dpo_epsilon))),
 )}
 
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)

@@ -74,6 +74,9 @@ class StepPolicyBase:
     needs_contexts: bool = False
     mode: str = "mask"
     broadcast: Any = None
+    #: optional (the trainer reads it with a default of None): a relative perturbation ε of β for which the trainer
+    #: puts the perturbed policies' log-ratios in ``view.extras`` (ε-DPO, :mod:`adaptdpo.methods.epsilon_dpo`)
+    perturbation: float | None = None
 
 
 class StaticBeta(StepPolicyBase):

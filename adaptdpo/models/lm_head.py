@@ -151,6 +151,48 @@ class HeadWindow:
         return scores_from_hidden(select(self.hidden), self.head.weight, labels, self.chunk, stats, wpo)
 
 
+def mixture_weights(epsilon: float) -> tuple[tuple[float, float], ...]:
+    """The (policy, reference) logit weights of :func:`mixed_log_probs` for a perturbation ε: toward the reference
+    (the policy at β/(1 − ε)), the policy itself (β), away from it (β/(1 + ε))."""
+    return (1.0 - epsilon, epsilon), (1.0, 0.0), (1.0 + epsilon, -epsilon)
+
+
+def _window_logits(window: HeadWindow, selected: Tensor) -> Tensor:
+    """Logits of already-selected window rows ``[N, V]`` (plain) or ``[N, H]`` hidden states (chunked), float32."""
+    if window.logits is not None:
+        return selected.float()
+    return (selected @ window.head.weight.detach().t()).float()
+
+
+@torch.no_grad()
+def mixed_log_probs(policy: HeadWindow, reference: HeadWindow, select: Callable[[Tensor], Tensor], labels: Tensor,
+                    epsilon: float) -> Tensor:
+    """ε-DPO's estimate of the policies under a perturbed β (Lee et al. 2025; as the official code): at every scored
+    position, log softmax(w·z_θ + (1 − w)·z_ref)[label] for w = 1 − ε, 1, 1 + ε, with z_θ the policy's logits and
+    z_ref the reference's at the same position. Since π_θ ∝ π_ref·exp(r/β), the policy for β/(1 + ε) is
+    ∝ π_ref·(π_θ/π_ref)^(1+ε), whose per-token logits are (1 + ε)·z_θ − ε·z_ref (and β/(1 − ε) likewise with −ε):
+    no forward pass beyond the two the step already made. Returns ``labels.shape + (3,)``, float32, detached; the
+    middle column is log π_θ(label) itself, so the three are compared on equal footing.
+
+    ``select`` picks the scored positions from a window (the same indexing for logits and hidden states)."""
+    a_all, b_all = select(policy.logits if policy.logits is not None else policy.hidden), select(
+        reference.logits if reference.logits is not None else reference.hidden)
+    a_all = a_all.detach().reshape(-1, a_all.shape[-1])
+    b_all = b_all.reshape(-1, b_all.shape[-1])
+    flat = labels.reshape(-1)
+    out = torch.empty(flat.shape[0], 3, dtype=torch.float32, device=flat.device)
+    chunk = policy.chunk or 256
+    weights = mixture_weights(epsilon)
+    for start in range(0, flat.shape[0], chunk):
+        end = start + chunk
+        z_policy, z_reference = _window_logits(policy, a_all[start:end]), _window_logits(reference, b_all[start:end])
+        label = flat[start:end, None]
+        for column, (w_policy, w_reference) in enumerate(weights):
+            mixed = z_policy if w_reference == 0.0 else w_policy * z_policy + w_reference * z_reference
+            out[start:end, column] = mixed.gather(-1, label).squeeze(-1) - torch.logsumexp(mixed, dim=-1)
+    return out.reshape(*labels.shape, 3)
+
+
 @contextlib.contextmanager
 def head_input_captured(head: torch.nn.Linear) -> Iterator[dict[str, Tensor]]:
     """While active, the head returns a width-1 placeholder instead of logits and keeps its input (the final

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,7 +10,7 @@ import torch
 from torch import Tensor
 
 from adaptdpo.models.attention_masks import CHOSEN, PROMPT, REJECTED, branch_mask
-from adaptdpo.models.lm_head import forward_window
+from adaptdpo.models.lm_head import HeadWindow, forward_window, mixed_log_probs
 from adaptdpo.models.token_ops import TokenStats, accepts_logits_to_keep, ld_weights
 
 
@@ -22,6 +23,11 @@ class SequenceLogps:
     outputs: Any  # the model output (hidden states when requested)
     stats: TokenStats | None = None  # TRL's token metrics, when asked for
     wpo_mean: Tensor | None = None  # [2n] WPO: mean of log p − log Σp² over each completion's tokens (detached)
+    #: with ``keep_window``: the scored window of the forward (logits, or hidden states and the head), and
+    #: ``rescore(score)``, which sums any per-position score ``score(select, labels) -> [..., K]`` over each row's
+    #: completion tokens exactly as ``logps`` was summed (same positions, same LD-DPO weights): [2n, K]
+    window: HeadWindow | None = None
+    rescore: Callable[[Callable[[Callable[[Tensor], Tensor], Tensor], Tensor]], Tensor] | None = None
 
     def split(self) -> tuple[Tensor, Tensor]:
         return self.logps.chunk(2, dim=0)
@@ -46,7 +52,7 @@ def completion_window(batch: dict[str, Tensor]) -> int:
 
 def padding_free_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], token_stats: bool = False,
                                 ld_alpha: float | None = None, wpo: bool = False,
-                                head_chunk: int | None = None) -> SequenceLogps:
+                                head_chunk: int | None = None, keep_window: bool = False) -> SequenceLogps:
     """The padding-free forward: every pair [prompt, chosen, rejected] one after the other in one row, positions
     restarting per pair, a token seeing only its own pair (same-document and branch rule): no pad token is
     computed. Exact against the stacked layout (tested); per-pair sums by ``index_add`` over the document ids.
@@ -78,7 +84,8 @@ def padding_free_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor]
     per_token = scores.logp * weight
 
     def per_pair(values: Tensor, mask: Tensor) -> Tensor:
-        return torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, pair[mask], values[mask])
+        out = torch.zeros((n, *values.shape[1:]), dtype=values.dtype, device=values.device)
+        return out.index_add(0, pair[mask], values[mask])
 
     chosen = per_pair(per_token, is_chosen)
     rejected = per_pair(per_token, ~is_chosen) + first.logp
@@ -94,13 +101,20 @@ def padding_free_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor]
         ones = torch.ones_like(first_rejected, dtype=torch.bool)
         stats = stats + TokenStats.of(first, ~ones, ones)
     outputs.logits = None
+    rescore = None
+    if keep_window:
+        def rescore(score: Callable) -> Tensor:
+            values = score(lambda x: x[0, scored], tok[scored + 1]) * weight[:, None]
+            first_values = score(lambda x: x[0, last_prompt], first_rejected)
+            return torch.cat([per_pair(values, is_chosen), per_pair(values, ~is_chosen) + first_values])
     return SequenceLogps(logps=torch.cat([chosen, rejected]), lengths=torch.cat([chosen_len, rejected_len]),
-                         outputs=outputs, stats=stats, wpo_mean=wpo_mean)
+                         outputs=outputs, stats=stats, wpo_mean=wpo_mean, window=window if keep_window else None,
+                         rescore=rescore)
 
 
 def packed_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], output_hidden_states: bool = False,
                           token_stats: bool = False, ld_alpha: float | None = None,
-                          wpo: bool = False, head_chunk: int | None = None) -> SequenceLogps:
+                          wpo: bool = False, head_chunk: int | None = None, keep_window: bool = False) -> SequenceLogps:
     """The shared-prompt forward: one row [prompt, chosen, rejected] per pair, the prompt encoded once.
 
     Exact against the stacked layout up to floating-point reassociation (tested): the chosen branch sees
@@ -151,8 +165,16 @@ def packed_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], outp
         stats = stats + TokenStats.of(last_prompt, ~first, first)
     outputs.logits = None
     lengths = torch.cat([chosen_len, rejected_len])
+    rescore = None
+    if keep_window:
+        def rescore(score: Callable) -> Tensor:
+            values = score(lambda x: x[:, :-1], ids[:, start + 1:])
+            first_values = score(lambda x: x[rows, prompt_len - 1 - start][:, None], first_rejected[:, None])[:, 0]
+            chosen_sum = (values * (in_chosen * chosen_w)[..., None]).sum(dim=1)
+            rejected_sum = (values * (in_rejected * rejected_w)[..., None]).sum(dim=1) + first_values
+            return torch.cat([chosen_sum, rejected_sum])
     return SequenceLogps(logps=torch.cat([chosen, rejected]), lengths=lengths, outputs=outputs, stats=stats,
-                         wpo_mean=wpo_mean)
+                         wpo_mean=wpo_mean, window=window if keep_window else None, rescore=rescore)
 
 
 def branch_pooling_masks(segments: Tensor) -> Tensor:
@@ -163,7 +185,8 @@ def branch_pooling_masks(segments: Tensor) -> Tensor:
 
 def sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], output_hidden_states: bool = False,
                    token_stats: bool = False, ld_alpha: float | None = None, wpo: bool = False,
-                   model_kwargs: dict[str, Any] | None = None, head_chunk: int | None = None) -> SequenceLogps:
+                   model_kwargs: dict[str, Any] | None = None, head_chunk: int | None = None,
+                   keep_window: bool = False) -> SequenceLogps:
     """Forward ``batch`` and sum log π(token) over the completion tokens of every row.
 
     A packed batch (``segment_ids`` present, see :class:`adaptdpo.data.collate.PreferenceCollator`) goes through
@@ -179,18 +202,20 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], output_hidd
     ``output_router_logits``; the stacked layout only). ``head_chunk``: compute the LM head and log-softmax this
     many positions at a time, forward and backward (:mod:`adaptdpo.models.lm_head`; the plain head where the model's
     head
-    does not allow it).
+    does not allow it). ``keep_window``: also return the scored window and a ``rescore`` of other per-position scores
+    (ε-DPO's perturbed policies, :func:`perturbed_logratios`).
     """
 
     if "pair_starts" in batch:
         if model_kwargs or output_hidden_states:
             raise ValueError("padding-free batches take no extra forward arguments and give no per-pair hidden "
                              "states (SamS): use the per-row layouts")
-        return padding_free_sequence_logps(model, batch, token_stats, ld_alpha, wpo, head_chunk)
+        return padding_free_sequence_logps(model, batch, token_stats, ld_alpha, wpo, head_chunk, keep_window)
     if "segment_ids" in batch:
         if model_kwargs:
             raise ValueError(f"the shared-prompt layout takes no extra forward arguments ({', '.join(model_kwargs)})")
-        return packed_sequence_logps(model, batch, output_hidden_states, token_stats, ld_alpha, wpo, head_chunk)
+        return packed_sequence_logps(model, batch, output_hidden_states, token_stats, ld_alpha, wpo, head_chunk,
+                                     keep_window)
     width = batch["input_ids"].shape[1]
     keep = completion_window(batch) if accepts_logits_to_keep(model) else width
     kwargs = {"logits_to_keep": keep} if keep < width else {}
@@ -219,5 +244,28 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], output_hidd
         in_completion = mask.bool()
         is_chosen = (torch.arange(mask.shape[0], device=mask.device) < mask.shape[0] // 2)[:, None]
         stats = TokenStats.of(scores, in_completion & is_chosen, in_completion & ~is_chosen)
-    outputs.logits = None  # free the full logits early; nothing downstream needs them
-    return SequenceLogps(logps=logps, lengths=lengths, outputs=outputs, stats=stats, wpo_mean=wpo_mean)
+    outputs.logits = None  # free the full logits early; nothing downstream needs them (a kept window holds its part)
+    rescore = None
+    if keep_window:
+        def rescore(score: Callable) -> Tensor:
+            return (score(lambda x: x[:, :-1], labels) * weights[..., None]).sum(dim=1)
+    return SequenceLogps(logps=logps, lengths=lengths, outputs=outputs, stats=stats, wpo_mean=wpo_mean,
+                         window=window if keep_window else None, rescore=rescore)
+
+
+def perturbed_logratios(policy: SequenceLogps, reference: SequenceLogps, epsilon: float) -> Tensor:
+    """ε-DPO's perturbed policy log-ratios per pair, [n, 3], detached: log π(y_w) − log π(y_l) under the policy
+    estimated for β/(1 − ε), the policy itself, and the policy estimated for β/(1 + ε) (per-token logit mixtures of
+    policy and reference, :func:`adaptdpo.models.lm_head.mixed_log_probs`), summed over the same completion tokens
+    as the log-probs. Both results must come from forwards of the same batch with ``keep_window``."""
+    if policy.rescore is None or policy.window is None or reference.window is None:
+        raise ValueError("perturbed_logratios needs the policy's and the reference's scored windows (keep_window)")
+    a = policy.window.logits if policy.window.logits is not None else policy.window.hidden
+    b = reference.window.logits if reference.window.logits is not None else reference.window.hidden
+    if a.shape[:2] != b.shape[:2]:
+        raise ValueError(f"the policy's and the reference's scored windows differ ({tuple(a.shape[:2])} vs "
+                         f"{tuple(b.shape[:2])} positions): ε-DPO needs both models to score the same positions")
+    sums = policy.rescore(lambda select, labels: mixed_log_probs(policy.window, reference.window, select, labels,
+                                                                  epsilon))
+    chosen, rejected = sums.chunk(2, dim=0)
+    return chosen - rejected

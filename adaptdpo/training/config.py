@@ -19,11 +19,13 @@ from transformers import TrainingArguments
 
 from adaptdpo.data.tokenize import TRUNCATION_MODES, resolve_truncation_mode
 from adaptdpo.methods.beta_dpo import FILTERS, INITS, LEVELS
-from adaptdpo.methods.losses import F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSS_TYPES
+from adaptdpo.methods.epsilon_dpo import EPSILON
+from adaptdpo.methods.losses import F_DIVERGENCE_LOSSES, F_DIVERGENCES, HOLDER_GAMMA, LOSS_TYPES, SIGMOID_SMOOTHING
 from adaptdpo.methods.pair_selection import ORDERS, POLICIES
 from adaptdpo.methods.registry import METHOD_NAMES, method_spec
 
-#: the losses that read label_smoothing (TRL 1.16's too: its sigmoid ignores it, as ours does)
+#: the losses that read label_smoothing (TRL 1.16's too); sigmoid reads it too unless sigmoid_label_smoothing is
+#: ignore (TRL 1.16's sigmoid ignores it; ours is then conservative DPO)
 LABEL_SMOOTHING_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")
 
 
@@ -148,6 +150,16 @@ class AdaptiveDPOConfig(TrainingArguments):
     dataset_num_proc: int | None = _f(None, "Processes for tokenising the data (datasets' Dataset.map); the result is "
                                       "cached by content under $ADAPTDPO_CACHE/tokenized (default "
                                       "~/.cache/adaptdpo/tokenized) and made once by the main process.")
+    weight_column: str | None = _f(None, "A column of the training data holding a loss weight per pair (a finite "
+                                   "number >= 0: annotator confidence, a reward model's margin, `adaptdpo audit "
+                                   "--clean weight`'s audit_weight = 1 − P(flip)). The loss is Σ w·ℓ over the pairs "
+                                   "trained on divided by the optimizer step's Σ w (all micro-batches and processes; "
+                                   "times k/n per micro-batch when a method trains on k of n pairs). Evaluation is "
+                                   "unweighted. A bad value is an error naming file, row and field (or a skipped "
+                                   "row with skip_invalid_rows); a missing column, an error before training.")
+    beta_column: str | None = _f(None, "A column of the training data holding a β per pair (a finite number > 0): it "
+                                 "replaces beta for that pair; a method that changes β (beta_dpo, epsilon_dpo) "
+                                 "multiplies it by its β / beta. Evaluation uses beta. Errors as weight_column.")
     # ---- data selection (Selective DPO and friends; scores from `adaptdpo audit`, docs/audit.md)
     pair_selection: str = _f("all", "Which pairs to train on, from per-pair difficulty scores (pair_scores_file): "
                              "all; easiest (Selective DPO: the pair_keep_ratio share with the lowest cross-fitted "
@@ -162,17 +174,24 @@ class AdaptiveDPOConfig(TrainingArguments):
                          "ascending difficulty, every epoch), hard_to_easy; auto = easy_to_hard with pair_selection "
                          "easiest (Selective DPO), shuffled otherwise.", choices=("auto", *ORDERS))
     # ---- objective
-    method: str = _f("dpo", "Training method: dpo (static β), beta_dpo (dynamic β + β-guided filtering), sams "
-                     "(a contextual-bandit scheduler picks the pairs of each batch), beta_dpo+sams (SamS picks, "
-                     "β-DPO calibrates β on the picked pairs and filters them).", choices=METHOD_NAMES)
+    method: str = _f("dpo", "Training method: " + "; ".join(f"{name} ({method_spec(name).summary})"
+                                                            for name in METHOD_NAMES) + ".", choices=METHOD_NAMES)
     beta: float = _f(0.1, "β of the loss (τ for IPO): the strength of the KL regularisation toward the reference.")
     loss_type: list[str] = field(default_factory=lambda: ["sigmoid"], metadata={
         "help": "Pairwise loss, or several summed with loss_weights (TRL's list: --loss_type sigmoid sft is RPO; "
                 "YAML: a name or a list): " + ", ".join(LOSS_TYPES) + ".", "choices": LOSS_TYPES})
     loss_weights: list[float] | None = _f(None, "Weights of the losses in loss_type (default 1 each); MPO is "
                                           "loss_type [sigmoid, bco_pair, sft] with weights [0.8, 0.2, 1.0].")
-    label_smoothing: float = _f(0.0, "Flip rate ε for robust; ε for exo_pair; smoothing for aot, aot_unpaired. "
-                                "Other losses ignore it, sigmoid included (as TRL 1.16; a warning says so).")
+    label_smoothing: float = _f(0.0, "Flip rate ε for robust (rDPO) and for sigmoid (conservative DPO, cDPO: the "
+                                "target of σ(βh) is 1 − ε; see sigmoid_label_smoothing); ε for exo_pair; smoothing "
+                                "for aot, aot_unpaired.")
+    sigmoid_label_smoothing: str = _f("cdpo", "What sigmoid does with label_smoothing > 0: cdpo (conservative DPO, "
+                                      "Mitchell 2023: −(1−ε)·log σ(βh) − ε·log σ(−βh), TRL before 1.0) or ignore "
+                                      "(TRL 1.16, whose sigmoid loss never reads label_smoothing; a trl.DPOConfig "
+                                      "maps to it).", choices=SIGMOID_SMOOTHING)
+    holder_gamma: float = _f(HOLDER_GAMMA, "Hölder-DPO (loss_type holder): the power γ > 0 of the density-power "
+                             "score; larger γ discounts pairs the model finds unlikely more (γ → 0 is DPO). Our "
+                             "default, not the paper's (docs/noisy-labels.md).")
     discopop_tau: float = _f(0.05, "Temperature τ of the discopop loss.")
     f_divergence_type: str = _f("reverse_kl", "f-DPO regulariser (Wang et al. 2024): reverse_kl (DPO), forward_kl, "
                                 "js_divergence, alpha_divergence; other than reverse_kl only with the losses built on "
@@ -202,6 +221,11 @@ class AdaptiveDPOConfig(TrainingArguments):
                               "baseline of the paper's §5.2: grad_head, grad_tail, grad_tail_head.", choices=FILTERS)
     beta_dpo_init: str = _f("first_batch", "How M0 and σ start: first_batch (the first batch's mean and std) or "
                             "zero (the official code).", choices=INITS)
+    # ---- ε-DPO (method: epsilon_dpo); see adaptdpo/methods/epsilon_dpo.py and docs/noisy-labels.md
+    epsilon_dpo_epsilon: float = _f(EPSILON, "ε-DPO ε: the relative perturbation of β (the policies for β/(1 ± ε) "
+                                    "are estimated from the policy's and the reference's logits); each pair's β is "
+                                    "β_t/(1 + ε·s), s ∈ {−1, 0, 1}, and β_t moves by 1/(1 + ε·mean s) per step. "
+                                    "0.01: the paper's code.")
     # ---- SamS (method: sams); see docs/sams.md
     sams_ratio: float = _f(0.5, "SamS: fraction of each batch trained on (k = max(1, ⌊ratio·n⌋)); 1 = DPO.")
     sams_selection: str = _f("topk", "SamS selection: topk (paper), softmax (official code), random (the "
@@ -432,6 +456,25 @@ class AdaptiveDPOConfig(TrainingArguments):
                                  f"losses of loss_type {self.loss_type}")
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
+        if "sigmoid" in self.loss_type and self.sigmoid_label_smoothing == "cdpo" \
+                and not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing={self.label_smoothing} with loss_type sigmoid is conservative DPO "
+                             "(cDPO), whose ε is an assumed flip rate in [0, 0.5); or set sigmoid_label_smoothing "
+                             "ignore")
+        if self.method == "epsilon_dpo":
+            if not 0.0 < self.epsilon_dpo_epsilon < 1.0:
+                raise ValueError(f"epsilon_dpo_epsilon must be in (0, 1), got {self.epsilon_dpo_epsilon}")
+            if self.precompute_ref_log_probs:
+                raise ValueError("method epsilon_dpo estimates the perturbed policies from the reference's logits: "
+                                 "it cannot use precompute_ref_log_probs (cached log-probs have no logits)")
+            if set(self.loss_type) & {"aot", "aot_unpaired"}:
+                raise ValueError("method epsilon_dpo gives every pair its own β; aot / aot_unpaired sort the batch "
+                                 "and take one β for all of it")
+        if self.beta_column and set(self.loss_type) & {"aot", "aot_unpaired"}:
+            raise ValueError("beta_column gives every pair its own β; aot / aot_unpaired sort the batch and take one β "
+                             "for all of it")
+        if "holder" in self.loss_type and self.holder_gamma <= 0:
+            raise ValueError(f"holder_gamma must be > 0 (Hölder-DPO's power γ), got {self.holder_gamma}")
         if self.sams_context_source == "reference" and self.precompute_ref_log_probs:
             raise ValueError("sams_context_source=reference needs the reference forward, but "
                              "precompute_ref_log_probs replaces it with cached values: use one or the other")
@@ -506,11 +549,12 @@ class AdaptiveDPOConfig(TrainingArguments):
         import logging
 
         unused = []  # (setting, why it changes nothing)
-        if self.label_smoothing and not set(self.loss_type) & set(LABEL_SMOOTHING_LOSSES):
+        readers = set(LABEL_SMOOTHING_LOSSES) | ({"sigmoid"} if self.sigmoid_label_smoothing == "cdpo" else set())
+        if self.label_smoothing and not set(self.loss_type) & readers:
             unused.append((f"label_smoothing={self.label_smoothing}", f"it is read only by "
-                           f"{', '.join(LABEL_SMOOTHING_LOSSES)}; TRL 1.16's sigmoid ignores it too (before TRL 1.0 "
-                           "it made sigmoid the conservative cDPO loss); for noisy labels loss_type robust reads it as "
-                           "the flip rate"))
+                           f"{', '.join(LABEL_SMOOTHING_LOSSES)} and by sigmoid with sigmoid_label_smoothing cdpo "
+                           "(conservative DPO); sigmoid_label_smoothing ignore is TRL 1.16's sigmoid, which ignores "
+                           "it; for noisy labels loss_type robust reads it as the flip rate"))
         if self.discopop_tau != 0.05 and "discopop" not in self.loss_type:
             unused.append((f"discopop_tau={self.discopop_tau}", "it is read only by loss_type discopop"))
         if self.f_alpha_divergence_coef != 0.5 and self.f_divergence_type != "alpha_divergence":

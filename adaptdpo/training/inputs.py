@@ -22,7 +22,7 @@ from typing import Any
 
 from adaptdpo.compat.trl_config import is_trl_config, trl_config_values
 from adaptdpo.data.readers import REFERENCE_COLUMNS, DataValidationError, reference_columns_notice
-from adaptdpo.data.rows import normalise_row, text_row_as_messages
+from adaptdpo.data.rows import PAIR_VALUE_COLUMNS, check_pair_columns, normalise_row, pair_value, text_row_as_messages
 from adaptdpo.data.tokenize import (
     TokenizedPair,
     pair_example,
@@ -117,30 +117,41 @@ def _rows_of(dataset: Any, name: str) -> list[dict[str, Any]]:
                     f"{type(dataset).__name__}")
 
 
-def normalised_row(raw: dict[str, Any], index: int, args: Any, name: str,
-                   hh_as_messages: bool = False) -> dict[str, Any]:
-    """One raw row validated and normalised (errors name ``name``, the row and the field); with
-    ``chat_format: messages``, plain text becomes messages (with ``hh_as_messages``, Anthropic HH text does)."""
+def pair_columns_of(args: Any) -> tuple[str | None, str | None]:
+    """The configured (weight_column, beta_column)."""
+    return getattr(args, "weight_column", None), getattr(args, "beta_column", None)
 
-    row = normalise_row(dict(raw), name, index, None, args.implicit_prompt_marker)
+
+def normalised_row(raw: dict[str, Any], index: int, args: Any, name: str,
+                   hh_as_messages: bool = False, pair_columns: bool = False) -> dict[str, Any]:
+    """One raw row validated and normalised (errors name ``name``, the row and the field); with
+    ``chat_format: messages``, plain text becomes messages (with ``hh_as_messages``, Anthropic HH text does).
+    ``pair_columns`` (training data): read the configured weight_column / beta_column too."""
+
+    weight_column, beta_column = pair_columns_of(args) if pair_columns else (None, None)
+    row = normalise_row(dict(raw), name, index, None, args.implicit_prompt_marker, weight_column, beta_column)
     if (args.chat_format == "messages" or hh_as_messages) and not isinstance(row["chosen"], list):
         row = text_row_as_messages(row, only_hh=args.chat_format != "messages") or row
     return row
 
 
-def streamed_dataset(dataset: Any, tokenizer: Any, args: Any, name: str, hh_as_messages: bool = False) -> Any:
+def streamed_dataset(dataset: Any, tokenizer: Any, args: Any, name: str, hh_as_messages: bool = False,
+                     pair_columns: bool = False) -> Any:
     """An ``IterableDataset`` validated and tokenised lazily, row by row, as it streams (nothing is read ahead);
-    a bad row stops training with an error naming the dataset, the row (its index in the stream) and the field."""
+    a bad row stops training with an error naming the dataset, the row (its index in the stream) and the field.
+    ``pair_columns`` (training data): the configured weight_column / beta_column too, checked on the first row."""
 
     mode = args.truncation_mode
 
     def tokenise(raw: dict[str, Any], index: int) -> dict[str, Any]:
-        pair = tokenize_pair(normalised_row(raw, index, args, name, hh_as_messages), tokenizer, args.max_length,
-                             args.max_prompt_length, mode)
+        if index == 0 and pair_columns:
+            check_pair_columns(raw, name, *pair_columns_of(args))
+        row = normalised_row(raw, index, args, name, hh_as_messages, pair_columns)
+        pair = tokenize_pair(row, tokenizer, args.max_length, args.max_prompt_length, mode)
         found = None if pair.dropped else pair_problem(pair, args.max_length, mode)
         if found is not None:
             raise DataValidationError(name, index, *found)
-        return {**pair_example(pair, index, args.max_length, mode), "dropped": pair.dropped}
+        return {**pair_example(pair, index, args.max_length, mode, row), "dropped": pair.dropped}
 
     def kept(row: dict[str, Any]) -> bool:
         if row["dropped"]:  # keep_start: the prompt alone fills max_length (TRL drops the pair too)
@@ -151,8 +162,13 @@ def streamed_dataset(dataset: Any, tokenizer: Any, args: Any, name: str, hh_as_m
     import datasets
 
     ids = datasets.List(datasets.Value("int64"))
-    features = datasets.Features({"prompt_ids": ids, "chosen_ids": ids, "rejected_ids": ids,
-                                  "pair_id": datasets.Value("int64"), "length": datasets.Value("int64")})
+    columns = {"prompt_ids": ids, "chosen_ids": ids, "rejected_ids": ids, "pair_id": datasets.Value("int64"),
+               "length": datasets.Value("int64")}
+    for kind, column in zip(PAIR_VALUE_COLUMNS, pair_columns_of(args) if pair_columns else (None, None),
+                            strict=True):
+        if column is not None:
+            columns[kind] = datasets.Value("float64")
+    features = datasets.Features(columns)
     mapped = dataset.map(tokenise, with_indices=True).filter(kept)
     return mapped.select_columns(list(features)).cast(features)  # known columns: the trainer sees it is tokenised
 
@@ -218,22 +234,54 @@ def truncated_tokenised(dataset: Any, args: Any, name: str) -> Any:
     return mapped.remove_columns("_dropped")
 
 
-def prepare_dataset(dataset: Any, tokenizer: Any, args: Any, name: str) -> Any:
-    """A tokenised ``datasets.Dataset`` for the trainer (dicts of named datasets: each one)."""
+def tokenised_pair_columns(dataset: Any, args: Any, name: str) -> Any:
+    """An already tokenised dataset with the configured weight_column / beta_column checked row by row and named
+    ``weight`` / ``beta``."""
+    # a column named weight / beta that no option names is not read: dropped, so that it cannot weigh the loss
+    unnamed = [kind for kind, column in zip(PAIR_VALUE_COLUMNS, pair_columns_of(args), strict=True)
+               if column is None and kind in dataset.column_names]
+    if unnamed:
+        logger.info("%s: its %s column(s) are not read (weight_column / beta_column unset)", name, ", ".join(unnamed))
+        dataset = dataset.remove_columns(unnamed)
+    # a tokenised dataset that already carries them under our names (adaptdpo's own, from `adaptdpo train`) is kept
+    wanted = [(kind, column) for kind, column in zip(PAIR_VALUE_COLUMNS, pair_columns_of(args), strict=True)
+              if column is not None and not (column not in dataset.column_names and kind in dataset.column_names)]
+    if not wanted:
+        return dataset
+    names = dict(wanted)
+    check_pair_columns(dataset.column_names, name, names.get("weight"), names.get("beta"))
+    for kind, column in wanted:
+        values = [pair_value(v, kind, name, i, column) for i, v in enumerate(dataset[column])]
+        if column != kind and kind in dataset.column_names:
+            dataset = dataset.remove_columns(kind)
+        dataset = dataset.remove_columns(column).add_column(kind, values)
+    return dataset
+
+
+def prepare_dataset(dataset: Any, tokenizer: Any, args: Any, name: str, pair_columns: bool = False) -> Any:
+    """A tokenised ``datasets.Dataset`` for the trainer (dicts of named datasets: each one). ``pair_columns``
+    (the training data): read the configured weight_column / beta_column."""
     import datasets
 
     if dataset is None:
         return None
     if isinstance(dataset, (dict, datasets.DatasetDict, datasets.IterableDatasetDict)):
-        return {key: prepare_dataset(value, tokenizer, args, f"{name}[{key!r}]") for key, value in dataset.items()}
+        return {key: prepare_dataset(value, tokenizer, args, f"{name}[{key!r}]", pair_columns)
+                for key, value in dataset.items()}
     if isinstance(dataset, datasets.IterableDataset):
         if tokenizer is None:
             raise ValueError(f"{name} is raw data: pass processing_class (the tokenizer)")
-        return dataset if is_tokenised(dataset) else streamed_dataset(dataset, tokenizer, args, name)
+        if is_tokenised(dataset):
+            if pair_columns and any(pair_columns_of(args)):
+                raise ValueError(f"{name}: weight_column / beta_column with an already tokenised stream are not "
+                                 "supported: stream the raw rows, or pass a Dataset")
+            return dataset
+        return streamed_dataset(dataset, tokenizer, args, name, pair_columns=pair_columns)
     if is_tokenised(dataset):
         dataset = dataset if isinstance(dataset, datasets.Dataset) else datasets.Dataset.from_list(list(dataset))
         checked_reference_columns(dataset, name)
-        return truncated_tokenised(dataset, args, name)
+        dataset = truncated_tokenised(dataset, args, name)
+        return tokenised_pair_columns(dataset, args, name) if pair_columns else dataset
     columns = getattr(dataset, "column_names", None) or (list(dataset[0]) if isinstance(dataset, (list, tuple))
                                                          and dataset else [])
     with_reference = [c for c in REFERENCE_COLUMNS if c in columns]
@@ -242,8 +290,11 @@ def prepare_dataset(dataset: Any, tokenizer: Any, args: Any, name: str) -> Any:
 
     rows = []
     kind = None
+    if pair_columns and any(pair_columns_of(args)):
+        columns = getattr(dataset, "column_names", None) or (list(dataset[0]) if len(dataset) else [])
+        check_pair_columns(columns, name, *pair_columns_of(args))
     for index, raw in enumerate(_rows_of(dataset, name)):
-        row = normalised_row(raw, index, args, name)  # validated first: errors name the field
+        row = normalised_row(raw, index, args, name, pair_columns=pair_columns)  # validated first: errors name it
         is_conversational = isinstance(raw["chosen"], list)
         if kind is None:
             kind = is_conversational

@@ -301,7 +301,8 @@ def _run_training(config: AdaptiveDPOConfig, extra_callbacks: list | None) -> di
     if streams is not None:
 
         hh_as_messages = chat_conversion(config, tokenizer) == "hh"
-        train_dataset = streamed_dataset(streams[0], tokenizer, config, stream_label(config), hh_as_messages)
+        train_dataset = streamed_dataset(streams[0], tokenizer, config, stream_label(config), hh_as_messages,
+                                         pair_columns=True)
         eval_dataset = None if streams[1] is None else streamed_dataset(
             streams[1], tokenizer, config, stream_label(config, evaluation=True), hh_as_messages)
         data_summary: dict[str, Any] = {"streamed": True, "train_pairs": None, "eval_pairs": None,

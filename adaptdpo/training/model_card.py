@@ -39,8 +39,38 @@ CITATIONS = {
   year      = {2025},
   note      = {arXiv:2502.09650}
 }"""),
+    "epsilon_dpo": ("ε-DPO", """@inproceedings{lee2025kl,
+  title     = {KL Penalty Control via Perturbation for Direct Preference Optimization},
+  author    = {Sangkyu Lee and Janghoon Han and Hosung Song and Stanley Jungkyu Choi and Honglak Lee and
+               Youngjae Yu},
+  booktitle = {Advances in Neural Information Processing Systems 38},
+  year      = {2025},
+  note      = {arXiv:2502.13177}
+}"""),
+    "cdpo": ("conservative DPO (cDPO)", """@misc{mitchell2023note,
+  title     = {A Note on DPO with Noisy Preferences and Relationship to IPO},
+  author    = {Eric Mitchell},
+  year      = {2023},
+  note      = {https://ericmitchell.ai/cdpo.pdf}
+}"""),
+    "rdpo": ("robust DPO (rDPO)", """@inproceedings{chowdhury2024provably,
+  title     = {Provably Robust {DPO}: Aligning Language Models with Noisy Feedback},
+  author    = {Sayak Ray Chowdhury and Anush Kini and Nagarajan Natarajan},
+  booktitle = {Proceedings of the 41st International Conference on Machine Learning},
+  year      = {2024},
+  note      = {arXiv:2403.00409}
+}"""),
+    "holder_dpo": ("Hölder-DPO", """@inproceedings{fujisawa2025scalable,
+  title     = {Scalable Valuation of Human Feedback through Provably Robust Model Alignment},
+  author    = {Masahiro Fujisawa and Masaki Adachi and Michael A. Osborne},
+  booktitle = {Advances in Neural Information Processing Systems 38},
+  year      = {2025},
+  note      = {arXiv:2505.17859}
+}"""),
 }
 
+#: the loss types with a citation of their own (besides DPO)
+LOSS_CITATIONS = {"robust": "rdpo", "holder": "holder_dpo"}
 
 
 def _settings(config: Any) -> list[tuple[str, Any]]:
@@ -53,6 +83,12 @@ def _settings(config: Any) -> list[tuple[str, Any]]:
                                                     "beta_dpo_filter")]
     if "sams" in config.method:
         rows += [(k, getattr(config, k)) for k in ("sams_ratio", "sams_mode", "sams_selection", "sams_preset")]
+    if config.method == "epsilon_dpo":
+        rows.append(("epsilon_dpo_epsilon", config.epsilon_dpo_epsilon))
+    if config.label_smoothing > 0:
+        rows.append(("label_smoothing", config.label_smoothing))
+    if "holder" in config.loss_type:
+        rows.append(("holder_gamma", config.holder_gamma))
     if config.pair_selection != "all":
         rows += [(k, getattr(config, k)) for k in ("pair_selection", "pair_keep_ratio", "pair_scores_field")]
     rows += [(k, getattr(config, k)) for k in ("learning_rate", "num_train_epochs", "max_steps",
@@ -69,6 +105,9 @@ def _settings(config: Any) -> list[tuple[str, Any]]:
 
 def _citations(config: Any) -> list[tuple[str, str]]:
     keys = list(method_spec(config.method).citations)
+    keys += [LOSS_CITATIONS[t] for t in config.loss_type if t in LOSS_CITATIONS]
+    if "sigmoid" in config.loss_type and config.label_smoothing > 0 and config.sigmoid_label_smoothing == "cdpo":
+        keys.append("cdpo")
     if config.pair_selection == "easiest":
         keys.append("selective_dpo")
     return [CITATIONS[k] for k in keys]

@@ -83,11 +83,13 @@ def prepare_rows(config: AdaptiveDPOConfig) -> PreparedData:
     if config.datasets:
 
         train_rows, reports = load_mixture_rows(config.datasets, skip_invalid=config.skip_invalid_rows,
-                                                implicit_prompt_marker=config.implicit_prompt_marker, limit=limit)
+                                                implicit_prompt_marker=config.implicit_prompt_marker, limit=limit,
+                                                weight_column=config.weight_column, beta_column=config.beta_column)
     else:
         train_rows, train_report = load_preference_rows(
             config.train_file, config.train_split, skip_invalid=config.skip_invalid_rows,
-            config_name=config.dataset_config, implicit_prompt_marker=config.implicit_prompt_marker, limit=limit)
+            config_name=config.dataset_config, implicit_prompt_marker=config.implicit_prompt_marker, limit=limit,
+            weight_column=config.weight_column, beta_column=config.beta_column)
         reports = [train_report]
     eval_rows = None
     seed = config.data_seed if config.data_seed is not None else config.seed

@@ -95,6 +95,9 @@ def config_changes(old: dict[str, Any], new: dict[str, Any],
             side["loss_type"] = [side["loss_type"]]
     defaults = yaml.safe_load(yaml.safe_dump(defaults or {}))
     old = {**{k: v for k, v in VALUES_BEFORE_THE_FIELD.items() if k in new and k not in old}, **old}
+    if ("sigmoid_label_smoothing" in new and "sigmoid_label_smoothing" not in old and old.get("label_smoothing")
+            and "sigmoid" in (old.get("loss_type") or [])):  # recorded before cDPO: its sigmoid ignored label_smoothing
+        old["sigmoid_label_smoothing"] = "ignore"
     out = {}
     for key in sorted(set(old) | set(new)):
         if key in RESUME_NEUTRAL_FIELDS:
@@ -110,8 +113,9 @@ def config_changes(old: dict[str, Any], new: dict[str, Any],
 OBJECTIVE_FIELDS = frozenset({"beta", "loss_type", "loss_weights", "label_smoothing", "discopop_tau",
                               "f_divergence_type", "f_alpha_divergence_coef", "use_weighting", "ld_alpha", "method",
                               "max_length", "max_prompt_length", "truncation_mode", "sync_ref_model",
-                              "ref_model_mixup_alpha", "ref_model_sync_steps", "precompute_ref_log_probs"})
-OBJECTIVE_PREFIXES = ("beta_dpo_", "sams_", "pair_")
+                              "ref_model_mixup_alpha", "ref_model_sync_steps", "precompute_ref_log_probs",
+                              "sigmoid_label_smoothing", "holder_gamma", "weight_column", "beta_column"})
+OBJECTIVE_PREFIXES = ("beta_dpo_", "sams_", "pair_", "epsilon_dpo_")
 
 
 def objective_changes(old: dict[str, Any], new: dict[str, Any],

@@ -31,7 +31,8 @@ from torch import Tensor
 from transformers import Trainer
 
 from adaptdpo.data.collate import PreferenceCollator, batch_to, pairs_in_batch, stacked_rows
-from adaptdpo.methods.losses import BATCH_COUPLED_LOSSES, combined_preference_loss
+from adaptdpo.methods.epsilon_dpo import PERTURBED_KEY
+from adaptdpo.methods.losses import BATCH_COUPLED_LOSSES, combined_preference_loss, holder_contamination
 from adaptdpo.methods.registry import build_step_policy, method_spec
 from adaptdpo.methods.sams.contexts import layer_contexts
 from adaptdpo.methods.step_policy import PairView, StepPlan, StepPolicy
@@ -41,7 +42,7 @@ from adaptdpo.models.loading import disable_dropout
 from adaptdpo.models.pair_logps_cache import PairLogpsCache
 from adaptdpo.models.partial import freeze_below_top, lora_on_top
 from adaptdpo.models.prefix_cache import PrefixCache
-from adaptdpo.models.sequence_logps import SequenceLogps, branch_pooling_masks, sequence_logps
+from adaptdpo.models.sequence_logps import SequenceLogps, branch_pooling_masks, perturbed_logratios, sequence_logps
 from adaptdpo.models.sources import load_encoder_backbone
 from adaptdpo.models.token_ops import unwrap
 from adaptdpo.training.checkpointing import (
@@ -125,7 +126,7 @@ class AdaptiveDPOTrainer(Trainer):
                                  "IterableDataset has none: use a Dataset, or a live reference")
             # as TRL: batches of a stream cannot be dispatched from one process (they are not concatenable)
             args.accelerator_config.dispatch_batches = False
-        train_dataset = prepare_dataset(train_dataset, processing_class, args, "train_dataset")
+        train_dataset = prepare_dataset(train_dataset, processing_class, args, "train_dataset", pair_columns=True)
         eval_dataset = prepare_dataset(eval_dataset, processing_class, args, "eval_dataset")
         self.router_aux_loss_coef = router_aux_loss_coefficient(model, args)
         self.head_chunk = args.lm_head_chunk_size or None  # 0: the plain head
@@ -295,15 +296,16 @@ class AdaptiveDPOTrainer(Trainer):
         return contextlib.nullcontext()
 
     @torch.no_grad()
-    def reference_logps(self, batch: dict[str, Tensor],
-                        output_hidden_states: bool = False) -> tuple[Tensor, Tensor, Any]:
+    def reference_logps(self, batch: dict[str, Tensor], output_hidden_states: bool = False,
+                        keep_window: bool = False) -> tuple[Tensor, Tensor, Any, SequenceLogps | None]:
         """Reference log-probs of a stacked batch (precomputed columns, the reference model, or the LoRA
-        base) and the reference forward's outputs (None for precomputed values)."""
+        base), the reference forward's outputs and its whole result (both None for precomputed values; with
+        ``keep_window`` the result holds the scored window, for ε-DPO)."""
         if "ref_chosen_logps" in batch:
-            return batch["ref_chosen_logps"], batch["ref_rejected_logps"], None
-        cache = None if output_hidden_states else self._ref_logps_cache
+            return batch["ref_chosen_logps"], batch["ref_rejected_logps"], None, None
+        cache = None if output_hidden_states or keep_window else self._ref_logps_cache  # a hit has no window
         if cache is not None and (hit := cache.get(batch)) is not None:
-            return *hit, None
+            return *hit, None, None
         if self.ref_model is None and not self.peft_reference:  # never the trained policy in the reference's place
             raise ValueError("this batch has no precomputed reference log-probs and the trainer keeps no reference "
                              "model (precompute_ref_log_probs): evaluate datasets passed at construction, or through "
@@ -311,11 +313,11 @@ class AdaptiveDPOTrainer(Trainer):
         model = self.ref_model if self.ref_model is not None else self.model
         with self._reference_context(), self.compute_loss_context_manager():
             out = self._logps(model, batch, output_hidden_states=output_hidden_states, ld_alpha=self.args.ld_alpha,
-                              head_chunk=self.head_chunk)
+                              head_chunk=self.head_chunk, keep_window=keep_window)
         chosen, rejected = out.split()
         if cache is not None:
             cache.put(batch, chosen, rejected)
-        return chosen, rejected, out.outputs
+        return chosen, rejected, out.outputs, out
 
     def _reference_fingerprint(self, reference: torch.nn.Module, dataset: Any) -> str:
         h = hashlib.sha256()
@@ -375,13 +377,27 @@ class AdaptiveDPOTrainer(Trainer):
     # ------------------------------------------------------------------------------------ the step
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Tensor | None:
-        """Pairs trained on in this optimizer step, summed over micro-batches and ranks."""
-        total = 0
+        """Pairs trained on in this optimizer step, summed over micro-batches and ranks: the loss's denominator.
+
+        With per-pair weights (weight_column) it is their sum instead: over every micro-batch and rank of the step,
+        Σ_i w_i · k/n, where k of a micro-batch's n pairs are trained on (k = n, so exactly Σ w_i, unless a method
+        selects pairs; all weights 1: exactly the pairs trained on, as without weights)."""
+        if not any("weight" in batch for batch in batch_samples):
+            total = 0
+            for batch in batch_samples:
+                local = torch.tensor([pairs_in_batch(batch)], device=device)
+                n_global = (int(self.accelerator.gather(local).sum()) if self.accelerator.num_processes > 1
+                            else int(local))
+                total += self.step_policy.num_trained(n_global)
+            return torch.tensor(total, device=device)
+        weighted = torch.zeros((), dtype=torch.float64, device=device)
         for batch in batch_samples:
-            local = torch.tensor([pairs_in_batch(batch)], device=device)
-            n_global = int(self.accelerator.gather(local).sum()) if self.accelerator.num_processes > 1 else int(local)
-            total += self.step_policy.num_trained(n_global)
-        return torch.tensor(total, device=device)
+            local = torch.stack([torch.tensor(float(pairs_in_batch(batch)), dtype=torch.float64, device=device),
+                                 batch["weight"].to(device, torch.float64).sum()])[None]
+            n_global, weight = (self.accelerator.gather(local).sum(dim=0) if self.accelerator.num_processes > 1
+                                else local[0]).tolist()
+            weighted += weight * self.step_policy.num_trained(int(n_global)) / n_global
+        return weighted.clamp(min=1e-12).float()  # a step whose pairs all weigh 0 trains on nothing (loss 0)
 
     def _gather(self, tensor: Tensor) -> tuple[Tensor, int]:
         """All ranks' values in rank order, and where this rank's slice starts."""
@@ -454,20 +470,28 @@ class AdaptiveDPOTrainer(Trainer):
         wants_contexts = training and self.step_policy.needs_contexts
         subset = wants_contexts and self.step_policy.mode == "subset"
         context_source = self.args.sams_context_source if wants_contexts else None
+        perturbation = getattr(self.step_policy, "perturbation", None) if training else None  # ε-DPO's ε
         # subset mode: this forward only scores the pairs; the gradient comes from a second, smaller one
         router = {"output_router_logits": True} if self.router_aux_loss_coef else None
         with torch.no_grad() if subset else contextlib.nullcontext():
             policy = self._logps(model, inputs, output_hidden_states=context_source == "policy",
                                     token_stats=self.args.token_metrics, ld_alpha=self.args.ld_alpha,
                                     wpo=self.args.use_weighting, model_kwargs=None if subset else router,
-                                    head_chunk=self.head_chunk)
+                                    head_chunk=self.head_chunk, keep_window=perturbation is not None)
         aux_loss = getattr(policy.outputs, "aux_loss", None) if router else None
         chosen_logps, rejected_logps = policy.split()
         chosen_lengths, rejected_lengths = policy.lengths.chunk(2, dim=0)
-        ref_chosen, ref_rejected, ref_outputs = self.reference_logps(
-            inputs, output_hidden_states=context_source == "reference")
+        ref_chosen, ref_rejected, ref_outputs, ref_scored = self.reference_logps(
+            inputs, output_hidden_states=context_source == "reference", keep_window=perturbation is not None)
         ref_chosen, ref_rejected = ref_chosen.to(chosen_logps.dtype), ref_rejected.to(chosen_logps.dtype)
         extras: dict[str, Any] = {}
+        if perturbation is not None:  # ε-DPO: the perturbed policies' log-ratios from both forwards' logits
+            if ref_scored is None:
+                raise ValueError("method epsilon_dpo needs a reference forward (its logits), not precomputed "
+                                 "reference log-probs")
+            extras[PERTURBED_KEY] = self._gather(perturbed_logratios(policy, ref_scored, perturbation))[0]
+            extras["global_step"] = self.state.global_step
+            policy.window = policy.rescore = ref_scored = None  # what backward needs, autograd keeps
         if training and self._trace_path is not None and "pair_id" in inputs:
             extras["pair_id"] = self._gather(inputs["pair_id"])[0]
         if context_source is not None:
@@ -489,10 +513,15 @@ class AdaptiveDPOTrainer(Trainer):
         beta = plan.beta.to(chosen_logps.device)
         if beta.dim() == 1:
             beta = beta[mine]
+        if training and "beta" in inputs:  # beta_column: the pair's β replaces the configured one; a method's β/β0
+            beta = inputs["beta"].to(chosen_logps) * (beta / self.args.beta)  # (β-DPO, ε-DPO) multiplies it
         pairs = [chosen_logps, rejected_logps, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths]
         if self.args.use_weighting:  # WPO (Zhou et al. 2024, Eq. 2): w = exp(mean aligned log p)(y_w)·(same)(y_l)
             chosen_wpo, rejected_wpo = policy.wpo_mean.chunk(2, dim=0)
             pairs.append(torch.exp(chosen_wpo + rejected_wpo).to(chosen_logps.dtype))
+        pair_weighted = training and "weight" in inputs  # weight_column: a loss weight per pair
+        if pair_weighted:
+            pairs.append(inputs["weight"].to(chosen_logps))
         keep = None if plan.train_mask is None else plan.train_mask[mine].to(chosen_logps.device)
         if subset:
             pairs, beta, keep, aux_loss = self._subset_forward(model, inputs, pairs, beta, keep, router)
@@ -506,10 +535,14 @@ class AdaptiveDPOTrainer(Trainer):
                                           label_smoothing=self.args.label_smoothing, chosen_lengths=pairs[4],
                                           rejected_lengths=pairs[5], discopop_tau=self.args.discopop_tau,
                                           f_divergence_type=self.args.f_divergence_type,
-                                          f_alpha_divergence_coef=self.args.f_alpha_divergence_coef)
+                                          f_alpha_divergence_coef=self.args.f_alpha_divergence_coef,
+                                          sigmoid_label_smoothing=self.args.sigmoid_label_smoothing,
+                                          holder_gamma=self.args.holder_gamma)
         if self.args.use_weighting:
             losses = losses * pairs[6]
         weights = torch.ones_like(losses) if keep is None else keep.to(losses.dtype)
+        if pair_weighted:  # Σ w_i·ℓ_i over the pairs trained on / the step's weight sum (_get_num_items_in_batch)
+            weights = weights * pairs[-1]
         loss = self._reduce(losses * weights, weights, training, num_items_in_batch)
         if aux_loss is not None:  # MoE router load balancing (TRL adds it to its per-micro-batch mean loss)
             loss = loss + self.router_aux_loss_coef * aux_loss / self._micro_batches_per_step(training,
@@ -531,7 +564,7 @@ class AdaptiveDPOTrainer(Trainer):
             # sum / (pairs trained on in the whole optimizer step); DDP averages gradients over ranks, so
             # multiply back by the number of processes to get the global mean
             return weighted.sum() / num_items_in_batch * self.accelerator.num_processes
-        return weighted.sum() / weights.sum().clamp(min=1)
+        return weighted.sum() / weights.sum().clamp(min=1e-12)  # a mask's sum is 0 or >= 1; pair weights need not
 
     def _subset_forward(self, model: torch.nn.Module, inputs: dict[str, Tensor], pairs: list[Tensor],
                         beta: Tensor, keep: Tensor | None, model_kwargs: dict[str, Any] | None = None,
@@ -618,6 +651,12 @@ class AdaptiveDPOTrainer(Trainer):
         m["rewards/accuracies"].append((chosen_rewards > rejected_rewards).float().mean())
         m["logps/chosen"].append(allv[:, 0].mean())
         m["logps/rejected"].append(allv[:, 1].mean())
+        if "holder" in self.args.loss_type:  # Hölder-DPO's contamination-ratio estimate ε̂ = 1 − ξ̂ (docs/metrics.md)
+            step_beta = plan.beta.detach().to(allv.device)
+            if step_beta.numel() not in (1, allv.shape[0]):  # per-pair β of this rank only: the configured β
+                step_beta = torch.tensor(self.args.beta, device=allv.device)
+            m["holder/contamination"].append(holder_contamination(step_beta * (allv[:, 2] - allv[:, 3]),
+                                                                  self.args.holder_gamma))
         for key, value in plan.metrics.items():
             m[key].append(value)
 
