@@ -7,6 +7,7 @@ import torch
 from helpers import loss_and_grads, make_trainer
 
 from adaptdpo.data.collate import PreferenceCollator
+from adaptdpo.training.trainer import StepPairs
 
 
 def test_ratio_one_is_exactly_dpo(models_and_examples, tmp_path):
@@ -74,10 +75,11 @@ def test_subset_mode_rank_without_selected_pairs_still_joins_backward(models_and
     """A rank whose pairs were all left out runs one pair with weight 0: a zero loss with a graph, zero gradient."""
     trainer = make_trainer(models_and_examples, tmp_path / "z", method="sams", sams_mode="subset")
     batch = dict(PreferenceCollator(0)(models_and_examples[2][:2]))
-    pairs = [torch.zeros(2, requires_grad=False) for _ in range(6)]
+    pairs = StepPairs(*[torch.zeros(2, requires_grad=False) for _ in range(6)])
     pairs, _, weights, aux = trainer._subset_forward(trainer.model, batch, pairs, torch.tensor(0.2),
                                                    torch.zeros(2, dtype=torch.bool))
-    assert pairs[0].shape == (1,) and pairs[0].requires_grad and weights.tolist() == [False] and aux is None
+    assert pairs.chosen.shape == (1,) and pairs.chosen.requires_grad and weights.tolist() == [False] and aux is None
+    assert pairs.ref_chosen.shape == (1,) and pairs.pair_weight is None
 
 
 def test_beta_dpo_plus_sams_trains_on_the_selected_then_kept_pairs(models_and_examples, tmp_path):

@@ -1,9 +1,12 @@
-"""training.hub"""
+"""The Hub: uploads of the model files only (not the run directory's own), and the trainer's Hub hooks."""
 
 from __future__ import annotations
 
 import contextlib
 from typing import Any
+
+from adaptdpo.training.model_card import write_model_card
+from adaptdpo.training.run_dir import read_summary
 
 #: the run directory's own files: never uploaded by push_to_hub (the hub repository gets the model, tokenizer and card)
 RUN_FILE_PATTERNS = ["config.yaml", "config_changes.jsonl", "metrics.jsonl", "pairs.jsonl", "summary.json",
@@ -34,3 +37,23 @@ def model_files_only() -> Any:
         yield
     finally:
         trainer_module.hf_api = original
+
+
+class HubMixin:
+    """The trainer's Hub hooks: our model card instead of transformers', uploads of the model files only."""
+
+    def create_model_card(self, model_name: str | None = None, **kwargs: Any) -> None:
+        """Our model card (method, settings, data, final metrics, citations), not transformers' generic one."""
+        if not self.is_world_process_zero():
+            return
+
+        write_model_card(self.args.output_dir, self.args, read_summary(self.args.output_dir), model_name)
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' push_to_hub, uploading the model, tokenizer and card, not the run's own files."""
+        with model_files_only():
+            return super().push_to_hub(*args, **kwargs)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        with model_files_only():
+            super()._push_from_checkpoint(checkpoint_folder)

@@ -13,13 +13,30 @@ The step, per training micro-batch:
    same update as one big batch.
 
 Metrics use TRL's names; the ``rewards/*`` metrics use the base β of the config.
+
+This module keeps construction, ``compute_loss``, the step plan, the reduction and SamS's subset forward. The rest
+of the trainer is mixins in their own modules, each one concern: the reference's log-probs
+(:mod:`~adaptdpo.training.reference_logps`), SamS scheduler pre-training
+(:mod:`~adaptdpo.training.scheduler_pretraining`), metrics and the pair trace (:mod:`~adaptdpo.training.step_metrics`),
+stalled runs and run totals (:mod:`~adaptdpo.training.run_guards`), checkpoints and resume
+(:mod:`~adaptdpo.training.checkpoint_hooks`), the Hub (:mod:`~adaptdpo.training.hub`).
+
+Private ``Trainer`` hooks overridden, and why (each is re-checked when transformers is upgraded; the pin is in
+pyproject.toml):
+
+- ``_get_num_items_in_batch`` (here): the loss's denominator is the pairs (or pair weights) trained on in the whole
+  optimizer step, over micro-batches and ranks, not transformers' token count;
+- ``_get_grad_norm`` (run_guards): counts optimizer steps with a gradient of exactly 0, to stop a stalled run;
+- ``_save_checkpoint``, ``_load_from_checkpoint``, ``_load_optimizer_and_scheduler`` (checkpoint_hooks): our state
+  (step policy, run totals, a moved TR-DPO reference) beside transformers', a completion marker before rotation,
+  the objective checked on resume, an accepted new learning rate carried into the restored schedule;
+- ``_push_from_checkpoint`` (hub): uploads only the model files, not the run directory's own.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
+import dataclasses
 import logging
 import os
 import time
@@ -30,9 +47,9 @@ import torch
 from torch import Tensor
 from transformers import Trainer
 
-from adaptdpo.data.collate import PreferenceCollator, batch_to, pairs_in_batch, stacked_rows
+from adaptdpo.data.collate import PreferenceCollator, pairs_in_batch, stacked_rows
 from adaptdpo.methods.epsilon_dpo import PERTURBED_KEY
-from adaptdpo.methods.losses import BATCH_COUPLED_LOSSES, combined_preference_loss, holder_contamination
+from adaptdpo.methods.losses import BATCH_COUPLED_LOSSES, combined_preference_loss
 from adaptdpo.methods.registry import build_step_policy, method_spec
 from adaptdpo.methods.sams.contexts import layer_contexts
 from adaptdpo.methods.step_policy import PairView, StepPlan, StepPolicy
@@ -45,19 +62,9 @@ from adaptdpo.models.prefix_cache import PrefixCache
 from adaptdpo.models.sequence_logps import SequenceLogps, branch_pooling_masks, perturbed_logratios, sequence_logps
 from adaptdpo.models.sources import load_encoder_backbone
 from adaptdpo.models.token_ops import unwrap
-from adaptdpo.training.checkpointing import (
-    CHECKPOINT_STATE_FILE,
-    CheckpointWriteError,
-    atomic_torch_save,
-    describe_write_failure,
-    folder_bytes,
-    last_complete_checkpoint,
-    mark_checkpoint_complete,
-    state_bytes,
-)
+from adaptdpo.training.checkpoint_hooks import CheckpointMixin
 from adaptdpo.training.config import AdaptiveDPOConfig
-from adaptdpo.training.config_io import config_defaults
-from adaptdpo.training.hub import model_files_only
+from adaptdpo.training.hub import HubMixin
 from adaptdpo.training.inputs import (
     apply_peft,
     frozen_copy,
@@ -66,20 +73,44 @@ from adaptdpo.training.inputs import (
     resolve_model,
     resolve_tokenizer,
 )
-from adaptdpo.training.model_card import write_model_card
 from adaptdpo.training.reference import is_sharded, prepare_reference
-from adaptdpo.training.reference_sync import REFERENCE_STATE_FILE, ReferenceSyncCallback, save_reference
-from adaptdpo.training.run_dir import PAIR_TRACE_FILE, objective_changes, read_summary
-from adaptdpo.training.safeguards import STALLED_STEPS, TrainingStalledError, router_aux_loss_coefficient
+from adaptdpo.training.reference_logps import ReferenceLogpsMixin
+from adaptdpo.training.reference_sync import ReferenceSyncCallback
+from adaptdpo.training.run_dir import PAIR_TRACE_FILE
+from adaptdpo.training.run_guards import RunGuardsMixin
+from adaptdpo.training.safeguards import router_aux_loss_coefficient
+from adaptdpo.training.scheduler_pretraining import SchedulerPretrainingMixin
+from adaptdpo.training.step_metrics import StepMetricsMixin
 
 logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class StepPairs:
+    """This rank's per-pair tensors of a step, by name: the policy's and the reference's summed completion log-probs,
+    the completion lengths, and the optional per-pair factors (WPO's weight; the data's loss weight)."""
+
+    chosen: Tensor
+    rejected: Tensor
+    ref_chosen: Tensor
+    ref_rejected: Tensor
+    chosen_lengths: Tensor
+    rejected_lengths: Tensor
+    wpo_weight: Tensor | None = None
+    pair_weight: Tensor | None = None
+
+    def select(self, index: Tensor) -> StepPairs:
+        """The pairs at ``index`` (every tensor indexed alike)."""
+        return StepPairs(**{f.name: None if (v := getattr(self, f.name)) is None else v[index]
+                            for f in dataclasses.fields(self)})
 
 
 def _is_peft_model(model: torch.nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
-class AdaptiveDPOTrainer(Trainer):
+class AdaptiveDPOTrainer(ReferenceLogpsMixin, SchedulerPretrainingMixin, StepMetricsMixin, RunGuardsMixin,
+                         CheckpointMixin, HubMixin, Trainer):
     """Preference optimisation with a pluggable per-step policy (DPO, β-DPO, SamS)."""
 
     # compute_loss already divides by the number of pairs of the whole optimizer step
@@ -290,89 +321,10 @@ class AdaptiveDPOTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------ reference
 
-    def _reference_context(self) -> contextlib.AbstractContextManager:
-        if self.peft_reference:
-            return self.accelerator.unwrap_model(self.model).disable_adapter()
-        return contextlib.nullcontext()
 
-    @torch.no_grad()
-    def reference_logps(self, batch: dict[str, Tensor], output_hidden_states: bool = False,
-                        keep_window: bool = False) -> tuple[Tensor, Tensor, Any, SequenceLogps | None]:
-        """Reference log-probs of a stacked batch (precomputed columns, the reference model, or the LoRA
-        base), the reference forward's outputs and its whole result (both None for precomputed values; with
-        ``keep_window`` the result holds the scored window, for ε-DPO)."""
-        if "ref_chosen_logps" in batch:
-            return batch["ref_chosen_logps"], batch["ref_rejected_logps"], None, None
-        cache = None if output_hidden_states or keep_window else self._ref_logps_cache  # a hit has no window
-        if cache is not None and (hit := cache.get(batch)) is not None:
-            return *hit, None, None
-        if self.ref_model is None and not self.peft_reference:  # never the trained policy in the reference's place
-            raise ValueError("this batch has no precomputed reference log-probs and the trainer keeps no reference "
-                             "model (precompute_ref_log_probs): evaluate datasets passed at construction, or through "
-                             "evaluate(eval_dataset=...) before training")
-        model = self.ref_model if self.ref_model is not None else self.model
-        with self._reference_context(), self.compute_loss_context_manager():
-            out = self._logps(model, batch, output_hidden_states=output_hidden_states, ld_alpha=self.args.ld_alpha,
-                              head_chunk=self.head_chunk, keep_window=keep_window)
-        chosen, rejected = out.split()
-        if cache is not None:
-            cache.put(batch, chosen, rejected)
-        return chosen, rejected, out.outputs, out
 
-    def _reference_fingerprint(self, reference: torch.nn.Module, dataset: Any) -> str:
-        h = hashlib.sha256()
-        for rows in (dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"]):
-            for ids in rows:
-                h.update(bytes(str(ids), "ascii"))
-        h.update(repr(sorted(reference.config.to_dict().items())).encode())
-        params = list(reference.parameters())
-        for param in params[:: max(1, len(params) // 8)]:
-            h.update(param.detach().float().cpu().numpy().tobytes())
-        h.update(str(self.peft_reference).encode())
-        h.update(f"ld_alpha={self.args.ld_alpha}".encode())  # LD-DPO weights the reference's tokens too
-        # keep_end rows are cut by the collator, so the ids alone do not say what was scored
-        h.update(f"max_length={self.args.max_length} truncation_mode={self.args.truncation_mode}".encode())
-        return h.hexdigest()[:20]
 
-    def _with_reference_logps(self, reference: torch.nn.Module, dataset: Any, name: str) -> Any:
-        """Add ``ref_chosen_logps``/``ref_rejected_logps`` columns, computed once and cached on disk."""
-        cache_dir = self.args.ref_cache_dir or os.path.join(self.args.output_dir, "ref_logps")
-        path = os.path.join(cache_dir, f"{name}-{self._reference_fingerprint(reference, dataset)}.pt")
-        with self.args.main_process_first(desc=f"reference log-probs ({name})"):
-            if not os.path.exists(path):
-                chosen, rejected = self._compute_reference_logps(reference, dataset)
-                if self.args.should_save:
-                    atomic_torch_save({"chosen": chosen, "rejected": rejected}, path)
-                logger.info("cached reference log-probs of %d %s pairs in %s", len(chosen), name, path)
-            else:
-                cached = torch.load(path, weights_only=True)
-                chosen, rejected = cached["chosen"], cached["rejected"]
-                logger.info("loaded cached reference log-probs from %s", path)
-        dataset = dataset.remove_columns([c for c in ("ref_chosen_logps", "ref_rejected_logps")
-                                          if c in dataset.column_names])
-        dataset = dataset.add_column("ref_chosen_logps", chosen.tolist())
-        return dataset.add_column("ref_rejected_logps", rejected.tolist())
 
-    @torch.no_grad()
-    def _compute_reference_logps(self, reference: torch.nn.Module, dataset: Any) -> tuple[Tensor, Tensor]:
-        from torch.utils.data import DataLoader
-
-        device = self.accelerator.device
-        reference = reference.to(device)
-        was_training = reference.training
-        reference.eval()
-        loader = DataLoader(dataset, batch_size=self.args.per_device_eval_batch_size, shuffle=False,
-                            collate_fn=self.data_collator)
-        chosen, rejected = [], []
-        context = self._reference_context() if reference is self.model else contextlib.nullcontext()
-        with context:
-            for batch in loader:
-                batch = batch_to(batch, device)
-                c, r = self._logps(reference, batch, ld_alpha=self.args.ld_alpha, head_chunk=self.head_chunk).split()
-                chosen.append(c.float().cpu())
-                rejected.append(r.float().cpu())
-        reference.train(was_training)
-        return torch.cat(chosen), torch.cat(rejected)
 
     # ------------------------------------------------------------------------------------ the step
 
@@ -437,28 +389,7 @@ class AdaptiveDPOTrainer(Trainer):
             self._write_trace(view, plan, extras)
         return plan, mine, everything
 
-    def _write_trace(self, view: PairView, plan: StepPlan, extras: dict[str, Any] | None) -> None:
-        """Buffer one record per training micro-batch (tensors: no host synchronisation here); written to
-        pairs.jsonl by :meth:`flush_trace` when metrics are logged and before every checkpoint."""
-        margins = self.args.beta * (view.chosen_logratios - view.rejected_logratios)
-        trained = torch.ones_like(margins, dtype=torch.bool) if plan.train_mask is None else plan.train_mask
-        self._trace_buffer.append((self.state.global_step + 1, margins, trained, plan.beta,
-                                   (extras or {}).get("pair_id")))
 
-    def flush_trace(self) -> None:
-        if not self._trace_buffer or self._trace_path is None:
-            return
-        os.makedirs(os.path.dirname(self._trace_path), exist_ok=True)
-        with open(self._trace_path, "a", encoding="utf-8") as fh:
-            for step, margins, trained, beta, pair_id in self._trace_buffer:
-                beta_value = beta.tolist()
-                record = {"step": step, "margin": [round(m, 6) for m in margins.tolist()],
-                          "trained": trained.int().tolist(),
-                          "beta": [round(b, 6) for b in beta_value] if isinstance(beta_value, list) else beta_value}
-                if pair_id is not None:
-                    record["pair_id"] = pair_id.tolist()
-                fh.write(json.dumps(record) + "\n")
-        self._trace_buffer.clear()
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Tensor], return_outputs: bool = False,
                      num_items_in_batch: Tensor | int | None = None) -> Tensor | tuple[Tensor, Any]:
@@ -515,34 +446,35 @@ class AdaptiveDPOTrainer(Trainer):
             beta = beta[mine]
         if training and "beta" in inputs:  # beta_column: the pair's β replaces the configured one; a method's β/β0
             beta = inputs["beta"].to(chosen_logps) * (beta / self.args.beta)  # (β-DPO, ε-DPO) multiplies it
-        pairs = [chosen_logps, rejected_logps, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths]
+        pairs = StepPairs(chosen_logps, rejected_logps, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths)
         if self.args.use_weighting:  # WPO (Zhou et al. 2024, Eq. 2): w = exp(mean aligned log p)(y_w)·(same)(y_l)
             chosen_wpo, rejected_wpo = policy.wpo_mean.chunk(2, dim=0)
-            pairs.append(torch.exp(chosen_wpo + rejected_wpo).to(chosen_logps.dtype))
-        pair_weighted = training and "weight" in inputs  # weight_column: a loss weight per pair
-        if pair_weighted:
-            pairs.append(inputs["weight"].to(chosen_logps))
+            pairs.wpo_weight = torch.exp(chosen_wpo + rejected_wpo).to(chosen_logps.dtype)
+        if training and "weight" in inputs:  # weight_column: a loss weight per pair
+            pairs.pair_weight = inputs["weight"].to(chosen_logps)
         keep = None if plan.train_mask is None else plan.train_mask[mine].to(chosen_logps.device)
         if subset:
             pairs, beta, keep, aux_loss = self._subset_forward(model, inputs, pairs, beta, keep, router)
         if keep is not None and any(t in BATCH_COUPLED_LOSSES for t in self.args.loss_type):
             # AOT sorts the pairs of its batch, kto_pair averages them: their batch is the kept pairs
             kept = keep.nonzero().squeeze(1)
-            pairs = [t[kept] for t in pairs]
+            pairs = pairs.select(kept)
             beta = beta[kept] if beta.dim() == 1 else beta
             keep = None
-        losses = combined_preference_loss(*pairs[:4], beta, self.args.loss_type, self.args.loss_weights,
-                                          label_smoothing=self.args.label_smoothing, chosen_lengths=pairs[4],
-                                          rejected_lengths=pairs[5], discopop_tau=self.args.discopop_tau,
+        losses = combined_preference_loss(pairs.chosen, pairs.rejected, pairs.ref_chosen, pairs.ref_rejected, beta,
+                                          self.args.loss_type, self.args.loss_weights,
+                                          label_smoothing=self.args.label_smoothing,
+                                          chosen_lengths=pairs.chosen_lengths,
+                                          rejected_lengths=pairs.rejected_lengths, discopop_tau=self.args.discopop_tau,
                                           f_divergence_type=self.args.f_divergence_type,
                                           f_alpha_divergence_coef=self.args.f_alpha_divergence_coef,
                                           sigmoid_label_smoothing=self.args.sigmoid_label_smoothing,
                                           holder_gamma=self.args.holder_gamma)
-        if self.args.use_weighting:
-            losses = losses * pairs[6]
+        if pairs.wpo_weight is not None:
+            losses = losses * pairs.wpo_weight
         weights = torch.ones_like(losses) if keep is None else keep.to(losses.dtype)
-        if pair_weighted:  # Σ w_i·ℓ_i over the pairs trained on / the step's weight sum (_get_num_items_in_batch)
-            weights = weights * pairs[-1]
+        if pairs.pair_weight is not None:  # Σ w_i·ℓ_i over the pairs trained on / the step's weight sum
+            weights = weights * pairs.pair_weight  # (_get_num_items_in_batch)
         loss = self._reduce(losses * weights, weights, training, num_items_in_batch)
         if aux_loss is not None:  # MoE router load balancing (TRL adds it to its per-micro-batch mean loss)
             loss = loss + self.router_aux_loss_coef * aux_loss / self._micro_batches_per_step(training,
@@ -566,9 +498,9 @@ class AdaptiveDPOTrainer(Trainer):
             return weighted.sum() / num_items_in_batch * self.accelerator.num_processes
         return weighted.sum() / weights.sum().clamp(min=1e-12)  # a mask's sum is 0 or >= 1; pair weights need not
 
-    def _subset_forward(self, model: torch.nn.Module, inputs: dict[str, Tensor], pairs: list[Tensor],
+    def _subset_forward(self, model: torch.nn.Module, inputs: dict[str, Tensor], pairs: StepPairs,
                         beta: Tensor, keep: Tensor | None, model_kwargs: dict[str, Any] | None = None,
-                        ) -> tuple[list[Tensor], Tensor, Tensor | None, Tensor | None]:
+                        ) -> tuple[StepPairs, Tensor, Tensor | None, Tensor | None]:
         """SamS subset mode: forward and backward on this rank's selected pairs only.
 
         Returns the per-pair inputs of the loss restricted to those pairs (policy log-probs now with
@@ -576,12 +508,12 @@ class AdaptiveDPOTrainer(Trainer):
         ``model_kwargs``). A rank with no selected pair still runs one pair with weight 0, so that every rank takes
         part in the gradient all-reduce.
         """
-        n = pairs[0].shape[0]
-        index = torch.arange(n, device=pairs[0].device) if keep is None else keep.nonzero().squeeze(1)
+        n, device = pairs.chosen.shape[0], pairs.chosen.device
+        index = torch.arange(n, device=device) if keep is None else keep.nonzero().squeeze(1)
         weights = None
         if index.numel() == 0:
-            index = torch.zeros(1, dtype=torch.long, device=pairs[0].device)
-            weights = torch.zeros(1, dtype=torch.bool, device=pairs[0].device)
+            index = torch.zeros(1, dtype=torch.long, device=device)
+            weights = torch.zeros(1, dtype=torch.bool, device=device)
         if "segment_ids" in inputs:  # packed: one row per pair
             sub = {k: inputs[k][index] for k in ("input_ids", "attention_mask", "segment_ids", "position_ids")}
         else:
@@ -592,184 +524,27 @@ class AdaptiveDPOTrainer(Trainer):
         out = self._logps(model, sub, ld_alpha=self.args.ld_alpha, model_kwargs=model_kwargs,
                              head_chunk=self.head_chunk)
         chosen, rejected = out.split()
-        rest = [t[index] for t in pairs[2:]]
+        selected = dataclasses.replace(pairs.select(index), chosen=chosen, rejected=rejected)  # now with gradient
         aux_loss = getattr(out.outputs, "aux_loss", None) if model_kwargs else None
-        return [chosen, rejected, *rest], beta[index] if beta.dim() == 1 else beta, weights, aux_loss
+        return selected, beta[index] if beta.dim() == 1 else beta, weights, aux_loss
 
-    def _scheduler_pretraining_loss(self, model: torch.nn.Module, inputs: dict[str, Tensor], training: bool,
-                                    num_items_in_batch: Any) -> Tensor:
-        """SamS scheduler pre-training (App. F.3): SFT on the chosen responses (``sams_pretrain: sft``) or a
-        frozen policy (``frozen``); the scheduler learns from every round's contexts and SFT loss.
-
-        The SFT loss of a pair is its chosen response's mean token NLL; the step's loss is their mean."""
-        n = inputs["input_ids"].shape[0] // 2
-        chosen = {k: inputs[k][:n] for k in ("input_ids", "attention_mask", "completion_mask")}
-        frozen = self.args.sams_pretrain == "frozen"
-        with torch.no_grad() if frozen else contextlib.nullcontext():
-            out = self._logps(model, chosen, output_hidden_states=training, head_chunk=self.head_chunk)
-        nll = -out.logps / out.lengths.clamp(min=1).to(out.logps.dtype)
-        m = self._metrics["train" if training else "eval"]
-        m["sft/nll"].append(nll.detach().mean())
-        m["logps/chosen"].append(out.logps.detach().mean())
-        if training:
-
-            mask = chosen["attention_mask"]  # both "branches" are the chosen row: n hidden rows, 2n masks
-            contexts = layer_contexts(out.outputs.hidden_states, torch.cat([mask, mask]),
-                                      self.args.sams_context_combine)
-            out.outputs.hidden_states = None
-            everything = self._gather(torch.stack([out.logps.detach().float(), nll.detach().float()], 1))[0]
-            metrics = self.step_policy.pretrain_round(self._gather(contexts)[0], everything[:, 0],
-                                                      float(everything[:, 1].mean()))
-            for key, value in metrics.items():
-                m[key].append(value)
-        if frozen and training:  # the policy stays fixed: a loss with no graph into it, so no gradient
-            return nll.detach().mean().clone().requires_grad_(True)
-        ones = torch.ones_like(nll)
-        return self._reduce(nll, ones, training, num_items_in_batch)
 
     # ------------------------------------------------------------------------------------ metrics
 
-    def _record_metrics(self, mode: str, chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen: Tensor,
-                        ref_rejected: Tensor, plan: StepPlan, gathered: Tensor | None = None) -> None:
-        """Metrics as 0-dim tensors on the device: no host-device synchronisation until they are logged.
 
-        ``gathered``: the global log-probs the step already gathered (training); evaluation gathers here with
-        ``gather_for_metrics``, which drops the samples repeated to even out the last batch.
-        """
-        if gathered is None:
-            local = torch.stack([chosen_logps.detach(), rejected_logps.detach(), ref_chosen.detach(),
-                                 ref_rejected.detach()], 1).float()
-            gathered = self.accelerator.gather_for_metrics(local) if mode == "eval" else self.accelerator.gather(local)
-        allv = torch.stack([gathered[:, 0], gathered[:, 1], gathered[:, 0] - gathered[:, 2],
-                            gathered[:, 1] - gathered[:, 3]], 1)
-        beta = self.args.beta
-        chosen_rewards, rejected_rewards = beta * allv[:, 2], beta * allv[:, 3]
-        m = self._metrics[mode]
-        m["rewards/chosen"].append(chosen_rewards.mean())
-        m["rewards/rejected"].append(rejected_rewards.mean())
-        m["rewards/margins"].append((chosen_rewards - rejected_rewards).mean())
-        m["rewards/accuracies"].append((chosen_rewards > rejected_rewards).float().mean())
-        m["logps/chosen"].append(allv[:, 0].mean())
-        m["logps/rejected"].append(allv[:, 1].mean())
-        if "holder" in self.args.loss_type:  # Hölder-DPO's contamination-ratio estimate ε̂ = 1 − ξ̂ (docs/metrics.md)
-            step_beta = plan.beta.detach().to(allv.device)
-            if step_beta.numel() not in (1, allv.shape[0]):  # per-pair β of this rank only: the configured β
-                step_beta = torch.tensor(self.args.beta, device=allv.device)
-            m["holder/contamination"].append(holder_contamination(step_beta * (allv[:, 2] - allv[:, 3]),
-                                                                  self.args.holder_gamma))
-        for key, value in plan.metrics.items():
-            m[key].append(value)
 
-    def _record_token_metrics(self, mode: str, stats: Any, inputs: dict[str, Tensor]) -> None:
-        """TRL's ``entropy``, ``logits/chosen|rejected``, ``mean_token_accuracy`` (token-weighted over all ranks) and
-        ``num_tokens`` (training tokens so far, counted as TRL's stacked rows hold them: the prompt twice)."""
-        m = self._metrics[mode]
-        if stats is not None:
-            sums = torch.stack([v.float() for v in stats.values()])
-            if self.accelerator.num_processes > 1:
-                sums = self.accelerator.gather(sums[None]).sum(dim=0)
-            m["entropy"].append(sums[0] / sums[1].clamp(min=1))
-            m["logits/chosen"].append(sums[2] / sums[3].clamp(min=1))
-            m["logits/rejected"].append(sums[4] / sums[5].clamp(min=1))
-            m["mean_token_accuracy"].append(sums[6] / sums[3].clamp(min=1))
-        if mode == "train":
-            tokens = inputs["attention_mask"].sum()
-            if "segment_ids" in inputs:  # the packed row holds the prompt once; TRL's stacked rows hold it twice
-                tokens = tokens + (inputs["segment_ids"] == 1).sum()
-            tokens = tokens.float().reshape(1)
-            if self.accelerator.num_processes > 1:
-                tokens = self.accelerator.gather(tokens)
-            self._tokens_this_run = tokens.sum() + (0 if self._tokens_this_run is None else self._tokens_this_run)
-        # as TRL, evaluation logs it too (eval_num_tokens): the training tokens so far
-        this_run = 0.0 if self._tokens_this_run is None else self._tokens_this_run
-        m["num_tokens"] = [this_run + self.run_totals.get("num_tokens", 0.0)]
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if self.model.training else "eval"
-        averaged = {}
-        for key, values in self._metrics[mode].items():
-            if values:
-                values = [v if isinstance(v, Tensor) else torch.tensor(float(v)) for v in values]
-                averaged[key] = torch.stack([v.detach().float().cpu() for v in values]).mean().item()
-        if mode == "eval":  # TRL's names (eval_<metric>) and, for a named eval set, also eval_<name>_<metric>
-            prefix = next((k[: -len("loss")] for k in logs if k.startswith("eval") and k.endswith("_loss")), "eval_")
-            named = {f"eval_{key}": value for key, value in averaged.items()}
-            if prefix != "eval_":
-                named.update({f"{prefix}{key}": value for key, value in averaged.items()})
-            averaged = named
-        logs.update(averaged)  # in place: evaluate() returns this same dict
-        if "train_loss" in logs:  # the final log: the mean over every step of the run, across resumes
-            steps_now = self.state.global_step - getattr(self, "_initial_global_step", 0)
-            total = self.run_totals["loss_sum"] + logs["train_loss"] * steps_now
-            logs["train_loss"] = total / max(self.state.global_step, 1)
-        self._check_not_stalled(logs)
-        if self.is_world_process_zero():
-            self.flush_trace()
-        super().log(logs, start_time)
-        self._metrics[mode].clear()
 
     # ------------------------------------------------------------------------------------ stalled runs
 
-    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
-        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-        if grad_norm is not None and self.args.sams_pretrain != "frozen":  # frozen pre-training: no gradient at all
-            norm = torch.as_tensor(grad_norm).detach().float()
-            streak = self._zero_grad_streak
-            if streak is None:
-                streak = torch.zeros((), device=norm.device)
-            self._zero_grad_streak = torch.where(norm == 0, streak.to(norm.device) + 1, torch.zeros_like(streak))
-        return grad_norm
 
-    def _check_not_stalled(self, logs: dict[str, float]) -> None:
-        """Stop a run whose model no longer learns (an exploding learning rate leaves weights so large that
-        every gradient underflows to exactly 0 while the loss stays put), instead of saving it as a result."""
-        if self._zero_grad_streak is None:
-            return
-        streak = int(self._zero_grad_streak.item())
-        loss = logs.get("loss", logs.get("train_loss"))
-        if streak >= STALLED_STEPS and loss is not None and loss > 1e-4:
-            raise TrainingStalledError(
-                f"training stalled at step {self.state.global_step}: the gradient norm has been exactly 0 for the "
-                f"last {streak} optimizer steps while the loss stays at {loss:.4g}. The weights have most likely "
-                f"blown up (learning_rate={self.args.learning_rate:g}); lower learning_rate (or set max_grad_norm) "
-                f"and train again. No final model was saved; checkpoints so far are in {self.args.output_dir}")
 
-    def train(self, *args: Any, **kwargs: Any) -> Any:
-        self.args.check_trains_something()
-        self._invocation_start = time.time()
-        return super().train(*args, **kwargs)
 
-    def run_wall_time(self) -> float:
-        """Training wall time of the whole run: earlier invocations (up to the checkpoint resumed) + this one."""
-        return self.run_totals["train_time_s"] + time.time() - self._invocation_start
 
-    def _run_totals_now(self) -> dict[str, float]:
-        """Sum of every step's loss so far (the Trainer's own running sums, mean over ranks) and the time."""
-        pending = self._tr_loss.detach().float().reshape(1)
-        if self.accelerator.num_processes > 1:
-            pending = self.accelerator.gather(pending)
-        steps_loss = self._total_loss_scalar + float(pending.mean())
-        tokens = 0.0 if self._tokens_this_run is None else float(self._tokens_this_run)
-        return {"loss_sum": self.run_totals["loss_sum"] + steps_loss, "train_time_s": self.run_wall_time(),
-                "num_tokens": self.run_totals.get("num_tokens", 0.0) + tokens}
 
     # ------------------------------------------------------------------------------------ hub
 
-    def create_model_card(self, model_name: str | None = None, **kwargs: Any) -> None:
-        """Our model card (method, settings, data, final metrics, citations), not transformers' generic one."""
-        if not self.is_world_process_zero():
-            return
 
-        write_model_card(self.args.output_dir, self.args, read_summary(self.args.output_dir), model_name)
 
-    def push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
-        """transformers' push_to_hub, uploading the model, tokenizer and card, not the run's own files."""
-        with model_files_only():
-            return super().push_to_hub(*args, **kwargs)
-
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        with model_files_only():
-            super()._push_from_checkpoint(checkpoint_folder)
 
     def training_step(self, *args: Any, **kwargs: Any) -> Tensor:
         """One micro-batch's forward and backward; with ``activation_offloading`` the activations saved for
@@ -798,88 +573,9 @@ class AdaptiveDPOTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------ checkpoints
 
-    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
-        """Save as transformers does, add our state, then mark the folder complete; only then rotate.
 
-        A run killed mid-save leaves a folder without the completion marker, which resume ignores.
-        """
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-        if self.is_world_process_zero():
-            self.flush_trace()
-        limit = self.args.save_total_limit
-        self.args.save_total_limit = None
-        run_dir = self._get_output_dir(trial=trial)
-        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        try:
-            super()._save_checkpoint(model, trial)
-            totals = self._run_totals_now()  # every rank: may gather
-            if self.args.should_save:
-                atomic_torch_save({"step_policy": self.step_policy.state_dict(), "run_totals": totals,
-                                   "method": self.args.method}, os.path.join(folder, CHECKPOINT_STATE_FILE))
-                if self.args.sync_ref_model:  # TR-DPO: the reference has moved; resume must start from where it is
-                    save_reference(self.ref_model, os.path.join(folder, REFERENCE_STATE_FILE))
-        except (OSError, RuntimeError) as error:  # a full disk: torch's zip writer says only "unexpected pos ..."
-            self._raise_if_disk_full(error, folder, run_dir)
-            raise
-        finally:
-            self.args.save_total_limit = limit
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            mark_checkpoint_complete(folder)
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
 
-    def _check_objective_unchanged(self, checkpoint: str) -> None:
-        """A resumed run keeps its objective: a checkpoint trained with another loss, β, method, selection or
-        truncation is refused, naming the fields (``accept_config_change`` continues with the new values). The
-        command line checks the whole config before this (adaptdpo.training.job)."""
-        from transformers.trainer import TRAINING_ARGS_NAME
-
-        path = os.path.join(checkpoint, TRAINING_ARGS_NAME)
-        if self.args.accept_config_change or not os.path.isfile(path):
-            return
-        try:
-            saved = torch.load(path, weights_only=False)
-            recorded = vars(saved)  # the fields it had (one added since falls back to the class default otherwise)
-            old = {k: v for k, v in saved.to_serialisable().items() if k in recorded}
-        except Exception as e:  # written by another version or another trainer: nothing to compare
-            logger.info("%s: not compared with this run's settings (%s)", path, e)
-            return
-        changes = objective_changes(old, self.args.to_serialisable(), config_defaults())
-        if changes:
-            listed = ", ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in changes.items())
-            raise ValueError(f"resume checkpoint {checkpoint} was trained with another objective: {listed}. Resume "
-                             "with the settings it was trained with, or set accept_config_change true to continue "
-                             "with the new ones")
-
-    def _raise_if_disk_full(self, error: BaseException, folder: str, run_dir: str) -> None:
-        """Name a full disk (where, how much the checkpoint needs) instead of torch's zip-writer assertion."""
-        last = last_complete_checkpoint(run_dir)
-        needed = folder_bytes(last) if last else state_bytes(self.model, self.optimizer,
-                                                             self.ref_model if self.args.sync_ref_model else None)
-        message = describe_write_failure(error, folder, needed, last)
-        if message is not None:
-            raise CheckpointWriteError(message) from error
-
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        """As transformers does; then, when a changed learning_rate was accepted on resume, the restored schedule
-        continues from the new base rate (without this the checkpoint's rate would silently win)."""
-        super()._load_optimizer_and_scheduler(checkpoint)
-        scheduler = self.lr_scheduler
-        base = getattr(scheduler, "base_lrs", None)
-        lambdas = getattr(scheduler, "lr_lambdas", None)
-        if not (checkpoint and base and lambdas and self.args.accept_config_change):
-            return
-        new = self.args.learning_rate
-        if all(abs(b - new) <= 1e-12 * max(abs(new), 1e-30) for b in base):
-            return
-        scheduler.base_lrs = [new] * len(base)
-        for group, factor in zip(self.optimizer.param_groups, lambdas):
-            group["initial_lr"] = new
-            group["lr"] = new * factor(scheduler.last_epoch)
-        scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # what get_last_lr() reports
-        logger.warning("learning rate schedule continues from the accepted new base rate %g (was %g)", new, base[0])
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
                  metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -908,21 +604,3 @@ class AdaptiveDPOTrainer(Trainer):
             eval_dataset = prepare_dataset(eval_dataset, self.processing_class, self.args, "eval_dataset")
         return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
-        self._check_objective_unchanged(resume_from_checkpoint)
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = os.path.join(resume_from_checkpoint, CHECKPOINT_STATE_FILE)
-        if os.path.exists(path):
-            state = torch.load(path, weights_only=False)
-            if state.get("method", self.args.method) != self.args.method:  # an accepted change of method
-                logger.warning("%s was trained with method %s; method %s starts its own state (β-DPO's moving "
-                               "averages, SamS's scheduler) afresh", resume_from_checkpoint, state["method"],
-                               self.args.method)
-            else:
-                self.step_policy.load_state_dict(state["step_policy"])
-            self.run_totals = dict(state.get("run_totals", self.run_totals))
-        reference_state = os.path.join(resume_from_checkpoint, REFERENCE_STATE_FILE)
-        if self.args.sync_ref_model and os.path.exists(reference_state):
-            from safetensors.torch import load_model
-
-            load_model(unwrap(self.ref_model), reference_state)
