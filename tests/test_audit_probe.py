@@ -253,3 +253,34 @@ def test_probe_audit_bad_input_errors_before_work(hand_built, tmp_path):  # noqa
                   fold_training_args(reference))
     with pytest.raises(AuditError, match="--signal"):
         AuditOptions(data=data, output_dir="x", signal="oracle")
+
+
+def test_probe_audit_resumes_from_its_features_and_never_mixes_reports(probe_audited, hand_built,  # noqa: F811
+                                                                        tmp_path):
+    import shutil
+
+    from adaptdpo.data.pair_scores import read_pair_scores
+
+    data, reference, _ = hand_built
+    out, summary, _ = probe_audited
+    copy = str(tmp_path / "audit")
+    shutil.copytree(out, copy)
+    features = os.path.join(copy, "features.pt")
+    before = os.path.getmtime(features)
+    again = run_audit(AuditOptions(data=data, output_dir=copy, folds=4, bootstrap=50, clean="relabel"),
+                      fold_training_args(reference))
+    assert os.path.getmtime(features) == before  # the forward pass was not run again
+    assert again["estimated_flip_rate"] == pytest.approx(summary["estimated_flip_rate"])
+    assert again["cleaned_counts"]["swapped"] == 2 and again["cleaned_counts"]["dropped"] == 0
+    assert read_pair_scores(os.path.join(copy, "audit.jsonl"), "validation_loss", data)
+    with open(os.path.join(copy, "audit.jsonl"), "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"row": 99, "validation_loss": 1.0}) + "\n")  # as if another audit had written it
+    with pytest.raises(ValueError, match=r"not the audit\.jsonl"):
+        read_pair_scores(os.path.join(copy, "audit.jsonl"), "validation_loss", data)
+
+
+def test_an_estimate_above_one_half_is_a_warning():
+    inverted = FlipRateEstimate(0.8, 1.0, (0.7, 0.9), 100, 0.0)
+    warnings = safety_warnings("dpo_folds", 0.9, 1e-9, inverted)
+    assert len(warnings) == 1 and "above one half" in warnings[0] and "inverted" in warnings[0]
+    assert safety_warnings("probe", 0.9, 1e-9, FlipRateEstimate(0.1, 1.0, (0.05, 0.15), 100, 0.0)) == []
