@@ -4,14 +4,18 @@ For each toy task (flip rate × high-gap share × seed; the task records which l
 column and the gold reward of each completion), the pairs are ranked by:
 
 - **oracle**: the true gold reward difference of the labels as given (what perfect knowledge of the reward gives);
+- **learned ceiling**: the toy reward's own function class, r(x, y) = mean over the words w of y of
+  q_w + ⟨v_w, u(x)⟩ with u(x) the normalised mean of v over the prompt's words (q and v free), fitted by
+  Bradley–Terry maximum likelihood (L-BFGS, a fixed small L2 penalty) to the same noisy labels, cross-fitted on the
+  audit's own folds, ranked by its held-out margin: what a learner that knows the form of the reward could extract
+  from these labels alone (a nonconvex fit from one seeded start: a lower bound of that ceiling);
 - **probe**: ``adaptdpo audit`` as shipped (``--signal probe``, every default);
 - **DPO folds** (``--dpo_folds``): the audit before issue 26 (5 DPO models from the reference, learning rate 3e-3
   as benchmarks/noise_recovery.py).
 
 Printed per setting: AUROC for the flipped pairs, average precision, precision at the estimated flip count, the
-estimated flip rate with its interval, and the signal's wall time. Not done yet (issue 26): the **learned ceiling**
-(the reward's own function class fitted to the same noisy labels, cross-fitted) and the sentiment task on
-SmolLM2.
+estimated flip rate with its interval, and the signal's wall time. Not done yet (issue 26): the sentiment task on
+SmolLM2 and HH with planted flips.
 
     .venv/bin/python benchmarks/audit_benchmark.py --flip_rates 0.2 --seeds 1 [--dpo_folds] [--out FILE.md]
 """
@@ -63,6 +67,59 @@ def audit_margins(task: Any, workdir: str, signal: str, seed: int) -> tuple[np.n
     return np.array([r["margin"] for r in records]), summary, seconds
 
 
+def toy_learned_margins(task: Any, rows: list[dict[str, Any]], folds: list[int], penalty: float = 1e-3
+                        ) -> np.ndarray:
+    """Cross-fitted held-out margins of the toy reward's own function class fitted to the labels as given."""
+    import torch
+
+    language = task.language
+    index = language.index
+    vocab, dim = len(index), int(language.vectors.shape[1])
+
+    def bag(words: list[str], denominator: int) -> list[float]:
+        out = [0.0] * vocab
+        for w in words:
+            if w in index:
+                out[index[w]] += 1.0 / max(1, denominator)
+        return out
+
+    def response_bag(text: str) -> list[float]:
+        words = text.split()
+        return bag(words, len(words))
+
+    prompt_bags = torch.tensor([bag(language.prompt_words_of(r["prompt"]), 1) for r in rows], dtype=torch.float64)
+    chosen = torch.tensor([response_bag(r["chosen"]) for r in rows], dtype=torch.float64)
+    rejected = torch.tensor([response_bag(r["rejected"]) for r in rows], dtype=torch.float64)
+    fold_of = torch.tensor(folds)
+    margins = torch.zeros(len(rows), dtype=torch.float64)
+
+    def margin(q: torch.Tensor, v: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+        u = prompt_bags[sel] @ v
+        u = u / u.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        diff = chosen[sel] - rejected[sel]
+        return diff @ q + ((diff @ v) * u).sum(dim=1)
+
+    for k in sorted(set(folds)):
+        train, held = fold_of != k, fold_of == k
+        g = torch.Generator().manual_seed(k)
+        q = (0.1 * torch.randn(vocab, generator=g, dtype=torch.float64)).requires_grad_()
+        v = torch.randn(vocab, dim, generator=g, dtype=torch.float64).requires_grad_()
+        optimizer = torch.optim.LBFGS([q, v], max_iter=300, line_search_fn="strong_wolfe")
+
+        def closure(q: torch.Tensor = q, v: torch.Tensor = v, optimizer: Any = optimizer,
+                    train: torch.Tensor = train) -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = torch.nn.functional.softplus(-margin(q, v, train)).mean() + penalty * (q.square().sum()
+                                                                                         + v.square().sum())
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        with torch.no_grad():
+            margins[held] = margin(q, v, held)
+    return margins.numpy()
+
+
 def run_setting(rate: float, mix: float, seed: int, root: str, with_dpo: bool) -> list[dict[str, Any]]:
     spec = TaskSpec(seed=seed, flip_rate=rate, high_gap_fraction=mix)
     task = build_task(spec, os.path.join(root, "gold-cache"))
@@ -74,6 +131,13 @@ def run_setting(rate: float, mix: float, seed: int, root: str, with_dpo: bool) -
     results.append({"signal": "oracle", **metrics(oracle, flipped, int(flipped.sum()))})
     for signal in ("probe", *(("dpo_folds",) if with_dpo else ())):
         margins, summary, seconds = audit_margins(task, workdir, signal, seed)
+        if signal == "probe":  # the learned ceiling on the probe audit's own folds
+            with open(os.path.join(workdir, "audit-probe", "folds.json"), encoding="utf-8") as fh:
+                assignment = {int(k): v for k, v in json.load(fh)["assignment"].items()}
+            started = time.time()
+            learned = toy_learned_margins(task, rows, [assignment[i] for i in range(len(rows))])
+            results.append({"signal": "learned ceiling", **metrics(learned, flipped, int(flipped.sum())),
+                            "seconds": round(time.time() - started, 1)})
         results.append({"signal": signal, **metrics(margins, flipped, summary["estimated_flip_count"]),
                         "estimate": summary["estimated_flip_rate"], "interval": summary["flip_rate_interval"],
                         "warnings": len(summary["warnings"]), "seconds": round(seconds, 1)})
@@ -113,7 +177,7 @@ def main() -> None:
         for mix in (float(v) for v in ns.high_gap.split(",")):
             for seed in range(1, ns.seeds + 1):
                 results += run_setting(rate, mix, seed, ns.workdir, ns.dpo_folds)
-                print(table(results[-(3 if ns.dpo_folds else 2):], "(partial)"), flush=True)
+                print(table(results[-(4 if ns.dpo_folds else 3):], "(partial)"), flush=True)
     text = table(results, "python benchmarks/audit_benchmark.py " + " ".join(sys.argv[1:]))
     print(text)
     if ns.out:

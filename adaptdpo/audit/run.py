@@ -639,6 +639,11 @@ def safety_warnings(signal: str, accuracy: float, p_value: float, estimate: Flip
                    f"against a coin): {what} cannot tell the completions apart on this data (too few pairs, features "
                    "that do not carry the preference, or labels that are mostly noise); the scores and the "
                    "estimated flip rate mean nothing")
+    low, high = estimate.interval
+    if not low - 1e-9 <= estimate.flip_rate <= high + 1e-9:
+        out.append(f"the estimated flip rate {estimate.flip_rate:.1%} lies outside its own bootstrap interval "
+                   f"({low:.1%}–{high:.1%}): the estimate is unstable on this data (a weak held-out signal); do not "
+                   "clean by it")
     if estimate.flip_rate > 0.5:
         out.append(f"estimated flip rate {estimate.flip_rate:.1%} is above one half: the labels look inverted for "
                    "most pairs (chosen and rejected swapped throughout?), or the signal is unreliable; check a few "

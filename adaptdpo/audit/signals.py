@@ -108,21 +108,24 @@ def _noisy_label_nll(params: Any, m: Any) -> float:
     return float(-log_p.mean()) + NO_FLIP_PRIOR * eps
 
 
-def _fit_noisy_label(m: Any, start: tuple[float, float] | None = None) -> tuple[float, float, float]:
+def _fit_noisy_label(m: Any, start: tuple[float, float] | None = None, grid: tuple[int, int] = (39, 21)
+                     ) -> tuple[float, float, float]:
     import numpy as np
     from scipy.optimize import minimize
 
-    if start is None:  # a coarse grid first: the likelihood has flat regions in a
-        scale = float(np.median(np.abs(m))) or 1.0
-        best = (math.inf, 0.0, 1.0)
-        for eps in np.linspace(0.0, 0.95, 39):
-            for a in np.logspace(-2, 2, 21) / scale:
-                value = _noisy_label_nll((eps, a), m)
-                if value < best[0]:
-                    best = (value, float(eps), float(a))
-        start = (best[1], best[2])
-    result = minimize(_noisy_label_nll, np.array(start), args=(m,), method="L-BFGS-B",
-                      bounds=[(0.0, 1.0), (0.0, None)])
+    # a coarse grid first (the likelihood has flat regions and more than one mode), then L-BFGS-B from the best grid
+    # point and from ``start`` (a bootstrap resample: the full data's estimate), the better of the two kept
+    scale = float(np.median(np.abs(m))) or 1.0
+    best = (math.inf, 0.0, 1.0)
+    for eps in np.linspace(0.0, 0.95, grid[0]):
+        for a in np.logspace(-2, 2, grid[1]) / scale:
+            value = _noisy_label_nll((eps, a), m)
+            if value < best[0]:
+                best = (value, float(eps), float(a))
+    starts = [(best[1], best[2]), *([start] if start is not None else [])]
+    results = [minimize(_noisy_label_nll, np.array(x0), args=(m,), method="L-BFGS-B", bounds=[(0.0, 1.0), (0.0, None)])
+               for x0 in starts]
+    result = min(results, key=lambda r: float(r.fun))
     eps, a = float(result.x[0]), float(result.x[1])
     return eps, a, -float(result.fun)
 
@@ -139,6 +142,7 @@ def estimate_flip_rate(margins: Tensor, bootstrap: int = 200, seed: int = 0) -> 
         raise ValueError("estimating the flip rate needs at least 2 margins")
     eps, a, ll = _fit_noisy_label(m)
     rng = np.random.default_rng(seed)
-    draws = [_fit_noisy_label(m[rng.integers(0, m.size, m.size)], (eps, a))[0] for _ in range(max(0, bootstrap))]
+    draws = [_fit_noisy_label(m[rng.integers(0, m.size, m.size)], (eps, a), (20, 11))[0]
+             for _ in range(max(0, bootstrap))]
     interval = ((float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))) if draws else (eps, eps))
     return FlipRateEstimate(eps, a, interval, int(m.size), ll)
