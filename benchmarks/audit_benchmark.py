@@ -149,7 +149,8 @@ def run_setting(rate: float, mix: float, seed: int, root: str, with_dpo: bool) -
 
 def table(results: list[dict[str, Any]], command: str) -> str:
     lines = [f"Measured by `{command}`.", "",
-             "| flips (true) | high-gap share | seed | pairs | signal | AUROC | AUPR | precision at k̂ | "
+             "| flips (true) | high-gap share | seed | pairs | signal | AUROC | AUPR "
+             "| precision at k̂ (oracle, ceiling: k) | "
              "estimated flip rate (95% interval) | warnings | s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         estimate = (f"{r['estimate']:.3f} ({r['interval'][0]:.3f}–{r['interval'][1]:.3f})" if "estimate" in r
