@@ -284,3 +284,23 @@ def test_an_estimate_above_one_half_is_a_warning():
     warnings = safety_warnings("dpo_folds", 0.9, 1e-9, inverted)
     assert len(warnings) == 1 and "above one half" in warnings[0] and "inverted" in warnings[0]
     assert safety_warnings("probe", 0.9, 1e-9, FlipRateEstimate(0.1, 1.0, (0.05, 0.15), 100, 0.0)) == []
+
+
+def test_probe_audit_command_line(hand_built, tmp_path, capsys):  # noqa: F811
+    from adaptdpo.cli import main
+
+    data, reference, _ = hand_built
+    out = str(tmp_path / "cli-probe")
+    args = ["audit", data, "--folds", "4", "--output_dir", out, "--bootstrap", "20", "--probe_layers", "0,-1",
+            "--probe_poolings", "mean", "--clean", "relabel", *fold_training_args(reference)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    printed = json.loads(text[text.index('{\n  "audit_dir"'):])
+    assert printed["signal"] == "probe" and printed["estimated_flip_count"] == 2 and printed["warnings"] == []
+    assert printed["cleaned_counts"]["swapped"] == 2 and printed["ground_truth"]["auroc"] == 1.0
+    with open(os.path.join(out, "audit_summary.json"), encoding="utf-8") as fh:
+        summary = json.load(fh)
+    assert set(summary["probe"]["candidates"]) == {"L0.mean", "L1.mean", "reference.per_token_logratio"}
+    assert main(["audit", data, "--output_dir", str(tmp_path / "bad"), "--probe_layers", "0,9",
+                 *fold_training_args(reference)]) == 1
+    assert "layer 9 does not exist" in capsys.readouterr().err
