@@ -30,10 +30,11 @@ commands:
   task sentiment|toy [--flip_rate R --high_gap_fraction H --train_pairs N ...] [--quick] [--cache DIR]
                                         build a gold task (sentiment: prompts x topics, completions sampled from
                                         SmolLM2-135M-Instruct, judged by VADER; cached) and print its folder
-  audit DATA [CONFIG.yaml] [--folds K] [--output_dir DIR] [--clean drop|swap|weight|none] [--key value ...]
-                                        find suspect pairs: every pair scored by models that never saw it
-                                        (audit.jsonl, report.md, cleaned.jsonl); training fields
-                                        (--model_name_or_path, --beta, ...) set the fold models
+  audit DATA [CONFIG.yaml] [--signal probe|dpo_folds|probe+dpo_folds] [--clean drop|relabel|swap|weight|none]
+                                        find suspect pairs: reward probes on the reference's frozen features (or
+                                        DPO fold models), cross-fitted, score every pair; the flip rate with an
+                                        interval (audit.jsonl, report.md, cleaned.jsonl); training fields
+                                        (--model_name_or_path, --max_length, ...) set the reference
   report RUN_DIR                        (re)draw the plots of a run directory (curves, margins, β)
   config-reference [--update DOC]       print the config reference (markdown), or rewrite it in DOC
   export-model SRC DIR                  write a packaged model (smollm2-135m-instruct, all-minilm-l6-v2) or a
@@ -250,19 +251,38 @@ def cmd_eval(args: list[str]) -> int:
 def audit_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adaptdpo audit DATA [CONFIG.yaml]", allow_abbrev=False,
-        description="Cross-fitted noise scores for every pair of DATA. Options below are the audit's; every other "
-                    "--key value is a training field for the fold models (`adaptdpo train --help`), e.g. "
-                    "--model_name_or_path (required: the reference the fold models start from), --beta, "
-                    "--num_train_epochs, --learning_rate. Docs: docs/audit.md.")
+        description="Cross-fitted noise scores for every pair of DATA, the estimated flip rate, a report and a "
+                    "cleaned copy. Options below are the audit's; every other --key value is a training field "
+                    "(`adaptdpo train --help`): --model_name_or_path (required: the reference), --max_length, the "
+                    "chat format, and for --signal dpo_folds the fold models' --beta, --num_train_epochs, "
+                    "--learning_rate. Docs: docs/audit.md.")
     parser.add_argument("--output_dir", help="the audit folder (default: runs/audit-<data file name>)")
-    parser.add_argument("--folds", type=int, default=5, help="K: models trained on K-1 folds each (default 5)")
+    parser.add_argument("--signal", default="probe", choices=("probe", "dpo_folds", "probe+dpo_folds"),
+                        help="probe (default): Bradley-Terry probes on the reference's frozen hidden states, one "
+                             "forward pass; dpo_folds: K DPO models trained from the reference; probe+dpo_folds: "
+                             "both, averaged where that raises the held-out likelihood of the labels")
+    parser.add_argument("--probe_layers", default="auto",
+                        help="layers whose hidden states the probe reads: auto (embeddings, a quarter, half and all "
+                             "the way up) or comma-separated numbers (0 = embeddings, -1 = last block)")
+    parser.add_argument("--probe_poolings", default="mean,last",
+                        help="how a completion's hidden states are pooled: mean, last or both (default mean,last)")
+    parser.add_argument("--probe_inner_folds", type=int, default=3,
+                        help="inner cross-validation folds that choose the probe's regularisation (default 3)")
+    parser.add_argument("--bootstrap", type=int, default=200,
+                        help="bootstrap resamples of the flip-rate interval (default 200; 0: no interval)")
+    parser.add_argument("--folds", type=int, default=5, help="K: each pair scored by a model fitted on the other "
+                                                            "K-1 folds (default 5)")
     parser.add_argument("--fold_seed", type=int, default=0, help="seed of the fold assignment")
-    parser.add_argument("--clean", default="drop", choices=("drop", "swap", "weight", "none"),
-                        help="cleaned.jsonl: drop the top suspects (default), swap chosen/rejected of confident ones, "
-                             "keep every row with audit_weight = 1 − P(flip) (train with --weight_column "
-                             "audit_weight), or write all rows unchanged")
+    parser.add_argument("--clean", default="drop", choices=("drop", "relabel", "swap", "weight", "none"),
+                        help="cleaned.jsonl: drop the top suspects (default), relabel them (swap chosen/rejected), "
+                             "swap chosen/rejected of confident ones, keep every row with audit_weight = 1 − P(flip) "
+                             "(train with --weight_column audit_weight), or write all rows unchanged; never more "
+                             "pairs than the estimated flip count, nothing after a warning, without --force")
+    parser.add_argument("--force", action="store_true",
+                        help="clean as asked even past the estimated flip count or after a warning")
     parser.add_argument("--drop_fraction", type=float, default=None,
-                        help="share of pairs dropped by --clean drop (default: the estimated flip rate)")
+                        help="share of pairs dropped (or relabelled) by --clean drop|relabel (default: the estimated "
+                             "flip rate)")
     parser.add_argument("--swap_threshold", type=float, default=0.8,
                         help="--clean swap: swap pairs whose flip probability is at least this (default 0.8)")
     parser.add_argument("--truth_field", default="flipped",
@@ -289,9 +309,12 @@ def cmd_audit(args: list[str]) -> int:
     options = AuditOptions(data=data, output_dir=ns.output_dir or os.path.join("runs", f"audit-{stem}"),
                            folds=ns.folds, fold_seed=ns.fold_seed, clean=ns.clean, drop_fraction=ns.drop_fraction,
                            swap_threshold=ns.swap_threshold, truth_field=ns.truth_field, truth_file=ns.truth_file,
-                           from_run=ns.from_run, score_batch_size=ns.score_batch_size, overwrite=ns.overwrite)
+                           from_run=ns.from_run, score_batch_size=ns.score_batch_size, overwrite=ns.overwrite,
+                           signal=ns.signal, probe_layers=ns.probe_layers, probe_poolings=ns.probe_poolings,
+                           inner_folds=ns.probe_inner_folds, bootstrap=ns.bootstrap, force=ns.force)
     summary = run_audit(options, train_args, yaml_path)
-    keys = ("rows", "scored_pairs", "estimated_flip_rate", "cleaned_counts", "ground_truth", "wall_time_s")
+    keys = ("rows", "scored_pairs", "signal", "estimated_flip_rate", "flip_rate_interval", "estimated_flip_count",
+            "heldout_accuracy_of_labels", "warnings", "cleaned_counts", "cleaning", "ground_truth", "wall_time_s")
     print(json.dumps({"audit_dir": options.output_dir, **{k: summary[k] for k in keys if k in summary}}, indent=2))
     return 0
 

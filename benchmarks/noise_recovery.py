@@ -87,8 +87,9 @@ def audit_task(task: Any, workdir: str, seed: int) -> dict[str, Any]:
     # later passes reuse the fold models and scores of the first: only the cleaned file changes
     for name, mode, threshold in (("swap", "swap", 0.8), ("swap05", "swap", 0.5), ("weight", "weight", 0.8),
                                   ("drop", "drop", 0.8)):
+        # the DPO-fold audit these tables were measured with (issue 26 made the probe the default signal)
         run_audit(AuditOptions(data=task.train_file, output_dir=out, folds=5, fold_seed=seed, clean=mode,
-                               swap_threshold=threshold), train_args)
+                               swap_threshold=threshold, signal="dpo_folds", force=True), train_args)
         shutil.copy(os.path.join(out, "cleaned.jsonl"), os.path.join(out, f"cleaned-{name}.jsonl"))
     with open(os.path.join(out, "audit_summary.json"), encoding="utf-8") as fh:
         return json.load(fh)

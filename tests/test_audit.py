@@ -1,5 +1,6 @@
-"""The noisy-pair audit and data-level selection (Selective DPO): folds, out-of-fold scores, a planted flip,
-cleaned data, ranking metrics by hand, the flip mixture, the easy-to-hard order, resume."""
+"""The noisy-pair audit and data-level selection (Selective DPO): folds, out-of-fold scores of DPO fold models
+(``--signal dpo_folds``; the probe, the default signal: tests/test_audit_probe.py), a planted flip, cleaned data,
+ranking metrics by hand (scikit-learn's), the flip mixture, the easy-to-hard order, resume."""
 
 from __future__ import annotations
 
@@ -64,11 +65,16 @@ def fold_training_args(reference: str, **overrides: object) -> list[str]:
     return [item for key, value in settings.items() for item in (f"--{key}", str(value))]
 
 
+def dpo_options(data: str, out: str, **options: object) -> AuditOptions:
+    """The audit with DPO fold models (``--signal dpo_folds``), 4 folds."""
+    return AuditOptions(data=data, output_dir=out, folds=4, signal="dpo_folds", **options)  # type: ignore[arg-type]
+
+
 @pytest.fixture(scope="module")
 def audited(hand_built, tmp_path_factory):
     data, reference, _ = hand_built
     out = str(tmp_path_factory.mktemp("audit-run") / "audit")
-    summary = run_audit(AuditOptions(data=data, output_dir=out, folds=4, drop_fraction=0.05),
+    summary = run_audit(dpo_options(data, out, drop_fraction=0.05),
                         fold_training_args(reference))
     records = [json.loads(line) for line in open(os.path.join(out, "audit.jsonl"), encoding="utf-8")]
     return out, summary, records
@@ -202,7 +208,7 @@ def test_cleaned_data_keeps_row_identities(audited, hand_built):
 def test_swap_mode_swaps_chosen_rejected_and_their_fields(audited, hand_built):
     data, reference, rows = hand_built
     out, _, _ = audited
-    summary = run_audit(AuditOptions(data=data, output_dir=out, folds=4, clean="swap", swap_threshold=0.5),
+    summary = run_audit(dpo_options(data, out, clean="swap", swap_threshold=0.5),
                         fold_training_args(reference))  # reuses every fold model (nothing retrained)
     cleaned = {r["audit_row"]: r for r in map(json.loads, open(os.path.join(out, "cleaned.jsonl"), encoding="utf-8"))}
     assert len(cleaned) == 40 and summary["cleaned_counts"]["swapped"] == 2
@@ -218,15 +224,15 @@ def test_audit_resumes_without_retraining_and_refuses_changed_settings(audited, 
     final = os.path.join(out, "fold-0", "model.safetensors")
     before = os.path.getmtime(final)
     os.remove(os.path.join(out, "fold-3", "heldout_scores.json"))  # as if killed while scoring fold 3
-    run_audit(AuditOptions(data=data, output_dir=out, folds=4, drop_fraction=0.05), fold_training_args(reference))
+    run_audit(dpo_options(data, out, drop_fraction=0.05), fold_training_args(reference))
     again = [json.loads(line) for line in open(os.path.join(out, "audit.jsonl"), encoding="utf-8")]
     assert os.path.getmtime(final) == before
     assert [(r["row"], r["fold"]) for r in again] == [(r["row"], r["fold"]) for r in records]
     assert [r["margin"] for r in again] == pytest.approx([r["margin"] for r in records], abs=1e-9)
     with pytest.raises(AuditError, match=r"training\.beta"):
-        run_audit(AuditOptions(data=data, output_dir=out, folds=4), fold_training_args(reference, beta=0.3))
+        run_audit(dpo_options(data, out), fold_training_args(reference, beta=0.3))
     with pytest.raises(AuditError, match="fold_seed"):
-        run_audit(AuditOptions(data=data, output_dir=out, folds=4, fold_seed=5), fold_training_args(reference))
+        run_audit(dpo_options(data, out, fold_seed=5), fold_training_args(reference))
 
 
 def test_signals_from_a_training_run(audited, hand_built, tmp_path):
@@ -237,7 +243,7 @@ def test_signals_from_a_training_run(audited, hand_built, tmp_path):
     run_dir = str(tmp_path / "dpo-run")
     train_in_process([*fold_training_args(reference, num_train_epochs=2, per_device_train_batch_size=4),
                       "--train_file", data, "--output_dir", run_dir, "--trace_pairs", "true"])
-    run_audit(AuditOptions(data=data, output_dir=out, folds=4, drop_fraction=0.05, from_run=run_dir),
+    run_audit(dpo_options(data, out, drop_fraction=0.05, from_run=run_dir),
               fold_training_args(reference))
     records = {r["row"]: r for r in map(json.loads, open(os.path.join(out, "audit.jsonl"), encoding="utf-8"))}
     trace = [json.loads(line) for line in open(os.path.join(run_dir, "pairs.jsonl"), encoding="utf-8")]
@@ -251,7 +257,7 @@ def test_signals_from_a_training_run(audited, hand_built, tmp_path):
     train_in_process([*fold_training_args(reference, num_train_epochs=1), "--train_file", str(copy),
                       "--output_dir", other_run])
     with pytest.raises(AuditError, match="not on the audited data"):
-        run_audit(AuditOptions(data=data, output_dir=out, folds=4, from_run=other_run), fold_training_args(reference))
+        run_audit(dpo_options(data, out, from_run=other_run), fold_training_args(reference))
 
 
 def test_audit_errors_name_the_problem(hand_built, tmp_path):
@@ -348,3 +354,21 @@ def test_audit_command_line(hand_built, tmp_path, capsys):
     assert code == 0 and printed["scored_pairs"] == 40 and printed["cleaned_counts"]["kept"] == 40
     assert main(["audit", data, "--fold", "2"]) == 1  # no prefix matching: an unknown flag, refused
     assert "unknown argument" in capsys.readouterr().err
+
+
+def test_probe_and_dpo_folds_combined_reuse_the_fold_models(audited, hand_built):
+    data, reference, _ = hand_built
+    out, _, records = audited
+    final = os.path.join(out, "fold-0", "model.safetensors")
+    before = os.path.getmtime(final)
+    summary = run_audit(AuditOptions(data=data, output_dir=out, folds=4, drop_fraction=0.05,
+                                     signal="probe+dpo_folds", bootstrap=20),
+                        fold_training_args(reference))
+    assert os.path.getmtime(final) == before  # the fold models were reused, not trained again
+    combined = {r["row"]: r for r in map(json.loads, open(os.path.join(out, "audit.jsonl"), encoding="utf-8"))}
+    assert summary["signal"] == "probe+dpo_folds" and summary["probe+dpo_folds"]["members"]
+    assert set(summary["probe+dpo_folds"]["candidates"]) == {"probe", "dpo_folds"}
+    for r in records:
+        assert combined[r["row"]]["dpo_fold_margin"] == pytest.approx(r["margin"], abs=1e-9)
+        assert combined[r["row"]]["fold"] == r["fold"]
+    assert summary["ground_truth"]["auroc"] == 1.0

@@ -301,13 +301,19 @@ def test_audit_writes_a_weight_column_that_trains_as_weight_column(tmp_path):
     """`adaptdpo audit --clean weight`: every scored row kept with audit_weight = 1 − P(flip); the file then loads
     with --weight_column audit_weight (audit → weight, one command from audit → drop)."""
     from adaptdpo.audit.run import WEIGHT_FIELD, AuditOptions, decide_actions, write_cleaned
+    from adaptdpo.audit.signals import FlipRateEstimate
 
     data = write(tmp_path / "pairs.jsonl", ROWS, "jsonl")
     options = AuditOptions(data=data, output_dir=str(tmp_path / "audit"), clean="weight")
-    scored = {0: {"flip_probability": 0.1, "score": 0.1}, 1: {"flip_probability": 0.9, "score": 0.9},
-              2: {"flip_probability": 0.5, "score": 0.5}}
-    actions = decide_actions(options, scored, 0.3)
-    assert set(actions.values()) == {"weight"}
+    scored = {0: {"flip_probability": 0.1, "score": 0.1, "suspect_rank": 3},
+              1: {"flip_probability": 0.9, "score": 0.9, "suspect_rank": 1},
+              2: {"flip_probability": 0.5, "score": 0.5, "suspect_rank": 2}}
+    estimate = FlipRateEstimate(flip_rate=1 / 3, temperature=1.0, interval=(0.0, 0.6), pairs=3, log_likelihood=-0.6)
+    actions, cleaning = decide_actions(options, scored, estimate, warned=False)
+    assert set(actions.values()) == {"weight"}  # every pair weighted: the estimated flip count (1) caps nothing here
+    assert cleaning["changed"] == 3 and cleaning["held_back"] is None
+    warned, held = decide_actions(options, scored, estimate, warned=True)  # after a warning: nothing, unless --force
+    assert set(warned.values()) == {"keep"} and held["changed"] == 0 and "warning" in held["held_back"]
     counts = write_cleaned(options, actions, str(tmp_path / "cleaned.jsonl"), scored)
     assert counts == {"kept": 3, "swapped": 0, "dropped": 0, "weighted": 3, "unscored": 0}
     rows, _ = load_preference_rows(str(tmp_path / "cleaned.jsonl"), weight_column=WEIGHT_FIELD)

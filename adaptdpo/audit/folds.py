@@ -6,11 +6,13 @@ import random
 from collections.abc import Sequence
 
 
-def assign_folds(ids: Sequence[int], folds: int, seed: int = 0) -> dict[int, int]:
+def assign_folds(ids: Sequence[int], folds: int, seed: int = 0,
+                 together: Sequence[Sequence[int]] | None = None) -> dict[int, int]:
     """Row id → fold in 0..folds−1: a seeded shuffle dealt round-robin, so fold sizes differ by at most one.
 
     Every id gets exactly one fold; a pair is scored only by the model of its own fold, which never trained
-    on it (the models of fold k train on every other fold)."""
+    on it (the models of fold k train on every other fold). ``together``: groups of ids that must share a fold
+    (mirrored twins: the same pair with chosen and rejected swapped); each group follows its first id's fold."""
     if folds < 2:
         raise ValueError(f"folds must be at least 2 (one to hold out, one to train on), got {folds}")
     if len(set(ids)) != len(ids):
@@ -19,7 +21,12 @@ def assign_folds(ids: Sequence[int], folds: int, seed: int = 0) -> dict[int, int
         raise ValueError(f"{len(ids)} pairs cannot be split into {folds} folds")
     order = sorted(ids)
     random.Random(seed).shuffle(order)
-    return {row: position % folds for position, row in enumerate(order)}
+    followers = {i: group[0] for group in (together or []) for i in group[1:]}
+    leaders = [row for row in order if row not in followers]
+    out = {row: position % folds for position, row in enumerate(leaders)}
+    for row, leader in followers.items():
+        out[row] = out[leader]
+    return out
 
 
 def fold_members(assignment: dict[int, int], fold: int) -> tuple[list[int], list[int]]:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from adaptdpo.audit.ranking import precision_curve, roc_curve
-from adaptdpo.audit.signals import FlipMixture
+from adaptdpo.audit.signals import FlipRateEstimate
 from adaptdpo.training.plots import _pyplot, _save
 
 
@@ -21,13 +21,15 @@ def _excerpt(value: Any, width: int = 60) -> str:
 
 
 def plot_scores(out_dir: str, scored: dict[int, dict[str, Any]], truth: dict[int, bool] | None,
-                mixture: FlipMixture) -> list[str]:
+                estimate: FlipRateEstimate) -> list[str]:
     plt = _pyplot()
     ids = sorted(scored)
     margins = [scored[i]["margin"] for i in ids]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
     if truth is not None:
         for flag, colour, label in ((False, "tab:blue", "not known bad"), (True, "tab:red", "known bad")):
+            if not any(truth.get(i, False) == flag for i in ids):
+                continue  # an empty group (e.g. clean data): nothing to draw
             axes[0].hist([m for i, m in zip(ids, margins, strict=True) if truth.get(i, False) == flag], bins=40,
                          alpha=0.6, color=colour, label=label, density=True)
             axes[1].hist([scored[i]["score"] for i in ids if truth.get(i, False) == flag], bins=20, alpha=0.6,
@@ -37,12 +39,13 @@ def plot_scores(out_dir: str, scored: dict[int, dict[str, Any]], truth: dict[int
         axes[1].hist([scored[i]["score"] for i in ids], bins=20, alpha=0.7, density=True)
     lo, hi = min(margins), max(margins)
     grid = torch.linspace(lo, hi, 200, dtype=torch.float64)
-    norm = 1 / (mixture.std * (2 * torch.pi) ** 0.5)
-    clean = (1 - mixture.flip_rate) * norm * torch.exp(-(grid - mixture.mean) ** 2 / (2 * mixture.std ** 2))
-    flipped = mixture.flip_rate * norm * torch.exp(-(grid + mixture.mean) ** 2 / (2 * mixture.std ** 2))
-    axes[0].plot(grid, clean, color="tab:blue", lw=1.2, ls="--", label=f"fit: clean ({1 - mixture.flip_rate:.0%})")
-    axes[0].plot(grid, flipped, color="tab:red", lw=1.2, ls="--", label=f"fit: flipped ({mixture.flip_rate:.0%})")
-    axes[0].set_xlabel("held-out implicit-reward margin β·h")
+    curve = axes[0].twinx()
+    curve.plot(grid, estimate.flip_probability(grid), color="tab:red", lw=1.2, ls="--",
+               label=f"fit: P(flip | margin), ε = {estimate.flip_rate:.3f}")
+    curve.set_ylim(0, 1)
+    curve.set_ylabel("P(flip | margin)")
+    curve.legend(fontsize=7, loc="center right")
+    axes[0].set_xlabel("held-out margin (log-odds that the label is right)")
     axes[0].set_title("cross-fitted margins")
     axes[0].legend(fontsize=7)
     axes[1].set_xlabel("score = P(flipped | margin)")
@@ -75,20 +78,29 @@ def plot_scores(out_dir: str, scored: dict[int, dict[str, Any]], truth: dict[int
 
 
 def write_report(out_dir: str, summary: dict[str, Any], scored: dict[int, dict[str, Any]],
-                 truth: dict[int, bool] | None, rows: dict[int, dict[str, Any]], mixture: FlipMixture,
+                 truth: dict[int, bool] | None, rows: dict[int, dict[str, Any]], estimate: FlipRateEstimate,
                  top: int = 20) -> str:
-    plots = plot_scores(out_dir, scored, truth, mixture)
-    lines = [f"# Preference-data audit: {summary['data']}", "",
-             f"{summary['scored_pairs']} of {summary['rows']} rows scored by {summary['folds']}-fold cross-fitting "
-             f"(each pair scored by a DPO model, β = {summary['beta']}, trained from {summary['model']} on the other "
-             "folds; it never saw the pair). Score = estimated probability that the pair's label is flipped "
-             "(higher = more suspect). Rows: 0-based indices in the input file.", "",
-             "| quantity | value |", "|---|---|",
-             f"| estimated flip rate (mirrored-Gaussian fit of the margins) | {summary['estimated_flip_rate']:.3f} |",
-             *([f"| estimated flip rate (Hölder-DPO's 1 − ξ̂ of the margins, γ = {summary['holder_gamma']}) | "
-                f"{summary['holder_flip_rate']:.3f} |"] if "holder_flip_rate" in summary else []),
-             f"| held-out pairs whose margin agrees with their label | {summary['heldout_accuracy_of_labels']:.3f} |",
-             f"| mean held-out DPO loss (Selective DPO's difficulty) | {summary['mean_validation_loss']:.4f} |",
+    plots = plot_scores(out_dir, scored, truth, estimate)
+    by = {"probe": f"a Bradley–Terry reward probe on the frozen features of {summary['model']}",
+          "dpo_folds": f"a DPO model, β = {summary['beta']}, trained from {summary['model']}",
+          "probe+dpo_folds": f"a reward probe on {summary['model']}'s features and a DPO fold model, combined"}
+    low, high = summary["flip_rate_interval"]
+    warnings = summary.get("warnings") or []
+    lines = [f"# Preference-data audit: {summary['data']}", ""]
+    if warnings:
+        lines += ["## Warnings", "", *[f"- **{w}**" for w in warnings], ""]
+    lines += [f"{summary['scored_pairs']} of {summary['rows']} rows scored by {summary['folds']}-fold cross-fitting "
+              f"(signal `{summary['signal']}`: each pair scored by {by.get(summary['signal'], summary['signal'])}, "
+              "fitted on the other folds; it never saw the pair). Score = estimated probability that the pair's "
+              "label is flipped (higher = more suspect). Rows: 0-based indices in the input file.", "",
+              "| quantity | value |", "|---|---|",
+              f"| estimated flip rate (noisy-label logistic fit of the margins) | {summary['estimated_flip_rate']:.3f} "
+              f"(95% interval {low:.3f}–{high:.3f}; {summary['estimated_flip_count']} pairs) |",
+              *([f"| estimated flip rate (Hölder-DPO's 1 − ξ̂ of the margins, γ = {summary['holder_gamma']}) | "
+                 f"{summary['holder_flip_rate']:.3f} |"] if "holder_flip_rate" in summary else []),
+              f"| held-out pairs whose margin agrees with their label | {summary['heldout_accuracy_of_labels']:.3f} "
+              f"(p = {summary['chance_p_value']:.2g} against a coin) |",
+              f"| mean held-out loss (Selective DPO's difficulty) | {summary['mean_validation_loss']:.4f} |",
              f"| rows not scored (invalid, see audit.jsonl) | {summary['unscored_rows']} |"]
     gt = summary.get("ground_truth")
     if gt:
@@ -101,8 +113,10 @@ def write_report(out_dir: str, summary: dict[str, Any], scored: dict[int, dict[s
             if key in gt:
                 lines.append(f"| {label} | {gt[key]:.3f} |")
     counts = summary["cleaned_counts"]
+    held_back = summary.get("cleaning", {}).get("held_back")
     lines += ["", f"Cleaned data (`cleaned.jsonl`, --clean {summary['clean']}): {counts['kept']} rows kept, "
-              f"{counts['swapped']} swapped, {counts['dropped']} dropped, {counts['unscored']} unscored rows left out.",
+              f"{counts['swapped']} swapped, {counts['dropped']} dropped, {counts['unscored']} unscored rows left out."
+              + (f" Held back by {held_back}." if held_back else ""),
               "", *[f"![{os.path.basename(p)}](plots/{os.path.basename(p)})" for p in plots], "",
               f"## The {top} most suspect pairs", "",
               "| rank | row | score | margin | prompt | chosen | rejected |" + (" known bad |" if truth else ""),
@@ -114,8 +128,8 @@ def write_report(out_dir: str, summary: dict[str, Any], scored: dict[int, dict[s
         if truth:
             cells.append("yes" if truth.get(i) else "no")
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Every row's signals: `audit.jsonl` (`row`, `score`, `flip_probability`, `margin`, "
-              "`validation_loss`, `chosen_logratio`, `rejected_logratio`, `fold`, `suspect_rank`, `action`). "
+    lines += ["", "Every row's signals: `audit.jsonl` (`row`, `score`, `flip_probability`, `weight`, `margin`, "
+              "`validation_loss`, `reference_logratio`, the signal's own columns, `fold`, `suspect_rank`, `action`). "
               "Train Selective DPO on this audit: `adaptdpo train ... --pair_selection easiest --pair_scores_file "
               f"{os.path.join(out_dir, 'audit.jsonl')}`.", ""]
     path = os.path.join(out_dir, "report.md")

@@ -1,18 +1,30 @@
 """``adaptdpo audit DATA``: cross-fitted noise scores for every pair of a preference file.
 
-1. Read and validate every row (the training reader: same formats, same errors naming file, row, field).
-2. Deal the usable pairs into K folds (:mod:`.folds`).
-3. For each fold k: train a DPO model from the reference on the other K − 1 folds with the ordinary
-   trainer (each fold is a run directory: it resumes, and a finished one is not trained again), then
-   score the held-out fold: implicit-reward log-ratios against the reference (computed once for all pairs).
-4. Signals per pair (:mod:`.signals`): margin, validation loss (Selective DPO's difficulty), suspected-flip
-   probability (its ``score``); optionally a training run's own view of each pair (``--from_run``).
-5. Ground truth when the data carries it (a ``flipped`` column, or ``--truth_file``): AUROC, average
-   precision, precision at the flip rate.
-6. Write ``audit.jsonl`` (one object per input row, ``row`` = its 0-based index in the input, counting every
-   row), ``audit_summary.json``, ``report.md`` with plots, and ``cleaned.jsonl`` (top suspects dropped, or
-   confident suspects swapped, or every pair kept with ``audit_weight`` = 1 − P(flip) for ``--weight_column
-   audit_weight``; every kept row carries ``audit_row``).
+1. Read and validate every row (the training reader: same formats, same errors naming file, row, field); a pair
+   that appears twice is an error naming the rows; a pair that appears again swapped (a mirrored twin) is kept and
+   goes to its twin's fold.
+2. Deal the usable pairs into K folds (:mod:`.folds`); fewer pairs than folds is an error before any work.
+3. A held-out margin per pair (``--signal``):
+   - ``probe`` (default): one forward pass of the reference gives every completion's pooled hidden states at a few
+     layers (:mod:`.features`; a layer the model does not have is an error before the pass); a Bradley–Terry
+     probe per feature set, cross-fitted over the folds, regularised by inner CV (:mod:`.probe`); the feature sets
+     and the reference's own label-free log-ratio combined by held-out likelihood;
+   - ``dpo_folds``: for each fold k a DPO model trained from the reference on the other K − 1 folds with the
+     ordinary trainer (each fold is a run directory: it resumes, and a finished one is not trained again) scores
+     the held-out fold (implicit-reward margin β·h against the reference);
+   - ``probe+dpo_folds``: both, averaged after calibration where that raises the held-out likelihood.
+4. The flip rate (:func:`.signals.estimate_flip_rate`, with an interval) and per pair: margin, validation loss
+   (Selective DPO's difficulty), P(flip) (its ``score``) and ``weight`` = 1 − P(flip); optionally a training run's
+   own view of each pair (``--from_run``).
+5. Loud warnings instead of silent disasters: held-out agreement with the labels at chance, an estimate above ½;
+   then nothing is cleaned without ``--force``, and never more pairs than the estimated flip count.
+6. Ground truth when the data carries it (a ``flipped`` column, or ``--truth_file``): AUROC, average
+   precision, precision at the flip rate (scikit-learn's metrics).
+7. Write ``audit.jsonl`` (one object per input row, ``row`` = its 0-based index in the input, counting every
+   row), ``report.md`` with plots, ``cleaned.jsonl`` (top suspects dropped or relabelled, or confident suspects
+   swapped, or every pair kept with ``audit_weight`` = 1 − P(flip) for ``--weight_column audit_weight``; every kept
+   row carries ``audit_row``) and, last, ``audit_summary.json`` (removed first, so an
+   interrupted audit never leaves a summary that describes other files).
 
 Everything lands in one output folder, locked for the run; an interrupted audit resumes where it stopped.
 """
@@ -20,20 +32,33 @@ Everything lands in one output folder, locked for the run; an interrupted audit 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from adaptdpo.audit.features import (
+    POOLINGS,
+    FeatureError,
+    Features,
+    completion_features,
+    model_blocks,
+    parse_layers,
+    parse_poolings,
+    resolve_layers,
+)
 from adaptdpo.audit.folds import assign_folds, fold_members
+from adaptdpo.audit.probe import ProbeError, cross_fitted_margins, select_ensemble
 from adaptdpo.audit.ranking import auroc, average_precision, precision_at
 from adaptdpo.audit.report import write_report
-from adaptdpo.audit.signals import fit_flip_mixture, validation_loss
+from adaptdpo.audit.signals import FlipRateEstimate, estimate_flip_rate, validation_loss
 from adaptdpo.data.pair_scores import AUDIT_FILE, SUMMARY_FILE, data_fingerprint
 from adaptdpo.data.readers import DataValidationError, read_rows
 from adaptdpo.data.rows import load_preference_rows
@@ -56,9 +81,15 @@ REPORT_FILE = "report.md"
 FOLDS_FILE = "folds.json"
 REFERENCE_FILE = "reference_logps.pt"
 SCORES_FILE = "heldout_scores.json"
-CLEAN_MODES = ("drop", "swap", "weight", "none")
+FEATURES_FILE = "features.pt"
+CLEAN_MODES = ("drop", "relabel", "swap", "weight", "none")
 #: the column --clean weight writes: 1 − the pair's suspected-flip probability (train with --weight_column)
 WEIGHT_FIELD = "audit_weight"
+SIGNALS = ("probe", "dpo_folds", "probe+dpo_folds")
+#: the one-sided p-value above which held-out agreement with the labels counts as a coin's
+CHANCE_P_VALUE = 0.01
+#: the label-free candidate of the probe's ensemble: log π_ref(y_w)/|y_w| − log π_ref(y_l)/|y_l|
+REFERENCE_VIEW = "reference.per_token_logratio"
 #: config fields that do not change what a fold model learns (free to differ when an audit resumes)
 NEUTRAL_FIELDS = {"output_dir", "train_file", "logging_dir", "report_to", "plots", "trace_pairs", "disable_tqdm",
                   "logging_steps", "save_strategy", "save_steps", "save_total_limit", "resume", "push_to_hub",
@@ -83,10 +114,27 @@ class AuditOptions:
     from_run: str | None = None
     score_batch_size: int = 32
     overwrite: bool = False
+    signal: str = "probe"
+    probe_layers: str = "auto"
+    probe_poolings: str = ",".join(POOLINGS)
+    inner_folds: int = 3
+    bootstrap: int = 200
+    force: bool = False
 
     def __post_init__(self) -> None:
         if self.clean not in CLEAN_MODES:
             raise AuditError(f"--clean {self.clean!r}: choose one of {', '.join(CLEAN_MODES)}")
+        if self.signal not in SIGNALS:
+            raise AuditError(f"--signal {self.signal!r}: choose one of {', '.join(SIGNALS)}")
+        try:
+            parse_layers(self.probe_layers)
+            parse_poolings(self.probe_poolings)
+        except FeatureError as e:
+            raise AuditError(str(e)) from None
+        if self.inner_folds < 2:
+            raise AuditError(f"--probe_inner_folds must be at least 2, got {self.inner_folds}")
+        if self.bootstrap < 0:
+            raise AuditError(f"--bootstrap must be at least 0, got {self.bootstrap}")
         if self.drop_fraction is not None and not 0.0 <= self.drop_fraction < 1.0:
             raise AuditError(f"--drop_fraction must be in [0, 1), got {self.drop_fraction}")
         if not 0.0 < self.swap_threshold <= 1.0:
@@ -146,6 +194,36 @@ class AuditData:
     examples: dict[int, dict[str, Any]]  # row id → tokenised pair
     problems: dict[int, str]  # row id → why it cannot be scored
     total_rows: int
+    mirrored_twins: list[list[int]] = dataclasses.field(default_factory=list)  # pairs that appear swapped
+
+
+def _pair_key(row: dict[str, Any], swapped: bool = False) -> str:
+    a, b = ("rejected", "chosen") if swapped else ("chosen", "rejected")
+    return json.dumps([row.get("prompt"), row.get(a), row.get(b)], sort_keys=True, ensure_ascii=False, default=str)
+
+
+def duplicates_and_twins(rows: dict[int, dict[str, Any]], data: str) -> list[list[int]]:
+    """Mirrored twins (the same pair with chosen and rejected swapped: kept, in one fold); a pair that appears twice
+    as it is is an error naming its rows (a copy in another fold would let a model see the pair it scores)."""
+    seen: dict[str, int] = {}
+    duplicates: list[tuple[int, int]] = []
+    for i in sorted(rows):
+        key = _pair_key(rows[i])
+        if key in seen:
+            duplicates.append((seen[key], i))
+        else:
+            seen[key] = i
+    if duplicates:
+        listed = ", ".join(f"{a} and {b}" for a, b in duplicates[:5])
+        raise AuditError(f"{data}: {len(duplicates)} pair(s) appear more than once (rows {listed}"
+                         f"{', ...' if len(duplicates) > 5 else ''}; 0-based): remove the copies (a copy in another "
+                         "fold would let a model see the pair it scores)")
+    twins = []
+    for i in seen.values():
+        j = seen.get(_pair_key(rows[i], swapped=True))
+        if j is not None and i < j:
+            twins.append([i, j])
+    return twins
 
 
 def read_audit_data(config: AdaptiveDPOConfig, tokenizer: Any) -> AuditData:
@@ -164,7 +242,7 @@ def read_audit_data(config: AdaptiveDPOConfig, tokenizer: Any) -> AuditData:
             problems.setdefault(int(e.row), f"{e.field}: {e.problem}")
     by_id = {int(e["pair_id"]): e for e in examples}
     usable = {i: r for i, r in originals.items() if i in by_id}
-    return AuditData(usable, by_id, problems, report.rows_read)
+    return AuditData(usable, by_id, problems, report.rows_read, duplicates_and_twins(usable, config.train_file))
 
 
 def _settings(options: AuditOptions, config: AdaptiveDPOConfig, fingerprint: str) -> dict[str, Any]:
@@ -173,12 +251,20 @@ def _settings(options: AuditOptions, config: AdaptiveDPOConfig, fingerprint: str
             "fold_seed": options.fold_seed, "training": training}
 
 
-def _check_resumable(path: str, settings: dict[str, Any]) -> None:
+def _fold_models_exist(output_dir: str) -> bool:
+    return any(name.startswith("fold-") and os.path.isdir(os.path.join(output_dir, name))
+               for name in os.listdir(output_dir))
+
+
+def _check_resumable(path: str, settings: dict[str, Any], trains_folds: bool = True) -> None:
+    """Refuse to mix an audit with one made on other data or folds; the training fields matter only where fold
+    models are (or will be) trained and some exist already."""
     with open(path, encoding="utf-8") as fh:
         old = json.load(fh)["settings"]
     changed = [k for k in ("data_sha256", "folds", "fold_seed") if old.get(k) != settings[k]]
-    changed += [f"training.{k}" for k in sorted(set(old["training"]) | set(settings["training"]))
-                if old["training"].get(k) != settings["training"].get(k)]
+    if trains_folds and _fold_models_exist(os.path.dirname(path)):
+        changed += [f"training.{k}" for k in sorted(set(old["training"]) | set(settings["training"]))
+                    if old["training"].get(k) != settings["training"].get(k)]
     if changed:
         raise AuditError(f"{os.path.dirname(path)} holds an audit made with other settings (changed: "
                          f"{', '.join(changed)}); use another --output_dir or --overwrite true")
@@ -319,21 +405,47 @@ def _swap_paired_fields(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def decide_actions(options: AuditOptions, scored: dict[int, dict[str, Any]], flip_rate: float) -> dict[int, str]:
-    """Row id → keep / drop / swap, as ``--clean`` says."""
+def decide_actions(options: AuditOptions, scored: dict[int, dict[str, Any]], estimate: FlipRateEstimate,
+                   warned: bool) -> tuple[dict[int, str], dict[str, Any]]:
+    """Row id → keep / drop / swap, as ``--clean`` says, within the safeguards; and what was asked and done.
+
+    - ``drop`` / ``relabel``: the top suspects (by rank), as many as ``--drop_fraction`` of the pairs, default the
+      estimated flip count; ``relabel`` swaps chosen and rejected instead of dropping, and only where P(flip) ≥ ½
+      (swapping a pair the audit's own model thinks more likely right than wrong makes it more likely wrong);
+    - ``swap``: pairs with flip probability ≥ ``--swap_threshold``, most suspect first;
+    - never more than the estimated flip count, and nothing at all when a warning was raised (held-out agreement at
+      chance, an estimate above ½), unless ``--force``."""
     actions = {i: "keep" for i in scored}
-    if options.clean == "drop":
-        fraction = flip_rate if options.drop_fraction is None else options.drop_fraction
-        count = round(fraction * len(scored))
-        for i in sorted(scored, key=lambda i: (-scored[i]["score"], i))[:count]:
-            actions[i] = "drop"
+    by_rank = sorted(scored, key=lambda i: scored[i]["suspect_rank"])
+    limit = estimate.flip_count
+    if options.clean in ("drop", "relabel"):
+        count = limit if options.drop_fraction is None else round(options.drop_fraction * len(scored))
+        candidates = by_rank[:count]
     elif options.clean == "swap":
-        for i, s in scored.items():
-            if s["flip_probability"] >= options.swap_threshold:
-                actions[i] = "swap"
-    elif options.clean == "weight":
-        actions = {i: "weight" for i in scored}
-    return actions
+        candidates = [i for i in by_rank if scored[i]["flip_probability"] >= options.swap_threshold]
+    elif options.clean == "weight":  # every pair kept, weighted 1 − P(flip): no count to cap
+        candidates = by_rank
+    else:
+        candidates = []
+    asked = len(candidates)
+    held_back = None
+    if not options.force and candidates:
+        if warned:
+            candidates, held_back = [], "a warning (see warnings): nothing cleaned without --force"
+        else:
+            if len(candidates) > limit and options.clean != "weight":
+                candidates, held_back = candidates[:limit], f"the estimated flip count ({limit})"
+            if options.clean == "relabel":
+                likely = [i for i in candidates if scored[i]["flip_probability"] >= 0.5]
+                if len(likely) < len(candidates):
+                    candidates, held_back = likely, "P(flip) < 1/2 (a swap would more likely make the pair wrong)"
+            if held_back:
+                held_back += ": no more without --force"
+    action = {"drop": "drop", "weight": "weight"}.get(options.clean, "swap")
+    for i in candidates:
+        actions[i] = action
+    return actions, {"mode": options.clean, "asked": asked, "changed": len(candidates), "held_back": held_back,
+                     "limit": limit, "forced": options.force}
 
 
 def write_cleaned(options: AuditOptions, actions: dict[int, str], path: str,
@@ -382,6 +494,175 @@ def truth_metrics(scored: dict[int, dict[str, Any]], truth: dict[int, bool], est
     return out
 
 
+@dataclass
+class HeldOut:
+    """One signal's held-out view: per pair (ids ascending) a margin, its fold, its own columns; and a summary."""
+
+    ids: list[int]
+    margins: torch.Tensor  # float64 [n]: log-odds that the label as given is right, from models that never saw it
+    folds: dict[int, int]
+    columns: dict[int, dict[str, Any]]
+    info: dict[str, Any]
+
+
+FEATURE_KEY_FIELDS = ("model_name_or_path", "ref_model_name_or_path", "tokenizer_name_or_path", "max_length",
+                      "max_prompt_length", "truncation_mode", "dtype", "attn_implementation")
+
+
+def reference_features(options: AuditOptions, config: AdaptiveDPOConfig, data: AuditData, pad_id: int,
+                       device: torch.device, layers: list[int] | str) -> tuple[Features, float]:
+    """The one forward pass (cached in ``features.pt`` for the same pairs, model and settings); (features, s)."""
+    path = os.path.join(options.output_dir, FEATURES_FILE)
+    ids = sorted(data.examples)
+    poolings = parse_poolings(options.probe_poolings)
+    serial = config.to_serialisable()
+    key = json.dumps({"ids": ids, "layers": layers, "poolings": poolings,
+                      **{k: serial.get(k) for k in FEATURE_KEY_FIELDS}}, sort_keys=True, default=str)
+    if os.path.exists(path):
+        cached = torch.load(path, weights_only=True)
+        if cached.get("key") == key:
+            return Features(cached["chosen"], cached["rejected"], cached["ref_chosen_logps"],
+                            cached["ref_rejected_logps"], cached["chosen_lengths"], cached["rejected_lengths"],
+                            cached["layers"], cached["poolings"], {"blocks": cached["blocks"]}), 0.0
+    started = time.time()
+    reference = _load_reference(config)
+    reference.to(device)
+    last = [0.0]
+
+    def progress(done: int) -> None:
+        if time.time() - last[0] > 10 or done == len(ids):
+            last[0] = time.time()
+            logger.info("audit: reference features: %d/%d pairs (%.0f s)", done, len(ids), time.time() - started)
+
+    try:
+        features = completion_features(reference, [data.examples[i] for i in ids], pad_id, layers, poolings,
+                                       options.score_batch_size, progress)
+    except FeatureError as e:
+        raise AuditError(f"--probe_layers {options.probe_layers}: {e}") from None
+    del reference
+    atomic_torch_save({"key": key, "chosen": features.chosen, "rejected": features.rejected,
+                       "ref_chosen_logps": features.ref_chosen_logps, "ref_rejected_logps": features.ref_rejected_logps,
+                       "chosen_lengths": features.chosen_lengths, "rejected_lengths": features.rejected_lengths,
+                       "layers": features.layers, "poolings": features.poolings,
+                       "blocks": features.info["blocks"]}, path)
+    return features, time.time() - started
+
+
+def _groups(ids: list[int], twins: list[list[int]]) -> list[int]:
+    """A group number per pair: mirrored twins share one (inner CV keeps them together)."""
+    group = {i: j for j, i in enumerate(ids)}
+    for twin in twins:
+        for i in twin[1:]:
+            group[i] = group[twin[0]]
+    return [group[i] for i in ids]
+
+
+def probe_signal(options: AuditOptions, config: AdaptiveDPOConfig, data: AuditData, assignment: dict[int, int],
+                 pad_id: int, device: torch.device, layers: list[int] | str) -> HeldOut:
+    """Cross-fitted Bradley–Terry probes on the reference's frozen features, one per feature set, combined."""
+    import numpy as np
+
+    features, feature_seconds = reference_features(options, config, data, pad_id, device, layers)
+    ids = sorted(data.examples)
+    folds = np.array([assignment[i] for i in ids])
+    groups = np.array(_groups(ids, data.mirrored_twins))
+    started = time.time()
+    margins: dict[str, np.ndarray] = {}
+    chosen_c: dict[str, list[float]] = {}
+    for name in features.chosen:
+        diffs = (features.chosen[name].double() - features.rejected[name].double()).numpy()
+        try:
+            fit = cross_fitted_margins(diffs, folds, groups=groups, inner_folds=options.inner_folds,
+                                       seed=options.fold_seed)
+        except ProbeError as e:
+            raise AuditError(f"{options.data}: {e}") from None
+        margins[name] = fit.margins
+        chosen_c[name] = [round(m.C, 8) for _, m in sorted(fit.models.items())]
+    # a second, label-free view from the same pass: the reference's own per-token log-ratio (nothing fitted)
+    per_token = (features.ref_chosen_logps / features.chosen_lengths.clamp(min=1)
+                 - features.ref_rejected_logps / features.rejected_lengths.clamp(min=1))
+    margins[REFERENCE_VIEW] = per_token.numpy()
+    ensemble = select_ensemble(margins)
+    ref_h = features.ref_chosen_logps - features.ref_rejected_logps
+    columns = {i: {"reference_logratio": float(ref_h[j]),
+                   **{f"probe_margin_{name}": float(margins[name][j]) for name in ensemble.members
+                      if name != REFERENCE_VIEW}}
+               for j, i in enumerate(ids)}
+    info = {"features": {"layers": features.layers, "poolings": features.poolings, "blocks": features.info["blocks"],
+                         "dimension": int(next(iter(features.chosen.values())).shape[1])},
+            "candidates": ensemble.candidates, "members": ensemble.members, "temperature": ensemble.temperature,
+            "heldout_log_likelihood": ensemble.log_likelihood, "regularisation_C": chosen_c,
+            "inner_folds": options.inner_folds,
+            "seconds": {"features": round(feature_seconds, 1), "probes": round(time.time() - started, 1)}}
+    return HeldOut(ids, torch.tensor(ensemble.margins, dtype=torch.float64), {i: assignment[i] for i in ids},
+                   columns, info)
+
+
+def dpo_fold_signal(options: AuditOptions, train_args: list[str], yaml_path: str | None, config: AdaptiveDPOConfig,
+                    data: AuditData, assignment: dict[int, int], pad_id: int, device: torch.device) -> HeldOut:
+    """K DPO models from the reference, each scoring the fold it never saw: margin β·h."""
+    started = time.time()
+    reference = reference_logratio_inputs(config, options, data, pad_id, device)
+    heldout = run_folds(options, train_args, yaml_path, data, assignment, pad_id, reference, device)
+    ids = sorted(heldout)
+    h = torch.tensor([heldout[i]["chosen_logratio"] - heldout[i]["rejected_logratio"] for i in ids],
+                     dtype=torch.float64)
+    columns = {i: {"reference_logratio": reference[i][0] - reference[i][1],
+                   "chosen_logratio": heldout[i]["chosen_logratio"],
+                   "rejected_logratio": heldout[i]["rejected_logratio"]} for i in ids}
+    return HeldOut(ids, config.beta * h, {i: heldout[i]["fold"] for i in ids}, columns,
+                   {"beta": config.beta, "seconds": round(time.time() - started, 1)})
+
+
+def combined_signal(probe: HeldOut, folds: HeldOut) -> HeldOut:
+    """The probe's and the DPO folds' held-out margins averaged after calibration, when that raises the held-out
+    likelihood of the labels (:func:`~adaptdpo.audit.probe.select_ensemble`); each pair's two margins come from
+    models that never saw it (the folds are the same)."""
+    if probe.ids != folds.ids:
+        raise AuditError("the probe and the DPO folds scored different pairs")
+    ensemble = select_ensemble({"probe": probe.margins.numpy(), "dpo_folds": folds.margins.numpy()})
+    columns = {i: {**folds.columns[i], **probe.columns[i], "probe_margin": float(probe.margins[j]),
+                   "dpo_fold_margin": float(folds.margins[j])} for j, i in enumerate(probe.ids)}
+    info = {"probe": probe.info, "dpo_folds": folds.info, "members": ensemble.members,
+            "temperature": ensemble.temperature, "heldout_log_likelihood": ensemble.log_likelihood,
+            "candidates": ensemble.candidates}
+    return HeldOut(probe.ids, torch.tensor(ensemble.margins, dtype=torch.float64), probe.folds, columns, info)
+
+
+def agreement(margins: torch.Tensor) -> tuple[float, float]:
+    """(share of pairs whose held-out margin agrees with the label, ties ½; one-sided binomial p-value of the
+    agreeing pairs among the untied against a coin)."""
+    from scipy.stats import binomtest
+
+    m = margins.double()
+    accuracy = float(((m > 0).double() + 0.5 * (m == 0).double()).mean()) if m.numel() else 0.5
+    untied = int((m != 0).sum())
+    p_value = float(binomtest(int((m > 0).sum()), untied, 0.5, alternative="greater").pvalue) if untied else 1.0
+    return accuracy, p_value
+
+
+def safety_warnings(signal: str, accuracy: float, p_value: float, estimate: FlipRateEstimate) -> list[str]:
+    """The loud warnings (no silent disasters): a signal at chance, an estimate above ½."""
+    out = []
+    what = {"probe": "the probe on the reference's features", "dpo_folds": "the DPO fold models"}.get(
+        signal, "the probe and the DPO fold models")
+    if p_value > CHANCE_P_VALUE:
+        out.append(f"held-out agreement with the labels is at chance: {accuracy:.1%} of the pairs (p = {p_value:.2g} "
+                   f"against a coin): {what} cannot tell the completions apart on this data (too few pairs, features "
+                   "that do not carry the preference, or labels that are mostly noise); the scores and the "
+                   "estimated flip rate mean nothing")
+    low, high = estimate.interval
+    if not low - 1e-9 <= estimate.flip_rate <= high + 1e-9:
+        out.append(f"the estimated flip rate {estimate.flip_rate:.1%} lies outside its own bootstrap interval "
+                   f"({low:.1%}–{high:.1%}): the estimate is unstable on this data (a weak held-out signal); do not "
+                   "clean by it")
+    if estimate.flip_rate > 0.5:
+        out.append(f"estimated flip rate {estimate.flip_rate:.1%} is above one half: the labels look inverted for "
+                   "most pairs (chosen and rejected swapped throughout?), or the signal is unreliable; check a few "
+                   "pairs by hand")
+    return out
+
+
 def run_audit(options: AuditOptions, train_args: list[str], yaml_path: str | None = None) -> dict[str, Any]:
     """Run (or resume) the audit; returns the summary (also in <output_dir>/audit_summary.json)."""
     os.makedirs(options.output_dir, exist_ok=True)
@@ -403,6 +684,14 @@ def _run_audit(options: AuditOptions, train_args: list[str], yaml_path: str | No
     if base.model_name_or_path in TINY_PRESETS:
         raise AuditError(f"model_name_or_path={base.model_name_or_path}: an audit needs a pretrained reference model "
                          "(a folder, .gguf file or packaged model); a tiny preset has random weights")
+    layers: list[int] | str = parse_layers(options.probe_layers)
+    if options.signal != "dpo_folds":  # a layer the model does not have: an error before any work
+        blocks = _model_blocks(base)
+        if blocks is not None:
+            try:
+                layers = resolve_layers(layers, blocks)
+            except FeatureError as e:
+                raise AuditError(f"--probe_layers {options.probe_layers}: {e}") from None
     if options.overwrite:
         for name in os.listdir(options.output_dir):
             path = os.path.join(options.output_dir, name)
@@ -413,45 +702,57 @@ def _run_audit(options: AuditOptions, train_args: list[str], yaml_path: str | No
     fingerprint = data_fingerprint(options.data)
     settings = _settings(options, base, fingerprint)
     folds_path = os.path.join(options.output_dir, FOLDS_FILE)
+    trains = options.signal != "probe"
     if os.path.exists(folds_path):
-        _check_resumable(folds_path, settings)
+        _check_resumable(folds_path, settings, trains_folds=trains)
     tokenizer = load_tokenizer(base.tokenizer_name_or_path or base.model_name_or_path)
     data = read_audit_data(base, tokenizer)
     if len(data.examples) < options.folds:
         raise AuditError(f"{options.data}: {len(data.examples)} usable pairs cannot be split into {options.folds} "
                          "folds")
-    assignment = assign_folds(sorted(data.examples), options.folds, options.fold_seed)
-    if not os.path.exists(folds_path):
+    assignment = assign_folds(sorted(data.examples), options.folds, options.fold_seed, data.mirrored_twins)
+    if not os.path.exists(folds_path) or (trains and not _fold_models_exist(options.output_dir)):
         atomic_write_json(folds_path, {"settings": settings, "assignment": {str(k): v for k, v in
                                                                             sorted(assignment.items())}})
-    logger.info("audit: %d of %d rows usable, %d folds, output %s", len(data.examples), data.total_rows,
-                options.folds, options.output_dir)
+    logger.info("audit: %d of %d rows usable, %d folds, signal %s, output %s", len(data.examples), data.total_rows,
+                options.folds, options.signal, options.output_dir)
+    run_view = run_signals(options.from_run, fingerprint) if options.from_run else None  # its errors: before work
+    summary_path = os.path.join(options.output_dir, SUMMARY_FILE)
+    if os.path.exists(summary_path):  # removed before any other output is replaced: never a mixed report
+        os.remove(summary_path)
     device = _device(base)
-    reference = reference_logratio_inputs(base, options, data, tokenizer.pad_token_id, device)
-    heldout = run_folds(options, train_args, yaml_path, data, assignment, tokenizer.pad_token_id, reference, device)
+    pad_id = tokenizer.pad_token_id
+    if options.signal == "probe":
+        held = probe_signal(options, base, data, assignment, pad_id, device, layers)
+    elif options.signal == "dpo_folds":
+        held = dpo_fold_signal(options, train_args, yaml_path, base, data, assignment, pad_id, device)
+    else:
+        held = combined_signal(probe_signal(options, base, data, assignment, pad_id, device, layers),
+                               dpo_fold_signal(options, train_args, yaml_path, base, data, assignment, pad_id,
+                                               device))
 
-    ids = sorted(heldout)
-    h = torch.tensor([heldout[i]["chosen_logratio"] - heldout[i]["rejected_logratio"] for i in ids],
-                     dtype=torch.float64)
-    margins = base.beta * h
-    mixture = fit_flip_mixture(margins)
-    p_flip = mixture.flip_probability(margins)
+    ids, margins = held.ids, held.margins
+    estimate = estimate_flip_rate(margins, options.bootstrap, options.fold_seed)
+    accuracy, p_value = agreement(margins)
+    warnings = safety_warnings(options.signal, accuracy, p_value, estimate)
+    for w in warnings:
+        logger.warning("audit: WARNING: %s", w)
+        print(f"adaptdpo audit: WARNING: {w}", file=sys.stderr)
+    p_flip = estimate.flip_probability(margins)
     losses = validation_loss(margins)
     scored: dict[int, dict[str, Any]] = {}
     for j, i in enumerate(ids):
-        scored[i] = {"fold": heldout[i]["fold"], "score": float(p_flip[j]), "flip_probability": float(p_flip[j]),
-                     "margin": float(margins[j]), "validation_loss": float(losses[j]),
-                     "chosen_logratio": heldout[i]["chosen_logratio"],
-                     "rejected_logratio": heldout[i]["rejected_logratio"]}
+        scored[i] = {"fold": held.folds[i], "score": float(p_flip[j]), "flip_probability": float(p_flip[j]),
+                     "weight": 1.0 - float(p_flip[j]), "margin": float(margins[j]), "validation_loss": float(losses[j]),
+                     **held.columns[i]}
     # rank 1 = most suspect; ties (equal scores) broken by the lower margin, then the row id
     for rank, i in enumerate(sorted(ids, key=lambda i: (-scored[i]["score"], scored[i]["margin"], i)), start=1):
         scored[i]["suspect_rank"] = rank
-    if options.from_run:
-        signals = run_signals(options.from_run, fingerprint)
+    if run_view is not None:
         for i in ids:
-            scored[i].update(signals.get(i, {}))
+            scored[i].update(run_view.get(i, {}))
     truth = read_truth(options, data.total_rows)
-    actions = decide_actions(options, scored, mixture.flip_rate)
+    actions, cleaning = decide_actions(options, scored, estimate, bool(warnings))
     counts = write_cleaned(options, actions, os.path.join(options.output_dir, CLEANED_FILE), scored)
 
     records = []
@@ -465,27 +766,46 @@ def _run_audit(options: AuditOptions, train_args: list[str], yaml_path: str | No
         if truth is not None and index in truth:
             record["known_bad"] = truth[index]
         records.append(record)
-    atomic_write_text(os.path.join(options.output_dir, AUDIT_FILE), "".join(json.dumps(r) + "\n" for r in records))
+    audit_text = "".join(json.dumps(r) + "\n" for r in records)
+    atomic_write_text(os.path.join(options.output_dir, AUDIT_FILE), audit_text)
 
     summary: dict[str, Any] = {
         "data": options.data, "data_sha256": fingerprint, "rows": data.total_rows, "scored_pairs": len(ids),
         "unscored_rows": data.total_rows - len(ids), "folds": options.folds, "fold_seed": options.fold_seed,
-        "beta": base.beta, "model": base.model_name_or_path, "method": base.method,
-        "estimated_flip_rate": mixture.flip_rate, "mixture": dataclasses.asdict(mixture),
+        "signal": options.signal, "beta": base.beta, "model": base.model_name_or_path, "method": base.method,
+        "estimated_flip_rate": estimate.flip_rate, "flip_rate_interval": list(estimate.interval),
+        "estimated_flip_count": estimate.flip_count,
         # Hölder-DPO's contamination estimate 1 − ξ̂ of the same held-out margins (a second, model-free estimate)
         "holder_flip_rate": float(holder_contamination(margins, base.holder_gamma)), "holder_gamma": base.holder_gamma,
-        "clean": options.clean, "cleaned_counts": counts,
-        "mean_validation_loss": float(losses.mean()), "heldout_accuracy_of_labels": float((h > 0).double().mean()),
+        "flip_model": {"flip_rate": estimate.flip_rate, "temperature": estimate.temperature,
+                       "log_likelihood_per_pair": estimate.log_likelihood, "bootstrap": options.bootstrap},
+        "heldout_accuracy_of_labels": accuracy, "chance_p_value": p_value, "warnings": warnings,
+        "clean": options.clean, "cleaning": cleaning, "cleaned_counts": counts,
+        "mean_validation_loss": float(losses.mean()), "mirrored_twins": len(data.mirrored_twins),
+        options.signal: held.info,
+        "audit_jsonl_sha256": hashlib.sha256(audit_text.encode("utf-8")).hexdigest(),
         "wall_time_s": round(time.time() - started, 1),
     }
     if truth is not None:
-        summary["ground_truth"] = truth_metrics(scored, truth, mixture.flip_rate)
-        dropped_or_swapped = [i for i, a in actions.items() if a in ("drop", "swap")]
+        summary["ground_truth"] = truth_metrics(scored, truth, estimate.flip_rate)
+        dropped_or_swapped = [i for i, a in actions.items() if a not in ("keep", "weight")]
         if dropped_or_swapped:
             summary["ground_truth"]["cleaned_share_known_bad"] = (
                 sum(truth.get(i, False) for i in dropped_or_swapped) / len(dropped_or_swapped))
-    atomic_write_json(os.path.join(options.output_dir, SUMMARY_FILE), summary)
-
-    write_report(options.output_dir, summary, scored, truth, data.rows, mixture)
+    write_report(options.output_dir, summary, scored, truth, data.rows, estimate)
+    atomic_write_json(summary_path, summary)  # last: its presence means every other file is this audit's
     logger.info("audit: done in %.0f s: %s", time.time() - started, os.path.join(options.output_dir, REPORT_FILE))
     return summary
+
+
+def _model_blocks(config: AdaptiveDPOConfig) -> int | None:
+    """The reference's block count from its config alone (a model folder), None when it cannot be read so."""
+    path = config.ref_model_name_or_path or config.model_name_or_path
+    if not os.path.isfile(os.path.join(str(path), "config.json")):
+        return None
+    from transformers import AutoConfig
+
+    try:
+        return model_blocks(AutoConfig.from_pretrained(path))
+    except (OSError, ValueError):
+        return None

@@ -18,6 +18,13 @@ def read_pair_scores(path: str, field: str, train_file: str) -> dict[int, float]
         if os.path.exists(train_file) and audited.get("data_sha256") != data_fingerprint(train_file):
             raise ValueError(f"pair_scores_file={path}: the audit was made on {audited.get('data')}, whose contents "
                              f"differ from train_file={train_file} (row ids would not line up); audit this file")
+        recorded = audited.get("audit_jsonl_sha256")
+        if recorded is not None and os.path.isfile(path):
+            with open(path, "rb") as fh:
+                actual = hashlib.sha256(fh.read()).hexdigest()
+            if actual != recorded:
+                raise ValueError(f"pair_scores_file={path}: not the audit.jsonl its {SUMMARY_FILE} describes (an "
+                                 "interrupted or mixed audit?): run the audit again")
     scores: dict[int, float] = {}
     with open(path, encoding="utf-8") as fh:
         for line_no, line in enumerate(fh, start=1):

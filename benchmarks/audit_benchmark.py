@@ -1,0 +1,190 @@
+"""The audit beside its oracle (issue 26): how well each signal finds the flipped pairs of a gold toy task.
+
+For each toy task (flip rate × high-gap share × seed; the task records which labels it flipped in its ``flipped``
+column and the gold reward of each completion), the pairs are ranked by:
+
+- **oracle**: the true gold reward difference of the labels as given (what perfect knowledge of the reward gives);
+- **learned ceiling**: the toy reward's own function class, r(x, y) = mean over the words w of y of
+  q_w + ⟨v_w, u(x)⟩ with u(x) the normalised mean of v over the prompt's words (q and v free), fitted by
+  Bradley–Terry maximum likelihood (L-BFGS, a fixed small L2 penalty) to the same noisy labels, cross-fitted on the
+  audit's own folds, ranked by its held-out margin: what a learner that knows the form of the reward could extract
+  from these labels alone (a nonconvex fit from one seeded start: a lower bound of that ceiling);
+- **probe**: ``adaptdpo audit`` as shipped (``--signal probe``, every default);
+- **DPO folds** (``--dpo_folds``): the audit before issue 26 (5 DPO models from the reference, learning rate 3e-3
+  as benchmarks/noise_recovery.py).
+
+Printed per setting: AUROC for the flipped pairs, average precision, precision at the estimated flip count, the
+estimated flip rate with its interval, and the signal's wall time. Not done yet (issue 26): the sentiment task on
+SmolLM2 and HH with planted flips.
+
+    .venv/bin/python benchmarks/audit_benchmark.py --flip_rates 0.2 --seeds 1 [--dpo_folds] [--out FILE.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from adaptdpo.audit.ranking import auroc, average_precision, precision_at
+from adaptdpo.audit.run import AuditOptions, run_audit
+from adaptdpo.tasks.experiment import gold_train_arguments
+from adaptdpo.tasks.toy.task import TaskSpec, build_task
+
+FOLDS = 5
+DPO_FOLD_TRAINING = {"learning_rate": 3e-3}
+
+
+def rows_of(path: str) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def metrics(margins: np.ndarray, flipped: np.ndarray, estimated_count: int | None) -> dict[str, float]:
+    """Ranking by −margin (higher = more suspect)."""
+    out = {"auroc": auroc(-margins, flipped), "aupr": average_precision(-margins, flipped)}
+    if estimated_count:
+        out["precision_at_estimate"] = precision_at(-margins, flipped, min(len(margins), estimated_count))
+    return out
+
+
+def audit_margins(task: Any, workdir: str, signal: str, seed: int) -> tuple[np.ndarray, dict[str, Any], float]:
+    out = os.path.join(workdir, f"audit-{signal}")
+    overrides: dict[str, Any] = {"seed": seed, "plots": False, **(DPO_FOLD_TRAINING if signal == "dpo_folds" else {})}
+    started = time.time()
+    summary = run_audit(AuditOptions(data=task.train_file, output_dir=out, folds=FOLDS, fold_seed=seed,
+                                     signal=signal, clean="none"), gold_train_arguments(task, overrides))
+    seconds = time.time() - started
+    records = [r for r in rows_of(os.path.join(out, "audit.jsonl")) if r.get("score") is not None]
+    return np.array([r["margin"] for r in records]), summary, seconds
+
+
+def toy_learned_margins(task: Any, rows: list[dict[str, Any]], folds: list[int], penalty: float = 1e-3
+                        ) -> np.ndarray:
+    """Cross-fitted held-out margins of the toy reward's own function class fitted to the labels as given."""
+    import torch
+
+    language = task.language
+    index = language.index
+    vocab, dim = len(index), int(language.vectors.shape[1])
+
+    def bag(words: list[str], denominator: int) -> list[float]:
+        out = [0.0] * vocab
+        for w in words:
+            if w in index:
+                out[index[w]] += 1.0 / max(1, denominator)
+        return out
+
+    def response_bag(text: str) -> list[float]:
+        words = text.split()
+        return bag(words, len(words))
+
+    prompt_bags = torch.tensor([bag(language.prompt_words_of(r["prompt"]), 1) for r in rows], dtype=torch.float64)
+    chosen = torch.tensor([response_bag(r["chosen"]) for r in rows], dtype=torch.float64)
+    rejected = torch.tensor([response_bag(r["rejected"]) for r in rows], dtype=torch.float64)
+    fold_of = torch.tensor(folds)
+    margins = torch.zeros(len(rows), dtype=torch.float64)
+
+    def margin(q: torch.Tensor, v: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+        u = prompt_bags[sel] @ v
+        u = u / u.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        diff = chosen[sel] - rejected[sel]
+        return diff @ q + ((diff @ v) * u).sum(dim=1)
+
+    for k in sorted(set(folds)):
+        train, held = fold_of != k, fold_of == k
+        g = torch.Generator().manual_seed(k)
+        q = (0.1 * torch.randn(vocab, generator=g, dtype=torch.float64)).requires_grad_()
+        v = torch.randn(vocab, dim, generator=g, dtype=torch.float64).requires_grad_()
+        optimizer = torch.optim.LBFGS([q, v], max_iter=300, line_search_fn="strong_wolfe")
+
+        def closure(q: torch.Tensor = q, v: torch.Tensor = v, optimizer: Any = optimizer,
+                    train: torch.Tensor = train) -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = torch.nn.functional.softplus(-margin(q, v, train)).mean() + penalty * (q.square().sum()
+                                                                                         + v.square().sum())
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        with torch.no_grad():
+            margins[held] = margin(q, v, held)
+    return margins.numpy()
+
+
+def run_setting(rate: float, mix: float, seed: int, root: str, with_dpo: bool) -> list[dict[str, Any]]:
+    spec = TaskSpec(seed=seed, flip_rate=rate, high_gap_fraction=mix)
+    task = build_task(spec, os.path.join(root, "gold-cache"))
+    rows = rows_of(task.train_file)
+    flipped = np.array([bool(r["flipped"]) for r in rows])
+    workdir = os.path.join(root, f"flips{rate}-mix{mix}-seed{seed}")
+    results = []
+    oracle = np.array([r["gold_chosen"] - r["gold_rejected"] for r in rows], dtype=np.float64)
+    results.append({"signal": "oracle", **metrics(oracle, flipped, int(flipped.sum()))})
+    for signal in ("probe", *(("dpo_folds",) if with_dpo else ())):
+        margins, summary, seconds = audit_margins(task, workdir, signal, seed)
+        if signal == "probe":  # the learned ceiling on the probe audit's own folds
+            with open(os.path.join(workdir, "audit-probe", "folds.json"), encoding="utf-8") as fh:
+                assignment = {int(k): v for k, v in json.load(fh)["assignment"].items()}
+            started = time.time()
+            learned = toy_learned_margins(task, rows, [assignment[i] for i in range(len(rows))])
+            results.append({"signal": "learned ceiling", **metrics(learned, flipped, int(flipped.sum())),
+                            "seconds": round(time.time() - started, 1)})
+        results.append({"signal": signal, **metrics(margins, flipped, summary["estimated_flip_count"]),
+                        "estimate": summary["estimated_flip_rate"], "interval": summary["flip_rate_interval"],
+                        "warnings": len(summary["warnings"]), "seconds": round(seconds, 1)})
+    for r in results:
+        r.update({"flip_rate": rate, "high_gap": mix, "seed": seed, "pairs": len(rows),
+                  "true_rate": float(flipped.mean())})
+    return results
+
+
+def table(results: list[dict[str, Any]], command: str) -> str:
+    lines = [f"Measured by `{command}`.", "",
+             "| flips (true) | high-gap share | seed | pairs | signal | AUROC | AUPR "
+             "| precision at k̂ (oracle, ceiling: k) | "
+             "estimated flip rate (95% interval) | warnings | s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        estimate = (f"{r['estimate']:.3f} ({r['interval'][0]:.3f}–{r['interval'][1]:.3f})" if "estimate" in r
+                    else "")
+        lines.append(f"| {r['flip_rate']:.0%} ({r['true_rate']:.3f}) | {r['high_gap']:.0%} | {r['seed']} | "
+                     f"{r['pairs']} | {r['signal']} | {r['auroc']:.3f} | {r['aupr']:.3f} | "
+                     f"{r.get('precision_at_estimate', float('nan')):.3f} | {estimate} | {r.get('warnings', '')} | "
+                     f"{r.get('seconds', '')} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--flip_rates", default="0.1,0.2,0.3,0.4")
+    parser.add_argument("--high_gap", default="0.5")
+    parser.add_argument("--seeds", type=int, default=3, help="task seeds 1..N (seed 0 is the tuned default task)")
+    parser.add_argument("--dpo_folds", action="store_true", help="also the DPO-fold audit (K trainings each)")
+    parser.add_argument("--workdir", default="runs/bench-audit")
+    parser.add_argument("--out", help="write the table to this markdown file")
+    ns = parser.parse_args()
+    logging.disable(logging.WARNING)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    results = []
+    for rate in (float(v) for v in ns.flip_rates.split(",")):
+        for mix in (float(v) for v in ns.high_gap.split(",")):
+            for seed in range(1, ns.seeds + 1):
+                results += run_setting(rate, mix, seed, ns.workdir, ns.dpo_folds)
+                print(table(results[-(4 if ns.dpo_folds else 3):], "(partial)"), flush=True)
+    text = table(results, "python benchmarks/audit_benchmark.py " + " ".join(sys.argv[1:]))
+    print(text)
+    if ns.out:
+        with open(ns.out, "w", encoding="utf-8") as fh:
+            fh.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
