@@ -23,9 +23,9 @@ HAND = {
     "apo_down": 0.9397171696839436,  # sg(.25) + 1 - sg(.5)
     "discopop": 0.6065246465980625,  # -ls(.5)(1 - sg(10)) + e^-.5 sg(10)
     "sigmoid_norm": 0.6037852895555947,  # -ls(.5 · .375)
-    # Hölder, γ = .5 (default): p = sg(.5) = .622459, q = .377541; a = p^.5 = .788961, b = p^1.5 + q^1.5 = .491094 +
-    # .231978 = .723072; one pair, so ξ̂ = a/b = 1.091121; (1 - 1.5 ξ̂^.5 a + .5 ξ̂^1.5 b) / .5
-    "holder": 0.3517540242119285,
+    # Hölder-DPO (Fujisawa et al. 2025, Eq. (12) / Figure 6), γ = .5 (our default): p = sg(.5) = .622459,
+    # p^.5 = .788961, p^1.5 = .491096; −1.5 · .788961 + .5 · .491096
+    "holder": -0.9378933351251135,
 }
 
 
@@ -116,11 +116,8 @@ def test_gradients_match_finite_differences(loss_type):
         beta = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
 
     def f(c, r, rc, rr, b):
-        out = preference_loss(c, r, rc, rr, b, loss_type, label_smoothing=0.2, chosen_lengths=lengths[0],
-                              rejected_lengths=lengths[1], discopop_tau=0.5)
-        # holder's scale ξ̂ is a detached batch statistic at its optimum: the gradient of the batch mean is exact
-        # (envelope theorem), that of one pair alone is not
-        return out.mean() if loss_type == "holder" else out
+        return preference_loss(c, r, rc, rr, b, loss_type, label_smoothing=0.2, chosen_lengths=lengths[0],
+                               rejected_lengths=lengths[1], discopop_tau=0.5)
 
     assert torch.autograd.gradcheck(f, (*inputs, beta), eps=1e-6, atol=1e-6)
 
@@ -198,31 +195,54 @@ def test_rdpo_is_the_papers_unbiased_loss_by_hand():
     assert h.grad.item() == pytest.approx(-0.8 / 0.6, abs=1e-6)
 
 
-def test_holder_by_hand_contamination_estimate_and_redescending_gradient():
-    """Ten pairs, β = 1: eight the model gets right with certainty (βh = 60: p = 1) and two it calls flipped
-    (βh = −60: p = 0). γ = .5: a = p^γ = [1]*8 + [0]*2, b = p^1.5 + q^1.5 = [1]*10, ξ̂ = mean a / mean b = .8, so the
-    contamination estimate is 1 − ξ̂ = .2, the share of the two.
-    ℓ = (1 − 1.5 ξ̂^.5 a + .5 ξ̂^1.5 b) / .5: right pairs (1 − 1.341641 + .357771)/.5 = .032260, flipped
-    (1 + .357771)/.5 = 2.715542; the flipped pairs' gradient is 0 (p^γ(1 − p) and p(1 − p) vanish at p = 0)."""
+def test_holder_by_hand_loss_gradient_and_contamination_estimate():
+    """Fujisawa et al. 2025 at their default γ = 2, β = 1, three pairs h = [2, 0, −1]: p = σ(h) = [.880797, .5,
+    .268941]. Eq. (12) / Figure 6 per pair: ℓ = −3p² + 2p³ = [−.960760, −.5, −.178084]; dℓ/dh = −γ(1+γ)p^γ(1−p)²
+    = −6p²(1−p)² = [−.066142, −.375, −.231938]. Eq. (27): ξ̂ = mean p · mean p² / mean p³ = .729516, ε̂ = .270484."""
+    from adaptdpo.methods.losses import BATCH_COUPLED_LOSSES, holder_contamination, holder_scale
+
+    h = torch.tensor([2.0, 0.0, -1.0], dtype=torch.float64, requires_grad=True)
+    zero = torch.zeros(3, dtype=torch.float64)
+    out = preference_loss(h, zero, zero, zero, 1.0, "holder", holder_gamma=2.0)
+    assert out.tolist() == pytest.approx([-0.9607595790340355, -0.5, -0.17808367369704667], abs=1e-12)
+    out.sum().backward()
+    assert h.grad.tolist() == pytest.approx([-0.06614191785530063, -0.375, -0.23193751375771746], abs=1e-12)
+    assert holder_scale(h.detach(), 2.0).item() == pytest.approx(0.7295162855964448, abs=1e-12)
+    assert holder_contamination(h.detach(), 2.0).item() == pytest.approx(0.27048371440355523, abs=1e-12)
+    # the batch mean is Figure 6's expression, and a pair's loss does not depend on the rest of its batch
+    p = torch.sigmoid(h.detach())
+    assert out.mean().item() == pytest.approx((-3 * p.pow(2).mean() + 2 * p.pow(3).mean()).item(), abs=1e-12)
+    alone = preference_loss(h.detach()[1:2], zero[:1], zero[:1], zero[:1], 1.0, "holder", holder_gamma=2.0)
+    assert alone.item() == pytest.approx(-0.5, abs=1e-12)
+    assert "holder" not in BATCH_COUPLED_LOSSES
+
+
+def test_holder_recovers_the_flipped_share_and_redescends():
+    """Appendix F.3's example: N = 10 pairs, the model certain of the M = 2 flipped ones being wrong (βh = −60, p = 0)
+    and of the 8 clean ones (βh = 60, p = 1): ξ̂ = mean p · mean p^γ / mean p^(1+γ) = .8 · .8/.8 = (N − M)/N, so
+    ε̂ = .2 at any γ. ℓ = −(1+γ) + γ = −1 on the clean pairs, 0 on the flipped; both gradients vanish."""
     from adaptdpo.methods.losses import holder_contamination
 
     h = torch.tensor([60.0] * 8 + [-60.0] * 2, dtype=torch.float64, requires_grad=True)
     zero = torch.zeros(10, dtype=torch.float64)
-    out = preference_loss(h, zero, zero, zero, 1.0, "holder", holder_gamma=0.5)
-    assert out[:8].tolist() == pytest.approx([0.03226018] * 8, abs=1e-7)
-    assert out[8:].tolist() == pytest.approx([2.71554175] * 2, abs=1e-7)
-    assert holder_contamination(h.detach(), 0.5).item() == pytest.approx(0.2, abs=1e-9)
+    for gamma in (0.5, 2.0):
+        assert holder_contamination(h.detach(), gamma).item() == pytest.approx(0.2, abs=1e-12)
+    out = preference_loss(h, zero, zero, zero, 1.0, "holder", holder_gamma=2.0)
+    assert out.tolist() == pytest.approx([-1.0] * 8 + [0.0] * 2, abs=1e-12)
     out.sum().backward()
-    assert h.grad.abs().max().item() < 1e-5
-    # DPO would still pull the two flipped pairs with gradient −1 each
-    # a model unsure of everything (p = .5): ξ̂ = .5^.5 / (2 · .5^1.5) = 1 → no contamination
-    assert holder_contamination(torch.zeros(4), 0.5).item() == pytest.approx(0.0, abs=1e-7)
+    assert h.grad.abs().max().item() < 1e-20  # DPO would still pull the two flipped pairs with gradient −1 each
+    # a model unsure of everything (p = .5): ξ̂ = .5 · .5^γ / .5^(1+γ) = 1 → no contamination
+    assert holder_contamination(torch.zeros(4), 2.0).item() == pytest.approx(0.0, abs=1e-7)
+    # Lemma 4: 0 < ξ̂ ≤ 1 whatever the margins, so ε̂ ∈ [0, 1) without the clamp doing anything
+    from adaptdpo.methods.losses import holder_scale
+
+    g = torch.Generator().manual_seed(0)
+    for gamma in (0.5, 1.0, 2.0, 6.0):
+        xi = holder_scale(torch.randn(64, generator=g, dtype=torch.float64) * 4, gamma).item()
+        assert 0.0 < xi <= 1.0 + 1e-12
 
 
-def test_holder_tends_to_dpo_as_gamma_goes_to_zero():
+def test_holder_rejects_a_non_positive_gamma():
     c, r, rc, rr = _pairs([1.0, -0.5, 3.0, 0.2])
-    dpo = preference_loss(c, r, rc, rr, 0.7, "sigmoid")
-    holder = preference_loss(c, r, rc, rr, 0.7, "holder", holder_gamma=1e-6)
-    torch.testing.assert_close(holder, dpo, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="holder_gamma"):
         preference_loss(c, r, rc, rr, 0.7, "holder", holder_gamma=0.0)

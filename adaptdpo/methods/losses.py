@@ -186,50 +186,51 @@ def discopop_loss(p: PairLogps, beta: Beta, *, discopop_tau: float = 0.05, **_: 
 HOLDER_GAMMA = 0.5
 
 
-def _holder_terms(logits: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
-    """a_i = p_i^γ and b_i = p_i^(1+γ) + (1 − p_i)^(1+γ), p_i = σ(βh_i): the model's probability of the observed
-    label to the power γ, and the power integral ∫ p^(1+γ) over the two labels (computed in log space)."""
-    log_p, log_q = F.logsigmoid(logits), F.logsigmoid(-logits)
-    return torch.exp(gamma * log_p), torch.exp((1 + gamma) * log_p) + torch.exp((1 + gamma) * log_q)
+def _sigmoid_powers(logits: Tensor, gamma: float) -> tuple[Tensor, Tensor, Tensor]:
+    """p, p^γ and p^(1+γ) for p = σ(βh), the last two computed in log space."""
+    log_p = F.logsigmoid(logits)
+    return torch.exp(log_p), torch.exp(gamma * log_p), torch.exp((1 + gamma) * log_p)
 
 
 def holder_scale(logits: Tensor, gamma: float = HOLDER_GAMMA) -> Tensor:
-    """ξ̂ = mean(a) / mean(b) (detached): the scale of the enlarged model ξ·p_θ that minimises the batch's
-    density-power score for fixed θ. When a share ε of the labels are flipped and the model gives those a
-    probability near 0 (the paper's strict tail contamination), ξ̂ ≈ 1 − ε."""
-    a, b = _holder_terms(logits.detach(), gamma)
-    return a.mean() / b.mean()
+    """The clean-data proportion estimate ξ̂ of Fujisawa et al. 2025, Eq. (27) (Appendix F.3, Lemma 4), over the
+    pairs of ``logits`` (= β·h per pair), detached: with p_i = σ(βh_i),
+
+        ξ̂ = mean(p) · mean(p^γ) / mean(p^(1+γ))
+
+    i.e. the empirical enlarged-model optimum mean(p^γ)/mean(p^(1+γ)) of Eq. (26) (which is ≥ 1, Lemma 3) rescaled
+    by v = 1/mean(p) (Lemma 4), so that 0 < ξ̂ ≤ 1 (Chebyshev's sum inequality). When the model gives the clean
+    pairs p = 1 and the flipped ones p = 0 (the tail-contamination assumption), ξ̂ = (N − M)/N exactly."""
+    p, p_g, p_g1 = _sigmoid_powers(logits.detach(), gamma)
+    return p.mean() * p_g.mean() / p_g1.mean()
 
 
 def holder_contamination(logits: Tensor, gamma: float = HOLDER_GAMMA) -> Tensor:
-    """The contamination-ratio estimate ε̂ = 1 − ξ̂ of a batch (``logits`` = β·h per pair), clamped to [0, 1]
-    (ξ̂ > 1 happens on clean data while the model is unsure; the clamp is ours). Detached."""
+    """The contamination-ratio estimate ε̂ = 1 − ξ̂ (Fujisawa et al. 2025, Eq. (11), with ξ̂ of Eq. (27), see
+    :func:`holder_scale`) of the pairs of ``logits`` (= β·h per pair), detached. ξ̂ ∈ (0, 1] by Lemma 4; the clamp
+    to [0, 1] only guards rounding. The paper computes it once over the training set with the trained model
+    (Algorithm 1, line 2); the trainer's ``holder/contamination`` metric applies it to each step's batch."""
     return (1 - holder_scale(logits, gamma)).clamp(0.0, 1.0)
 
 
 def holder_loss(p: PairLogps, beta: Beta, *, holder_gamma: float = HOLDER_GAMMA, **_: float) -> Tensor:
-    """Hölder-DPO (Fujisawa, Adachi & Osborne, NeurIPS 2025, arXiv 2505.17859), as we read it: the label model
-    p_i = σ(βh_i) fitted with the density-power score of the *enlarged* model ξ·p_θ (Kanamori & Fujisawa 2015), whose
-    minimiser over θ is the γ-divergence estimate (robust, redescending) and over ξ the clean share 1 − ε.
+    """Hölder-DPO (Fujisawa, Adachi & Osborne, NeurIPS 2025, arXiv 2505.17859): the density-power (DP) divergence
+    choice ϕ(h) = γ − (1 + γ)·h of the Hölder-DPO objective (Prob. (9); Remark 1, Appendix F.4), with the intractable
+    integral ∫σ(g_θ)^(1+γ) ds replaced by the empirical measure of the data (Appendix D), which gives the empirical
+    objective of Eq. (12), as in the paper's pseudocode (Appendix H, Figure 6). Per pair, with p = σ(βh):
 
-    The paper's own equation could not be read where this was written (only its abstract): this is the construction
-    the abstract and the Hölder-divergence literature describe (Hölder divergence + enlarged model → γ-divergence
-    estimate of θ and an estimate of the outlier ratio), not a transcription; see docs/noisy-labels.md.
+        ℓ = −(1 + γ)·p^γ + γ·p^(1+γ)
 
-    Per pair, with a_i = p_i^γ, b_i = p_i^(1+γ) + (1 − p_i)^(1+γ) and ξ̂ = mean(a)/mean(b) over the batch (detached,
-    :func:`holder_scale`):  ℓ_i = (1 − (1 + γ)·ξ̂^γ·a_i + γ·ξ̂^(1+γ)·b_i) / γ.  The batch mean is (1 − J)/γ with
-    J = mean(a)^(1+γ)/mean(b)^γ, the profiled objective, and — ξ̂ being its optimum — its gradient is exactly J's
-    (envelope theorem). As γ → 0 it tends to DPO's −log σ(βh) (tested). The gradient in βh is
-    −(1 + γ)·ξ̂^γ·p^γ·(1 − p) + (1 + γ)·ξ̂^(1+γ)·p·(1 − p)·(p^γ − (1 − p)^γ), which → 0 as p → 0: a pair the model
-    confidently calls mislabelled stops pulling (redescending); DPO's tends to −1. Batch-coupled through ξ̂ (the
-    pairs trained on are its batch)."""
+    whose batch mean is Figure 6's ``-(1 + γ)·p.pow(γ).mean() + γ·p.pow(γ + 1).mean()``. The loss is per pair (no
+    batch statistic; the enlarged model's scale ξ enters only the contamination estimate, :func:`holder_scale`).
+    Its gradient in βh is −γ(1 + γ)·p^γ·(1 − p)², which → 0 as p → 0 (redescending: a pair the model confidently
+    calls mislabelled stops pulling, where DPO's tends to −1) and as p → 1. The loss lies in [−1, 0]; it does not tend
+    to DPO's −log σ(βh) as γ → 0 (it tends to the constant −1). The paper's default γ is 2.0 (Section 5, Section 6);
+    ours, HOLDER_GAMMA, is 0.5."""
     if holder_gamma <= 0:
         raise ValueError(f"holder needs holder_gamma > 0 (the power γ), got {holder_gamma}")
-    logits = beta * p.delta
-    a, b = _holder_terms(logits, holder_gamma)
-    xi = holder_scale(logits, holder_gamma)
-    g = holder_gamma
-    return (1 - (1 + g) * xi**g * a + g * xi ** (1 + g) * b) / g
+    _, p_g, p_g1 = _sigmoid_powers(beta * p.delta, holder_gamma)
+    return -(1 + holder_gamma) * p_g + holder_gamma * p_g1
 
 
 def kto_pair_loss(p: PairLogps, beta: Beta, **_: float) -> Tensor:
@@ -282,9 +283,8 @@ LOSSES: dict[str, Callable[..., Tensor]] = {
 }
 LOSS_TYPES: tuple[str, ...] = tuple(LOSSES)
 #: losses whose pair-i output depends on the other pairs of the batch (AOT sorts it, kto_pair averages it, sft
-#: divides by the batch's chosen tokens, holder's scale ξ̂ is a batch statistic): under a mask, their batch is the
-#: pairs trained on.
-BATCH_COUPLED_LOSSES: frozenset[str] = frozenset({"aot", "aot_unpaired", "kto_pair", "sft", "holder"})
+#: divides by the batch's chosen tokens): under a mask, their batch is the pairs trained on. (holder is per pair.)
+BATCH_COUPLED_LOSSES: frozenset[str] = frozenset({"aot", "aot_unpaired", "kto_pair", "sft"})
 #: the losses TRL 1.16's DPOTrainer has (kto_pair was removed from it in 0.12; sft only makes sense in a mixture;
 #: holder is ours)
 TRL_LOSS_TYPES: tuple[str, ...] = tuple(t for t in LOSS_TYPES if t not in ("kto_pair", "holder"))

@@ -190,8 +190,8 @@ class AdaptiveDPOConfig(TrainingArguments):
                                       "(TRL 1.16, whose sigmoid loss never reads label_smoothing; a trl.DPOConfig "
                                       "maps to it).", choices=SIGMOID_SMOOTHING)
     holder_gamma: float = _f(HOLDER_GAMMA, "Hölder-DPO (loss_type holder): the power γ > 0 of the density-power "
-                             "score; larger γ discounts pairs the model finds unlikely more (γ → 0 is DPO). Our "
-                             "default, not the paper's (docs/noisy-labels.md).")
+                             "divergence (loss −(1+γ)·σ(βh)^γ + γ·σ(βh)^(1+γ)); larger γ discounts pairs the "
+                             "model finds unlikely more. Our default; the paper's is 2.0 (docs/noisy-labels.md).")
     discopop_tau: float = _f(0.05, "Temperature τ of the discopop loss.")
     f_divergence_type: str = _f("reverse_kl", "f-DPO regulariser (Wang et al. 2024): reverse_kl (DPO), forward_kl, "
                                 "js_divergence, alpha_divergence; other than reverse_kl only with the losses built on "
