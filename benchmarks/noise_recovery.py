@@ -72,7 +72,7 @@ def recipes(audit_dir: str, estimated_rate: float) -> list[tuple[str, str, dict[
                                                                    "label_smoothing": FLIP_RATE}),
         ("conservative DPO (cDPO), ε = audit's estimate", "noisy", {"method": "dpo", "loss_type": "sigmoid",
                                                                     "label_smoothing": round(estimated_rate, 4)}),
-        ("Hölder-DPO (γ = 0.5)", "noisy", {"method": "dpo", "loss_type": "holder", "holder_gamma": 0.5}),
+        ("Hölder-DPO (γ = 2, the paper's)", "noisy", {"method": "dpo", "loss_type": "holder", "holder_gamma": 2.0}),
         ("ε-DPO (ε = 0.01)", "noisy", {"method": "epsilon_dpo", "epsilon_dpo_epsilon": 0.01}),
         ("audit → weight 1 − P(flip), DPO", "noisy",
          {**METHODS["dpo"], "train_file": os.path.join(audit_dir, "cleaned-weight.jsonl"),
@@ -189,7 +189,7 @@ def format_tables(per_recipe: dict[str, list[dict]], audits: list[dict]) -> str:
     cell = lambda key: mean_std([g[key] for g in gts])  # noqa: E731
     lines = ["### The audit on the noisy training sets (5 folds, cross-fitted DPO margins)", "",
              "| seeds | AUROC (flipped pairs) | average precision | precision at the true flip rate | "
-             "estimated flip rate | Hölder-DPO's estimate 1 − ξ̂ (γ = 0.5) | true flip rate |",
+             "estimated flip rate | Hölder-DPO's estimate 1 − ξ̂ (γ = 2) | true flip rate |",
              "|---|---|---|---|---|---|---|",
              f"| {len(audits)} | {cell('auroc')} | {cell('average_precision')} | {cell('precision_at_flip_rate')} "
              f"| {mean_std([a['estimated_flip_rate'] for a in audits])} "

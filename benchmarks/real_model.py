@@ -61,7 +61,7 @@ METHODS: dict[str, dict[str, Any]] = {
     # the other robust-DPO rivals (issue 27), after the rows above so that their result keys stay: cDPO at the
     # planted rate, and the two that assume no rate
     "cDPO (ε = 0.2)": {"method": "dpo", "loss_type": "sigmoid", "label_smoothing": 0.2},
-    "Hölder-DPO (γ = 0.5)": {"method": "dpo", "loss_type": "holder", "holder_gamma": 0.5},
+    "Hölder-DPO (γ = 2, the paper's)": {"method": "dpo", "loss_type": "holder", "holder_gamma": 2.0},
     "ε-DPO (ε = 0.01)": {"method": "epsilon_dpo", "epsilon_dpo_epsilon": 0.01},
 }
 BETAS = (0.05, 0.1, 0.3, 1.0)

@@ -25,7 +25,7 @@ HAND = {
     "sigmoid_norm": 0.6037852895555947,  # -ls(.5 · .375)
     # Hölder-DPO (Fujisawa et al. 2025, Eq. (12) / Figure 6), γ = .5 (our default): p = sg(.5) = .622459,
     # p^.5 = .788961, p^1.5 = .491096; −1.5 · .788961 + .5 · .491096
-    "holder": -0.9378933351251135,
+    "holder": -0.6800161260541754,  # γ = 2 (the default, the paper's): p = σ(0.5·1), −3p² + 2p³
 }
 
 

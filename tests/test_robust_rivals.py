@@ -93,7 +93,7 @@ def test_a_resume_sees_the_rivals_settings_as_the_objective():
     recorded before cDPO (sigmoid with label_smoothing, which then did nothing) resumes as ignore, not as cDPO."""
     from adaptdpo.training.run_dir import objective_changes
 
-    defaults = {"sigmoid_label_smoothing": "cdpo", "holder_gamma": 0.5, "epsilon_dpo_epsilon": 0.01,
+    defaults = {"sigmoid_label_smoothing": "cdpo", "holder_gamma": 2.0, "epsilon_dpo_epsilon": 0.01,
                 "weight_column": None, "beta_column": None}
     before = {"loss_type": ["sigmoid"], "label_smoothing": 0.1}
     changes = objective_changes(before, {**before, **defaults}, defaults)

@@ -183,7 +183,7 @@ def discopop_loss(p: PairLogps, beta: Beta, *, discopop_tau: float = 0.05, **_: 
     return -F.logsigmoid(logits) * (1 - modulation) + torch.exp(-logits) * modulation
 
 
-HOLDER_GAMMA = 0.5
+HOLDER_GAMMA = 2.0
 
 
 def _sigmoid_powers(logits: Tensor, gamma: float) -> tuple[Tensor, Tensor, Tensor]:
