@@ -23,8 +23,8 @@ HAND = {
     "apo_down": 0.9397171696839436,  # sg(.25) + 1 - sg(.5)
     "discopop": 0.6065246465980625,  # -ls(.5)(1 - sg(10)) + e^-.5 sg(10)
     "sigmoid_norm": 0.6037852895555947,  # -ls(.5 · .375)
-    # Hölder-DPO (Fujisawa et al. 2025, Eq. (12) / Figure 6), γ = .5 (our default): p = sg(.5) = .622459,
-    # p^.5 = .788961, p^1.5 = .491096; −1.5 · .788961 + .5 · .491096
+    # Hölder-DPO (Fujisawa et al. 2025, Eq. (12) / Figure 6), γ = 2 (the default, the paper's): p = sg(.5) = .622459,
+    # p² = .387456, p³ = .241176; −3 · .387456 + 2 · .241176
     "holder": -0.6800161260541754,  # γ = 2 (the default, the paper's): p = σ(0.5·1), −3p² + 2p³
 }
 
