@@ -16,7 +16,8 @@ the audit's 1 − P(flip) as a per-pair loss weight (weight_column). Same seeds 
 
 "won back" = (recipe − DPO noisy) / (DPO clean − DPO noisy), on the means over seeds; "Δ accuracy" = the recipe's
 accuracy minus DPO noisy's, paired by seed, mean ± standard error.
-Results are cached in <workdir>/results.jsonl (one line per run): an interrupted run resumes.
+Results are cached in benchmarks/results/noise_recovery.jsonl (one line per run, committed): an interrupted run
+resumes, from a later checkout too; --budget_s stops it before a run that would end past the budget.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from adaptdpo.tasks.experiment import METHODS, gold_train_arguments, train_and_e
 from adaptdpo.tasks.toy.task import TaskSpec, build_task
 
 FLIP_RATE = 0.2
+COMMITTED_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "noise_recovery.jsonl")
 AUDIT_TRAINING = {"learning_rate": 3e-3}  # the fold models (see docs/audit.md: a little better than 1e-3 here)
 KEYS = [("gold/accuracy", "accuracy"), ("gold/win_rate", "win rate"), ("gold/reward", "gold reward"), ("kl", "KL"),
         ("flipped_share_of_trained", "flipped share of trained pairs")]
@@ -101,10 +103,16 @@ def main() -> None:
     parser.add_argument("--workdir", default="runs/bench-noise")
     parser.add_argument("--out", default=None, help="markdown file for the tables")
     parser.add_argument("--plot", default=None, help="PNG file for the recovery figure")
+    parser.add_argument("--results", default=COMMITTED_RESULTS,
+                        help="the JSONL of finished runs, one line per run (default: the committed "
+                             "benchmarks/results/noise_recovery.jsonl, so a later checkout goes on from it)")
+    parser.add_argument("--budget_s", type=float, default=None,
+                        help="stop before a run that would end past this many seconds; run the same command again")
     ns = parser.parse_args()
     logging.disable(logging.WARNING)
     os.environ.setdefault("TQDM_DISABLE", "1")
-    cache = ResultCache(ns.workdir)
+    cache = ResultCache(ns.workdir, ns.results)
+    slowest = 0.0
     done = cache.done
     started = time.time()
     per_recipe: dict[str, list[dict]] = {}
@@ -124,10 +132,15 @@ def main() -> None:
                                                audit["estimated_flip_rate"]):
             key = json.dumps({"recipe": label, "seed": seed}, sort_keys=True)
             if key not in done:
+                if ns.budget_s is not None and time.time() - started + 1.2 * slowest > ns.budget_s:
+                    print(f"stopped for the budget ({ns.budget_s:.0f} s); run the same command again", file=sys.stderr)
+                    return
+                run_started = time.time()
                 task = clean if which == "clean" else noisy
                 result = train_and_evaluate(task, {**overrides, "trace_pairs": True, "disable_tqdm": True},
                                             os.path.join(ns.workdir, "run"), seed=seed, plots=False)
                 cache.add(key, result)
+                slowest = max(slowest, time.time() - run_started)
                 print(f"seed {seed}: {label}: accuracy {result['gold/accuracy']:.3f} win {result['gold/win_rate']:.3f}"
                       f" ({time.time() - started:.0f} s)", file=sys.stderr)
             per_recipe.setdefault(label, []).append(done[key])

@@ -29,6 +29,7 @@ killed midway is redone; the task's sampling resumes by chunk.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -63,6 +64,12 @@ METHODS: dict[str, dict[str, Any]] = {
     "cDPO (ε = 0.2)": {"method": "dpo", "loss_type": "sigmoid", "label_smoothing": 0.2},
     "Hölder-DPO (γ = 2, the paper's)": {"method": "dpo", "loss_type": "holder", "holder_gamma": 2.0},
     "ε-DPO (ε = 0.01)": {"method": "epsilon_dpo", "epsilon_dpo_epsilon": 0.01},
+    # β-DPO at the official code's recipe (a = α·β0 = 0.6 at β0 = 0.1: docs/starting-points.md), beside the default
+    "β-DPO (α = 6)": {"method": "beta_dpo", "beta_dpo_alpha": 6.0},
+    # the audit, then DPO on its cleaned file (the estimated flip count dropped): the probe on SmolLM2's frozen
+    # features (issue 26's default), and the DPO-fold audit it replaced (5 fold trainings a seed: last)
+    "audit (probe) → drop, DPO": {"method": "dpo", "audit": "probe"},
+    "audit (DPO folds) → drop, DPO": {"method": "dpo", "audit": "dpo_folds"},
 }
 BETAS = (0.05, 0.1, 0.3, 1.0)
 
@@ -200,8 +207,35 @@ def run_sentiment(profile: dict[str, Any], task_overrides: dict, train_overrides
     spec = SentimentSpec(**{**profile["task"], **task_overrides, "data_seed": seed})
     seed_pools(os.path.join(workdir, "cache"))
     task = build_sentiment_task(spec, os.path.join(workdir, "cache"))
-    settings = with_cache_dir({**profile["train"], **train_overrides, "trace_pairs": True}, workdir)
-    return train_and_evaluate(task, settings, os.path.join(workdir, "run"), seed=seed, plots=False)
+    overrides = dict(train_overrides)
+    signal = overrides.pop("audit", None)
+    settings = with_cache_dir({**profile["train"], **overrides, "trace_pairs": True}, workdir)
+    audit = None
+    if signal is not None:  # audit the training file, then train on what it keeps
+        audit = audit_training_file(task, settings, signal, seed, workdir)
+        settings["train_file"] = os.path.join(audit["output_dir"], "cleaned.jsonl")
+    result = train_and_evaluate(task, settings, os.path.join(workdir, "run"), seed=seed, plots=False)
+    if audit is not None:
+        truth = audit.get("ground_truth", {})
+        result.update({"audit/auroc": truth.get("auroc"), "audit/estimated_flip_rate": audit["estimated_flip_rate"],
+                       "audit/dropped": audit["cleaned_counts"]["dropped"], "audit/warnings": len(audit["warnings"]),
+                       "audit/wall_time_s": audit["wall_time_s"]})
+    return result
+
+
+def audit_training_file(task: Any, settings: dict[str, Any], signal: str, seed: int, workdir: str) -> dict:
+    """``adaptdpo audit`` of the task's training file with ``signal`` (5 folds, --clean drop, the training settings
+    for the reference and any fold models); its summary, with the folder it wrote."""
+    from adaptdpo.audit.run import AuditOptions, run_audit
+    from adaptdpo.tasks.experiment import gold_train_arguments
+
+    key = json.dumps({"data": task.train_file, "signal": signal, "seed": seed}, sort_keys=True)
+    out = os.path.join(workdir, "audits", f"{signal}-{seed}-{hashlib.sha256(key.encode()).hexdigest()[:10]}")
+    train_args = gold_train_arguments(task, {k: v for k, v in settings.items() if k != "output_dir"} |
+                                      {"seed": seed, "plots": False, "trace_pairs": False})
+    summary = run_audit(AuditOptions(data=task.train_file, output_dir=out, folds=5, fold_seed=seed, clean="drop",
+                                     signal=signal), train_args)
+    return {**summary, "output_dir": out}
 
 
 def hh_files(profile: dict[str, Any], flip_rate: float, seed: int, folder: str) -> tuple[str, str, set[int]]:

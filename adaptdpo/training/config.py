@@ -363,12 +363,34 @@ class AdaptiveDPOConfig(TrainingArguments):
                            "ADAPTDPO_CPU_BF16=0 keeps fp32 there), off otherwise; true; false.")
 
     def __post_init__(self) -> None:
+        """Resolve and validate, group by group; each group sets only its own fields (the order matters where
+        one reads another's resolved value: precision before TrainingArguments, truncation last)."""
+        self._coerce_text_values()
+        self._resolve_precision()
+        self._apply_trl_dataset_names()
+        self._resolve_memory_defaults()
+        super().__post_init__()
+        self._normalise_model_init_kwargs()
+        self._validate_data()
+        self._validate_model_options()
+        self._validate_loss()
+        self._validate_method()
+        self._validate_selection()
+        self._validate_training()
+        self._warn_about_settings_without_effect()
+        self._resolve_truncation()
+
+    def _coerce_text_values(self) -> None:
+        """Values given as text (YAML, the command line, Python): bf16, padding_free, eval_fraction."""
         if isinstance(self.bf16, str):
             self.bf16 = None if self.bf16.lower() == "auto" else self.bf16.lower() in ("true", "1", "yes")
         if isinstance(self.padding_free, str):
             self.padding_free = _bool_or_auto(self.padding_free)
         if isinstance(self.eval_fraction, str):
             self.eval_fraction = None if self.eval_fraction.strip().lower() == "auto" else float(self.eval_fraction)
+
+    def _resolve_precision(self) -> None:
+        """bf16: auto resolved for this machine (CUDA, or a CPU with native bf16); use_cpu for bf16 on a CPU."""
         if self.bf16 is None:
             self.bf16 = auto_bf16(self.use_cpu, self.fp16)
         elif self.bf16 and (self.use_cpu or not torch.cuda.is_available()) and not cpu_has_native_bf16():
@@ -376,10 +398,14 @@ class AdaptiveDPOConfig(TrainingArguments):
                            "emulated there and slower than float32")
         if self.bf16 and not self.use_cpu and not torch.cuda.is_available():
             self.use_cpu = True  # bf16 autocast on the CPU: transformers asks for use_cpu there
-        self._apply_trl_dataset_names()
+
+    def _resolve_memory_defaults(self) -> None:
+        """Activation checkpointing on unless either name of it is set (TRL's DPO default)."""
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
             self.activation_checkpointing = True  # TRL's DPO default (gradient_checkpointing=True)
-        super().__post_init__()
+
+    def _normalise_model_init_kwargs(self) -> None:
+        """model_init_kwargs' dtype, attention, revision and trust_remote_code moved to their own fields."""
         if isinstance(self.model_init_kwargs, str):  # TrainingArguments parses JSON for _VALID_DICT_FIELDS; in case
             import json
 
@@ -395,6 +421,9 @@ class AdaptiveDPOConfig(TrainingArguments):
         if "trust_remote_code" in init:
             self.trust_remote_code = bool(init.pop("trust_remote_code"))
         self.model_init_kwargs = init or None
+
+    def _validate_data(self) -> None:
+        """The data group: the mixture, the splits, streaming, selection by an audit, the held-out share."""
         self.datasets = parse_dataset_mixture(self.datasets)
         if self.datasets is not None and self.dataset_name is not None:
             raise ValueError("datasets (a mixture) and dataset_name both name the training data; give one")
@@ -420,6 +449,9 @@ class AdaptiveDPOConfig(TrainingArguments):
         if self.datasets is not None and (self.pair_selection != "all" or self.pair_order not in ("auto", "shuffled")):
             raise ValueError("pair_selection / pair_order read an audit of train_file; with a datasets mixture, "
                              "write the mixture to one file, audit it and train on that file")
+
+    def _validate_model_options(self) -> None:
+        """The model group: the LM head's chunks, quantisation, the MoE router loss."""
         if self.lm_head_chunk_size is not None and self.lm_head_chunk_size < 0:
             raise ValueError(f"lm_head_chunk_size must be a number of positions (0: the plain head), got "
                              f"{self.lm_head_chunk_size}")
@@ -427,6 +459,9 @@ class AdaptiveDPOConfig(TrainingArguments):
             raise ValueError("load_in_4bit and load_in_8bit: choose one")
         if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
             raise ValueError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
+
+    def _validate_loss(self) -> None:
+        """The loss group: the loss types and their options, β, TR-DPO's reference sync."""
         method_spec(self.method)  # an unknown method is an error naming the choices
         if isinstance(self.loss_type, str):  # YAML or Python: one name, or names separated by commas or spaces
             self.loss_type = [t for t in self.loss_type.replace(",", " ").split() if t]
@@ -461,6 +496,9 @@ class AdaptiveDPOConfig(TrainingArguments):
             raise ValueError(f"label_smoothing={self.label_smoothing} with loss_type sigmoid is conservative DPO "
                              "(cDPO), whose ε is an assumed flip rate in [0, 0.5); or set sigmoid_label_smoothing "
                              "ignore")
+
+    def _validate_method(self) -> None:
+        """The method group: ε-DPO, the per-pair β column, Hölder-DPO, SamS's contexts and scheduler."""
         if self.method == "epsilon_dpo":
             if not 0.0 < self.epsilon_dpo_epsilon < 1.0:
                 raise ValueError(f"epsilon_dpo_epsilon must be in (0, 1), got {self.epsilon_dpo_epsilon}")
@@ -482,6 +520,9 @@ class AdaptiveDPOConfig(TrainingArguments):
             raise ValueError("scheduler pre-training has no reference forward: use sams_context_source=policy")
         if self.sams_scheduler_init and not os.path.isfile(self.sams_scheduler_init):
             raise ValueError(f"sams_scheduler_init={self.sams_scheduler_init!r}: no such file")
+
+    def _validate_selection(self) -> None:
+        """The held-out share and the shares a method or a data selection keeps; the audit file they read."""
         if self.eval_fraction is not None and not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if not 0.0 < self.sams_ratio <= 1.0:
@@ -502,6 +543,9 @@ class AdaptiveDPOConfig(TrainingArguments):
                 raise ValueError(f"pair_order={self.resolved_pair_order} needs the dataset's own order; "
                                  f"train_sampling_strategy={self.train_sampling_strategy} would reorder it")
             self.train_sampling_strategy = "sequential"
+
+    def _validate_training(self) -> None:
+        """The training group: learning rate, batch sizes, the run directory, max_length."""
         if self.learning_rate < 0:
             raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}")
         if self.learning_rate == 0:
@@ -517,12 +561,15 @@ class AdaptiveDPOConfig(TrainingArguments):
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be at least 2 (a prompt token and a completion token), got "
                              f"{self.max_length}")
-        self._warn_about_settings_without_effect()
+
+    def _resolve_truncation(self) -> None:
+        """truncation_mode resolved (max_prompt_length selects keep_prompt_end), and checked against it."""
         self.truncation_mode = resolve_truncation_mode(self.truncation_mode, self.max_prompt_length)
         if self.max_prompt_length is not None and self.truncation_mode != "keep_prompt_end":
             raise ValueError(f"max_prompt_length={self.max_prompt_length} applies to truncation_mode keep_prompt_end "
                              f"only; with truncation_mode {self.truncation_mode} it would change nothing: drop it, or "
                              "set truncation_mode keep_prompt_end")
+
 
     def check_training_data(self) -> None:
         """A run needs training data named: no file is read by default (the shipped HH split used to be, silently)."""
