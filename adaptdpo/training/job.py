@@ -248,9 +248,8 @@ def run_training(config: AdaptiveDPOConfig, extra_callbacks: list | None = None)
         return _run_training(config, extra_callbacks)
 
 
-def _run_training(config: AdaptiveDPOConfig, extra_callbacks: list | None) -> dict[str, Any]:
-    from transformers import set_seed
-
+def check_model_settings(config: AdaptiveDPOConfig) -> None:
+    """Phase 1: a model named, training data named, quantisation only with LoRA on a loaded model."""
     if not config.model_name_or_path:
         raise ValueError("model_name_or_path is required: a local model folder, a .gguf file, a packaged model "
                          f"(smollm2-135m-instruct) or a hub id; or a tiny preset ({', '.join(TINY_PRESETS)}) for a "
@@ -263,6 +262,14 @@ def _run_training(config: AdaptiveDPOConfig, extra_callbacks: list | None) -> di
         if config.model_name_or_path in TINY_PRESETS:
             raise ValueError(f"load_in_4bit / load_in_8bit quantise a model as it is loaded; the tiny preset "
                              f"{config.model_name_or_path} is built, not loaded: save it and pass its folder")
+
+
+def _run_training(config: AdaptiveDPOConfig, extra_callbacks: list | None) -> dict[str, Any]:
+    """The train job in named phases: check, find what to resume, data, models, tokenised datasets, the run
+    directory, train, finish."""
+    from transformers import set_seed
+
+    check_model_settings(config)
     done = completed_run(config.output_dir)
     if done is not None and not config.overwrite_output_dir:
         old = read_config(config.output_dir)
@@ -298,8 +305,22 @@ def _run_training(config: AdaptiveDPOConfig, extra_callbacks: list | None) -> di
                              "Resume with the model settings it was trained with, or start a new run "
                              "(--overwrite_output_dir true or another --output_dir)")
     check_half_precision_updates(policy, config.learning_rate, config.allow_half_precision_updates)
-    if streams is not None:
+    train_dataset, eval_dataset, data_summary = tokenised_datasets(config, data, tokenizer, streams)
+    if selection is not None:
+        data_summary["pair_selection"] = {"kept": len(selection["kept"]), "dropped": len(selection["dropped"]),
+                                          "order": selection["order"]}
+    start_run_directory(config, resume, selection, data)
+    logger.info("data: %s", data_summary)
+    logger.info("processes: world_size=%d (%s), device %s", config.world_size,
+                config.distributed_state.distributed_type.value, config.device)
+    return train_and_finish(config, policy, reference, tokenizer, train_dataset, eval_dataset, data_summary, resume,
+                            extra_callbacks)
 
+
+def tokenised_datasets(config: AdaptiveDPOConfig, data: PreparedData, tokenizer: Any,
+                       streams: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """Phase: the training and held-out rows tokenised (or streamed), and the data summary of the run."""
+    if streams is not None:
         hh_as_messages = chat_conversion(config, tokenizer) == "hh"
         train_dataset = streamed_dataset(streams[0], tokenizer, config, stream_label(config), hh_as_messages,
                                          pair_columns=True)
@@ -337,9 +358,13 @@ def _run_training(config: AdaptiveDPOConfig, extra_callbacks: list | None) -> di
             "implicit_prompt_rows": sum(r.implicit_prompt_rows for r in data.reports),
             "chat_formatted_rows": chat_rows,
         }
-    if selection is not None:
-        data_summary["pair_selection"] = {"kept": len(selection["kept"]), "dropped": len(selection["dropped"]),
-                                          "order": selection["order"]}
+    return train_dataset, eval_dataset, data_summary
+
+
+def start_run_directory(config: AdaptiveDPOConfig, resume: str | None, selection: dict[str, Any] | None,
+                        data: PreparedData) -> None:
+    """Phase: the run directory readied (config, metrics and trace cut back to a resumed checkpoint, the pair
+    selection, skipped rows) and the data reports logged."""
     if config.should_save:
         remove_incomplete_checkpoints(config.output_dir)
         write_config(config.output_dir, config.to_serialisable())
@@ -359,10 +384,13 @@ def _run_training(config: AdaptiveDPOConfig, extra_callbacks: list | None) -> di
         logger.log(logging.WARNING if report.skipped else logging.INFO, "%s", report.summary())
         if report.reference_columns_notice():
             logger.warning("%s", report.reference_columns_notice())
-    logger.info("data: %s", data_summary)
-    logger.info("processes: world_size=%d (%s), device %s", config.world_size,
-                config.distributed_state.distributed_type.value, config.device)
 
+
+def train_and_finish(config: AdaptiveDPOConfig, policy: Any, reference: Any, tokenizer: Any, train_dataset: Any,
+                     eval_dataset: Any, data_summary: dict[str, Any], resume: str | None,
+                     extra_callbacks: list | None) -> dict[str, Any]:
+    """Phase: train (resuming where asked), evaluate the held-out set, save the model and its card, the scheduler
+    of SamS pre-training, the summary and the plots."""
     run_callback = RunDirectoryCallback(config.output_dir, {"data": data_summary,
                                                             "parameters": sum(p.numel() for p in policy.parameters())})
     if resume is not None:  # the summary covers the whole run: start from what was logged before the resume

@@ -417,29 +417,13 @@ class AdaptiveDPOTrainer(ReferenceLogpsMixin, SchedulerPretrainingMixin, StepMet
         ref_chosen, ref_rejected = ref_chosen.to(chosen_logps.dtype), ref_rejected.to(chosen_logps.dtype)
         extras: dict[str, Any] = {}
         if perturbation is not None:  # ε-DPO: the perturbed policies' log-ratios from both forwards' logits
-            if ref_scored is None:
-                raise ValueError("method epsilon_dpo needs a reference forward (its logits), not precomputed "
-                                 "reference log-probs")
-            extras[PERTURBED_KEY] = self._gather(perturbed_logratios(policy, ref_scored, perturbation))[0]
-            extras["global_step"] = self.state.global_step
-            policy.window = policy.rescore = ref_scored = None  # what backward needs, autograd keeps
+            extras.update(self._perturbation_extras(policy, ref_scored, perturbation))
+            ref_scored = None
         if training and self._trace_path is not None and "pair_id" in inputs:
             extras["pair_id"] = self._gather(inputs["pair_id"])[0]
         if context_source is not None:
-
             outputs = policy.outputs if context_source == "policy" else ref_outputs
-            if getattr(outputs, "hidden_states", None) is None:
-                raise ValueError(f"method {self.args.method} reads the hidden states of the {context_source} model, "
-                                 f"but {type(self.accelerator.unwrap_model(model)).__name__} returned none for "
-                                 "output_hidden_states=True; use a transformers causal LM that returns them, or "
-                                 "sams_context_source=" + ("reference" if context_source == "policy" else "policy"))
-            pool = branch_pooling_masks(inputs["segment_ids"]) if "segment_ids" in inputs else inputs["attention_mask"]
-            hidden = outputs.hidden_states
-            if self.partial_training is not None:  # the trained blocks' (the frozen ones may be skipped: cache)
-                hidden = hidden[self.partial_training.frozen_blocks:]
-            contexts = layer_contexts(hidden, pool, self.args.sams_context_combine)
-            outputs.hidden_states = None
-            extras["contexts"] = self._gather(contexts)[0]
+            extras["contexts"] = self._gather(self._sams_contexts(outputs, inputs, context_source, model))[0]
         plan, mine, gathered = self.plan_step(chosen_logps, rejected_logps, ref_chosen, ref_rejected, training, extras)
         beta = plan.beta.to(chosen_logps.device)
         if beta.dim() == 1:
@@ -483,6 +467,34 @@ class AdaptiveDPOTrainer(ReferenceLogpsMixin, SchedulerPretrainingMixin, StepMet
         self._record_metrics(mode, chosen_logps, rejected_logps, ref_chosen, ref_rejected, plan, gathered)
         self._record_token_metrics(mode, policy.stats, inputs)
         return (loss, None) if return_outputs else loss
+
+    def _perturbation_extras(self, policy: SequenceLogps, ref_scored: SequenceLogps | None,
+                             perturbation: float) -> dict[str, Any]:
+        """ε-DPO's inputs to its plan: the perturbed policies' log-ratios of the global micro-batch, from the logits
+        of both forwards (no extra forward), and the step; the scored windows are then released."""
+        if ref_scored is None:
+            raise ValueError("method epsilon_dpo needs a reference forward (its logits), not precomputed "
+                             "reference log-probs")
+        extras = {PERTURBED_KEY: self._gather(perturbed_logratios(policy, ref_scored, perturbation))[0],
+                  "global_step": self.state.global_step}
+        policy.window = policy.rescore = None  # what backward needs, autograd keeps
+        return extras
+
+    def _sams_contexts(self, outputs: Any, inputs: dict[str, Tensor], source: str, model: torch.nn.Module) -> Tensor:
+        """SamS's per-pair contexts from the ``source`` model's hidden states (the trained blocks' only, with
+        ``trainable_layers``: the frozen ones may be skipped by the prefix cache); the states are then released."""
+        if getattr(outputs, "hidden_states", None) is None:
+            raise ValueError(f"method {self.args.method} reads the hidden states of the {source} model, "
+                             f"but {type(self.accelerator.unwrap_model(model)).__name__} returned none for "
+                             "output_hidden_states=True; use a transformers causal LM that returns them, or "
+                             "sams_context_source=" + ("reference" if source == "policy" else "policy"))
+        pool = branch_pooling_masks(inputs["segment_ids"]) if "segment_ids" in inputs else inputs["attention_mask"]
+        hidden = outputs.hidden_states
+        if self.partial_training is not None:
+            hidden = hidden[self.partial_training.frozen_blocks:]
+        contexts = layer_contexts(hidden, pool, self.args.sams_context_combine)
+        outputs.hidden_states = None
+        return contexts
 
     def _micro_batches_per_step(self, training: bool, num_items_in_batch: Any) -> int:
         """The micro-batches of this optimizer step, by which a per-micro-batch loss term is divided (as the Trainer
