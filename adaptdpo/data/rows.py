@@ -126,11 +126,9 @@ def check_pair_columns(columns: Iterable[str], source: str, weight_column: str |
                              f"{', '.join(sorted(present))})")
 
 
-def normalise_row(raw: dict[str, Any], src: str, row: int, line: int | None = None,
-                  marker: str | None = "\n\nAssistant:", weight_column: str | None = None,
-                  beta_column: str | None = None) -> dict[str, Field]:
-    """Check one raw row and return ``{"prompt", "chosen", "rejected"}`` (plus ``weight`` / ``beta`` when their columns
-    are named); raise naming the bad field."""
+def _check_fields(raw: dict[str, Any], src: str, row: int, line: int | None) -> bool:
+    """The row's prompt, chosen and rejected present and of one kind (strings, or message lists); whether it is
+    conversational."""
     for name in ("chosen", "rejected"):
         if name not in raw or raw[name] is None:
             raise DataValidationError(src, row, name, "missing", line)
@@ -148,6 +146,36 @@ def normalise_row(raw: dict[str, Any], src: str, row: int, line: int | None = No
         raise DataValidationError(src, row, "prompt", "is null (drop the column for implicit-prompt data)", line)
     if raw["chosen"] == raw["rejected"]:
         raise DataValidationError(src, row, "rejected", "identical to chosen", line)
+    return conversational
+
+
+def _template_inputs(raw: dict[str, Any], src: str, row: int, line: int | None) -> dict[str, Any]:
+    """A conversational row's ``tools`` (a list of tool schemas, or its JSON text) and ``chat_template_kwargs``."""
+    out: dict[str, Any] = {}
+    tools = raw.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise DataValidationError(src, row, "tools", f"not valid JSON ({e.msg})", line) from None
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise DataValidationError(src, row, "tools", "expected a list of tool schemas (or their JSON)", line)
+        out["tools"] = tools
+    kwargs = raw.get("chat_template_kwargs")
+    if kwargs is not None:
+        if not isinstance(kwargs, dict):
+            raise DataValidationError(src, row, "chat_template_kwargs", "expected a mapping", line)
+        out["chat_template_kwargs"] = kwargs
+    return out
+
+
+def normalise_row(raw: dict[str, Any], src: str, row: int, line: int | None = None,
+                  marker: str | None = "\n\nAssistant:", weight_column: str | None = None,
+                  beta_column: str | None = None) -> dict[str, Field]:
+    """Check one raw row and return ``{"prompt", "chosen", "rejected"}`` (plus ``weight`` / ``beta`` when their columns
+    are named); raise naming the bad field."""
+    conversational = _check_fields(raw, src, row, line)
     if raw.get("prompt") is None:
         prompt, chosen, rejected = extract_prompt(raw["chosen"], raw["rejected"], marker)
         if not prompt:
@@ -165,21 +193,7 @@ def normalise_row(raw: dict[str, Any], src: str, row: int, line: int | None = No
         if name is not None:
             out[kind] = pair_value(raw.get(name), kind, src, row, name, line)
     if conversational:  # TRL's row-level template inputs: the tools the assistant may call, extra template kwargs
-        tools = raw.get("tools")
-        if isinstance(tools, str):
-            try:
-                tools = json.loads(tools)
-            except json.JSONDecodeError as e:
-                raise DataValidationError(src, row, "tools", f"not valid JSON ({e.msg})", line) from None
-        if tools is not None:
-            if not isinstance(tools, list):
-                raise DataValidationError(src, row, "tools", "expected a list of tool schemas (or their JSON)", line)
-            out["tools"] = tools
-        kwargs = raw.get("chat_template_kwargs")
-        if kwargs is not None:
-            if not isinstance(kwargs, dict):
-                raise DataValidationError(src, row, "chat_template_kwargs", "expected a mapping", line)
-            out["chat_template_kwargs"] = kwargs
+        out.update(_template_inputs(raw, src, row, line))
     return out
 
 

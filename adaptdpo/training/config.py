@@ -734,34 +734,36 @@ def parse_dataset_mixture(value: Any) -> list[dict[str, Any]] | None:
     if not isinstance(value, (list, tuple)):
         raise ValueError(f"datasets must be a list of entries {{path, name, data_files, ...}}, got "
                          f"{type(value).__name__}")
-    entries = []
-    for i, entry in enumerate(value):
-        if dataclasses.is_dataclass(entry):  # a trl DatasetConfig
-            entry = dataclasses.asdict(entry)
-        if isinstance(entry, str):
-            entry = {"path": entry}
-        if not isinstance(entry, dict):
-            raise ValueError(f"datasets[{i}] must be a mapping with a path, got {type(entry).__name__}")
-        unknown = sorted(set(entry) - set(MIXTURE_KEYS))
-        if unknown:
-            raise ValueError(f"datasets[{i}]: unknown key(s) {', '.join(unknown)}; an entry has "
-                             f"{', '.join(MIXTURE_KEYS)}")
-        if not entry.get("path"):
-            raise ValueError(f"datasets[{i}].path is required (a hub name, a local file or folder, or a builder "
-                             "such as json with data_files)")
-        fraction = entry.get("fraction")
-        if fraction is not None and not (isinstance(fraction, (int, float)) and fraction >= 0):
-            raise ValueError(f"datasets[{i}].fraction must be a number >= 0, got {fraction!r}")
-        columns = entry.get("columns")
-        if columns is not None and (isinstance(columns, str) or not all(isinstance(c, str) for c in columns)):
-            raise ValueError(f"datasets[{i}].columns must be a list of column names, got {columns!r}")
-        entries.append({"split": "train", **{k: v for k, v in entry.items() if v is not None}})
+    entries = [_mixture_entry(i, entry) for i, entry in enumerate(value)]
     given = [e.get("fraction") is not None for e in entries]
     if any(given) and not all(given):
         raise ValueError("datasets: fraction must be set for every entry of the mixture or for none")
     if all(given) and not sum(e["fraction"] for e in entries) > 0:
         raise ValueError("datasets: the fractions add up to 0")
     return entries
+
+
+def _mixture_entry(i: int, entry: Any) -> dict[str, Any]:
+    """One entry of ``datasets`` checked (errors name ``datasets[i].key``), with TRL's default split."""
+    if dataclasses.is_dataclass(entry):  # a trl DatasetConfig
+        entry = dataclasses.asdict(entry)  # type: ignore[arg-type]
+    if isinstance(entry, str):
+        entry = {"path": entry}
+    if not isinstance(entry, dict):
+        raise ValueError(f"datasets[{i}] must be a mapping with a path, got {type(entry).__name__}")
+    unknown = sorted(set(entry) - set(MIXTURE_KEYS))
+    if unknown:
+        raise ValueError(f"datasets[{i}]: unknown key(s) {', '.join(unknown)}; an entry has {', '.join(MIXTURE_KEYS)}")
+    if not entry.get("path"):
+        raise ValueError(f"datasets[{i}].path is required (a hub name, a local file or folder, or a builder "
+                         "such as json with data_files)")
+    fraction = entry.get("fraction")
+    if fraction is not None and not (isinstance(fraction, (int, float)) and fraction >= 0):
+        raise ValueError(f"datasets[{i}].fraction must be a number >= 0, got {fraction!r}")
+    columns = entry.get("columns")
+    if columns is not None and (isinstance(columns, str) or not all(isinstance(c, str) for c in columns)):
+        raise ValueError(f"datasets[{i}].columns must be a list of column names, got {columns!r}")
+    return {"split": "train", **{k: v for k, v in entry.items() if v is not None}}
 
 
 def _bool_or_auto(value: str) -> bool | None:
