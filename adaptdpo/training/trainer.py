@@ -136,45 +136,12 @@ class AdaptiveDPOTrainer(ReferenceLogpsMixin, SchedulerPretrainingMixin, StepMet
             from transformers import set_seed
 
             set_seed(args.seed)  # the adapter's random initialisation, as TRL
-        needs_copy = (ref_model is None and peft_config is None and not _is_peft_model(model)
-                      and not args.precompute_ref_log_probs and args.sams_pretrain == "none")
-        if needs_copy:
-            ref_model = frozen_copy(model)
-        if peft_config is not None and args.trainable_layers is not None:  # LoRA on the top K blocks only
-            peft_config = lora_on_top(peft_config, model, args.trainable_layers)
-        model = apply_peft(model, peft_config)
-        self.partial_training = None
-        if args.trainable_layers is not None and not _is_peft_model(model):
-            self.partial_training = freeze_below_top(model, args.trainable_layers)
-            logger.info(self.partial_training.describe())
-        if _is_peft_model(model) and args.gradient_checkpointing:
-            model.enable_input_require_grads()  # as TRL: checkpointed layers need an input that requires grad
-        import datasets
-
-        if isinstance(train_dataset, datasets.IterableDataset):
-            if args.precompute_ref_log_probs:
-                raise ValueError("precompute_ref_log_probs needs the whole training set up front; a streamed "
-                                 "IterableDataset has none: use a Dataset, or a live reference")
-            # as TRL: batches of a stream cannot be dispatched from one process (they are not concatenable)
-            args.accelerator_config.dispatch_batches = False
-        train_dataset = prepare_dataset(train_dataset, processing_class, args, "train_dataset", pair_columns=True)
-        eval_dataset = prepare_dataset(eval_dataset, processing_class, args, "eval_dataset")
+        model, ref_model = self._prepare_policy(model, ref_model, args, peft_config)
+        train_dataset, eval_dataset = self._prepare_datasets(train_dataset, eval_dataset, processing_class, args)
         self.router_aux_loss_coef = router_aux_loss_coefficient(model, args)
-        self.head_chunk = args.lm_head_chunk_size or None  # 0: the plain head
-        if self.head_chunk and chunkable_head(model) is None:
-            logger.info("lm_head_chunk_size=%d: %s's LM head is not a plain bias-free Linear holding its whole "
-                        "weight (or its logits are transformed after it), so the plain head is used",
-                        self.head_chunk, type(unwrap(model)).__name__)
-            self.head_chunk = None
+        self.head_chunk = self._head_chunk(args, model)
         if data_collator is None:
-            if processing_class is None:
-                raise ValueError("pass processing_class (the tokenizer) or a data_collator")
-            shared = self._use_shared_prompt(args, model, ref_model, self.router_aux_loss_coef)
-            keep_end = args.max_length if args.truncation_mode == "keep_end" else None
-            data_collator = PreferenceCollator(processing_class.pad_token_id, args.pad_to_multiple_of,
-                                               shared_prompt=shared,
-                                               padding_free=self._use_padding_free(args, model, shared),
-                                               keep_end_max_length=keep_end)
+            data_collator = self._default_collator(args, model, ref_model, processing_class)
         if args.ignore_bias_buffers:  # TRL's DDP workaround: boolean buffers (attention masks) stay out of the sync
             model._ddp_params_and_buffers_to_ignore = [name for name, buffer in model.named_buffers()
                                                        if buffer.dtype == torch.bool]
@@ -191,17 +158,8 @@ class AdaptiveDPOTrainer(ReferenceLogpsMixin, SchedulerPretrainingMixin, StepMet
             logger.info("lm_head_chunk_size: the plain LM head under FSDP / DeepSpeed (the head's weight is sharded)")
             self.head_chunk = None
         self._prefix_caches: dict[int, PrefixCache] = {}
-        self.step_policy: StepPolicy = step_policy or build_step_policy(args, load_encoder_backbone)
-        missing = [a for a in ("needs_contexts", "mode", "broadcast", "plan", "num_trained", "state_dict",
-                               "load_state_dict") if not hasattr(self.step_policy, a)]
-        if missing:
-            raise TypeError(f"step_policy {type(self.step_policy).__name__} lacks {', '.join(missing)} of the "
-                            "StepPolicy protocol (subclass adaptdpo.methods.step_policy.StepPolicyBase for the "
-                            "defaults)")
-        if self.step_policy.needs_contexts:  # rank 0's decision is everyone's
-            from accelerate.utils import broadcast
-
-            self.step_policy.broadcast = broadcast if self.accelerator.num_processes > 1 else None
+        self.step_policy: StepPolicy = self._checked_step_policy(step_policy or build_step_policy(
+            args, load_encoder_backbone))
         self._trace_path = os.path.join(args.output_dir, PAIR_TRACE_FILE) if args.trace_pairs else None
         self._trace_buffer: list[tuple] = []
         self._metrics: dict[str, defaultdict[str, list[Tensor | float]]] = {"train": defaultdict(list),
@@ -213,6 +171,88 @@ class AdaptiveDPOTrainer(ReferenceLogpsMixin, SchedulerPretrainingMixin, StepMet
         self._zero_grad_streak: Tensor | None = None  # on the device: no host sync per step
         self._tokens_this_run: Tensor | None = None  # training tokens of this invocation (num_tokens), on the device
         self.peft_reference = ref_model is None and _is_peft_model(model)
+        self._place_reference(ref_model, model, args, train_dataset, eval_dataset)
+        if self.partial_training is not None and args.prefix_cache:
+            self._attach_prefix_caches(model)
+        self._ref_logps_cache: PairLogpsCache | None = self._reference_logps_cache(args)
+        if args.sync_ref_model:
+            self._attach_reference_sync()
+
+    def _prepare_policy(self, model: torch.nn.Module, ref_model: torch.nn.Module | None, args: AdaptiveDPOConfig,
+                        peft_config: Any) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+        """The reference copied when none is given (before LoRA wraps the policy), LoRA applied (on the top K blocks
+        with ``trainable_layers``), the blocks below the top K frozen; sets ``partial_training``."""
+        needs_copy = (ref_model is None and peft_config is None and not _is_peft_model(model)
+                      and not args.precompute_ref_log_probs and args.sams_pretrain == "none")
+        if needs_copy:
+            ref_model = frozen_copy(model)
+        if peft_config is not None and args.trainable_layers is not None:  # LoRA on the top K blocks only
+            peft_config = lora_on_top(peft_config, model, args.trainable_layers)
+        model = apply_peft(model, peft_config)
+        self.partial_training = None
+        if args.trainable_layers is not None and not _is_peft_model(model):
+            self.partial_training = freeze_below_top(model, args.trainable_layers)
+            logger.info(self.partial_training.describe())
+        if _is_peft_model(model) and args.gradient_checkpointing:
+            model.enable_input_require_grads()  # as TRL: checkpointed layers need an input that requires grad
+        return model, ref_model
+
+    @staticmethod
+    def _prepare_datasets(train_dataset: Any, eval_dataset: Any, processing_class: Any,
+                          args: AdaptiveDPOConfig) -> tuple[Any, Any]:
+        """TRL's dataset inputs validated and tokenised (a stream: dispatched per process, as TRL)."""
+        import datasets
+
+        if isinstance(train_dataset, datasets.IterableDataset):
+            if args.precompute_ref_log_probs:
+                raise ValueError("precompute_ref_log_probs needs the whole training set up front; a streamed "
+                                 "IterableDataset has none: use a Dataset, or a live reference")
+            # as TRL: batches of a stream cannot be dispatched from one process (they are not concatenable)
+            args.accelerator_config.dispatch_batches = False
+        train_dataset = prepare_dataset(train_dataset, processing_class, args, "train_dataset", pair_columns=True)
+        eval_dataset = prepare_dataset(eval_dataset, processing_class, args, "eval_dataset")
+        return train_dataset, eval_dataset
+
+    @staticmethod
+    def _head_chunk(args: AdaptiveDPOConfig, model: torch.nn.Module) -> int | None:
+        """The chunked LM head's chunk size, or None for the plain head (0, or a head that cannot be chunked)."""
+        head_chunk = args.lm_head_chunk_size or None  # 0: the plain head
+        if head_chunk and chunkable_head(model) is None:
+            logger.info("lm_head_chunk_size=%d: %s's LM head is not a plain bias-free Linear holding its whole "
+                        "weight (or its logits are transformed after it), so the plain head is used",
+                        head_chunk, type(unwrap(model)).__name__)
+            head_chunk = None
+        return head_chunk
+
+    def _default_collator(self, args: AdaptiveDPOConfig, model: torch.nn.Module, ref_model: torch.nn.Module | None,
+                          processing_class: Any) -> PreferenceCollator:
+        """Our collator in the layout the model allows: shared-prompt rows, padding-free, keep_end cut."""
+        if processing_class is None:
+            raise ValueError("pass processing_class (the tokenizer) or a data_collator")
+        shared = self._use_shared_prompt(args, model, ref_model, self.router_aux_loss_coef)
+        keep_end = args.max_length if args.truncation_mode == "keep_end" else None
+        return PreferenceCollator(processing_class.pad_token_id, args.pad_to_multiple_of, shared_prompt=shared,
+                                  padding_free=self._use_padding_free(args, model, shared),
+                                  keep_end_max_length=keep_end)
+
+    def _checked_step_policy(self, policy: StepPolicy) -> StepPolicy:
+        """The step policy, checked against the protocol; a policy that reads hidden states gets rank 0's
+        decisions broadcast."""
+        missing = [a for a in ("needs_contexts", "mode", "broadcast", "plan", "num_trained", "state_dict",
+                               "load_state_dict") if not hasattr(policy, a)]
+        if missing:
+            raise TypeError(f"step_policy {type(policy).__name__} lacks {', '.join(missing)} of the "
+                            "StepPolicy protocol (subclass adaptdpo.methods.step_policy.StepPolicyBase for the "
+                            "defaults)")
+        if policy.needs_contexts:  # rank 0's decision is everyone's
+            from accelerate.utils import broadcast
+
+            policy.broadcast = broadcast if self.accelerator.num_processes > 1 else None
+        return policy
+
+    def _place_reference(self, ref_model: torch.nn.Module | None, model: torch.nn.Module, args: AdaptiveDPOConfig,
+                         train_dataset: Any, eval_dataset: Any) -> None:
+        """The reference: precomputed log-prob columns, a model placed like the policy, or the PEFT base."""
         if args.precompute_ref_log_probs:
             reference = ref_model if ref_model is not None else model
             self.train_dataset = self._with_reference_logps(reference, train_dataset, "train")
@@ -226,28 +266,30 @@ class AdaptiveDPOTrainer(ReferenceLogpsMixin, SchedulerPretrainingMixin, StepMet
         elif not self.peft_reference and args.sams_pretrain == "none":
             raise ValueError("AdaptiveDPOTrainer needs a reference: pass ref_model (a frozen copy of the initial "
                              "policy), set precompute_ref_log_probs, or train a PEFT adapter")
-        if self.partial_training is not None and args.prefix_cache:
-            self._attach_prefix_caches(model)
-        self._ref_logps_cache: PairLogpsCache | None = None
-        if args.cache_reference_logps and not args.precompute_ref_log_probs:
-            if args.sync_ref_model:
-                raise ValueError("cache_reference_logps with sync_ref_model (TR-DPO): the reference moves, its "
-                                 "log-probs cannot be kept")
-            reference = self.ref_model if self.ref_model is not None else self.model
-            dtype = "bf16" if args.bf16 else "fp16" if args.fp16 else str(next(reference.parameters()).dtype)
-            with self._reference_context():
-                self._ref_logps_cache = PairLogpsCache(
-                    reference, args.ref_cache_dir or os.path.join(args.output_dir, "ref_logps"),
-                    f"peft_base={self.peft_reference} ld_alpha={args.ld_alpha} dtype={dtype}")
+
+    def _reference_logps_cache(self, args: AdaptiveDPOConfig) -> PairLogpsCache | None:
+        """``cache_reference_logps``: the frozen reference's per-pair log-probs kept on disk (not with TR-DPO)."""
+        if not args.cache_reference_logps or args.precompute_ref_log_probs:
+            return None
         if args.sync_ref_model:
-            if self.ref_model is None:
-                raise ValueError("sync_ref_model (TR-DPO) needs a separate reference model: not with a PEFT adapter's "
-                                 "base or precomputed reference log-probs")
-            if is_sharded(self.ref_model):
-                raise ValueError("sync_ref_model (TR-DPO) with a sharded reference (FSDP, DeepSpeed ZeRO-3) is not "
-                                 "supported: its moving reference is saved whole with each checkpoint. Use DDP "
-                                 "(--accelerate_config multi_gpu) or ZeRO-1/2")
-            self.add_callback(ReferenceSyncCallback(self))
+            raise ValueError("cache_reference_logps with sync_ref_model (TR-DPO): the reference moves, its "
+                             "log-probs cannot be kept")
+        reference = self.ref_model if self.ref_model is not None else self.model
+        dtype = "bf16" if args.bf16 else "fp16" if args.fp16 else str(next(reference.parameters()).dtype)
+        with self._reference_context():
+            return PairLogpsCache(reference, args.ref_cache_dir or os.path.join(args.output_dir, "ref_logps"),
+                                  f"peft_base={self.peft_reference} ld_alpha={args.ld_alpha} dtype={dtype}")
+
+    def _attach_reference_sync(self) -> None:
+        """TR-DPO (``sync_ref_model``): the reference moves toward the policy every few steps."""
+        if self.ref_model is None:
+            raise ValueError("sync_ref_model (TR-DPO) needs a separate reference model: not with a PEFT adapter's "
+                             "base or precomputed reference log-probs")
+        if is_sharded(self.ref_model):
+            raise ValueError("sync_ref_model (TR-DPO) with a sharded reference (FSDP, DeepSpeed ZeRO-3) is not "
+                             "supported: its moving reference is saved whole with each checkpoint. Use DDP "
+                             "(--accelerate_config multi_gpu) or ZeRO-1/2")
+        self.add_callback(ReferenceSyncCallback(self))
 
     def _attach_prefix_caches(self, model: torch.nn.Module) -> None:
         """The frozen-prefix cache (:mod:`adaptdpo.models.prefix_cache`) of the policy and of a separate reference
