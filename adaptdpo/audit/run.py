@@ -670,11 +670,10 @@ def run_audit(options: AuditOptions, train_args: list[str], yaml_path: str | Non
         return _run_audit(options, train_args, yaml_path)
 
 
-def _run_audit(options: AuditOptions, train_args: list[str], yaml_path: str | None) -> dict[str, Any]:
-    import shutil
-
-    from transformers import set_seed
-
+def _checked_reference(options: AuditOptions, train_args: list[str], yaml_path: str | None
+                       ) -> tuple[AdaptiveDPOConfig, list[int] | str]:
+    """Phase 1, before any work: the data file exists, the reference is a pretrained model, the probe's layers
+    exist in it; the base config and the resolved layers."""
     if not os.path.exists(options.data) and options.data.lower().endswith((".json", ".jsonl", ".gz", ".csv",
                                                                             ".parquet")):
         raise AuditError(f"{options.data}: no such file")
@@ -692,6 +691,27 @@ def _run_audit(options: AuditOptions, train_args: list[str], yaml_path: str | No
                 layers = resolve_layers(layers, blocks)
             except FeatureError as e:
                 raise AuditError(f"--probe_layers {options.probe_layers}: {e}") from None
+    return base, layers
+
+
+def _held_out_signal(options: AuditOptions, train_args: list[str], yaml_path: str | None, base: AdaptiveDPOConfig,
+                     data: Any, assignment: dict[int, int], pad_id: int, layers: list[int] | str) -> Any:
+    """Phase: every pair's held-out margin from the signal asked for (probe, DPO folds, or both combined)."""
+    device = _device(base)
+    if options.signal == "probe":
+        return probe_signal(options, base, data, assignment, pad_id, device, layers)
+    if options.signal == "dpo_folds":
+        return dpo_fold_signal(options, train_args, yaml_path, base, data, assignment, pad_id, device)
+    return combined_signal(probe_signal(options, base, data, assignment, pad_id, device, layers),
+                           dpo_fold_signal(options, train_args, yaml_path, base, data, assignment, pad_id, device))
+
+
+def _run_audit(options: AuditOptions, train_args: list[str], yaml_path: str | None) -> dict[str, Any]:
+    import shutil
+
+    from transformers import set_seed
+
+    base, layers = _checked_reference(options, train_args, yaml_path)
     if options.overwrite:
         for name in os.listdir(options.output_dir):
             path = os.path.join(options.output_dir, name)
@@ -720,16 +740,7 @@ def _run_audit(options: AuditOptions, train_args: list[str], yaml_path: str | No
     summary_path = os.path.join(options.output_dir, SUMMARY_FILE)
     if os.path.exists(summary_path):  # removed before any other output is replaced: never a mixed report
         os.remove(summary_path)
-    device = _device(base)
-    pad_id = tokenizer.pad_token_id
-    if options.signal == "probe":
-        held = probe_signal(options, base, data, assignment, pad_id, device, layers)
-    elif options.signal == "dpo_folds":
-        held = dpo_fold_signal(options, train_args, yaml_path, base, data, assignment, pad_id, device)
-    else:
-        held = combined_signal(probe_signal(options, base, data, assignment, pad_id, device, layers),
-                               dpo_fold_signal(options, train_args, yaml_path, base, data, assignment, pad_id,
-                                               device))
+    held = _held_out_signal(options, train_args, yaml_path, base, data, assignment, tokenizer.pad_token_id, layers)
 
     ids, margins = held.ids, held.margins
     estimate = estimate_flip_rate(margins, options.bootstrap, options.fold_seed)
@@ -755,18 +766,7 @@ def _run_audit(options: AuditOptions, train_args: list[str], yaml_path: str | No
     actions, cleaning = decide_actions(options, scored, estimate, bool(warnings))
     counts = write_cleaned(options, actions, os.path.join(options.output_dir, CLEANED_FILE), scored)
 
-    records = []
-    for index in range(data.total_rows):
-        record: dict[str, Any] = {"row": index}
-        if index in scored:
-            record.update(scored[index])
-            record["action"] = actions[index]
-        else:
-            record.update({"score": None, "problem": data.problems.get(index, "not read"), "action": "unscored"})
-        if truth is not None and index in truth:
-            record["known_bad"] = truth[index]
-        records.append(record)
-    audit_text = "".join(json.dumps(r) + "\n" for r in records)
+    audit_text = audit_lines(data, scored, actions, truth)
     atomic_write_text(os.path.join(options.output_dir, AUDIT_FILE), audit_text)
 
     summary: dict[str, Any] = {
@@ -796,6 +796,23 @@ def _run_audit(options: AuditOptions, train_args: list[str], yaml_path: str | No
     atomic_write_json(summary_path, summary)  # last: its presence means every other file is this audit's
     logger.info("audit: done in %.0f s: %s", time.time() - started, os.path.join(options.output_dir, REPORT_FILE))
     return summary
+
+
+def audit_lines(data: Any, scored: dict[int, dict[str, Any]], actions: dict[int, str],
+                truth: dict[int, bool] | None) -> str:
+    """audit.jsonl's text: one object per input row, scored or with the reason it was not."""
+    records = []
+    for index in range(data.total_rows):
+        record: dict[str, Any] = {"row": index}
+        if index in scored:
+            record.update(scored[index])
+            record["action"] = actions[index]
+        else:
+            record.update({"score": None, "problem": data.problems.get(index, "not read"), "action": "unscored"})
+        if truth is not None and index in truth:
+            record["known_bad"] = truth[index]
+        records.append(record)
+    return "".join(json.dumps(r) + "\n" for r in records)
 
 
 def _model_blocks(config: AdaptiveDPOConfig) -> int | None:
