@@ -112,8 +112,20 @@ def assert_same_trace(a_dir, b_dir):
         assert x["margin"] == pytest.approx(y["margin"], rel=1e-4, abs=1e-5)
 
 
+@pytest.fixture
+def one_thread(monkeypatch):
+    """One CPU thread here and in the subprocesses: with two, torch's threaded reductions can sum in another order
+    from run to run on a loaded machine (seen in the SamS subset run: grad_norm 4.978808 against 4.978860 at step 5,
+    reproduced only with 2 threads under load), which is not what a resume test is about."""
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_kill_and_resume_gives_the_same_run(small, tmp_path, method):
+def test_kill_and_resume_gives_the_same_run(small, tmp_path, method, one_thread):
     data, tok = small
     common = dict(max_steps=8, save_strategy="steps", save_steps=3, **METHODS[method])
     straight = str(tmp_path / "straight")
