@@ -82,6 +82,36 @@ def test_policy_equal_to_reference_has_kl_zero_and_win_rate_half(cache):
     assert preference_accuracy(copy.deepcopy(reference), reference, tokenizer, task.eval_rows())["accuracy"] == 0.5
 
 
+def test_the_reference_samples_kept_under_a_key_are_the_ones_drawn_again(cache, monkeypatch):
+    """With reference_key, a second judgement of another policy reuses the reference's samples of the first: the same
+    metrics as drawing them again, one reference sampling fewer; another seed or key samples afresh."""
+    from transformers import AutoModelForCausalLM
+
+    from adaptdpo.evaluation import metrics as metrics_module
+    from adaptdpo.models.loading import load_tokenizer
+
+    task = build_task(TaskSpec(seed=3, **TINY), cache)
+    reference = AutoModelForCausalLM.from_pretrained(task.reference_dir)
+    tokenizer = load_tokenizer(task.reference_dir)
+    policy = copy.deepcopy(reference)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    args = (policy, reference, tokenizer, task.eval_prompts(), task.language.gold_reward)
+    fresh = gold_generation_metrics(*args, seed=5)
+    calls = []
+    original = metrics_module.sample_completions
+    monkeypatch.setattr(metrics_module, "sample_completions",
+                        lambda model, *a: calls.append(model) or original(model, *a))
+    monkeypatch.setattr(metrics_module, "_REFERENCE_SAMPLES", {})
+    first = gold_generation_metrics(*args, seed=5, reference_key="ref")
+    second = gold_generation_metrics(*args, seed=5, reference_key="ref")
+    assert first == second == fresh
+    assert [m is reference for m in calls] == [False, True, False]  # the second call sampled the policy only
+    gold_generation_metrics(*args, seed=6, reference_key="ref")
+    assert [m is reference for m in calls[3:]] == [False, True]
+
+
 class TableModel(torch.nn.Module):
     """A context-free 'language model': the same logits at every position."""
 

@@ -68,16 +68,29 @@ def preference_accuracy(policy: Any, reference: Any, tokenizer: Any, rows: Seque
     return {"accuracy": float(accuracy), "margin": float(beta * h.mean())}
 
 
+#: the reference's samples of this process, by (reference_key, prompts, seed, length, special ids): a benchmark that
+#: judges many runs from one reference on the same prompts and seed samples the reference once (the same numbers:
+#: the same model, inputs and random stream, in the same process)
+_REFERENCE_SAMPLES: dict[tuple, list] = {}
+
+
 def gold_generation_metrics(policy: Any, reference: Any, tokenizer: Any, prompts: Sequence[Any],
                             gold: Callable[[Any, str], float], seed: int = 0, max_new_tokens: int = 24,
-                            samples_per_prompt: int = 2) -> dict[str, float]:
+                            samples_per_prompt: int = 2, reference_key: str | None = None) -> dict[str, float]:
     """Gold win rate against the reference, mean gold rewards, KL(π‖π_ref) on held-out prompts (text, or chat
-    messages rendered by the tokenizer's template)."""
+    messages rendered by the tokenizer's template). ``reference_key`` (e.g. the reference's folder, which must not
+    change while the process runs): keep the reference's samples for the next call with the same key and inputs."""
     prompt_ids = prompt_token_ids(tokenizer, list(prompts)) * samples_per_prompt
     texts = list(prompts) * samples_per_prompt
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     ours = sample_completions(policy, prompt_ids, eos, pad, max_new_tokens, seed)
-    theirs = sample_completions(reference, prompt_ids, eos, pad, max_new_tokens, seed)
+    key = None if reference_key is None else (reference_key, tuple(map(tuple, prompt_ids)), seed, max_new_tokens,
+                                              eos, pad, str(next(reference.parameters()).device))
+    theirs = _REFERENCE_SAMPLES.get(key) if key is not None else None
+    if theirs is None:
+        theirs = sample_completions(reference, prompt_ids, eos, pad, max_new_tokens, seed)
+        if key is not None:
+            _REFERENCE_SAMPLES[key] = theirs
     decode = lambda c: tokenizer.decode([t for t in c if t != eos])  # noqa: E731
     r_ours = torch.tensor([gold(p, decode(c)) for p, c in zip(texts, ours, strict=True)], dtype=torch.float64)
     r_theirs = torch.tensor([gold(p, decode(c)) for p, c in zip(texts, theirs, strict=True)], dtype=torch.float64)

@@ -29,11 +29,12 @@ METHODS: dict[str, dict[str, Any]] = {
 
 
 def evaluate_on_task(policy: Any, reference: Any, tokenizer: Any, task: TaskFolder, beta: float,
-                     seed: int = 0) -> dict[str, float]:
-    """The exact judge's metrics of ``policy`` on ``task``'s held-out pairs and prompts (any task kind)."""
+                     seed: int = 0, reference_key: str | None = None) -> dict[str, float]:
+    """The exact judge's metrics of ``policy`` on ``task``'s held-out pairs and prompts (any task kind);
+    ``reference_key``: see :func:`adaptdpo.evaluation.metrics.gold_generation_metrics`."""
     pref = preference_accuracy(policy, reference, tokenizer, task.eval_rows(), beta)
     gen = gold_generation_metrics(policy, reference, tokenizer, task.eval_prompts(), task.gold_reward, seed=seed,
-                                  max_new_tokens=task.max_new_tokens)
+                                  max_new_tokens=task.max_new_tokens, reference_key=reference_key)
     return {"gold/accuracy": pref["accuracy"], "gold/margin": pref["margin"], "gold/win_rate": gen["win_rate"],
             "gold/reward": gen["reward"], "gold/reference_reward": gen["reference_reward"], "kl": gen["kl"],
             "mean_length": gen["mean_length"]}
@@ -77,7 +78,9 @@ def train_and_evaluate(task: TaskFolder, overrides: dict[str, Any], output_dir: 
     device = config.device  # where it trained: the judge samples there too
     policy = AutoModelForCausalLM.from_pretrained(final_model_path(output_dir)).to(device)
     reference = AutoModelForCausalLM.from_pretrained(task.reference_dir).to(device)
-    result = evaluate_on_task(policy, reference, tokenizer, task, config.beta, seed=seed)
+    # the task's reference, loaded from its folder for every run: its samples are drawn once per process and seed
+    result = evaluate_on_task(policy, reference, tokenizer, task, config.beta, seed=seed,
+                              reference_key=os.path.abspath(task.reference_dir))
     if config.train_file == task.train_file:  # pair ids are rows of the task's file
         result.update(selection_of_flipped_pairs(output_dir, task.flipped_pair_ids()))
     else:  # another file (e.g. an audit's cleaned copy): its own `flipped` column, undone where the pair was swapped
