@@ -14,7 +14,7 @@ import json
 import os
 from typing import Any
 
-from adaptdpo.training.checkpointing import atomic_write_text
+from adaptdpo import files
 
 TASK_KINDS = ("toy", "sentiment")
 
@@ -29,18 +29,8 @@ def digest(settings: dict[str, Any]) -> str:
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
-    if not os.path.isfile(path):
-        raise TaskFileError(f"{path}: missing (the task folder is incomplete; rebuild it)")
-    rows = []
-    with open(path, encoding="utf-8", errors="strict") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise TaskFileError(f"{path}: line {line_no}: invalid JSON ({e.msg})") from None
-    return rows
+    """A task file's records; a missing or damaged file is a TaskFileError naming it."""
+    return files.read_jsonl(path, error=TaskFileError, missing_hint=" (the task folder is incomplete; rebuild it)")
 
 
 def read_json(path: str) -> Any:
@@ -53,8 +43,7 @@ def read_json(path: str) -> Any:
             raise TaskFileError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from None
 
 
-def write_jsonl_atomic(path: str, rows: list[dict[str, Any]]) -> None:
-    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+write_jsonl_atomic = files.write_jsonl_atomic
 
 
 #: the run settings every task's experiments share (the schedule, logging, no checkpoints); each task adds its sizes

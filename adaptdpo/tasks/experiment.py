@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from adaptdpo.evaluation.metrics import gold_generation_metrics, preference_accuracy, selection_of_flipped_pairs
+from adaptdpo.files import read_jsonl
 from adaptdpo.models.loading import load_tokenizer
 from adaptdpo.tasks.base import TaskFolder
 from adaptdpo.training.config_io import parse_config
@@ -41,8 +42,7 @@ def evaluate_on_task(policy: Any, reference: Any, tokenizer: Any, task: TaskFold
 
 
 def _rows(path: str) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    return read_jsonl(path)
 
 
 def gold_train_arguments(task: TaskFolder, overrides: dict[str, Any]) -> list[str]:

@@ -17,50 +17,18 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from typing import Any
 
 import torch
 
+# the atomic writes live in adaptdpo.files (one place for the package); re-exported for the checkpoint code's callers
+from adaptdpo.files import atomic_torch_save, atomic_write_json, atomic_write_text
+
+__all__ = ["atomic_torch_save", "atomic_write_json", "atomic_write_text"]
+
 CHECKPOINT_STATE_FILE = "adaptdpo_state.pt"
 COMPLETE_MARKER = "adaptdpo_complete"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path: str, write: Any) -> None:
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        # mkstemp creates 0600 files; results are shared like any tool's output (0644 under umask 022)
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_torch_save(obj: Any, path: str) -> None:
-    _atomic_write(path, lambda fh: torch.save(obj, fh))
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    _atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
-
-
-def atomic_write_json(path: str, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def mark_checkpoint_complete(folder: str) -> None:

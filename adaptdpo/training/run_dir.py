@@ -22,8 +22,8 @@ import torch
 import yaml
 from transformers import TrainerCallback
 
-from adaptdpo import __version__
-from adaptdpo.training.checkpointing import atomic_write_json, atomic_write_text
+from adaptdpo import __version__, files
+from adaptdpo.files import atomic_write_json, atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -195,11 +195,8 @@ def truncate_metrics(run_dir: str, last_step: int, name: str = METRICS_FILE) -> 
 
 
 def read_jsonl(run_dir: str, name: str) -> list[dict[str, Any]]:
-    path = os.path.join(run_dir, name)
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    """The records of the run directory's ``name`` ([] before the run has written any)."""
+    return files.read_jsonl(os.path.join(run_dir, name), missing_ok=True)
 
 
 def read_metrics(run_dir: str) -> list[dict[str, Any]]:
