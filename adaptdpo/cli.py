@@ -368,10 +368,10 @@ def cmd_task(args: list[str]) -> int:
     import dataclasses
 
     from adaptdpo.tasks.sentiment.task import SentimentSpec, build_sentiment_task
-    from adaptdpo.tasks.toy.task import TaskSpec, build_task
+    from adaptdpo.tasks.toy.task import ToySpec, build_task
 
     kinds = {"sentiment": (SentimentSpec, build_sentiment_task, "runs/sentiment-cache"),
-             "toy": (TaskSpec, build_task, "runs/gold-cache")}
+             "toy": (ToySpec, build_task, "runs/gold-cache")}
     parser = argparse.ArgumentParser(prog="adaptdpo task")
     parser.add_argument("kind", choices=tuple(kinds), help="sentiment: real text from SmolLM2, judged by VADER; "
                         "toy: the synthetic language")

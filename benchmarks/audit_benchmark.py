@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from adaptdpo.audit.ranking import auroc, average_precision, precision_at
 from adaptdpo.audit.run import AuditOptions, run_audit
 from adaptdpo.tasks.experiment import gold_train_arguments
-from adaptdpo.tasks.toy.task import TaskSpec, build_task
+from adaptdpo.tasks.toy.task import ToySpec, build_task
 
 FOLDS = 5
 DPO_FOLD_TRAINING = {"learning_rate": 3e-3}
@@ -121,7 +121,7 @@ def toy_learned_margins(task: Any, rows: list[dict[str, Any]], folds: list[int],
 
 
 def run_setting(rate: float, mix: float, seed: int, root: str, with_dpo: bool) -> list[dict[str, Any]]:
-    spec = TaskSpec(seed=seed, flip_rate=rate, high_gap_fraction=mix)
+    spec = ToySpec(seed=seed, flip_rate=rate, high_gap_fraction=mix)
     task = build_task(spec, os.path.join(root, "gold-cache"))
     rows = rows_of(task.train_file)
     flipped = np.array([bool(r["flipped"]) for r in rows])

@@ -37,7 +37,7 @@ from common import ResultCache, mean_std
 
 from adaptdpo.audit.run import AuditOptions, run_audit
 from adaptdpo.tasks.experiment import METHODS, gold_train_arguments, train_and_evaluate
-from adaptdpo.tasks.toy.task import TaskSpec, build_task
+from adaptdpo.tasks.toy.task import ToySpec, build_task
 
 FLIP_RATE = 0.2
 COMMITTED_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "noise_recovery.jsonl")
@@ -118,9 +118,9 @@ def main() -> None:
     per_recipe: dict[str, list[dict]] = {}
     audits = []
     for seed in range(ns.seeds):
-        noisy = build_task(TaskSpec(seed=0, data_seed=seed, high_gap_fraction=0.5, flip_rate=FLIP_RATE),
+        noisy = build_task(ToySpec(seed=0, data_seed=seed, high_gap_fraction=0.5, flip_rate=FLIP_RATE),
                            os.path.join(ns.workdir, "cache"))
-        clean = build_task(TaskSpec(seed=0, data_seed=seed, high_gap_fraction=0.5, flip_rate=0.0),
+        clean = build_task(ToySpec(seed=0, data_seed=seed, high_gap_fraction=0.5, flip_rate=0.0),
                            os.path.join(ns.workdir, "cache"))
         audit = audit_task(noisy, ns.workdir, seed)
         audits.append(audit)

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ResultCache, mean_std
 
 from adaptdpo.tasks.experiment import METHODS, train_and_evaluate
-from adaptdpo.tasks.toy.task import TaskSpec, build_task
+from adaptdpo.tasks.toy.task import ToySpec, build_task
 
 SAMS = METHODS["sams"]
 KEYS = [("gold/accuracy", "accuracy"), ("gold/win_rate", "win rate"), ("gold/reward", "gold reward"), ("kl", "KL")]
@@ -96,7 +96,7 @@ def main() -> None:
                 count += 1
                 key = run_key(task_over, train_over, seed)
                 if key not in done and not ns.tables_only:
-                    task = build_task(TaskSpec(seed=0, data_seed=seed, **task_over), os.path.join(ns.workdir, "cache"))
+                    task = build_task(ToySpec(seed=0, data_seed=seed, **task_over), os.path.join(ns.workdir, "cache"))
                     result = train_and_evaluate(task, {**train_over, "trace_pairs": True},
                                                 os.path.join(ns.workdir, "run"), seed=seed, plots=False)
                     cache.add(key, result)

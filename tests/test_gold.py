@@ -11,7 +11,7 @@ import torch
 from adaptdpo.data.rows import load_preference_rows
 from adaptdpo.evaluation.metrics import gold_generation_metrics, preference_accuracy, selection_of_flipped_pairs
 from adaptdpo.tasks.toy.language import Language
-from adaptdpo.tasks.toy.task import TaskSpec, build_task
+from adaptdpo.tasks.toy.task import ToySpec, build_task
 
 TINY = dict(corpus_size=400, reference_steps=15, pool_prompts=240, train_pairs=60, eval_pairs=24, eval_prompts=8)
 
@@ -35,7 +35,7 @@ def test_gold_reward_by_hand():
 
 
 def test_task_is_deterministic_and_in_the_standard_format(cache, tmp_path):
-    spec = TaskSpec(seed=3, **TINY)
+    spec = ToySpec(seed=3, **TINY)
     one = build_task(spec, cache)
     two = build_task(spec, str(tmp_path / "other-cache"))
     assert open(one.train_file).read() == open(two.train_file).read()
@@ -47,7 +47,7 @@ def test_task_is_deterministic_and_in_the_standard_format(cache, tmp_path):
 
 @pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])
 def test_gap_mixture(cache, fraction):
-    task = build_task(TaskSpec(seed=3, high_gap_fraction=fraction, flip_rate=0.0, **TINY), cache)
+    task = build_task(ToySpec(seed=3, high_gap_fraction=fraction, flip_rate=0.0, **TINY), cache)
     rows = task.train_rows()
     gaps = [abs(r["gold_chosen"] - r["gold_rejected"]) for r in rows]
     high = [g >= task.stats["high_gap_cut"] for g in gaps]
@@ -58,7 +58,7 @@ def test_gap_mixture(cache, fraction):
 
 def test_flips_are_recorded_and_exact(cache):
     """With a Bradley–Terry temperature near 0 the labels follow the gold reward, except the flipped pairs."""
-    task = build_task(TaskSpec(seed=3, flip_rate=0.25, bt_temperature=1e-9, **TINY), cache)
+    task = build_task(ToySpec(seed=3, flip_rate=0.25, bt_temperature=1e-9, **TINY), cache)
     rows = task.train_rows()
     flipped = [r["flipped"] for r in rows]
     assert task.stats["flipped"] == sum(flipped) and 5 <= sum(flipped) <= 25  # 15 expected of 60
@@ -72,7 +72,7 @@ def test_policy_equal_to_reference_has_kl_zero_and_win_rate_half(cache):
 
     from adaptdpo.models.loading import load_tokenizer
 
-    task = build_task(TaskSpec(seed=3, **TINY), cache)
+    task = build_task(ToySpec(seed=3, **TINY), cache)
     reference = AutoModelForCausalLM.from_pretrained(task.reference_dir)
     tokenizer = load_tokenizer(task.reference_dir)
     metrics = gold_generation_metrics(copy.deepcopy(reference), reference, tokenizer, task.eval_prompts(),
@@ -90,7 +90,7 @@ def test_the_reference_samples_kept_under_a_key_are_the_ones_drawn_again(cache, 
     from adaptdpo.evaluation import metrics as metrics_module
     from adaptdpo.models.loading import load_tokenizer
 
-    task = build_task(TaskSpec(seed=3, **TINY), cache)
+    task = build_task(ToySpec(seed=3, **TINY), cache)
     reference = AutoModelForCausalLM.from_pretrained(task.reference_dir)
     tokenizer = load_tokenizer(task.reference_dir)
     policy = copy.deepcopy(reference)
@@ -128,7 +128,7 @@ def test_accuracy_of_a_hand_set_policy(cache):
     1 − c for A and −c otherwise (c = log((V − 1 + e)/V)); h follows by counting, EOS included."""
     from adaptdpo.models.loading import load_tokenizer
 
-    task = build_task(TaskSpec(seed=3, **TINY), cache)
+    task = build_task(ToySpec(seed=3, **TINY), cache)
     tokenizer = load_tokenizer(task.reference_dir)
     vocab = len(tokenizer)
     word_a = task.language.words[0]
@@ -167,7 +167,7 @@ def test_eval_command_on_a_task_and_on_plain_data(cache, tmp_path, capsys):
 
     from adaptdpo.cli import main
 
-    task = build_task(TaskSpec(seed=3, **TINY), cache)
+    task = build_task(ToySpec(seed=3, **TINY), cache)
     task_dir = os.path.dirname(task.train_file)
     assert main(["eval", task.reference_dir, "--task", task_dir, "--out", str(tmp_path / "m.json")]) == 0
     metrics = json.load(open(tmp_path / "m.json"))

@@ -409,7 +409,7 @@ def _fake_task(tmp_path, eval_rows=3):
     import dataclasses
 
     from adaptdpo.tasks.toy.language import Language
-    from adaptdpo.tasks.toy.task import TaskSpec
+    from adaptdpo.tasks.toy.task import ToySpec
 
     task = tmp_path / "task"
     ref = tmp_path / "reference"
@@ -417,7 +417,7 @@ def _fake_task(tmp_path, eval_rows=3):
     ref.mkdir()
     (ref / "config.json").write_text("{}")
     row = {"prompt": "a b", "chosen": "c", "rejected": "d", "gold_chosen": 1.0, "gold_rejected": 0.0, "flipped": False}
-    (task / "task.json").write_text(json.dumps({"spec": dataclasses.asdict(TaskSpec()), "reference_dir": str(ref),
+    (task / "task.json").write_text(json.dumps({"spec": dataclasses.asdict(ToySpec()), "reference_dir": str(ref),
                                                 "eval_pairs": eval_rows, "train_pairs": 2}))
     (task / "language.json").write_text(json.dumps(Language.create(0).to_dict()))
     (task / "eval.jsonl").write_text((json.dumps(row) + "\n") * eval_rows)

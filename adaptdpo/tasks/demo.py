@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from adaptdpo.tasks.experiment import METHODS, train_and_evaluate
-from adaptdpo.tasks.toy.task import TaskSpec, build_task
+from adaptdpo.tasks.toy.task import ToySpec, build_task
 from adaptdpo.training.plots import plot_comparison
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def run_demo(args: list[str]) -> int:
 
     ns, overrides = demo_arguments(args)
     started = time.time()
-    spec = TaskSpec(seed=ns.seed, high_gap_fraction=0.5, flip_rate=0.2,
+    spec = ToySpec(seed=ns.seed, high_gap_fraction=0.5, flip_rate=0.2,
                     **({"train_pairs": 384, "eval_prompts": 64, "pool_prompts": 1400} if ns.quick else {}))
     cache = ns.cache_dir or os.path.join(os.path.dirname(os.path.abspath(ns.output_dir)), "gold-cache")
     print(f"[demo] gold task (seed {ns.seed}): building or loading from {cache} ...", flush=True)

@@ -2,6 +2,6 @@
 it, and on-policy preference pairs with controlled gold gaps and label flips (DESIGN.md §6)."""
 
 from adaptdpo.tasks.toy.language import Language
-from adaptdpo.tasks.toy.task import GoldTask, TaskSpec, build_task, load_task
+from adaptdpo.tasks.toy.task import ToySpec, ToyTask, build_task, load_task
 
-__all__ = ["GoldTask", "Language", "TaskSpec", "build_task", "load_task"]
+__all__ = ["Language", "ToySpec", "ToyTask", "build_task", "load_task"]

@@ -1,6 +1,6 @@
 """Build (or load from its cache) the gold-reward task: language, tokenizer, reference model, pairs.
 
-    task = build_task(TaskSpec(seed=0, high_gap_fraction=0.5, flip_rate=0.2), cache_root="runs/gold-cache")
+    task = build_task(ToySpec(seed=0, high_gap_fraction=0.5, flip_rate=0.2), cache_root="runs/gold-cache")
     task.train_file, task.eval_file      # JSONL in the standard prompt/chosen/rejected format (+ gold fields)
     task.reference_dir                  # the reference model (save_pretrained folder), also the tokenizer
 
@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class TaskSpec:
+class ToySpec:
     seed: int = 0
     num_words: int = 48
     feature_dim: int = 4
@@ -81,11 +81,11 @@ class TaskSpec:
 
 
 @dataclass
-class GoldTask(TaskFolder):
+class ToyTask(TaskFolder):
     """The toy task's folder: its files (see :class:`~adaptdpo.tasks.base.TaskFolder`) and its language, whose
     hidden reward is the gold reward."""
 
-    spec: TaskSpec
+    spec: ToySpec
     language: Language
     reference_dir: str
     train_file: str
@@ -130,7 +130,7 @@ def train_word_tokenizer(texts: list[str]) -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<|unk|>", **SPECIAL_TOKENS)
 
 
-def _train_reference(spec: TaskSpec, language: Language, folder: str) -> None:
+def _train_reference(spec: ToySpec, language: Language, folder: str) -> None:
     """Tokenizer + tiny GPT-2 trained by maximum likelihood on base-distribution text; saved to ``folder``."""
     corpus = _corpus(language, spec.corpus_size, spec.seed)
     tmp = f"{folder}.tmp-{os.getpid()}"
@@ -194,7 +194,7 @@ def _sample_pairs(model: Any, tokenizer: Any, language: Language, prompts: list[
     return pairs
 
 
-def _pool(spec: TaskSpec, language: Language, folder: str, reference_dir: str) -> None:
+def _pool(spec: ToySpec, language: Language, folder: str, reference_dir: str) -> None:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(reference_dir)
@@ -229,12 +229,12 @@ def _pool(spec: TaskSpec, language: Language, folder: str, reference_dir: str) -
     os.replace(tmp, folder)
 
 
-def _training_rows(spec: TaskSpec, pool: list[dict]) -> tuple[list[dict], dict[str, Any]]:
+def _training_rows(spec: ToySpec, pool: list[dict]) -> tuple[list[dict], dict[str, Any]]:
     return controlled_pairs(pool, spec.train_pairs, spec.high_gap_fraction, spec.flip_rate, spec.bt_temperature,
                             spec.data_seed if spec.data_seed is not None else spec.seed)
 
 
-def load_task(task_dir: str, reference_dir: str | None = None) -> GoldTask:
+def load_task(task_dir: str, reference_dir: str | None = None) -> ToyTask:
     """A task folder written by :func:`build_task` (train/eval/prompts files, language, task.json).
 
     Every file is checked here, before any work: present, parseable (errors name the file and line), and
@@ -247,13 +247,13 @@ def load_task(task_dir: str, reference_dir: str | None = None) -> GoldTask:
     if not os.path.isfile(os.path.join(reference_dir, "config.json")):
         raise TaskFileError(f"{os.path.join(task_dir, 'task.json')}: its reference model {reference_dir} is missing "
                             "(rebuild the task, or pass --reference)")
-    task = GoldTask(TaskSpec(**stats["spec"]), language, reference_dir, os.path.join(task_dir, "train.jsonl"),
+    task = ToyTask(ToySpec(**stats["spec"]), language, reference_dir, os.path.join(task_dir, "train.jsonl"),
                     os.path.join(task_dir, "eval.jsonl"), os.path.join(task_dir, "prompts.jsonl"), stats)
     task.check_files()
     return task
 
 
-def build_task(spec: TaskSpec = TaskSpec(), cache_root: str = "runs/gold-cache") -> GoldTask:
+def build_task(spec: ToySpec = ToySpec(), cache_root: str = "runs/gold-cache") -> ToyTask:
     """The task for ``spec``, built on first use and cached under ``cache_root`` (safe to interrupt)."""
     os.makedirs(cache_root, exist_ok=True)
     reference_dir = os.path.join(cache_root, "reference-" + digest(spec.reference_key()))
