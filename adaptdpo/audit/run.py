@@ -72,7 +72,7 @@ from adaptdpo.training.config import AdaptiveDPOConfig
 from adaptdpo.training.config_io import parse_config
 from adaptdpo.training.job import run_training
 from adaptdpo.training.prepared_data import PreparedData, apply_chat_format
-from adaptdpo.training.run_dir import PAIR_TRACE_FILE, final_model_path, read_config
+from adaptdpo.training.run_dir import LOCK_FILE, PAIR_TRACE_FILE, final_model_path, read_config
 from adaptdpo.training.run_lock import RunLock
 
 logger = logging.getLogger("adaptdpo.audit")
@@ -715,7 +715,7 @@ def _run_audit(options: AuditOptions, train_args: list[str], yaml_path: str | No
     if options.overwrite:
         for name in os.listdir(options.output_dir):
             path = os.path.join(options.output_dir, name)
-            if name != ".adaptdpo.lock":
+            if name != LOCK_FILE:
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     started = time.time()
     set_seed(base.seed)

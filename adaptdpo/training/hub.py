@@ -6,12 +6,7 @@ import contextlib
 from typing import Any
 
 from adaptdpo.training.model_card import write_model_card
-from adaptdpo.training.run_dir import read_summary
-
-#: the run directory's own files: never uploaded by push_to_hub (the hub repository gets the model, tokenizer and card)
-RUN_FILE_PATTERNS = ["config.yaml", "config_changes.jsonl", "metrics.jsonl", "pairs.jsonl", "summary.json",
-                     "skipped_rows.jsonl", "pair_selection.json", "sams_scheduler.pt", ".adaptdpo.lock", "plots/*",
-                     "ref_logps/*", "tokenizer-*/*", "final_model/*", "runs/*"]
+from adaptdpo.training.run_dir import RUN_FILE_PATTERNS, read_summary
 
 
 @contextlib.contextmanager

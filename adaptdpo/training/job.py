@@ -44,13 +44,14 @@ from adaptdpo.training.prepared_data import (
     streamed_sources,
 )
 from adaptdpo.training.run_dir import (
-    CONFIG_CHANGES_FILE,
     CONFIG_FILE,
-    FINAL_MODEL_DIR,
     METRICS_FILE,
     MODEL_FILE_PATTERNS,
+    PAIR_SELECTION_FILE,
     PAIR_TRACE_FILE,
-    SUMMARY_FILE,
+    RUN_RECORD,
+    SCHEDULER_FILE,
+    SKIPPED_ROWS_FILE,
     RunDirectoryCallback,
     completed_run,
     config_changes,
@@ -66,10 +67,6 @@ from adaptdpo.training.trainer import AdaptiveDPOTrainer
 
 logger = logging.getLogger("adaptdpo")
 
-SCHEDULER_FILE = "sams_scheduler.pt"
-
-
-PAIR_SELECTION_FILE = "pair_selection.json"
 
 
 def apply_pair_selection(config: AdaptiveDPOConfig, data: PreparedData) -> dict[str, Any] | None:
@@ -150,9 +147,6 @@ class ConfigChangedError(ValueError):
     """A run directory is resumed with a config that differs from the one it was trained with."""
 
 
-#: what --overwrite_output_dir removes: the run's own record (caches keyed by content stay)
-RUN_RECORD = (CONFIG_FILE, CONFIG_CHANGES_FILE, METRICS_FILE, PAIR_TRACE_FILE, SUMMARY_FILE, "skipped_rows.jsonl",
-              FINAL_MODEL_DIR, "plots", PAIR_SELECTION_FILE)
 
 
 def clear_run(run_dir: str) -> None:
@@ -375,7 +369,7 @@ def start_run_directory(config: AdaptiveDPOConfig, resume: str | None, selection
                 truncate_metrics(config.output_dir, int(resume.rstrip("/").rsplit("-", 1)[1]), name)
         if selection is not None:  # which rows were kept (in training order) and which were dropped, by row id
             atomic_write_json(os.path.join(config.output_dir, PAIR_SELECTION_FILE), selection)
-        with open(os.path.join(config.output_dir, "skipped_rows.jsonl"), "w", encoding="utf-8") as fh:
+        with open(os.path.join(config.output_dir, SKIPPED_ROWS_FILE), "w", encoding="utf-8") as fh:
             for report in data.reports:
                 for err in report.skipped:
                     fh.write(json.dumps({"source": err.source, "row": err.row, "line": err.line,

@@ -25,11 +25,26 @@ from transformers import TrainerCallback
 from adaptdpo import __version__, files
 from adaptdpo.files import atomic_write_json, atomic_write_text
 
+# ---- the run directory's own files: the one table of their names (docs/config.md's table lists them)
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
 CONFIG_CHANGES_FILE = "config_changes.jsonl"
+PAIR_TRACE_FILE = "pairs.jsonl"
+SKIPPED_ROWS_FILE = "skipped_rows.jsonl"
+PAIR_SELECTION_FILE = "pair_selection.json"
+SCHEDULER_FILE = "sams_scheduler.pt"
+LOCK_FILE = ".adaptdpo.lock"
+PLOTS_DIR = "plots"
+REF_LOGPS_DIR = "ref_logps"
 FINAL_MODEL_DIR = "final_model"  # where runs before the TRL layout kept the final model
+#: what --overwrite_output_dir removes: the run's own record (caches keyed by content stay)
+RUN_RECORD = (CONFIG_FILE, CONFIG_CHANGES_FILE, METRICS_FILE, PAIR_TRACE_FILE, SUMMARY_FILE, SKIPPED_ROWS_FILE,
+              FINAL_MODEL_DIR, PLOTS_DIR, PAIR_SELECTION_FILE)
+#: never uploaded by push_to_hub (the hub repository gets the model, tokenizer and card): the record, the caches, the
+#: lock, the tiny presets' tokenizer folders, nested runs
+RUN_FILE_PATTERNS = [*(f"{name}/*" if "." not in name else name for name in RUN_RECORD), SCHEDULER_FILE, LOCK_FILE,
+                     f"{REF_LOGPS_DIR}/*", "tokenizer-*/*", "runs/*"]
 
 #: fields that may differ between the invocations of one run: where and how it reports, not what it trains
 RESUME_NEUTRAL_FIELDS = frozenset({
@@ -42,8 +57,6 @@ RESUME_NEUTRAL_FIELDS = frozenset({
     "gradient_checkpointing", "gradient_checkpointing_kwargs", "activation_checkpointing",
     "activation_checkpointing_kwargs", "activation_offloading", "dataset_num_proc", "lm_head_chunk_size",
 })
-PAIR_TRACE_FILE = "pairs.jsonl"
-
 #: the value a field had, in effect, in runs recorded before it existed (when that is not its default now)
 VALUES_BEFORE_THE_FIELD = {"truncation_mode": "keep_prompt_end"}
 

@@ -19,9 +19,10 @@ import socket
 import sys
 from typing import Any
 
+from adaptdpo.training.run_dir import LOCK_FILE
+
 logger = logging.getLogger(__name__)
 
-LOCK_FILE = ".adaptdpo.lock"
 
 
 class RunDirectoryInUse(RuntimeError):
