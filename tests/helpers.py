@@ -85,3 +85,14 @@ def loss_and_grads(trainer, batch, n_items):
     loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=torch.tensor(n_items))
     loss.backward()
     return loss.item(), {k: p.grad.clone() for k, p in trainer.model.named_parameters()}
+
+
+def packaged_model_installed(name: str) -> bool:
+    """Whether a packaged model (adaptdpo.models.sources.PACKAGED_MODELS) is installed here."""
+    from adaptdpo.models.sources import packaged_file
+
+    try:
+        packaged_file(name)
+        return True
+    except FileNotFoundError:
+        return False

@@ -12,9 +12,10 @@ import shlex
 from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
+from helpers import packaged_model_installed
 
 from adaptdpo import cli
-from adaptdpo.models.sources import PACKAGED_MODELS, packaged_file
+from adaptdpo.models.sources import PACKAGED_MODELS
 from adaptdpo.training.config_io import parse_config
 from adaptdpo.training.prepared_data import auto_eval_rows, prepare_rows
 
@@ -43,16 +44,9 @@ def write_pairs(path: str, n: int) -> None:
                                  "rejected": f" Item {i} is bad. Go away."}) + "\n")
 
 
-def _installed(name: str) -> bool:
-    try:
-        packaged_file(name)
-        return True
-    except FileNotFoundError:
-        return False
-
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _installed(SMOL), reason="needs: " + PACKAGED_MODELS[SMOL].install)
+@pytest.mark.skipif(not packaged_model_installed(SMOL), reason="needs: " + PACKAGED_MODELS[SMOL].install)
 def test_the_readme_quickstart_runs_as_written(tmp_path, monkeypatch):
     lines = quickstart_lines()
     assert [shlex.split(line)[1] for line in lines] == ["train", "audit", "train"]

@@ -12,23 +12,16 @@ import time
 
 import pytest
 import torch
-from helpers import final_params, train_in_process
+from helpers import final_params, packaged_model_installed, train_in_process
 
-from adaptdpo.models.sources import PACKAGED_MODELS, packaged_file, resolve_model
+from adaptdpo.models.sources import PACKAGED_MODELS, resolve_model
 
 SMOL = "smollm2-135m-instruct"
 QUESTION = "What is the capital of France? Answer briefly."
 
 
-def _installed(name):
-    try:
-        packaged_file(name)
-        return True
-    except FileNotFoundError:
-        return False
 
-
-pytestmark = pytest.mark.skipif(not _installed(SMOL), reason="needs: " + PACKAGED_MODELS[SMOL].install)
+pytestmark = pytest.mark.skipif(not packaged_model_installed(SMOL), reason="needs: " + PACKAGED_MODELS[SMOL].install)
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +210,7 @@ def final_params_of(folder):
 def test_minilm_runs_as_the_sams_encoder_on_the_real_models_hidden_states(hh_file, tmp_path):
     from adaptdpo.training.run_dir import read_metrics
 
-    if not _installed("all-minilm-l6-v2"):
+    if not packaged_model_installed("all-minilm-l6-v2"):
         pytest.skip("needs: " + PACKAGED_MODELS["all-minilm-l6-v2"].install)
     out = str(tmp_path / "sams")
     argv = ["--model_name_or_path", SMOL, "--train_file", hh_file, "--output_dir", out, "--use_peft", "true",

@@ -12,22 +12,16 @@ import subprocess
 import sys
 
 import pytest
+from helpers import packaged_model_installed
 
-from adaptdpo.models.sources import PACKAGED_MODELS, packaged_file
+from adaptdpo.models.sources import PACKAGED_MODELS
 
 SMOL = "smollm2-135m-instruct"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _installed(name: str) -> bool:
-    try:
-        packaged_file(name)
-        return True
-    except FileNotFoundError:
-        return False
 
-
-pytestmark = [pytest.mark.skipif(not _installed(SMOL), reason="needs: " + PACKAGED_MODELS[SMOL].install),
+pytestmark = [pytest.mark.skipif(not packaged_model_installed(SMOL), reason="needs: " + PACKAGED_MODELS[SMOL].install),
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 
