@@ -13,11 +13,27 @@ column and the gold reward of each completion), the pairs are ranked by:
 - **DPO folds** (``--dpo_folds``): the audit before issue 26 (5 DPO models from the reference, learning rate 3e-3
   as benchmarks/noise_recovery.py).
 
-Printed per setting: AUROC for the flipped pairs, average precision, precision at the estimated flip count, the
-estimated flip rate with its interval, and the signal's wall time. Not done yet (issue 26): the sentiment task on
-SmolLM2 and HH with planted flips.
+On the sentiment task (``--task sentiment``: SmolLM2-135M-Instruct's own completions, judged by VADER; 1,024
+training pairs, half high-gap, the evidence profile's task, drawn with each seed) the same table, with two ceilings
+fitted on the audit's folds:
+
+- **learned ceiling**: VADER's own function class (a lexicon: a valence per word, summed over the completion's
+  words, with rules for negation and emphasis that a linear model on word counts approximates), a Bradley–Terry
+  logistic regression on the pair's word-count differences, fitted to the same noisy labels, cross-fitted;
+- **feature ceiling**: the shipped probe's features with the *gold* labels: each feature set cross-fitted on the
+  gold direction of every pair, the best by held-out likelihood of the gold labels: what these features give with
+  perfect supervision (so the gap between it and the probe is what the noise costs, and between it and the oracle
+  what the features lack).
+
+On HH (``--task hh``: the shipped Anthropic split, the first 1,024 rows, a seeded share of the labels swapped
+on purpose) there is no gold reward: the planted flips are the truth, and no ceiling is drawn.
 
     .venv/bin/python benchmarks/audit_benchmark.py --flip_rates 0.2 --seeds 1 [--dpo_folds] [--out FILE.md]
+    .venv/bin/python benchmarks/audit_benchmark.py --task sentiment --flip_rates 0.2 --seeds 3 --out FILE.md
+    .venv/bin/python benchmarks/audit_benchmark.py --task hh --flip_rates 0.2 --seeds 1 --out FILE.md
+
+Each setting's audit folder is kept under ``--workdir``: a rerun reads the features back (``features.pt``) and
+redoes only the probes. Peak memory (the process's maximum resident set) is printed beside the seconds.
 """
 
 from __future__ import annotations
@@ -26,6 +42,8 @@ import argparse
 import json
 import logging
 import os
+import re
+import resource
 import sys
 import time
 from typing import Any
@@ -33,6 +51,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from adaptdpo.audit.ranking import auroc, average_precision, precision_at
 from adaptdpo.audit.run import AuditOptions, run_audit
@@ -56,9 +75,11 @@ def metrics(margins: np.ndarray, flipped: np.ndarray, estimated_count: int | Non
     return out
 
 
-def audit_margins(task: Any, workdir: str, signal: str, seed: int) -> tuple[np.ndarray, dict[str, Any], float]:
+def audit_margins(task: Any, workdir: str, signal: str, seed: int, training: dict[str, Any] | None = None
+                  ) -> tuple[np.ndarray, dict[str, Any], float]:
     out = os.path.join(workdir, f"audit-{signal}")
-    overrides: dict[str, Any] = {"seed": seed, "plots": False, **(DPO_FOLD_TRAINING if signal == "dpo_folds" else {})}
+    overrides: dict[str, Any] = {"seed": seed, "plots": False, **(training if training is not None else
+                                                                  DPO_FOLD_TRAINING if signal == "dpo_folds" else {})}
     started = time.time()
     summary = run_audit(AuditOptions(data=task.train_file, output_dir=out, folds=FOLDS, fold_seed=seed,
                                      signal=signal, clean="none"), gold_train_arguments(task, overrides))
@@ -147,26 +168,171 @@ def run_setting(rate: float, mix: float, seed: int, root: str, with_dpo: bool) -
     return results
 
 
+def peak_memory_gib() -> float:
+    """The process's maximum resident set so far (GiB; Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def fold_assignment(audit_dir: str, n: int) -> list[int]:
+    with open(os.path.join(audit_dir, "folds.json"), encoding="utf-8") as fh:
+        assignment = {int(k): v for k, v in json.load(fh)["assignment"].items()}
+    return [assignment[i] for i in range(n)]
+
+
+def _completion_text(value: Any) -> str:
+    return value if isinstance(value, str) else " ".join(m["content"] for m in value if m.get("role") == "assistant")
+
+
+def word_count_margins(rows: list[dict[str, Any]], folds: list[int]) -> np.ndarray:
+    """The lexicon judge's function class: Bradley–Terry on word-count differences (lowercased words), noisy
+    labels as given, cross-fitted on ``folds`` (the learned ceiling of the sentiment task)."""
+    from adaptdpo.audit.probe import cross_fitted_margins
+
+    def words(text: str) -> list[str]:
+        return re.findall(r"[a-z']+", text.lower())
+
+    index: dict[str, int] = {}
+    for r in rows:
+        for key in ("chosen", "rejected"):
+            for w in words(_completion_text(r[key])):
+                index.setdefault(w, len(index))
+    diffs = np.zeros((len(rows), len(index)))
+    for i, r in enumerate(rows):
+        for key, sign in (("chosen", 1.0), ("rejected", -1.0)):
+            for w in words(_completion_text(r[key])):
+                diffs[i, index[w]] += sign
+    return cross_fitted_margins(diffs, np.array(folds)).margins
+
+
+def gold_feature_margins(audit_dir: str, rows: list[dict[str, Any]], folds: list[int]) -> tuple[np.ndarray, str]:
+    """The feature ceiling: each of the audit's feature sets cross-fitted on the gold direction of every pair,
+    margins for the labels as given; the set with the best held-out gold log-likelihood, and its name."""
+    import torch
+
+    from adaptdpo.audit.probe import cross_fitted_margins, log_likelihood
+
+    cached = torch.load(os.path.join(audit_dir, "features.pt"), weights_only=True)
+    agree = np.array([r["gold_chosen"] > r["gold_rejected"] for r in rows])
+    sign = np.where(agree, 1.0, -1.0)
+    best: tuple[float, np.ndarray, str] | None = None
+    for name in cached["chosen"]:
+        diffs = (cached["chosen"][name].double() - cached["rejected"][name].double()).numpy()
+        margins = cross_fitted_margins(diffs, np.array(folds), labels=agree).margins * sign  # as given
+        score = log_likelihood(margins * sign)  # against the gold labels
+        if best is None or score > best[0]:
+            best = (score, margins, name)
+    assert best is not None
+    return best[1], best[2]
+
+
+def sentiment_training(workdir: str) -> dict[str, Any]:
+    """The evidence profile's training settings (top 4 blocks over the shared prefix cache, bf16): the reference's
+    dtype for the features, and the fold models of ``--dpo_folds``."""
+    from real_model import PROFILES, with_cache_dir
+
+    return with_cache_dir(dict(PROFILES["cpu-topk"]["train"]), workdir)
+
+
+def run_sentiment_setting(rate: float, mix: float, seed: int, root: str, with_dpo: bool) -> list[dict[str, Any]]:
+    from real_model import seed_pools
+
+    from adaptdpo.tasks.sentiment.task import SentimentSpec, build_sentiment_task
+
+    cache = os.path.join(root, "cache")
+    seed_pools(cache)
+    task = build_sentiment_task(SentimentSpec(train_pairs=1024, high_gap_fraction=mix, flip_rate=rate,
+                                              data_seed=seed), cache)
+    rows = rows_of(task.train_file)
+    flipped = np.array([bool(r["flipped"]) for r in rows])
+    workdir = os.path.join(root, f"sentiment-flips{rate}-mix{mix}-seed{seed}")
+    training = sentiment_training(root)
+    results = [{"signal": "oracle", **metrics(np.array([r["gold_chosen"] - r["gold_rejected"] for r in rows]),
+                                              flipped, int(flipped.sum()))}]
+    for signal in ("probe", *(("dpo_folds",) if with_dpo else ())):
+        margins, summary, seconds = audit_margins(task, workdir, signal, seed, training)
+        if signal == "probe":
+            audit_dir = os.path.join(workdir, "audit-probe")
+            folds = fold_assignment(audit_dir, len(rows))
+            started = time.time()
+            learned = word_count_margins(rows, folds)
+            results.append({"signal": "learned ceiling (word counts)", **metrics(learned, flipped, int(flipped.sum())),
+                            "seconds": round(time.time() - started, 1)})
+            started = time.time()
+            gold_margins, name = gold_feature_margins(audit_dir, rows, folds)
+            results.append({"signal": f"feature ceiling ({name}, gold labels)",
+                            **metrics(gold_margins, flipped, int(flipped.sum())),
+                            "seconds": round(time.time() - started, 1)})
+        results.append({"signal": signal, **metrics(margins, flipped, summary["estimated_flip_count"]),
+                        "estimate": summary["estimated_flip_rate"], "interval": summary["flip_rate_interval"],
+                        "warnings": len(summary["warnings"]), "seconds": round(seconds, 1),
+                        "peak_gib": round(peak_memory_gib(), 2)})
+    for r in results:
+        r.update({"flip_rate": rate, "high_gap": mix, "seed": seed, "pairs": len(rows),
+                  "true_rate": float(flipped.mean())})
+    return results
+
+
+class _FileTask:
+    """A training file as the audit helpers want a task: its path and the reference."""
+
+    def __init__(self, train_file: str, reference: str, defaults: dict[str, Any]):
+        self.train_file, self.reference_dir, self._defaults = train_file, reference, defaults
+
+    def train_defaults(self) -> dict[str, Any]:
+        return dict(self._defaults)
+
+
+def run_hh_setting(rate: float, seed: int, root: str, with_dpo: bool) -> list[dict[str, Any]]:
+    from real_model import PROFILES, hh_files
+
+    from adaptdpo.tasks.sentiment.task import SENTIMENT_TRAIN_DEFAULTS
+
+    profile = {"hh": {"train_rows": 1024, "eval_rows": 1}}
+    train_path, _, flipped_ids = hh_files(profile, rate, seed, os.path.join(root, "hh-data"))
+    rows = rows_of(train_path)
+    flipped = np.array([i in flipped_ids for i in range(len(rows))])
+    hh_train = {k: v for k, v in PROFILES["cpu-topk"]["hh_train"].items() if k != "shared_prefix_cache"}
+    task = _FileTask(train_path, "smollm2-135m-instruct", {**SENTIMENT_TRAIN_DEFAULTS, "chat_format": "auto",
+                                                            **hh_train})
+    workdir = os.path.join(root, f"hh-flips{rate}-seed{seed}")
+    results = []
+    for signal in ("probe", *(("dpo_folds",) if with_dpo else ())):
+        margins, summary, seconds = audit_margins(task, workdir, signal, seed, {} if signal == "probe" else
+                                                  {"learning_rate": 3e-5})
+        results.append({"signal": signal, **metrics(margins, flipped, summary["estimated_flip_count"]),
+                        "estimate": summary["estimated_flip_rate"], "interval": summary["flip_rate_interval"],
+                        "warnings": len(summary["warnings"]), "seconds": round(seconds, 1),
+                        "peak_gib": round(peak_memory_gib(), 2)})
+    for r in results:
+        r.update({"flip_rate": rate, "high_gap": float("nan"), "seed": seed, "pairs": len(rows),
+                  "true_rate": float(flipped.mean())})
+    return results
+
+
 def table(results: list[dict[str, Any]], command: str) -> str:
     lines = [f"Measured by `{command}`.", "",
              "| flips (true) | high-gap share | seed | pairs | signal | AUROC | AUPR "
              "| precision at k̂ (oracle, ceiling: k) | "
-             "estimated flip rate (95% interval) | warnings | s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "estimated flip rate (95% interval) | warnings | s | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         estimate = (f"{r['estimate']:.3f} ({r['interval'][0]:.3f}–{r['interval'][1]:.3f})" if "estimate" in r
                     else "")
-        lines.append(f"| {r['flip_rate']:.0%} ({r['true_rate']:.3f}) | {r['high_gap']:.0%} | {r['seed']} | "
+        mix = "" if r["high_gap"] != r["high_gap"] else f"{r['high_gap']:.0%}"  # NaN: no gap groups (HH)
+        lines.append(f"| {r['flip_rate']:.0%} ({r['true_rate']:.3f}) | {mix} | {r['seed']} | "
                      f"{r['pairs']} | {r['signal']} | {r['auroc']:.3f} | {r['aupr']:.3f} | "
                      f"{r.get('precision_at_estimate', float('nan')):.3f} | {estimate} | {r.get('warnings', '')} | "
-                     f"{r.get('seconds', '')} |")
+                     f"{r.get('seconds', '')} | {r.get('peak_gib', '')} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--task", choices=("toy", "sentiment", "hh"), default="toy")
     parser.add_argument("--flip_rates", default="0.1,0.2,0.3,0.4")
     parser.add_argument("--high_gap", default="0.5")
-    parser.add_argument("--seeds", type=int, default=3, help="task seeds 1..N (seed 0 is the tuned default task)")
+    parser.add_argument("--seeds", type=int, default=3, help="task seeds 1..N (toy: seed 0 is the tuned default "
+                        "task; sentiment and HH: seeds 0..N-1, the evidence runs' data seeds)")
     parser.add_argument("--dpo_folds", action="store_true", help="also the DPO-fold audit (K trainings each)")
     parser.add_argument("--workdir", default="runs/bench-audit")
     parser.add_argument("--out", help="write the table to this markdown file")
@@ -175,10 +341,16 @@ def main() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     results = []
     for rate in (float(v) for v in ns.flip_rates.split(",")):
-        for mix in (float(v) for v in ns.high_gap.split(",")):
-            for seed in range(1, ns.seeds + 1):
-                results += run_setting(rate, mix, seed, ns.workdir, ns.dpo_folds)
-                print(table(results[-(4 if ns.dpo_folds else 3):], "(partial)"), flush=True)
+        for mix in (float(v) for v in ns.high_gap.split(",")) if ns.task != "hh" else (float("nan"),):
+            for seed in range(1, ns.seeds + 1) if ns.task == "toy" else range(ns.seeds):
+                if ns.task == "toy":
+                    new = run_setting(rate, mix, seed, ns.workdir, ns.dpo_folds)
+                elif ns.task == "sentiment":
+                    new = run_sentiment_setting(rate, mix, seed, ns.workdir, ns.dpo_folds)
+                else:
+                    new = run_hh_setting(rate, seed, ns.workdir, ns.dpo_folds)
+                results += new
+                print(table(new, "(partial)"), flush=True)
     text = table(results, "python benchmarks/audit_benchmark.py " + " ".join(sys.argv[1:]))
     print(text)
     if ns.out:

@@ -304,3 +304,18 @@ def test_probe_audit_command_line(hand_built, tmp_path, capsys):  # noqa: F811
     assert main(["audit", data, "--output_dir", str(tmp_path / "bad"), "--probe_layers", "0,9",
                  *fold_training_args(reference)]) == 1
     assert "layer 9 does not exist" in capsys.readouterr().err
+
+
+def test_anchor_reading_by_hand_and_the_note_where_the_estimate_is_not_identified():
+    from adaptdpo.audit.run import identification_note
+    from adaptdpo.audit.signals import anchor_flip_rate
+
+    m = torch.tensor([3.0, -2.5, 2.0, 1.0, -0.5, 0.2])
+    assert anchor_flip_rate(m, share=0.5, minimum=1, bootstrap=0) == (pytest.approx(1 / 3), (1 / 3, 1 / 3))
+    assert anchor_flip_rate(torch.tensor([0.0, 4.0]), share=1.0, minimum=1, bootstrap=0)[0] == 0.25  # a tie: ½
+    assert anchor_flip_rate(m, share=0.01, minimum=30, bootstrap=0)[0] == pytest.approx(2 / 6)  # all 6 when < 30
+    # a weak, flat signal: the logistic estimate falls to 0 with a wide interval; the note gives the anchor reading
+    wide = FlipRateEstimate(0.0, 1.0, (0.0, 0.26), 1024, 0.0)
+    note = identification_note(wide, 0.225)
+    assert note is not None and "0.0%-26.0%" in note and "22.5%" in note and "--force" in note
+    assert identification_note(FlipRateEstimate(0.2, 3.0, (0.15, 0.25), 1024, 0.0), 0.21) is None

@@ -170,3 +170,47 @@ def test_the_model_card_says_which_blocks_were_trained(tmp_path):
     card = model_card(AdaptiveDPOConfig(output_dir=str(tmp_path), use_cpu=True, trainable_layers=4,
                                         model_name_or_path="smollm2-135m-instruct"))
     assert "| `trainable_layers` | 4 (only the top 4 blocks" in card
+
+
+def _top_trained_pair(tokenizer):
+    """A 4-block tiny Llama reference and a policy whose top 2 blocks and final norm differ from it."""
+    import copy
+
+    from adaptdpo.models.tiny import build_tiny_model, tiny_model_config
+
+    cfg = tiny_model_config("tiny-llama", len(tokenizer), 32, 4, 4, 256, tokenizer.pad_token_id,
+                            tokenizer.eos_token_id)
+    reference = build_tiny_model(cfg, seed=3)
+    policy = copy.deepcopy(reference)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if name.startswith(("model.layers.2.", "model.layers.3.", "model.norm")):
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return policy, reference
+
+
+def test_evaluation_with_a_shared_frozen_bottom_gives_the_same_numbers(hh_rows, tokenizer):
+    """The held-out log-ratios and KL(π‖π_ref) on samples, with the policy started from the reference's input of
+    block 2: equal to two full passes bit for bit; sharing is refused where the bottom differs."""
+    from adaptdpo.evaluation.metrics import gold_generation_metrics, pair_logratios
+    from adaptdpo.models.shared_prefix import shared_frozen_blocks
+
+    policy, reference = _top_trained_pair(tokenizer)
+    assert shared_frozen_blocks(policy, reference, 2) == 2
+    assert shared_frozen_blocks(policy, reference, 1) is None  # K = 1: block 2 would be shared but differs
+    assert shared_frozen_blocks(policy, reference, None) is None
+    rows = hh_rows[:12]
+    full = pair_logratios(policy, reference, tokenizer, rows, batch_size=5)
+    shared = pair_logratios(policy, reference, tokenizer, rows, batch_size=5, frozen_blocks=2)
+    assert full.abs().max() > 1e-3  # the top blocks changed something
+    assert torch.equal(full, shared)
+    prompts = [r["prompt"] for r in hh_rows[:6]]
+    judge = lambda prompt, text: float(len(text))  # noqa: E731
+    a = gold_generation_metrics(policy, reference, tokenizer, prompts, judge, seed=0, max_new_tokens=6)
+    b = gold_generation_metrics(policy, reference, tokenizer, prompts, judge, seed=0, max_new_tokens=6,
+                                frozen_blocks=2)
+    assert a["kl"] != 0.0 and a["kl"] == b["kl"] and a["win_rate"] == b["win_rate"]
+    assert a["sampling_tokens_per_s"] > 0
+    # the policy's blocks skipped during the shared pass are restored afterwards
+    assert all("forward" not in block.__dict__ for block in policy.model.layers)

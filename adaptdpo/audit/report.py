@@ -89,6 +89,8 @@ def write_report(out_dir: str, summary: dict[str, Any], scored: dict[int, dict[s
     lines = [f"# Preference-data audit: {summary['data']}", ""]
     if warnings:
         lines += ["## Warnings", "", *[f"- **{w}**" for w in warnings], ""]
+    if summary.get("identification_note"):
+        lines += [f"Note: {summary['identification_note']}.", ""]
     lines += [f"{summary['scored_pairs']} of {summary['rows']} rows scored by {summary['folds']}-fold cross-fitting "
               f"(signal `{summary['signal']}`: each pair scored by {by.get(summary['signal'], summary['signal'])}, "
               "fitted on the other folds; it never saw the pair). Score = estimated probability that the pair's "
@@ -96,6 +98,9 @@ def write_report(out_dir: str, summary: dict[str, Any], scored: dict[int, dict[s
               "| quantity | value |", "|---|---|",
               f"| estimated flip rate (noisy-label logistic fit of the margins) | {summary['estimated_flip_rate']:.3f} "
               f"(95% interval {low:.3f}–{high:.3f}; {summary['estimated_flip_count']} pairs) |",
+              *([f"| disagreeing labels among the most confident tenth (anchor reading) | "
+                 f"{summary['anchor_flip_rate']:.3f} (95% interval {summary['anchor_flip_rate_interval'][0]:.3f}–"
+                 f"{summary['anchor_flip_rate_interval'][1]:.3f}) |"] if "anchor_flip_rate" in summary else []),
               *([f"| estimated flip rate (Hölder-DPO's 1 − ξ̂ of the margins, γ = {summary['holder_gamma']}) | "
                  f"{summary['holder_flip_rate']:.3f} |"] if "holder_flip_rate" in summary else []),
               f"| held-out pairs whose margin agrees with their label | {summary['heldout_accuracy_of_labels']:.3f} "

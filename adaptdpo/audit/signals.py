@@ -14,7 +14,14 @@ h = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)) (DPO
 - ``estimate_flip_rate`` (the audit's estimate since issue 26): the noisy-label logistic model
   P(label as given | m) = (1 − ε)·σ(a·m) + ε·σ(−a·m), a ≥ 0, by maximum likelihood, with a bootstrap interval;
   P(flip | m) by Bayes. On clean labels it is near 0; labels inverted throughout are learned by the held-out
-  models too and cannot be seen from the labels.
+  models too and cannot be seen from the labels. Where the signal is weak the likelihood is nearly flat in ε
+  (a shallow slope a explains the disagreements as well as flips do) and the estimate falls toward 0: its
+  interval then says so.
+- ``anchor_flip_rate``, a second reading beside it: the share of disagreeing labels among the pairs the held-out
+  model is most confident about (anchor points: Liu & Tao 2016, Patrini et al. 2017 §3.2), which is ε where those
+  decisions are right about the true preference. It assumes nothing about the margins' shape and stays in place
+  where the logistic model's estimate collapses (measured on sentiment: 0.23 and 0.00 for 0.19 planted), but it
+  reads high where the confident decisions are themselves often wrong (0.5 at chance).
 """
 
 from __future__ import annotations
@@ -128,6 +135,33 @@ def _fit_noisy_label(m: Any, start: tuple[float, float] | None = None, grid: tup
     result = min(results, key=lambda r: float(r.fun))
     eps, a = float(result.x[0]), float(result.x[1])
     return eps, a, -float(result.fun)
+
+
+#: the anchor estimate's share of most confident pairs (at least ANCHOR_MIN_PAIRS of them)
+ANCHOR_SHARE = 0.1
+ANCHOR_MIN_PAIRS = 30
+
+
+def anchor_flip_rate(margins: Tensor, share: float = ANCHOR_SHARE, minimum: int = ANCHOR_MIN_PAIRS,
+                     bootstrap: int = 200, seed: int = 0) -> tuple[float, tuple[float, float]]:
+    """(ε̂, 95% percentile bootstrap interval): among the ``share`` of pairs with the largest |m| (at least
+    ``minimum``, at most all), the share whose held-out margin disagrees with the label (m < 0; a tie counts ½)."""
+    import numpy as np
+
+    m = margins.double().flatten().numpy()
+    if m.size == 0:
+        raise ValueError("the anchor estimate needs at least 1 margin")
+    k = min(m.size, max(minimum, round(share * m.size)))
+
+    def rate(values: Any) -> float:
+        top = values[np.argsort(-np.abs(values), kind="stable")[:k]]
+        return float((top < 0).mean() + 0.5 * (top == 0).mean())
+
+    value = rate(m)
+    rng = np.random.default_rng(seed)
+    draws = [rate(m[rng.integers(0, m.size, m.size)]) for _ in range(max(0, bootstrap))]
+    interval = (float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))) if draws else (value, value)
+    return value, interval
 
 
 def estimate_flip_rate(margins: Tensor, bootstrap: int = 200, seed: int = 0) -> FlipRateEstimate:

@@ -14,17 +14,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 
 from adaptdpo.data.collate import PreferenceCollator, batch_to
 from adaptdpo.data.tokenize import tokenize_rows
-from adaptdpo.models.sampling import completion_logps, prompt_token_ids, sample_completions
+from adaptdpo.models.sampling import completion_batches, prompt_token_ids, sample_completions
 from adaptdpo.models.sequence_logps import sequence_logps
+from adaptdpo.models.shared_prefix import both_sequence_logps
 
 
 @torch.no_grad()
@@ -49,21 +52,41 @@ def pair_completion_logps(model: Any, examples: Sequence[dict[str, Any]], pad_to
     return (torch.cat(chosen_out) if chosen_out else empty), (torch.cat(rejected_out) if rejected_out else empty)
 
 
+@contextlib.contextmanager
+def _eval_mode(*models: Any) -> Iterator[None]:
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(models, modes, strict=True):
+            m.train(mode)
+
+
 def pair_logratios(policy: Any, reference: Any, tokenizer: Any, rows: Sequence[dict[str, Any]],
-                   max_length: int | None = 256, batch_size: int = 64) -> torch.Tensor:
-    """h = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)) per row (float64)."""
+                   max_length: int | None = 256, batch_size: int = 64, frozen_blocks: int | None = None
+                   ) -> torch.Tensor:
+    """h = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)) per row (float64). ``frozen_blocks``
+    (:func:`~adaptdpo.models.shared_prefix.shared_frozen_blocks`): the policy's bottom blocks are the
+    reference's, computed once per batch (the same numbers)."""
     examples, _ = tokenize_rows(list(rows), tokenizer, max_length, None, truncation_mode="keep_prompt_end")
+    collate = PreferenceCollator(tokenizer.pad_token_id)
+    device = next(policy.parameters()).device
     out = []
-    for model in (policy, reference):
-        chosen, rejected = pair_completion_logps(model, examples, tokenizer.pad_token_id, batch_size)
-        out.append(chosen - rejected)
-    return out[0] - out[1]
+    with _eval_mode(policy, reference):
+        for start in range(0, len(examples), batch_size):
+            batch = batch_to(collate(list(examples[start:start + batch_size])), device)
+            ours, theirs = both_sequence_logps(policy, reference, batch, frozen_blocks)
+            (pc, pr), (rc, rr) = ours.split(), theirs.split()
+            out.append(((pc.double() - rc.double()) - (pr.double() - rr.double())).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
 def preference_accuracy(policy: Any, reference: Any, tokenizer: Any, rows: Sequence[dict[str, Any]],
-                        beta: float = 0.1) -> dict[str, float]:
+                        beta: float = 0.1, frozen_blocks: int | None = None) -> dict[str, float]:
     """Accuracy and mean margin of the implicit reward on rows whose ``chosen`` is the better response."""
-    h = pair_logratios(policy, reference, tokenizer, rows)
+    h = pair_logratios(policy, reference, tokenizer, rows, frozen_blocks=frozen_blocks)
     accuracy = ((h > 0).double() + 0.5 * (h == 0).double()).mean()
     return {"accuracy": float(accuracy), "margin": float(beta * h.mean())}
 
@@ -76,14 +99,19 @@ _REFERENCE_SAMPLES: dict[tuple, list] = {}
 
 def gold_generation_metrics(policy: Any, reference: Any, tokenizer: Any, prompts: Sequence[Any],
                             gold: Callable[[Any, str], float], seed: int = 0, max_new_tokens: int = 24,
-                            samples_per_prompt: int = 2, reference_key: str | None = None) -> dict[str, float]:
+                            samples_per_prompt: int = 2, reference_key: str | None = None,
+                            frozen_blocks: int | None = None) -> dict[str, float]:
     """Gold win rate against the reference, mean gold rewards, KL(π‖π_ref) on held-out prompts (text, or chat
     messages rendered by the tokenizer's template). ``reference_key`` (e.g. the reference's folder, which must not
-    change while the process runs): keep the reference's samples for the next call with the same key and inputs."""
+    change while the process runs): keep the reference's samples for the next call with the same key and inputs.
+    ``frozen_blocks``: see :func:`pair_logratios`. Also returned: the policy's sampling speed (sampled tokens/s)
+    and the seconds of each part."""
     prompt_ids = prompt_token_ids(tokenizer, list(prompts)) * samples_per_prompt
     texts = list(prompts) * samples_per_prompt
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    started = time.time()
     ours = sample_completions(policy, prompt_ids, eos, pad, max_new_tokens, seed)
+    sampling_s = time.time() - started
     key = None if reference_key is None else (reference_key, tuple(map(tuple, prompt_ids)), seed, max_new_tokens,
                                               eos, pad, str(next(reference.parameters()).device))
     theirs = _REFERENCE_SAMPLES.get(key) if key is not None else None
@@ -95,9 +123,18 @@ def gold_generation_metrics(policy: Any, reference: Any, tokenizer: Any, prompts
     r_ours = torch.tensor([gold(p, decode(c)) for p, c in zip(texts, ours, strict=True)], dtype=torch.float64)
     r_theirs = torch.tensor([gold(p, decode(c)) for p, c in zip(texts, theirs, strict=True)], dtype=torch.float64)
     wins = (r_ours > r_theirs).double() + 0.5 * (r_ours == r_theirs).double()
-    kl = completion_logps(policy, prompt_ids, ours, pad) - completion_logps(reference, prompt_ids, ours, pad)
+    started = time.time()
+    device = next(policy.parameters()).device
+    kl_parts = []
+    with _eval_mode(policy, reference):
+        for batch in completion_batches(prompt_ids, ours, pad):
+            mine, base = both_sequence_logps(policy, reference, batch_to(batch, device), frozen_blocks)
+            kl_parts.append((mine.logps.double() - base.logps.double()).cpu())
+    kl = torch.cat(kl_parts)
+    tokens = sum(len(c) for c in ours)
     return {"win_rate": float(wins.mean()), "reward": float(r_ours.mean()), "reference_reward": float(r_theirs.mean()),
-            "kl": float(kl.mean()), "mean_length": sum(len(c) for c in ours) / len(ours)}
+            "kl": float(kl.mean()), "mean_length": tokens / len(ours), "sampling_s": sampling_s,
+            "sampling_tokens_per_s": tokens / max(sampling_s, 1e-9), "kl_s": time.time() - started}
 
 
 def selection_of_flipped_pairs(run_dir: str, flipped: set[int]) -> dict[str, float]:

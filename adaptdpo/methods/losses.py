@@ -225,8 +225,8 @@ def holder_loss(p: PairLogps, beta: Beta, *, holder_gamma: float = HOLDER_GAMMA,
     batch statistic; the enlarged model's scale ξ enters only the contamination estimate, :func:`holder_scale`).
     Its gradient in βh is −γ(1 + γ)·p^γ·(1 − p)², which → 0 as p → 0 (redescending: a pair the model confidently
     calls mislabelled stops pulling, where DPO's tends to −1) and as p → 1. The loss lies in [−1, 0]; it does not tend
-    to DPO's −log σ(βh) as γ → 0 (it tends to the constant −1). The paper's default γ is 2.0 (Section 5, Section 6);
-    ours, HOLDER_GAMMA, is 0.5."""
+    to DPO's −log σ(βh) as γ → 0 (it tends to the constant −1). The paper's default γ is 2.0 (Section 5, Section 6),
+    and so is ours (HOLDER_GAMMA)."""
     if holder_gamma <= 0:
         raise ValueError(f"holder needs holder_gamma > 0 (the power γ), got {holder_gamma}")
     _, p_g, p_g1 = _sigmoid_powers(beta * p.delta, holder_gamma)

@@ -10,6 +10,9 @@ random numbers, so a model compared with itself produces the same samples (win r
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +20,11 @@ import torch
 from torch import Tensor
 
 from adaptdpo.models.sequence_logps import sequence_logps
+
+logger = logging.getLogger("adaptdpo")
+
+#: seconds between two progress lines of a long generation (logged at INFO)
+PROGRESS_EVERY_S = 15.0
 
 
 def _left_pad(rows: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
@@ -70,6 +78,7 @@ def generate(model: Any, prompt_ids: list[list[int]], eos_token_ids: int | list[
     eos = eos.to(device)
     generator = torch.Generator(device=device).manual_seed(seed)
     out: list[Sample] = []
+    started = last_report = time.time()
     for start in range(0, len(prompt_ids), batch_size):
         ids, mask = (t.to(device) for t in _left_pad(prompt_ids[start:start + batch_size], pad_token_id))
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
@@ -96,6 +105,10 @@ def generate(model: Any, prompt_ids: list[list[int]], eos_token_ids: int | list[
             step_ids = token[:, None]
             mask = torch.cat([mask, (~done).long()[:, None]], dim=1)
             done |= torch.isin(token, eos)
+            if time.time() - last_report > PROGRESS_EVERY_S:  # long sampling says where it is
+                last_report = time.time()
+                logger.info("sampling: prompts %d-%d of %d, token %d of at most %d (%.0f s)", start + 1,
+                            start + ids.shape[0], len(prompt_ids), len(new), max_new_tokens, last_report - started)
             if bool(done.all()):
                 break
         tokens = torch.stack(new, dim=1).tolist()
@@ -140,14 +153,9 @@ def prompt_token_ids(tokenizer: Any, prompts: list[Any]) -> list[list[int]]:
     return out
 
 
-@torch.no_grad()
-def completion_logps(model: Any, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_token_id: int,
-                     batch_size: int = 256) -> Tensor:
-    """log π(completion | prompt), summed over the completion's tokens, one value per row (float64)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    values = []
+def completion_batches(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_token_id: int,
+                       batch_size: int = 256) -> Iterator[dict[str, Tensor]]:
+    """Right-padded batches of prompt + completion with the completion's tokens marked (``completion_mask``)."""
     for start in range(0, len(prompt_ids), batch_size):
         prompts, completions = prompt_ids[start:start + batch_size], completion_ids[start:start + batch_size]
         seqs = [p + c for p, c in zip(prompts, completions, strict=True)]
@@ -159,6 +167,17 @@ def completion_logps(model: Any, prompt_ids: list[list[int]], completion_ids: li
             batch["input_ids"][i, : len(s)] = torch.tensor(s)
             batch["attention_mask"][i, : len(s)] = 1
             batch["completion_mask"][i, len(p): len(s)] = 1
-        values.append(sequence_logps(model, {k: v.to(device) for k, v in batch.items()}).logps.double().cpu())
+        yield batch
+
+
+@torch.no_grad()
+def completion_logps(model: Any, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_token_id: int,
+                     batch_size: int = 256) -> Tensor:
+    """log π(completion | prompt), summed over the completion's tokens, one value per row (float64)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    values = [sequence_logps(model, {k: v.to(device) for k, v in batch.items()}).logps.double().cpu()
+              for batch in completion_batches(prompt_ids, completion_ids, pad_token_id, batch_size)]
     model.train(was_training)
     return torch.cat(values)

@@ -13,6 +13,7 @@ from typing import Any
 from adaptdpo.evaluation.metrics import gold_generation_metrics, preference_accuracy, selection_of_flipped_pairs
 from adaptdpo.files import read_jsonl
 from adaptdpo.models.loading import load_tokenizer
+from adaptdpo.models.shared_prefix import shared_frozen_blocks
 from adaptdpo.tasks.base import TaskFolder
 from adaptdpo.training.config_io import parse_config
 from adaptdpo.training.job import run_training
@@ -30,15 +31,24 @@ METHODS: dict[str, dict[str, Any]] = {
 
 
 def evaluate_on_task(policy: Any, reference: Any, tokenizer: Any, task: TaskFolder, beta: float,
-                     seed: int = 0, reference_key: str | None = None) -> dict[str, float]:
+                     seed: int = 0, reference_key: str | None = None, trainable_layers: int | None = None
+                     ) -> dict[str, float]:
     """The exact judge's metrics of ``policy`` on ``task``'s held-out pairs and prompts (any task kind);
-    ``reference_key``: see :func:`adaptdpo.evaluation.metrics.gold_generation_metrics`."""
-    pref = preference_accuracy(policy, reference, tokenizer, task.eval_rows(), beta)
+    ``reference_key``: see :func:`adaptdpo.evaluation.metrics.gold_generation_metrics`. ``trainable_layers``: the
+    policy was trained on its top K blocks; where its bottom is the reference's (checked by fingerprint), the
+    bottom runs once for both (:mod:`adaptdpo.models.shared_prefix`: the same numbers, about half the work)."""
+    started = time.time()
+    frozen = shared_frozen_blocks(policy, reference, trainable_layers)
+    pref = preference_accuracy(policy, reference, tokenizer, task.eval_rows(), beta, frozen_blocks=frozen)
+    pairs_s = time.time() - started
     gen = gold_generation_metrics(policy, reference, tokenizer, task.eval_prompts(), task.gold_reward, seed=seed,
-                                  max_new_tokens=task.max_new_tokens, reference_key=reference_key)
+                                  max_new_tokens=task.max_new_tokens, reference_key=reference_key,
+                                  frozen_blocks=frozen)
     return {"gold/accuracy": pref["accuracy"], "gold/margin": pref["margin"], "gold/win_rate": gen["win_rate"],
             "gold/reward": gen["reward"], "gold/reference_reward": gen["reference_reward"], "kl": gen["kl"],
-            "mean_length": gen["mean_length"]}
+            "mean_length": gen["mean_length"], "eval/pairs_s": pairs_s, "eval/sampling_s": gen["sampling_s"],
+            "eval/sampling_tokens_per_s": gen["sampling_tokens_per_s"], "eval/kl_s": gen["kl_s"],
+            "eval/shared_frozen_blocks": frozen or 0}
 
 
 def _rows(path: str) -> list[dict[str, Any]]:
@@ -80,7 +90,8 @@ def train_and_evaluate(task: TaskFolder, overrides: dict[str, Any], output_dir: 
     reference = AutoModelForCausalLM.from_pretrained(task.reference_dir).to(device)
     # the task's reference, loaded from its folder for every run: its samples are drawn once per process and seed
     result = evaluate_on_task(policy, reference, tokenizer, task, config.beta, seed=seed,
-                              reference_key=os.path.abspath(task.reference_dir))
+                              reference_key=os.path.abspath(task.reference_dir),
+                              trainable_layers=config.trainable_layers)
     if config.train_file == task.train_file:  # pair ids are rows of the task's file
         result.update(selection_of_flipped_pairs(output_dir, task.flipped_pair_ids()))
     else:  # another file (e.g. an audit's cleaned copy): its own `flipped` column, undone where the pair was swapped

@@ -1,0 +1,102 @@
+"""A policy trained on its top K blocks and its reference on one batch: the frozen bottom runs once.
+
+With ``trainable_layers: K`` the policy's embeddings and bottom L−K blocks are the reference's own weights, so on
+the same batch both compute the same hidden state entering block L−K. :func:`both_sequence_logps` runs the
+reference in full, records that block's input on the way, and runs the policy from there (its bottom blocks
+skipped, as in the prefix cache's replay): L + K blocks of work instead of 2L, and the same numbers bit for bit
+(the same weights on the same batch layout, so the same kernels on the same inputs; the tests compare the two
+paths exactly). Evaluation uses it for the held-out pairs and for KL(π‖π_ref) on the policy's samples.
+
+:func:`shared_frozen_blocks` decides whether the bottom is shared: it compares the frozen part's fingerprints
+(:func:`adaptdpo.models.prefix_cache.frozen_fingerprint`: the weights and the config) and returns None unless
+they are equal, so a fully trained policy, a LoRA model or another reference falls back to two full passes.
+Llama-style block lists only (``model.layers``, where a block returns its residual stream), as the prefix cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from adaptdpo.models.partial import decoder_blocks
+from adaptdpo.models.prefix_cache import frozen_fingerprint
+from adaptdpo.models.sequence_logps import SequenceLogps, sequence_logps
+
+
+def shared_frozen_blocks(policy: torch.nn.Module, reference: torch.nn.Module,
+                         trainable_layers: int | None) -> int | None:
+    """L − K when the policy was trained on its top ``trainable_layers`` blocks and its embeddings and bottom
+    L − K blocks are the reference's (equal fingerprints); otherwise None (no sharing)."""
+    if not trainable_layers:
+        return None
+    try:
+        path, blocks = decoder_blocks(policy)
+        ref_path, ref_blocks = decoder_blocks(reference)
+    except ValueError:
+        return None
+    frozen = len(blocks) - trainable_layers
+    if path != "model.layers" or ref_path != path or len(ref_blocks) != len(blocks) or not 1 <= frozen < len(blocks):
+        return None
+    if frozen_fingerprint(policy, frozen) != frozen_fingerprint(reference, frozen):
+        return None
+    return frozen
+
+
+@contextlib.contextmanager
+def _recording_block_input(model: torch.nn.Module, index: int, into: list[Tensor]) -> Iterator[None]:
+    _, blocks = decoder_blocks(model)
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        into.append(args[0] if args else kwargs["hidden_states"])
+
+    handle = blocks[index].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def _starting_at_block(model: torch.nn.Module, index: int, states: Tensor) -> Iterator[None]:
+    """Blocks 0..index−1 skipped; the last of them returns ``states`` (the input of block ``index``)."""
+    _, blocks = decoder_blocks(model)
+    frozen = list(blocks)[:index]
+
+    def skip(hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return hidden_states
+
+    def emit(hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if hidden_states.shape != states.shape:
+            raise RuntimeError(f"shared prefix: states of shape {tuple(states.shape)} for a block input of shape "
+                               f"{tuple(hidden_states.shape)}")
+        return states
+
+    for block in frozen:
+        block.forward = skip  # type: ignore[method-assign]  # an instance attribute shadows the class's forward
+    frozen[-1].forward = emit  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for block in frozen:
+            block.__dict__.pop("forward", None)
+
+
+@torch.no_grad()
+def both_sequence_logps(policy: torch.nn.Module, reference: torch.nn.Module, batch: dict[str, Tensor],
+                        frozen_blocks: int | None) -> tuple[SequenceLogps, SequenceLogps]:
+    """(policy's, reference's) :func:`sequence_logps` of ``batch``; with ``frozen_blocks`` (from
+    :func:`shared_frozen_blocks`) the policy starts from the reference's input of block ``frozen_blocks``."""
+    if frozen_blocks is None:
+        return sequence_logps(policy, batch), sequence_logps(reference, batch)
+    recorded: list[Tensor] = []
+    with _recording_block_input(reference, frozen_blocks, recorded):
+        theirs = sequence_logps(reference, batch)
+    if len(recorded) != 1:
+        raise RuntimeError(f"shared prefix: block {frozen_blocks} ran {len(recorded)} times in one forward")
+    with _starting_at_block(policy, frozen_blocks, recorded[0]):
+        ours = sequence_logps(policy, batch)
+    return ours, theirs
