@@ -26,11 +26,12 @@ from adaptdpo.training.checkpointing import (
 from adaptdpo.training.config_io import config_defaults
 from adaptdpo.training.reference_sync import REFERENCE_STATE_FILE, save_reference
 from adaptdpo.training.run_dir import objective_changes
+from adaptdpo.training.trainer_mixin import TrainerMixin
 
 logger = logging.getLogger(__name__)
 
 
-class CheckpointMixin:
+class CheckpointMixin(TrainerMixin):
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         """Save as transformers does, add our state, then mark the folder complete; only then rotate.
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from adaptdpo.training.model_card import write_model_card
 from adaptdpo.training.run_dir import RUN_FILE_PATTERNS, read_summary
+from adaptdpo.training.trainer_mixin import TrainerMixin
 
 
 @contextlib.contextmanager
@@ -34,7 +35,7 @@ def model_files_only() -> Any:
         trainer_module.hf_api = original
 
 
-class HubMixin:
+class HubMixin(TrainerMixin):
     """The trainer's Hub hooks: our model card instead of transformers', uploads of the model files only."""
 
     def create_model_card(self, model_name: str | None = None, **kwargs: Any) -> None:

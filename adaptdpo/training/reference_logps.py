@@ -20,11 +20,12 @@ from adaptdpo.models.sequence_logps import SequenceLogps
 from adaptdpo.training.checkpointing import (
     atomic_torch_save,
 )
+from adaptdpo.training.trainer_mixin import TrainerMixin
 
 logger = logging.getLogger(__name__)
 
 
-class ReferenceLogpsMixin:
+class ReferenceLogpsMixin(TrainerMixin):
     def _reference_context(self) -> contextlib.AbstractContextManager:
         if self.peft_reference:
             return self.accelerator.unwrap_model(self.model).disable_adapter()

@@ -12,9 +12,10 @@ import torch
 from torch import Tensor
 
 from adaptdpo.methods.sams.contexts import layer_contexts
+from adaptdpo.training.trainer_mixin import TrainerMixin
 
 
-class SchedulerPretrainingMixin:
+class SchedulerPretrainingMixin(TrainerMixin):
     def _scheduler_pretraining_loss(self, model: torch.nn.Module, inputs: dict[str, Tensor], training: bool,
                                     num_items_in_batch: Any) -> Tensor:
         """SamS scheduler pre-training (App. F.3): SFT on the chosen responses (``sams_pretrain: sft``) or a
