@@ -81,7 +81,7 @@ class ConfigParser(HfArgumentParser):
     matching (``--learning_r`` is an error, as a YAML typo is), and with suggestions for unknown flags."""
 
     def __init__(self) -> None:
-        super().__init__(AdaptiveDPOConfig, allow_abbrev=False)
+        super().__init__(AdaptiveDPOConfig, allow_abbrev=False)  # type: ignore[arg-type]  # DataClassType: a NewType
         for action in self._actions:
             if action.help and "%" in action.help and "%(" not in action.help:
                 action.help = action.help.replace("%", "%%")  # argparse %-formats help texts ("5% of the rows")
