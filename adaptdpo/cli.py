@@ -220,8 +220,10 @@ def cmd_eval(args: list[str]) -> int:
 
         task = load_any_task(ns.task)  # checks every task file first
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        policy = AutoModelForCausalLM.from_pretrained(model_dir).to(device)  # type: ignore[arg-type]  # transformers types the @wraps(Module.to) method unbound
-        reference = AutoModelForCausalLM.from_pretrained(ns.reference or task.reference_dir).to(device)  # type: ignore[arg-type]  # transformers types the @wraps(Module.to) method unbound
+        # transformers types PreTrainedModel.to (a @wraps(Module.to) method) without its self
+        policy = AutoModelForCausalLM.from_pretrained(model_dir).to(device)  # type: ignore[arg-type]  # see above
+        ref_dir = ns.reference or task.reference_dir
+        reference = AutoModelForCausalLM.from_pretrained(ref_dir).to(device)  # type: ignore[arg-type]  # see above
         tokenizer = load_tokenizer(task.reference_dir)
         if policy.get_input_embeddings().num_embeddings < len(tokenizer):
             raise ValueError(f"{model_dir}: its vocabulary ({policy.get_input_embeddings().num_embeddings} tokens) "

@@ -210,7 +210,8 @@ def head_input_captured(head: torch.nn.Linear) -> Iterator[dict[str, Tensor]]:
         store["hidden"] = hidden
         return hidden[..., :1]
 
-    head.forward = capture  # type: ignore[method-assign,assignment]  # an instance attribute: nn.Module.__call__ finds it before the class's forward
+    # an instance attribute: nn.Module.__call__ finds it before the class's forward
+    head.forward = capture  # type: ignore[method-assign,assignment]  # shadows Linear.forward on this instance
     try:
         yield store
     finally:

@@ -26,7 +26,7 @@ BLOCK_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decode
 
 def _get(module: torch.nn.Module, path: str) -> torch.nn.Module | None:
     for name in path.split("."):
-        module = getattr(module, name, None)  # type: ignore[assignment]
+        module = getattr(module, name, None)  # type: ignore[assignment]  # None ends the walk just below
         if module is None:
             return None
     return module

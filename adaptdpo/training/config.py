@@ -752,7 +752,7 @@ def parse_dataset_mixture(value: Any) -> list[dict[str, Any]] | None:
 def _mixture_entry(i: int, entry: Any) -> dict[str, Any]:
     """One entry of ``datasets`` checked (errors name ``datasets[i].key``), with TRL's default split."""
     if dataclasses.is_dataclass(entry):  # a trl DatasetConfig
-        entry = dataclasses.asdict(entry)  # type: ignore[arg-type]
+        entry = dataclasses.asdict(entry)  # type: ignore[arg-type]  # an instance: is_dataclass allows the class too
     if isinstance(entry, str):
         entry = {"path": entry}
     if not isinstance(entry, dict):

@@ -90,7 +90,7 @@ class ConfigParser(HfArgumentParser):
             if action.dest == "eval_fraction":
                 action.type = _fraction_or_auto
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> None:  # type: ignore[override]  # raises instead of exiting (NoReturn)
         raise ConfigError(message)
 
     def parse(self, argv: list[str]) -> AdaptiveDPOConfig:

@@ -28,7 +28,7 @@ def model_files_only() -> Any:
             kwargs["ignore_patterns"] = [*(kwargs.get("ignore_patterns") or []), *RUN_FILE_PATTERNS]
             return self._api.upload_folder(**kwargs)
 
-    trainer_module.hf_api = lambda *a, **k: ModelOnlyApi(original(*a, **k))
+    trainer_module.hf_api = lambda *a, **k: ModelOnlyApi(original(*a, **k))  # type: ignore[assignment]  # a proxy
     try:
         yield
     finally:
@@ -38,7 +38,8 @@ def model_files_only() -> Any:
 class HubMixin(TrainerMixin):
     """The trainer's Hub hooks: our model card instead of transformers', uploads of the model files only."""
 
-    def create_model_card(self, model_name: str | None = None, **kwargs: Any) -> None:
+    def create_model_card(  # type: ignore[override]  # model_name by keyword, as push_to_hub passes it
+            self, model_name: str | None = None, **kwargs: Any) -> None:
         """Our model card (method, settings, data, final metrics, citations), not transformers' generic one."""
         if not self.is_world_process_zero():
             return

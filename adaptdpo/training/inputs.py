@@ -18,7 +18,10 @@ import copy
 import dataclasses
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 from adaptdpo.compat.trl_config import is_trl_config, trl_config_values
 from adaptdpo.data.readers import REFERENCE_COLUMNS, DataValidationError, reference_columns_notice
@@ -59,7 +62,7 @@ def resolve_args(args: Any, model: Any) -> Any:
     return args
 
 
-def resolve_model(model: Any, args: Any, quantization_config: Any = None) -> Any:
+def resolve_model(model: Any, args: Any, quantization_config: Any = None) -> torch.nn.Module:
     """``model`` itself, or the model a name/path names, loaded with ``model_init_kwargs`` (and
     ``quantization_config``, TRL's trainer argument, for a quantised base)."""
     if not isinstance(model, str):

@@ -60,7 +60,8 @@ class ReferenceLogpsMixin(TrainerMixin):
         for rows in (dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"]):
             for ids in rows:
                 h.update(bytes(str(ids), "ascii"))
-        h.update(repr(sorted(reference.config.to_dict().items())).encode())
+        config: Any = reference.config  # a transformers model's config (a dynamic attribute)
+        h.update(repr(sorted(config.to_dict().items())).encode())
         params = list(reference.parameters())
         for param in params[:: max(1, len(params) // 8)]:
             h.update(param.detach().float().cpu().numpy().tobytes())
