@@ -349,7 +349,7 @@ class AdaptiveDPOConfig(TrainingArguments):
 
     # TrainingArguments defaults that differ for preference training
     output_dir: str = _f("runs/dpo", "The run directory: config, metrics.jsonl, summary.json, plots, "
-                                "checkpoints.")
+                         "checkpoints.")
     learning_rate: float = _f(1e-6, "Initial learning rate (TRL's DPO default).")
     logging_steps: float = _f(10, "Log every N optimizer steps (a float < 1 is a fraction of the run).")
     remove_unused_columns: bool = _f(False, "Keep dataset columns the model's forward does not take (needed).")
@@ -412,7 +412,7 @@ class AdaptiveDPOConfig(TrainingArguments):
             import json
 
             self.model_init_kwargs = json.loads(self.model_init_kwargs)
-        assert not isinstance(self.model_init_kwargs, str)
+        assert not isinstance(self.model_init_kwargs, str)  # parsed just above
         init = dict(self.model_init_kwargs or {})
         for key in ("dtype", "torch_dtype"):
             if key in init:

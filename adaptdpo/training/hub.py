@@ -38,7 +38,7 @@ def model_files_only() -> Any:
 class HubMixin(TrainerMixin):
     """The trainer's Hub hooks: our model card instead of transformers', uploads of the model files only."""
 
-    def create_model_card(  # type: ignore[override]  # model_name by keyword, as push_to_hub passes it
+    def create_model_card(  # type: ignore[override]  # ours: model_name only (push_to_hub passes it by keyword)
             self, model_name: str | None = None, **kwargs: Any) -> None:
         """Our model card (method, settings, data, final metrics, citations), not transformers' generic one."""
         if not self.is_world_process_zero():
