@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 USAGE = """adaptdpo <command> [...]
 
@@ -218,8 +220,10 @@ def cmd_eval(args: list[str]) -> int:
 
         task = load_any_task(ns.task)  # checks every task file first
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        policy = AutoModelForCausalLM.from_pretrained(model_dir).to(device)
-        reference = AutoModelForCausalLM.from_pretrained(ns.reference or task.reference_dir).to(device)
+        # transformers types PreTrainedModel.to (a @wraps(Module.to) method) without its self
+        policy = AutoModelForCausalLM.from_pretrained(model_dir).to(device)  # type: ignore[arg-type]  # see above
+        ref_dir = ns.reference or task.reference_dir
+        reference = AutoModelForCausalLM.from_pretrained(ref_dir).to(device)  # type: ignore[arg-type]  # see above
         tokenizer = load_tokenizer(task.reference_dir)
         if policy.get_input_embeddings().num_embeddings < len(tokenizer):
             raise ValueError(f"{model_dir}: its vocabulary ({policy.get_input_embeddings().num_embeddings} tokens) "
@@ -370,8 +374,10 @@ def cmd_task(args: list[str]) -> int:
     from adaptdpo.tasks.sentiment.task import SentimentSpec, build_sentiment_task
     from adaptdpo.tasks.toy.task import ToySpec, build_task
 
-    kinds = {"sentiment": (SentimentSpec, build_sentiment_task, "runs/sentiment-cache"),
-             "toy": (ToySpec, build_task, "runs/gold-cache")}
+    # the spec class, its builder (spec, cache folder) -> task, the default cache
+    kinds: dict[str, tuple[type, Callable[..., Any], str]] = {
+        "sentiment": (SentimentSpec, build_sentiment_task, "runs/sentiment-cache"),
+        "toy": (ToySpec, build_task, "runs/gold-cache")}
     parser = argparse.ArgumentParser(prog="adaptdpo task")
     parser.add_argument("kind", choices=tuple(kinds), help="sentiment: real text from SmolLM2, judged by VADER; "
                         "toy: the synthetic language")

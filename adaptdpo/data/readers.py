@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 Message = dict[str, str]
 Field = str | list[Message]
+#: a normalised row: "prompt", "chosen" and "rejected" (Fields: all three text or all three messages), "pair_id"
+#: (int), and where given "weight", "beta" (floats), "tools", "chat_template_kwargs"
+Row = dict[str, Any]
 
 LOCAL_SUFFIXES = (".jsonl.gz", ".json.gz", ".jsonl", ".json", ".parquet", ".csv")
 
@@ -95,7 +98,7 @@ def _open_binary(path: str) -> io.BufferedIOBase:
         if head != GZIP_MAGIC:
             raise DataValidationError(path, None, None, "not a gzip file (the name ends in .gz but the bytes are "
                                       f"{head!r}...); rename it or compress it")
-        return gzip.open(path, "rb")  # type: ignore[return-value]
+        return gzip.open(path, "rb")
     return open(path, "rb")
 
 

@@ -15,6 +15,7 @@ from adaptdpo.data.readers import (
     Field,
     LoadReport,
     Message,
+    Row,
     RowOrError,
     read_rows,
 )
@@ -82,7 +83,7 @@ def extract_prompt(chosen: Field, rejected: Field, marker: str | None = "\n\nAss
     while k < limit and chosen[k] == rejected[k]:
         k += 1
     cut = chosen.rfind(marker, 0, k) if marker else -1
-    if cut >= 0 and cut + len(marker) <= k:
+    if marker and cut >= 0 and cut + len(marker) <= k:  # cut >= 0 only with a marker
         k = cut + len(marker)
     elif 0 < k < limit and chosen[k - 1] == " ":
         k -= 1
@@ -172,10 +173,14 @@ def _template_inputs(raw: dict[str, Any], src: str, row: int, line: int | None) 
 
 def normalise_row(raw: dict[str, Any], src: str, row: int, line: int | None = None,
                   marker: str | None = "\n\nAssistant:", weight_column: str | None = None,
-                  beta_column: str | None = None) -> dict[str, Field]:
+                  beta_column: str | None = None) -> Row:
     """Check one raw row and return ``{"prompt", "chosen", "rejected"}`` (plus ``weight`` / ``beta`` when their columns
     are named); raise naming the bad field."""
     conversational = _check_fields(raw, src, row, line)
+    # all three text or all three messages, as _check_fields found (conversational)
+    prompt: Any
+    chosen: Any
+    rejected: Any
     if raw.get("prompt") is None:
         prompt, chosen, rejected = extract_prompt(raw["chosen"], raw["rejected"], marker)
         if not prompt:
@@ -189,9 +194,9 @@ def normalise_row(raw: dict[str, Any], src: str, row: int, line: int | None = No
         if conversational:
             _check_turn_order(prompt, value, name, src, row, line)
     out: dict[str, Any] = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-    for kind, name in (("weight", weight_column), ("beta", beta_column)):
-        if name is not None:
-            out[kind] = pair_value(raw.get(name), kind, src, row, name, line)
+    for kind, column in (("weight", weight_column), ("beta", beta_column)):
+        if column is not None:
+            out[kind] = pair_value(raw.get(column), kind, src, row, column, line)
     if conversational:  # TRL's row-level template inputs: the tools the assistant may call, extra template kwargs
         out.update(_template_inputs(raw, src, row, line))
     return out
@@ -215,7 +220,7 @@ def hh_prompt_to_messages(prompt: str) -> list[Message] | None:
     return messages
 
 
-def text_row_as_messages(row: dict[str, Field], only_hh: bool) -> dict[str, Field] | None:
+def text_row_as_messages(row: Row, only_hh: bool) -> Row | None:
     """A text row as a conversational one: an HH-format prompt becomes its turns, any other prompt one user turn
     (unless ``only_hh``); each completion one assistant turn. None when it stays as it is."""
     prompt = row["prompt"]
@@ -234,12 +239,12 @@ def load_preference_rows(source: str, split: str = "train", *, skip_invalid: boo
                          implicit_prompt_marker: str | None = "\n\nAssistant:", limit: int | None = None,
                          config_name: str | None = None, raw_rows: Iterable[RowOrError] | None = None,
                          weight_column: str | None = None,
-                         beta_column: str | None = None) -> tuple[list[dict[str, Field]], LoadReport]:
+                         beta_column: str | None = None) -> tuple[list[Row], LoadReport]:
     """Read and validate every row of ``source`` (or of ``raw_rows``, rows already read, with ``source`` naming
     them in errors); return normalised rows and a report. ``weight_column`` / ``beta_column``: read each row's
     per-pair loss weight / β from these columns (as ``weight`` / ``beta``); a column the data lacks is an error."""
     report = LoadReport(source=source)
-    rows: list[dict[str, Field]] = []
+    rows: list[Row] = []
     kind: bool | None = None
     raw_rows = read_rows(source, split, config_name) if raw_rows is None else raw_rows
     columns_checked = weight_column is None and beta_column is None

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from adaptdpo.data.readers import DataValidationError, Field, LoadReport, Message
+from adaptdpo.data.readers import DataValidationError, LoadReport, Message, Row
 
 #: the per-pair columns (:data:`adaptdpo.data.rows.PAIR_VALUE_COLUMNS`) a tokenised dataset carries when its rows have
 #: them (named here to keep this module below rows)
@@ -197,7 +197,7 @@ class TokenizedPair:
     dropped: bool = False  # keep_start: the prompt alone fills max_length (TRL drops the pair)
 
 
-def tokenize_pair(row: dict[str, Field], tokenizer: Any, max_length: int | None = None,
+def tokenize_pair(row: Row, tokenizer: Any, max_length: int | None = None,
                   max_prompt_length: int | None = None, truncation_mode: str | None = None) -> TokenizedPair:
     """Tokenise one normalised row the way TRL 1.16 does, then truncate as ``truncation_mode`` says.
 
@@ -306,7 +306,7 @@ def pair_example(pair: TokenizedPair, pair_id: int, max_length: int | None = Non
     return out
 
 
-def tokenize_rows(rows: Sequence[dict[str, Field]], tokenizer: Any, max_length: int | None,
+def tokenize_rows(rows: Sequence[Row], tokenizer: Any, max_length: int | None,
                   max_prompt_length: int | None, source: str = "<data>",
                   report: LoadReport | None = None,
                   truncation_mode: str | None = None) -> tuple[list[dict[str, Any]], int]:

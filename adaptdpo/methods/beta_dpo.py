@@ -55,7 +55,7 @@ def kept_count(n: int, keep_ratio: float) -> int:
     return max(1, math.floor(keep_ratio * n + 1e-9))
 
 
-def gaussian_log_weights(margins: Tensor, m0: float, sigma: float) -> Tensor:
+def gaussian_log_weights(margins: Tensor, m0: float | Tensor, sigma: float | Tensor) -> Tensor:
     """log w_i = −½((M_i − M0)/σ)²  (the paper's p(M_i) up to its normalising constant)."""
     return -0.5 * ((margins - m0) / sigma) ** 2
 

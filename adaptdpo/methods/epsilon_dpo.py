@@ -144,8 +144,9 @@ class EpsilonDPOPolicy(StepPolicyBase):
                              f"(view.extras[{PERTURBED_KEY!r}], view.extras['global_step'])")
         betas, steps = self.controller.step(view.extras[PERTURBED_KEY], int(view.extras["global_step"]))
         steps = steps.float()
-        metrics = {"eps_dpo/beta": self.controller._beta.float(), "eps_dpo/relaxed": (steps > 0).float().mean(),
-                   "eps_dpo/tightened": (steps < 0).float().mean(), "beta/min": betas.min(), "beta/max": betas.max()}
+        metrics: dict[str, Tensor | float] = {
+            "eps_dpo/beta": self.controller._beta.float(), "eps_dpo/relaxed": (steps > 0).float().mean(),
+            "eps_dpo/tightened": (steps < 0).float().mean(), "beta/min": betas.min(), "beta/max": betas.max()}
         return StepPlan(beta=betas.to(view.chosen_logratios.device), train_mask=None, metrics=metrics)
 
     def num_trained(self, n_pairs: int) -> int:

@@ -154,15 +154,15 @@ def aot_loss(p: PairLogps, beta: Beta, *, label_smoothing: float = 0.0, **_: flo
 
     The i-th output belongs to the i-th quantile of the batch, not to pair i.
     """
-    policy, _ = torch.sort(p.chosen - p.rejected, dim=0)
-    reference, _ = torch.sort(p.ref_chosen - p.ref_rejected, dim=0)
+    policy = torch.sort(p.chosen - p.rejected, dim=0).values
+    reference = torch.sort(p.ref_chosen - p.ref_rejected, dim=0).values
     return _aot_from_sorted_delta(policy - reference, beta, label_smoothing)
 
 
 def aot_unpaired_loss(p: PairLogps, beta: Beta, *, label_smoothing: float = 0.0, **_: float) -> Tensor:
     """AOT unpaired (Melnyk et al. 2024): sorted chosen log-ratios against sorted rejected log-ratios."""
-    chosen, _ = torch.sort(p.chosen_logratios, dim=0)
-    rejected, _ = torch.sort(p.rejected_logratios, dim=0)
+    chosen = torch.sort(p.chosen_logratios, dim=0).values
+    rejected = torch.sort(p.rejected_logratios, dim=0).values
     return _aot_from_sorted_delta(chosen - rejected, beta, label_smoothing)
 
 
@@ -229,7 +229,7 @@ def holder_loss(p: PairLogps, beta: Beta, *, holder_gamma: float = HOLDER_GAMMA,
     and so is ours (HOLDER_GAMMA)."""
     if holder_gamma <= 0:
         raise ValueError(f"holder needs holder_gamma > 0 (the power γ), got {holder_gamma}")
-    _, p_g, p_g1 = _sigmoid_powers(beta * p.delta, holder_gamma)
+    p_g, p_g1 = _sigmoid_powers(beta * p.delta, holder_gamma)[1:]
     return -(1 + holder_gamma) * p_g + holder_gamma * p_g1
 
 

@@ -30,9 +30,9 @@ class BetaDPOPolicy(StepPolicyBase):
         beta, keep = self.controller.step(view.chosen_logratios, view.rejected_logratios)
         last = self.controller.last
         assert last is not None
-        metrics = {"beta/batch": last.beta, "beta/m0": last.m0, "beta/sigma": last.sigma,
-                   "filter/kept_fraction": last.kept_fraction,
-                   "beta/kept_margin_minus_m0": last.kept_margin_mean - last.m0}
+        metrics: dict[str, Tensor | float] = {
+            "beta/batch": last.beta, "beta/m0": last.m0, "beta/sigma": last.sigma,
+            "filter/kept_fraction": last.kept_fraction, "beta/kept_margin_minus_m0": last.kept_margin_mean - last.m0}
         if beta.dim() == 1:
             metrics["beta/min"] = torch.where(keep, beta, torch.inf).min()
             metrics["beta/max"] = torch.where(keep, beta, -torch.inf).max()
@@ -164,7 +164,7 @@ class BetaSamsPolicy(StepPolicyBase):
         self.sams, self.beta = sams, beta
 
     @property
-    def mode(self) -> str:
+    def mode(self) -> str:  # type: ignore[override]  # read only: SamS's mode (StepPolicyBase's is a class default)
         return self.sams.mode
 
     @property

@@ -41,7 +41,7 @@ class StepPlan:
 
     beta: Tensor
     train_mask: Tensor | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Tensor | float] = field(default_factory=dict)
 
 
 class StepPolicy(Protocol):
@@ -54,8 +54,10 @@ class StepPolicy(Protocol):
     :class:`StepPolicyBase` gives the defaults (no contexts, ``mask``, no broadcast)."""
 
     needs_contexts: bool
-    mode: str
     broadcast: Any
+
+    @property
+    def mode(self) -> str: ...  # read only: a plain attribute or a property
 
     def plan(self, view: PairView) -> StepPlan: ...
 

@@ -93,7 +93,7 @@ class ChunkedHeadLogProbs(torch.autograd.Function):
             g.scatter_add_(-1, labels[start:end, None], torch.ones_like(labels[start:end, None], dtype=g.dtype))
             g *= grad_logp[start:end, None].to(dtype)
             g = g.to(mm)
-            if want_hidden:
+            if grad_hidden is not None:  # want_hidden
                 grad_hidden[start:end] = (g @ w).to(hidden.dtype)
             if want_weight:
                 grad_weight += (g.t() @ h).to(dtype)
@@ -148,7 +148,14 @@ class HeadWindow:
         """Scores of the positions ``select`` picks from the window (the same indexing for logits or hidden)."""
         if self.logits is not None:
             return scores_from_logits(select(self.logits), labels, stats, wpo)
+        assert self.hidden is not None and self.head is not None  # chunked: both set (forward_window)
         return scores_from_hidden(select(self.hidden), self.head.weight, labels, self.chunk, stats, wpo)
+
+    def values(self) -> Tensor:
+        """The window's logits (plain) or hidden states (chunked)."""
+        values = self.logits if self.logits is not None else self.hidden
+        assert values is not None
+        return values
 
 
 def mixture_weights(epsilon: float) -> tuple[tuple[float, float], ...]:
@@ -161,6 +168,7 @@ def _window_logits(window: HeadWindow, selected: Tensor) -> Tensor:
     """Logits of already-selected window rows ``[N, V]`` (plain) or ``[N, H]`` hidden states (chunked), float32."""
     if window.logits is not None:
         return selected.float()
+    assert window.head is not None  # chunked: the head is set (forward_window)
     return (selected @ window.head.weight.detach().t()).float()
 
 
@@ -175,8 +183,7 @@ def mixed_log_probs(policy: HeadWindow, reference: HeadWindow, select: Callable[
     middle column is log π_θ(label) itself, so the three are compared on equal footing.
 
     ``select`` picks the scored positions from a window (the same indexing for logits and hidden states)."""
-    a_all, b_all = select(policy.logits if policy.logits is not None else policy.hidden), select(
-        reference.logits if reference.logits is not None else reference.hidden)
+    a_all, b_all = select(policy.values()), select(reference.values())
     a_all = a_all.detach().reshape(-1, a_all.shape[-1])
     b_all = b_all.reshape(-1, b_all.shape[-1])
     flat = labels.reshape(-1)
@@ -203,7 +210,8 @@ def head_input_captured(head: torch.nn.Linear) -> Iterator[dict[str, Tensor]]:
         store["hidden"] = hidden
         return hidden[..., :1]
 
-    head.forward = capture  # an instance attribute: nn.Module.__call__ finds it before the class's forward
+    # an instance attribute: nn.Module.__call__ finds it before the class's forward
+    head.forward = capture  # type: ignore[method-assign,assignment]  # shadows Linear.forward on this instance
     try:
         yield store
     finally:
@@ -222,4 +230,5 @@ def forward_window(model: torch.nn.Module, keep: int, head_chunk: int | None, **
         outputs = model(**forward_kwargs)
     if "hidden" not in store:  # the model computed its logits without calling its head module: they are real
         return outputs, HeadWindow(logits=outputs.logits[:, -keep:])
-    return outputs, HeadWindow(hidden=store["hidden"][:, -keep:], head=head, chunk=int(head_chunk))
+    # head_chunk is set (the head is None without it)
+    return outputs, HeadWindow(hidden=store["hidden"][:, -keep:], head=head, chunk=int(head_chunk or 0))

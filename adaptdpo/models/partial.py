@@ -26,7 +26,7 @@ BLOCK_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decode
 
 def _get(module: torch.nn.Module, path: str) -> torch.nn.Module | None:
     for name in path.split("."):
-        module = getattr(module, name, None)  # type: ignore[assignment]
+        module = getattr(module, name, None)  # type: ignore[assignment]  # None ends the walk just below
         if module is None:
             return None
     return module
@@ -74,7 +74,7 @@ def freeze_below_top(model: torch.nn.Module, trainable_layers: int) -> PartialTr
     if not 1 <= trainable_layers <= n:
         raise ValueError(f"trainable_layers={trainable_layers}: the model has {n} blocks; choose 1 to {n} "
                          "(unset trains all)")
-    base = unwrap(model)
+    base: Any = unwrap(model)  # a transformers model: its embedding accessors are not nn.Module's
     embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     tied = bool(embeddings is not None and head is not None and head.weight is embeddings.weight)

@@ -67,7 +67,7 @@ def _skip_block(hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
 
 def frozen_fingerprint(model: torch.nn.Module, frozen_blocks: int) -> str:
     """sha256 of what the frozen part computes with: its weights (embeddings and blocks below), the config."""
-    base = unwrap(model)
+    base: Any = unwrap(model)  # a transformers model: config and get_input_embeddings are not nn.Module's
     _, blocks = decoder_blocks(base)
     h = hashlib.sha256(f"v{FORMAT_VERSION} {type(base).__name__} frozen={frozen_blocks}".encode())
     h.update(json.dumps(base.config.to_dict(), sort_keys=True, default=str).encode())
@@ -138,11 +138,11 @@ class PrefixCache:
         frozen = list(self.blocks)[: self.frozen_blocks]
         for block in frozen:
             if on:
-                block.forward = _skip_block  # type: ignore[method-assign]
+                block.forward = _skip_block
             elif "forward" in block.__dict__:
                 del block.forward
         if on:
-            frozen[-1].forward = self._emit  # type: ignore[method-assign]
+            frozen[-1].forward = self._emit
 
     # ------------------------------------------------------------------------------------------ entries
 
@@ -205,8 +205,9 @@ class PrefixCache:
                 self._mode = "off"
             for i in missing:
                 row, start, end = entries[i]
-                found[i] = recorded[row, start:end].contiguous().cpu()
-                self._write(keys[i], found[i])
+                states = recorded[row, start:end].contiguous().cpu()
+                found[i] = states
+                self._write(keys[i], states)
             self.misses += len(missing)
         self.hits += len(entries) - len(missing)
         width = int(ids.shape[1])

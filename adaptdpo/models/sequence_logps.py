@@ -30,7 +30,8 @@ class SequenceLogps:
     rescore: Callable[[Callable[[Callable[[Tensor], Tensor], Tensor], Tensor]], Tensor] | None = None
 
     def split(self) -> tuple[Tensor, Tensor]:
-        return self.logps.chunk(2, dim=0)
+        chosen, rejected = self.logps.chunk(2, dim=0)
+        return chosen, rejected
 
 
 
@@ -91,6 +92,7 @@ def padding_free_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor]
     rejected = per_pair(per_token, ~is_chosen) + first.logp
     wpo_mean = None
     if wpo:
+        assert scores.log_sum_sq is not None and first.log_sum_sq is not None  # scored with wpo
         aligned = scores.logp.detach() - scores.log_sum_sq
         first_aligned = first.logp.detach() - first.log_sum_sq
         wpo_mean = torch.cat([per_pair(aligned, is_chosen) / chosen_len.clamp(min=1),
@@ -154,6 +156,7 @@ def packed_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], outp
     rejected = rejected + first_logp
     wpo_mean = None
     if wpo:
+        assert scores.log_sum_sq is not None and last_prompt.log_sum_sq is not None  # scored with wpo
         aligned = per_token.detach() - scores.log_sum_sq
         first = first_logp.detach() - last_prompt.log_sum_sq[:, 0]
         wpo_mean = torch.cat([(aligned * in_chosen).sum(dim=-1) / chosen_len.clamp(min=1),
@@ -237,6 +240,7 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor], output_hidd
     logps = (per_token * weights).sum(dim=-1)
     wpo_mean = None
     if wpo:
+        assert scores.log_sum_sq is not None  # scored with wpo
         aligned = per_token.detach() - scores.log_sum_sq
         wpo_mean = (aligned * mask).sum(dim=-1) / lengths.clamp(min=1)
     stats = None
@@ -260,12 +264,12 @@ def perturbed_logratios(policy: SequenceLogps, reference: SequenceLogps, epsilon
     as the log-probs. Both results must come from forwards of the same batch with ``keep_window``."""
     if policy.rescore is None or policy.window is None or reference.window is None:
         raise ValueError("perturbed_logratios needs the policy's and the reference's scored windows (keep_window)")
-    a = policy.window.logits if policy.window.logits is not None else policy.window.hidden
-    b = reference.window.logits if reference.window.logits is not None else reference.window.hidden
+    policy_window, reference_window = policy.window, reference.window
+    a, b = policy_window.values(), reference_window.values()
     if a.shape[:2] != b.shape[:2]:
         raise ValueError(f"the policy's and the reference's scored windows differ ({tuple(a.shape[:2])} vs "
                          f"{tuple(b.shape[:2])} positions): ε-DPO needs both models to score the same positions")
-    sums = policy.rescore(lambda select, labels: mixed_log_probs(policy.window, reference.window, select, labels,
+    sums = policy.rescore(lambda select, labels: mixed_log_probs(policy_window, reference_window, select, labels,
                                                                   epsilon))
     chosen, rejected = sums.chunk(2, dim=0)
     return chosen - rejected

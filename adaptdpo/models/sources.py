@@ -25,6 +25,7 @@ import os
 import shutil
 import zipfile
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -130,7 +131,8 @@ def dequantised_folder(gguf_path: str, cache: str | None = None) -> str:
     folder, name = os.path.split(os.path.abspath(gguf_path))
     logger.info("%s: dequantising to float32 (once; cached in %s)", gguf_path, final)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # Any: its quantisation flags (is_quantized, hf_quantizer, quantization_method) are plain attributes, reset below
+    model: Any = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     # the weights are plain float32 now; save_pretrained refuses while the model still says it is quantised
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

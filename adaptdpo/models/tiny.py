@@ -80,7 +80,7 @@ def build_tiny_model(config: Any, seed: int, attn_implementation: str | None = N
     """Randomly initialise a model from ``config``; the same seed gives the same weights on every rank."""
     from transformers import AutoModelForCausalLM
 
-    devices = []
+    devices: list[int] = []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}

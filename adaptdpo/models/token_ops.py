@@ -92,7 +92,7 @@ class TokenStats:
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside DDP/FSDP/DeepSpeed (``.module``) and PEFT (``get_base_model``) wrappers."""
-    inner = model
+    inner: Any = model  # a wrapper's .module and PEFT's get_base_model are dynamic attributes
     while hasattr(inner, "module"):
         inner = inner.module
     if hasattr(inner, "get_base_model"):

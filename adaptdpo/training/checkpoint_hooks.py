@@ -26,11 +26,12 @@ from adaptdpo.training.checkpointing import (
 from adaptdpo.training.config_io import config_defaults
 from adaptdpo.training.reference_sync import REFERENCE_STATE_FILE, save_reference
 from adaptdpo.training.run_dir import objective_changes
+from adaptdpo.training.trainer_mixin import TrainerMixin
 
 logger = logging.getLogger(__name__)
 
 
-class CheckpointMixin:
+class CheckpointMixin(TrainerMixin):
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         """Save as transformers does, add our state, then mark the folder complete; only then rotate.
 
@@ -51,6 +52,7 @@ class CheckpointMixin:
                 atomic_torch_save({"step_policy": self.step_policy.state_dict(), "run_totals": totals,
                                    "method": self.args.method}, os.path.join(folder, CHECKPOINT_STATE_FILE))
                 if self.args.sync_ref_model:  # TR-DPO: the reference has moved; resume must start from where it is
+                    assert self.ref_model is not None  # sync_ref_model needs one (_attach_reference_sync)
                     save_reference(self.ref_model, os.path.join(folder, REFERENCE_STATE_FILE))
         except (OSError, RuntimeError) as error:  # a full disk: torch's zip writer says only "unexpected pos ..."
             self._raise_if_disk_full(error, folder, run_dir)
@@ -99,7 +101,7 @@ class CheckpointMixin:
         """As transformers does; then, when a changed learning_rate was accepted on resume, the restored schedule
         continues from the new base rate (without this the checkpoint's rate would silently win)."""
         super()._load_optimizer_and_scheduler(checkpoint)
-        scheduler = self.lr_scheduler
+        scheduler: Any = self.lr_scheduler  # read duck-typed: a LambdaLR-like schedule has base_lrs and lr_lambdas
         base = getattr(scheduler, "base_lrs", None)
         lambdas = getattr(scheduler, "lr_lambdas", None)
         if not (checkpoint and base and lambdas and self.args.accept_config_change):
@@ -107,6 +109,7 @@ class CheckpointMixin:
         new = self.args.learning_rate
         if all(abs(b - new) <= 1e-12 * max(abs(new), 1e-30) for b in base):
             return
+        assert self.optimizer is not None  # a schedule was restored, so is its optimizer
         scheduler.base_lrs = [new] * len(base)
         for group, factor in zip(self.optimizer.param_groups, lambdas):
             group["initial_lr"] = new
@@ -131,4 +134,5 @@ class CheckpointMixin:
         if self.args.sync_ref_model and os.path.exists(reference_state):
             from safetensors.torch import load_model
 
+            assert self.ref_model is not None  # sync_ref_model needs one (_attach_reference_sync)
             load_model(unwrap(self.ref_model), reference_state)

@@ -61,7 +61,8 @@ def auto_bf16(use_cpu: bool, fp16: bool) -> bool:
 class AdaptiveDPOConfig(TrainingArguments):
     """Configuration of an adaptdpo run. Fields above ``output_dir`` are ours; the rest are TrainingArguments."""
 
-    _VALID_DICT_FIELDS: ClassVar[list[str]] = [*TrainingArguments._VALID_DICT_FIELDS, "model_init_kwargs"]
+    _VALID_DICT_FIELDS: ClassVar[list[str]] = [  # type: ignore[misc]  # a constant; TrainingArguments' is unannotated
+        *TrainingArguments._VALID_DICT_FIELDS, "model_init_kwargs"]
 
     # ---- model
     model_name_or_path: str | None = _f(None, "Required by `adaptdpo train` (as by `trl dpo`): a local folder, hub id "
@@ -347,8 +348,8 @@ class AdaptiveDPOConfig(TrainingArguments):
                                     "config_changes.jsonl. Without it, a changed config is refused, naming the fields.")
 
     # TrainingArguments defaults that differ for preference training
-    output_dir: str | None = _f("runs/dpo", "The run directory: config, metrics.jsonl, summary.json, plots, "
-                                "checkpoints.")
+    output_dir: str = _f("runs/dpo", "The run directory: config, metrics.jsonl, summary.json, plots, "
+                         "checkpoints.")
     learning_rate: float = _f(1e-6, "Initial learning rate (TRL's DPO default).")
     logging_steps: float = _f(10, "Log every N optimizer steps (a float < 1 is a fraction of the run).")
     remove_unused_columns: bool = _f(False, "Keep dataset columns the model's forward does not take (needed).")
@@ -358,9 +359,10 @@ class AdaptiveDPOConfig(TrainingArguments):
                                                "about 1.25× the step time (docs/performance.md): false when memory "
                                                "allows. It changes no number, so a run may resume with it changed.",
                                                nargs="?", const=True)
-    bf16: bool | None = _f(None, "bf16 autocast for the compute (weights stay in dtype): auto (unset) = on for CUDA "
-                           "devices that support it and for CPUs with native bf16 (avx512_bf16 or AMX; "
-                           "ADAPTDPO_CPU_BF16=0 keeps fp32 there), off otherwise; true; false.")
+    bf16: bool | None = _f(  # type: ignore[assignment]  # None (auto) until __post_init__ resolves it
+        None, "bf16 autocast for the compute (weights stay in dtype): auto (unset) = on for CUDA devices that support "
+        "it and for CPUs with native bf16 (avx512_bf16 or AMX; ADAPTDPO_CPU_BF16=0 keeps fp32 there), off otherwise; "
+        "true; false.")
 
     def __post_init__(self) -> None:
         """Resolve and validate, group by group; each group sets only its own fields (the order matters where
@@ -410,6 +412,7 @@ class AdaptiveDPOConfig(TrainingArguments):
             import json
 
             self.model_init_kwargs = json.loads(self.model_init_kwargs)
+        assert not isinstance(self.model_init_kwargs, str)  # parsed just above
         init = dict(self.model_init_kwargs or {})
         for key in ("dtype", "torch_dtype"):
             if key in init:
@@ -633,6 +636,7 @@ class AdaptiveDPOConfig(TrainingArguments):
         """What from_pretrained gets besides dtype and attention: model_init_kwargs, revision, trust_remote_code,
         and one quantisation config: model_init_kwargs', load_in_4bit / load_in_8bit's, or ``quantization_config``
         (TRL's trainer argument); two of them are an error."""
+        assert not isinstance(self.model_init_kwargs, str)  # parsed in __post_init__
         out = dict(self.model_init_kwargs or {})
         if self.model_revision:
             out["revision"] = self.model_revision
@@ -675,12 +679,14 @@ class AdaptiveDPOConfig(TrainingArguments):
             from peft import LoraConfig
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ImportError("use_peft needs peft: pip install 'adaptdpo[peft]'") from e
-        targets = self.lora_target_modules
+        targets: list[str] | str | None = self.lora_target_modules
         # peft's keyword is a string; TRL passes any single name as a string, which peft then reads as a regex
         # over full module paths, so `--lora_target_modules q_proj` matches nothing there: only the keyword here
         if targets == ["all-linear"]:
             targets = "all-linear"
-        extra = {"target_parameters": self.lora_target_parameters} if self.lora_target_parameters else {}
+        extra: dict[str, Any] = {}
+        if self.lora_target_parameters:
+            extra["target_parameters"] = self.lora_target_parameters
         return LoraConfig(task_type=self.lora_task_type, r=self.lora_r, target_modules=targets,
                           lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, bias="none",
                           use_rslora=self.use_rslora, use_dora=self.use_dora,
@@ -746,7 +752,7 @@ def parse_dataset_mixture(value: Any) -> list[dict[str, Any]] | None:
 def _mixture_entry(i: int, entry: Any) -> dict[str, Any]:
     """One entry of ``datasets`` checked (errors name ``datasets[i].key``), with TRL's default split."""
     if dataclasses.is_dataclass(entry):  # a trl DatasetConfig
-        entry = dataclasses.asdict(entry)  # type: ignore[arg-type]
+        entry = dataclasses.asdict(entry)  # type: ignore[arg-type]  # an instance: is_dataclass allows the class too
     if isinstance(entry, str):
         entry = {"path": entry}
     if not isinstance(entry, dict):

@@ -81,7 +81,7 @@ class ConfigParser(HfArgumentParser):
     matching (``--learning_r`` is an error, as a YAML typo is), and with suggestions for unknown flags."""
 
     def __init__(self) -> None:
-        super().__init__(AdaptiveDPOConfig, allow_abbrev=False)
+        super().__init__(AdaptiveDPOConfig, allow_abbrev=False)  # type: ignore[arg-type]  # DataClassType: a NewType
         for action in self._actions:
             if action.help and "%" in action.help and "%(" not in action.help:
                 action.help = action.help.replace("%", "%%")  # argparse %-formats help texts ("5% of the rows")
@@ -90,7 +90,7 @@ class ConfigParser(HfArgumentParser):
             if action.dest == "eval_fraction":
                 action.type = _fraction_or_auto
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> None:  # type: ignore[override]  # raises instead of exiting (NoReturn)
         raise ConfigError(message)
 
     def parse(self, argv: list[str]) -> AdaptiveDPOConfig:

@@ -7,6 +7,7 @@ from typing import Any
 
 from adaptdpo.training.model_card import write_model_card
 from adaptdpo.training.run_dir import RUN_FILE_PATTERNS, read_summary
+from adaptdpo.training.trainer_mixin import TrainerMixin
 
 
 @contextlib.contextmanager
@@ -27,17 +28,18 @@ def model_files_only() -> Any:
             kwargs["ignore_patterns"] = [*(kwargs.get("ignore_patterns") or []), *RUN_FILE_PATTERNS]
             return self._api.upload_folder(**kwargs)
 
-    trainer_module.hf_api = lambda *a, **k: ModelOnlyApi(original(*a, **k))
+    trainer_module.hf_api = lambda *a, **k: ModelOnlyApi(original(*a, **k))  # type: ignore[assignment]  # a proxy
     try:
         yield
     finally:
         trainer_module.hf_api = original
 
 
-class HubMixin:
+class HubMixin(TrainerMixin):
     """The trainer's Hub hooks: our model card instead of transformers', uploads of the model files only."""
 
-    def create_model_card(self, model_name: str | None = None, **kwargs: Any) -> None:
+    def create_model_card(  # type: ignore[override]  # ours: model_name only (push_to_hub passes it by keyword)
+            self, model_name: str | None = None, **kwargs: Any) -> None:
         """Our model card (method, settings, data, final metrics, citations), not transformers' generic one."""
         if not self.is_world_process_zero():
             return

@@ -18,7 +18,10 @@ import copy
 import dataclasses
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 from adaptdpo.compat.trl_config import is_trl_config, trl_config_values
 from adaptdpo.data.readers import REFERENCE_COLUMNS, DataValidationError, reference_columns_notice
@@ -59,7 +62,7 @@ def resolve_args(args: Any, model: Any) -> Any:
     return args
 
 
-def resolve_model(model: Any, args: Any, quantization_config: Any = None) -> Any:
+def resolve_model(model: Any, args: Any, quantization_config: Any = None) -> torch.nn.Module:
     """``model`` itself, or the model a name/path names, loaded with ``model_init_kwargs`` (and
     ``quantization_config``, TRL's trainer argument, for a quantised base)."""
     if not isinstance(model, str):
@@ -174,7 +177,7 @@ def streamed_dataset(dataset: Any, tokenizer: Any, args: Any, name: str, hh_as_m
 
 
 def is_tokenised(dataset: Any) -> bool:
-    columns = getattr(dataset, "column_names", None)  # None for a stream whose features are unknown
+    columns: Any = getattr(dataset, "column_names", None)  # None for a stream whose features are unknown
     if columns is None and isinstance(dataset, (list, tuple)) and dataset:
         columns = list(dataset[0])
     return bool(columns) and all(c in columns for c in TOKENISED_COLUMNS)
@@ -212,7 +215,8 @@ def truncated_tokenised(dataset: Any, args: Any, name: str) -> Any:
     columns = ("prompt_ids", "chosen_ids", "rejected_ids")
 
     def cut(row: dict[str, Any], index: int) -> dict[str, Any]:
-        pair = truncate_pair(TokenizedPair(*(list(row[c]) for c in columns)), args.max_length, args.max_prompt_length,
+        prompt, chosen, rejected = (list(row[c]) for c in columns)
+        pair = truncate_pair(TokenizedPair(prompt, chosen, rejected), args.max_length, args.max_prompt_length,
                              args.truncation_mode)
         found = None if pair.dropped else pair_problem(pair, args.max_length, args.truncation_mode)
         if found is not None:

@@ -9,11 +9,12 @@ import logging
 import math
 import os
 import shutil
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from adaptdpo.data.pair_scores import read_pair_scores
+from adaptdpo.data.readers import LoadReport
 from adaptdpo.data.tokenize import tokenize_dataset
 from adaptdpo.methods.pair_selection import make_policy, select_pairs
 from adaptdpo.models.loading import check_half_precision_updates, load_pretrained, load_tokenizer
@@ -65,6 +66,9 @@ from adaptdpo.training.run_dir import (
 from adaptdpo.training.run_lock import RunLock
 from adaptdpo.training.trainer import AdaptiveDPOTrainer
 
+if TYPE_CHECKING:
+    from adaptdpo.methods.policies import SamsPolicy
+
 logger = logging.getLogger("adaptdpo")
 
 
@@ -76,6 +80,8 @@ def apply_pair_selection(config: AdaptiveDPOConfig, data: PreparedData) -> dict[
     if config.pair_selection == "all" and order == "shuffled":
         return None
 
+    # __post_init__: a selection needs pair_scores_file, and train_file (not a mixture)
+    assert config.pair_scores_file is not None and config.train_file is not None
     scores = read_pair_scores(config.pair_scores_file, config.pair_scores_field, config.train_file)
     by_id = {int(r["pair_id"]): r for r in data.train_rows}
     missing = [i for i in by_id if i not in scores]
@@ -123,6 +129,7 @@ def build_models(config: AdaptiveDPOConfig, train_rows: list[dict[str, Any]]) ->
         if config.ref_model_name_or_path:
             reference = load_pretrained(config.ref_model_name_or_path, config.dtype, config.attn_implementation)
         return policy, reference, tokenizer
+    assert config.model_name_or_path is not None  # required (check_model_settings)
     tokenizer = load_tokenizer(config.tokenizer_name_or_path or config.model_name_or_path, config.model_revision,
                                config.trust_remote_code)
     extra = config.from_pretrained_kwargs()
@@ -326,12 +333,16 @@ def tokenised_datasets(config: AdaptiveDPOConfig, data: PreparedData, tokenizer:
                     "max_steps=%d", config.max_steps)
     else:
         chat_rows = apply_chat_format(config, data, tokenizer)
-        skip_report = (lambda i: data.reports[i]) if config.skip_invalid_rows else (lambda i: None)
+
+        def skip_report(i: int) -> LoadReport | None:
+            return data.reports[i] if config.skip_invalid_rows else None
+
         tokenize = functools.partial(tokenize_dataset, tokenizer=tokenizer, max_length=config.max_length,
                                      max_prompt_length=config.max_prompt_length, num_proc=config.dataset_num_proc,
                                      main_process_first=config.main_process_first,
                                      truncation_mode=config.truncation_mode)
         train_source = "datasets mixture" if config.datasets else config.train_file
+        assert train_source is not None  # check_training_data: train_file, dataset_name (sets it) or datasets
         skipped_before = sum(len(r.skipped) for r in data.reports)
         train_dataset, train_truncated = tokenize(data.train_rows, source=train_source, report=skip_report(0))
         eval_dataset, eval_truncated = None, 0
@@ -404,7 +415,9 @@ def train_and_finish(config: AdaptiveDPOConfig, policy: Any, reference: Any, tok
     if config.sams_pretrain != "none" and trainer.is_world_process_zero():
 
         scheduler_path = os.path.join(config.output_dir, SCHEDULER_FILE)
-        atomic_torch_save(trainer.step_policy.scheduler.network_state(), scheduler_path)
+        sams = cast("SamsPolicy", trainer.step_policy)  # sams_pretrain trains SamS's scheduler
+        assert sams.scheduler is not None  # built at the first batch
+        atomic_torch_save(sams.scheduler.network_state(), scheduler_path)
         extra["sams_scheduler"] = scheduler_path
         logger.info("pre-trained SamS scheduler written to %s (use it with --sams_scheduler_init %s)",
                     scheduler_path, scheduler_path)

@@ -81,7 +81,8 @@ def plot_margin_distributions(run_dir: str, bins: int = 8) -> str | None:
     edges = [1 + round(i * last_step / bins) for i in range(bins + 1)]
     groups: list[tuple[list[float], list[float], str]] = []
     for lo, hi in itertools.pairwise(edges):
-        kept, dropped = [], []
+        kept: list[float] = []
+        dropped: list[float] = []
         for t in trace:
             if lo <= t["step"] < hi or (hi == edges[-1] and t["step"] == last_step):
                 for m, used in zip(t["margin"], t["trained"], strict=True):

@@ -81,11 +81,12 @@ def prepare_rows(config: AdaptiveDPOConfig) -> PreparedData:
         # the held-out rows come on top of max_train_samples training rows
         limit = config.max_train_samples + auto_eval_rows(config.max_train_samples)
     if config.datasets:
-
+        assert not isinstance(config.datasets, str)  # parsed in __post_init__
         train_rows, reports = load_mixture_rows(config.datasets, skip_invalid=config.skip_invalid_rows,
                                                 implicit_prompt_marker=config.implicit_prompt_marker, limit=limit,
                                                 weight_column=config.weight_column, beta_column=config.beta_column)
     else:
+        assert config.train_file is not None  # check_training_data: train_file, dataset_name (sets it) or datasets
         train_rows, train_report = load_preference_rows(
             config.train_file, config.train_split, skip_invalid=config.skip_invalid_rows,
             config_name=config.dataset_config, implicit_prompt_marker=config.implicit_prompt_marker, limit=limit,
@@ -110,6 +111,7 @@ def prepare_rows(config: AdaptiveDPOConfig) -> PreparedData:
         order = list(range(len(train_rows)))
         random.Random(seed).shuffle(order)
         if explicit_fraction:
+            assert config.eval_fraction is not None
             n_eval, how = max(1, round(config.eval_fraction * len(train_rows))), f"eval_fraction={config.eval_fraction}"
         else:
             n_eval = auto_eval_rows(_wanted(config, len(train_rows)))
@@ -179,8 +181,10 @@ def streamed_sources(config: AdaptiveDPOConfig) -> tuple[Any, Any]:
     eval_file / dataset_test_split)."""
 
     if config.datasets:
+        assert not isinstance(config.datasets, str)  # parsed in __post_init__
         train = streamed_mixture(config.datasets)
     else:
+        assert config.train_file is not None  # check_training_data: train_file, dataset_name (sets it) or datasets
         train = streamed_source(config.train_file, config.train_split, config.dataset_config)
     if config.max_train_samples is not None:
         train = train.take(config.max_train_samples)

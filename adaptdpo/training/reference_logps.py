@@ -20,11 +20,12 @@ from adaptdpo.models.sequence_logps import SequenceLogps
 from adaptdpo.training.checkpointing import (
     atomic_torch_save,
 )
+from adaptdpo.training.trainer_mixin import TrainerMixin
 
 logger = logging.getLogger(__name__)
 
 
-class ReferenceLogpsMixin:
+class ReferenceLogpsMixin(TrainerMixin):
     def _reference_context(self) -> contextlib.AbstractContextManager:
         if self.peft_reference:
             return self.accelerator.unwrap_model(self.model).disable_adapter()
@@ -59,7 +60,8 @@ class ReferenceLogpsMixin:
         for rows in (dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"]):
             for ids in rows:
                 h.update(bytes(str(ids), "ascii"))
-        h.update(repr(sorted(reference.config.to_dict().items())).encode())
+        config: Any = reference.config  # a transformers model's config (a dynamic attribute)
+        h.update(repr(sorted(config.to_dict().items())).encode())
         params = list(reference.parameters())
         for param in params[:: max(1, len(params) // 8)]:
             h.update(param.detach().float().cpu().numpy().tobytes())

@@ -12,9 +12,10 @@ from typing import Any
 import torch
 
 from adaptdpo.training.safeguards import STALLED_STEPS, TrainingStalledError
+from adaptdpo.training.trainer_mixin import TrainerMixin
 
 
-class RunGuardsMixin:
+class RunGuardsMixin(TrainerMixin):
     def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         if grad_norm is not None and self.args.sams_pretrain != "frozen":  # frozen pre-training: no gradient at all

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from adaptdpo.models.token_ops import unwrap
@@ -12,7 +14,7 @@ def router_aux_loss_coefficient(model: torch.nn.Module, args: AdaptiveDPOConfig)
     """The weight of a mixture-of-experts model's router load-balancing loss in the training loss, as TRL:
     ``router_aux_loss_coef``, or the model config's own when unset; 0 for a dense model (a value set for one is
     an error: there is nothing to weight)."""
-    config = getattr(unwrap(model), "config", None)
+    config: Any = getattr(unwrap(model), "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     is_moe = hasattr(text_config, "output_router_logits")
     coef = args.router_aux_loss_coef

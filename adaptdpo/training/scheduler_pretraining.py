@@ -6,15 +6,19 @@ its ``__init__``)."""
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
 
 from adaptdpo.methods.sams.contexts import layer_contexts
+from adaptdpo.training.trainer_mixin import TrainerMixin
+
+if TYPE_CHECKING:
+    from adaptdpo.methods.policies import SamsPolicy
 
 
-class SchedulerPretrainingMixin:
+class SchedulerPretrainingMixin(TrainerMixin):
     def _scheduler_pretraining_loss(self, model: torch.nn.Module, inputs: dict[str, Tensor], training: bool,
                                     num_items_in_batch: Any) -> Tensor:
         """SamS scheduler pre-training (App. F.3): SFT on the chosen responses (``sams_pretrain: sft``) or a
@@ -37,8 +41,9 @@ class SchedulerPretrainingMixin:
                                       self.args.sams_context_combine)
             out.outputs.hidden_states = None
             everything = self._gather(torch.stack([out.logps.detach().float(), nll.detach().float()], 1))[0]
-            metrics = self.step_policy.pretrain_round(self._gather(contexts)[0], everything[:, 0],
-                                                      float(everything[:, 1].mean()))
+            policy = cast("SamsPolicy", self.step_policy)  # sams_pretrain trains SamS's scheduler
+            metrics = policy.pretrain_round(self._gather(contexts)[0], everything[:, 0],
+                                           float(everything[:, 1].mean()))
             for key, value in metrics.items():
                 m[key].append(value)
         if frozen and training:  # the policy stays fixed: a loss with no graph into it, so no gradient

@@ -15,9 +15,10 @@ from torch import Tensor
 
 from adaptdpo.methods.losses import holder_contamination
 from adaptdpo.methods.step_policy import PairView, StepPlan
+from adaptdpo.training.trainer_mixin import TrainerMixin
 
 
-class StepMetricsMixin:
+class StepMetricsMixin(TrainerMixin):
     def _write_trace(self, view: PairView, plan: StepPlan, extras: dict[str, Any] | None) -> None:
         """Buffer one record per training micro-batch (tensors: no host synchronisation here); written to
         pairs.jsonl by :meth:`flush_trace` when metrics are logged and before every checkpoint."""
@@ -101,8 +102,8 @@ class StepMetricsMixin:
         averaged = {}
         for key, values in self._metrics[mode].items():
             if values:
-                values = [v if isinstance(v, Tensor) else torch.tensor(float(v)) for v in values]
-                averaged[key] = torch.stack([v.detach().float().cpu() for v in values]).mean().item()
+                tensors = [v if isinstance(v, Tensor) else torch.tensor(float(v)) for v in values]
+                averaged[key] = torch.stack([v.detach().float().cpu() for v in tensors]).mean().item()
         if mode == "eval":  # TRL's names (eval_<metric>) and, for a named eval set, also eval_<name>_<metric>
             prefix = next((k[: -len("loss")] for k in logs if k.startswith("eval") and k.endswith("_loss")), "eval_")
             named = {f"eval_{key}": value for key, value in averaged.items()}

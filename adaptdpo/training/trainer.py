@@ -41,11 +41,14 @@ import logging
 import os
 import time
 from collections import defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
 from transformers import Trainer
+
+if TYPE_CHECKING:
+    from transformers.trainer_pt_utils import AcceleratorConfig
 
 from adaptdpo.data.collate import PreferenceCollator, pairs_in_batch, stacked_rows
 from adaptdpo.methods.epsilon_dpo import PERTURBED_KEY
@@ -101,8 +104,9 @@ class StepPairs:
 
     def select(self, index: Tensor) -> StepPairs:
         """The pairs at ``index`` (every tensor indexed alike)."""
-        return StepPairs(**{f.name: None if (v := getattr(self, f.name)) is None else v[index]
-                            for f in dataclasses.fields(self)})
+        values: dict[str, Any] = {f.name: None if (v := getattr(self, f.name)) is None else v[index]
+                                  for f in dataclasses.fields(self)}
+        return StepPairs(**values)
 
 
 def _is_peft_model(model: torch.nn.Module) -> bool:
@@ -143,8 +147,8 @@ class AdaptiveDPOTrainer(ReferenceLogpsMixin, SchedulerPretrainingMixin, StepMet
         if data_collator is None:
             data_collator = self._default_collator(args, model, ref_model, processing_class)
         if args.ignore_bias_buffers:  # TRL's DDP workaround: boolean buffers (attention masks) stay out of the sync
-            model._ddp_params_and_buffers_to_ignore = [name for name, buffer in model.named_buffers()
-                                                       if buffer.dtype == torch.bool]
+            ignored = [name for name, buffer in model.named_buffers() if buffer.dtype == torch.bool]
+            model._ddp_params_and_buffers_to_ignore = ignored  # type: ignore[assignment]  # a plain attribute DDP reads
         if args.disable_dropout:
             disable_dropout(model)
             if ref_model is not None:
@@ -194,7 +198,8 @@ class AdaptiveDPOTrainer(ReferenceLogpsMixin, SchedulerPretrainingMixin, StepMet
             self.partial_training = freeze_below_top(model, args.trainable_layers)
             logger.info(self.partial_training.describe())
         if _is_peft_model(model) and args.gradient_checkpointing:
-            model.enable_input_require_grads()  # as TRL: checkpointed layers need an input that requires grad
+            peft_model: Any = model  # a PEFT model: its methods are not nn.Module's
+            peft_model.enable_input_require_grads()  # as TRL: checkpointed layers need an input that requires grad
         return model, ref_model
 
     @staticmethod
@@ -208,7 +213,7 @@ class AdaptiveDPOTrainer(ReferenceLogpsMixin, SchedulerPretrainingMixin, StepMet
                 raise ValueError("precompute_ref_log_probs needs the whole training set up front; a streamed "
                                  "IterableDataset has none: use a Dataset, or a live reference")
             # as TRL: batches of a stream cannot be dispatched from one process (they are not concatenable)
-            args.accelerator_config.dispatch_batches = False
+            cast("AcceleratorConfig", args.accelerator_config).dispatch_batches = False  # one after __post_init__
         train_dataset = prepare_dataset(train_dataset, processing_class, args, "train_dataset", pair_columns=True)
         eval_dataset = prepare_dataset(eval_dataset, processing_class, args, "eval_dataset")
         return train_dataset, eval_dataset
@@ -474,6 +479,7 @@ class AdaptiveDPOTrainer(ReferenceLogpsMixin, SchedulerPretrainingMixin, StepMet
             beta = inputs["beta"].to(chosen_logps) * (beta / self.args.beta)  # (β-DPO, ε-DPO) multiplies it
         pairs = StepPairs(chosen_logps, rejected_logps, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths)
         if self.args.use_weighting:  # WPO (Zhou et al. 2024, Eq. 2): w = exp(mean aligned log p)(y_w)·(same)(y_l)
+            assert policy.wpo_mean is not None  # scored with wpo=use_weighting
             chosen_wpo, rejected_wpo = policy.wpo_mean.chunk(2, dim=0)
             pairs.wpo_weight = torch.exp(chosen_wpo + rejected_wpo).to(chosen_logps.dtype)
         if training and "weight" in inputs:  # weight_column: a loss weight per pair
@@ -617,10 +623,11 @@ class AdaptiveDPOTrainer(ReferenceLogpsMixin, SchedulerPretrainingMixin, StepMet
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
+            assert isinstance(loss, Tensor)  # return_outputs=False: the loss alone
             if prediction_loss_only:
                 return loss.detach(), None, None
-            pad = getattr(self.processing_class, "pad_token_id", None)
-            pad = getattr(self.data_collator, "pad_token_id", pad if pad is not None else 0)
+            tokenizer_pad = getattr(self.processing_class, "pad_token_id", None)
+            pad: int = getattr(self.data_collator, "pad_token_id", tokenizer_pad if tokenizer_pad is not None else 0)
             rows = stacked_rows(inputs, pad, getattr(self.data_collator, "pad_to_multiple_of", None))
             logits = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"], use_cache=False).logits
         return loss.detach(), logits, rows["input_ids"]
@@ -637,8 +644,8 @@ class AdaptiveDPOTrainer(ReferenceLogpsMixin, SchedulerPretrainingMixin, StepMet
         evaluated set by set as ``<prefix>_<name>``) and, with ``precompute_ref_log_probs``, gets its reference
         log-probs, which after training without a reference model (nor a PEFT base) is an error, not the trained
         policy's log-probs."""
-        if eval_dataset is None or isinstance(eval_dataset, str):
-            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if eval_dataset is None or isinstance(eval_dataset, str):  # transformers passes a named eval set's name
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)  # type: ignore[arg-type]  # as str
         if isinstance(eval_dataset, dict):
             metrics: dict[str, float] = {}
             for name, dataset in eval_dataset.items():

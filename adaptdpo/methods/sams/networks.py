@@ -96,7 +96,7 @@ class LayerEncoder(nn.Module):
             self.layer_position = nn.Embedding(num_layers, size.encoder_dim)
             layer = nn.TransformerEncoderLayer(size.encoder_dim, size.encoder_heads, 4 * size.encoder_dim,
                                                dropout=size.dropout, batch_first=True)
-            self.encoder = nn.TransformerEncoder(layer, size.encoder_layers, enable_nested_tensor=False)
+            self.encoder: nn.Module = nn.TransformerEncoder(layer, size.encoder_layers, enable_nested_tensor=False)
         else:
             self.encoder = backbone
         use_fast_dropout(self.encoder)

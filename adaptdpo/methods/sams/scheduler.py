@@ -87,7 +87,8 @@ class SamsScheduler:
             raise ValueError(f"train_on must be 'all' or 'selected', got {train_on!r}")
         self.size = size or size_from(preset)
         if encoder_backbone is not None:
-            self.size = replace(self.size, encoder_dim=int(encoder_backbone.config.hidden_size))
+            config: Any = encoder_backbone.config  # a transformers model's config (a dynamic attribute)
+            self.size = replace(self.size, encoder_dim=int(config.hidden_size))
         self.num_layers, self.context_dim = num_layers, context_dim
         self.freeze_encoder = freeze_encoder
         self.ratio, self.selection, self.temperature = ratio, selection, temperature

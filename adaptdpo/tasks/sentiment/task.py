@@ -236,7 +236,9 @@ def _build_pool(spec: SentimentSpec, pool_dir: str, reference_dir: str, model_sh
 
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32).to(device)
+    # transformers types PreTrainedModel.to (a @wraps(Module.to) method) without its self
+    model = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32)
+    model = model.to(device)  # type: ignore[arg-type]  # see above
     tokenizer = load_tokenizer(reference_dir)
     sampler = PairSampler(model, tokenizer, VaderJudge(), spec)
     train_prompts, pair_prompts, win_prompts = split_prompts(spec)
