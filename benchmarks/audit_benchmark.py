@@ -161,6 +161,7 @@ def run_setting(rate: float, mix: float, seed: int, root: str, with_dpo: bool) -
                             "seconds": round(time.time() - started, 1)})
         results.append({"signal": signal, **metrics(margins, flipped, summary["estimated_flip_count"]),
                         "estimate": summary["estimated_flip_rate"], "interval": summary["flip_rate_interval"],
+                        "anchor": summary.get("anchor_flip_rate"),
                         "warnings": len(summary["warnings"]), "seconds": round(seconds, 1)})
     for r in results:
         r.update({"flip_rate": rate, "high_gap": mix, "seed": seed, "pairs": len(rows),
@@ -264,6 +265,7 @@ def run_sentiment_setting(rate: float, mix: float, seed: int, root: str, with_dp
                             "seconds": round(time.time() - started, 1)})
         results.append({"signal": signal, **metrics(margins, flipped, summary["estimated_flip_count"]),
                         "estimate": summary["estimated_flip_rate"], "interval": summary["flip_rate_interval"],
+                        "anchor": summary.get("anchor_flip_rate"),
                         "warnings": len(summary["warnings"]), "seconds": round(seconds, 1),
                         "peak_gib": round(peak_memory_gib(), 2)})
     for r in results:
@@ -301,6 +303,7 @@ def run_hh_setting(rate: float, seed: int, root: str, with_dpo: bool) -> list[di
                                                   {"learning_rate": 3e-5})
         results.append({"signal": signal, **metrics(margins, flipped, summary["estimated_flip_count"]),
                         "estimate": summary["estimated_flip_rate"], "interval": summary["flip_rate_interval"],
+                        "anchor": summary.get("anchor_flip_rate"),
                         "warnings": len(summary["warnings"]), "seconds": round(seconds, 1),
                         "peak_gib": round(peak_memory_gib(), 2)})
     for r in results:
@@ -313,15 +316,16 @@ def table(results: list[dict[str, Any]], command: str) -> str:
     lines = [f"Measured by `{command}`.", "",
              "| flips (true) | high-gap share | seed | pairs | signal | AUROC | AUPR "
              "| precision at k̂ (oracle, ceiling: k) | "
-             "estimated flip rate (95% interval) | warnings | s | peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "estimated flip rate (95% interval) | anchor reading | warnings | s | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         estimate = (f"{r['estimate']:.3f} ({r['interval'][0]:.3f}–{r['interval'][1]:.3f})" if "estimate" in r
                     else "")
         mix = "" if r["high_gap"] != r["high_gap"] else f"{r['high_gap']:.0%}"  # NaN: no gap groups (HH)
         lines.append(f"| {r['flip_rate']:.0%} ({r['true_rate']:.3f}) | {mix} | {r['seed']} | "
                      f"{r['pairs']} | {r['signal']} | {r['auroc']:.3f} | {r['aupr']:.3f} | "
-                     f"{r.get('precision_at_estimate', float('nan')):.3f} | {estimate} | {r.get('warnings', '')} | "
+                     f"{r.get('precision_at_estimate', float('nan')):.3f} | {estimate} | "
+                     f"{'' if r.get('anchor') is None else format(r['anchor'], '.3f')} | {r.get('warnings', '')} | "
                      f"{r.get('seconds', '')} | {r.get('peak_gib', '')} |")
     return "\n".join(lines)
 

@@ -64,7 +64,9 @@ def parse_poolings(text: str | Sequence[str]) -> list[str]:
 
 def resolve_layers(layers: Sequence[int] | str, num_blocks: int) -> list[int]:
     """Layer numbers in 0..num_blocks (hidden-state indices), ascending, deduplicated; errors name the bad one."""
-    if layers == "auto":
+    if isinstance(layers, str):
+        if layers != "auto":
+            raise FeatureError(f"layers {layers!r}: auto or a list of layer numbers")
         chosen = [0, max(1, round(num_blocks / 4)), max(1, round(num_blocks / 2)), num_blocks]
     else:
         chosen = []

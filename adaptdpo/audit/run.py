@@ -152,12 +152,20 @@ def fold_config(options: AuditOptions, train_args: list[str], yaml_path: str | N
                          "--pair_selection", "all"], yaml_path)
 
 
+def _set(value: str | None, key: str) -> str:
+    """A config path the audit needs (the checks before work ensure it; this names the key if not)."""
+    if value is None:
+        raise AuditError(f"{key} is not set")
+    return value
+
+
 def _device(config: AdaptiveDPOConfig) -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() and not config.use_cpu else torch.device("cpu")
 
 
 def _load_reference(config: AdaptiveDPOConfig) -> Any:
-    return load_pretrained(config.ref_model_name_or_path or config.model_name_or_path, config.dtype,
+    return load_pretrained(_set(config.ref_model_name_or_path or config.model_name_or_path, "model_name_or_path"),
+                           config.dtype,
                            config.attn_implementation)
 
 
@@ -168,7 +176,8 @@ def _load_fold_policy(config: AdaptiveDPOConfig, fold_dir: str) -> Any:
     if os.path.isfile(os.path.join(final, "adapter_config.json")):
         from peft import PeftModel
 
-        base = load_pretrained(config.model_name_or_path, config.dtype, config.attn_implementation)
+        base = load_pretrained(_set(config.model_name_or_path, "model_name_or_path"), config.dtype,
+                               config.attn_implementation)
         return PeftModel.from_pretrained(base, final)
     return load_pretrained(final, config.dtype, config.attn_implementation)
 
@@ -229,21 +238,22 @@ def duplicates_and_twins(rows: dict[int, dict[str, Any]], data: str) -> list[lis
 
 def read_audit_data(config: AdaptiveDPOConfig, tokenizer: Any) -> AuditData:
 
-    rows, report = load_preference_rows(config.train_file, config.train_split, skip_invalid=config.skip_invalid_rows,
+    train_file = _set(config.train_file, "train_file")
+    rows, report = load_preference_rows(train_file, config.train_split, skip_invalid=config.skip_invalid_rows,
                                         implicit_prompt_marker=config.implicit_prompt_marker)
     problems = {int(e.row): f"{e.field}: {e.problem}" for e in report.skipped if e.row is not None}
     originals = {int(r["pair_id"]): {k: v for k, v in r.items() if k != "pair_id"} for r in rows}
     formatted = PreparedData([dict(r) for r in rows], None, [report])
     apply_chat_format(config, formatted, tokenizer)
     examples, _ = tokenize_rows(formatted.train_rows, tokenizer, config.max_length, config.max_prompt_length,
-                                config.train_file, report if config.skip_invalid_rows else None,
+                                train_file, report if config.skip_invalid_rows else None,
                                 truncation_mode=config.truncation_mode)
     for e in report.skipped:
         if e.row is not None:
             problems.setdefault(int(e.row), f"{e.field}: {e.problem}")
     by_id = {int(e["pair_id"]): e for e in examples}
     usable = {i: r for i, r in originals.items() if i in by_id}
-    return AuditData(usable, by_id, problems, report.rows_read, duplicates_and_twins(usable, config.train_file))
+    return AuditData(usable, by_id, problems, report.rows_read, duplicates_and_twins(usable, train_file))
 
 
 def _settings(options: AuditOptions, config: AdaptiveDPOConfig, fingerprint: str) -> dict[str, Any]:
@@ -615,7 +625,7 @@ def dpo_fold_signal(options: AuditOptions, train_args: list[str], yaml_path: str
     columns = {i: {"reference_logratio": reference[i][0] - reference[i][1],
                    "chosen_logratio": heldout[i]["chosen_logratio"],
                    "rejected_logratio": heldout[i]["rejected_logratio"]} for i in ids}
-    return HeldOut(ids, config.beta * h, {i: heldout[i]["fold"] for i in ids}, columns,
+    return HeldOut(ids, config.beta * h, {i: int(heldout[i]["fold"]) for i in ids}, columns,
                    {"beta": config.beta, "seconds": round(time.time() - started, 1)})
 
 
@@ -763,7 +773,7 @@ def _run_audit(options: AuditOptions, train_args: list[str], yaml_path: str | No
     trains = options.signal != "probe"
     if os.path.exists(folds_path):
         _check_resumable(folds_path, settings, trains_folds=trains)
-    tokenizer = load_tokenizer(base.tokenizer_name_or_path or base.model_name_or_path)
+    tokenizer = load_tokenizer(_set(base.tokenizer_name_or_path or base.model_name_or_path, "model_name_or_path"))
     data = read_audit_data(base, tokenizer)
     if len(data.examples) < options.folds:
         raise AuditError(f"{options.data}: {len(data.examples)} usable pairs cannot be split into {options.folds} "
@@ -853,7 +863,7 @@ def audit_lines(data: Any, scored: dict[int, dict[str, Any]], actions: dict[int,
 def _model_blocks(config: AdaptiveDPOConfig) -> int | None:
     """The reference's block count from its config alone (a model folder), None when it cannot be read so."""
     path = config.ref_model_name_or_path or config.model_name_or_path
-    if not os.path.isfile(os.path.join(str(path), "config.json")):
+    if path is None or not os.path.isfile(os.path.join(path, "config.json")):
         return None
     from transformers import AutoConfig
 

@@ -76,8 +76,8 @@ def _starting_at_block(model: torch.nn.Module, index: int, states: Tensor) -> It
         return states
 
     for block in frozen:
-        block.forward = skip  # type: ignore[method-assign]  # an instance attribute shadows the class's forward
-    frozen[-1].forward = emit  # type: ignore[method-assign]
+        block.forward = skip  # an instance attribute shadows the class's forward
+    frozen[-1].forward = emit
     try:
         yield
     finally:

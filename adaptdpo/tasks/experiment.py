@@ -86,13 +86,17 @@ def train_and_evaluate(task: TaskFolder, overrides: dict[str, Any], output_dir: 
 
     evaluation_started = time.time()
     device = config.device  # where it trained: the judge samples there too
-    policy = AutoModelForCausalLM.from_pretrained(final_model_path(output_dir)).to(device)
-    reference = AutoModelForCausalLM.from_pretrained(task.reference_dir).to(device)
+    final = final_model_path(output_dir)
+    if final is None:
+        raise RuntimeError(f"{output_dir}: the run wrote no final model")
+    # transformers types PreTrainedModel.to with @wraps(Module.to), whose signature mypy then reads wrongly
+    policy = AutoModelForCausalLM.from_pretrained(final).to(device)  # type: ignore[arg-type]  # see above
+    reference = AutoModelForCausalLM.from_pretrained(task.reference_dir).to(device)  # type: ignore[arg-type]  # see above
     # the task's reference, loaded from its folder for every run: its samples are drawn once per process and seed
     result = evaluate_on_task(policy, reference, tokenizer, task, config.beta, seed=seed,
                               reference_key=os.path.abspath(task.reference_dir),
                               trainable_layers=config.trainable_layers)
-    if config.train_file == task.train_file:  # pair ids are rows of the task's file
+    if config.train_file == task.train_file or config.train_file is None:  # pair ids are rows of the task's file
         result.update(selection_of_flipped_pairs(output_dir, task.flipped_pair_ids()))
     else:  # another file (e.g. an audit's cleaned copy): its own `flipped` column, undone where the pair was swapped
         flipped = {i for i, row in enumerate(_rows(config.train_file))
