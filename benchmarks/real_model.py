@@ -111,8 +111,9 @@ PROFILES: dict[str, dict[str, Any]] = {
                  "hh_train": {"max_length": 320, "max_prompt_length": 256, "per_device_train_batch_size": 16,
                               "per_device_eval_batch_size": 32, "num_train_epochs": 1, "learning_rate": 3e-5,
                               "trainable_layers": 4, "bf16": True, "shared_prefix_cache": True}},
+    # the audit row: 2 folds of its 4 pairs
     "quick": {"task": {"train_prompts": 12, "eval_pair_prompts": 4, "eval_prompts": 4, "max_new_tokens": 8,
-                       "sampling_batch": 8, "train_pairs": 4},
+                       "sampling_batch": 8, "train_pairs": 4}, "audit_folds": 2,
               "train": {"per_device_train_batch_size": 2, "max_steps": 2, "max_length": 64, "logging_steps": 1,
                         "trainable_layers": 2, "shared_prefix_cache": True},
               "sams_warmup_rounds": 1,
@@ -121,7 +122,9 @@ PROFILES: dict[str, dict[str, Any]] = {
                            "per_device_eval_batch_size": 4, "max_steps": 2, "learning_rate": 2e-6}},
 }
 HH_METHODS = ("DPO", "β-DPO", "SamS (policy states)")
-QUICK_PLAN = {"noise": ("DPO", "β-DPO", "SamS (policy states)"), "frontier": (0.1, 1.0), "hh": ("DPO",)}
+#: the quick mode (in the test suite): the audit row goes through the probe audit, its cleaned file and its columns;
+#: SamS on SmolLM2's hidden states has its own test (tests/test_real_models.py)
+QUICK_PLAN = {"noise": ("DPO", "β-DPO", "audit (probe) → drop, DPO"), "frontier": (0.1, 1.0), "hh": ("DPO",)}
 
 
 def experiments(quick: bool = False, sams_warmup_rounds: int = 10
@@ -212,7 +215,7 @@ def run_sentiment(profile: dict[str, Any], task_overrides: dict, train_overrides
     settings = with_cache_dir({**profile["train"], **overrides, "trace_pairs": True}, workdir)
     audit = None
     if signal is not None:  # audit the training file, then train on what it keeps
-        audit = audit_training_file(task, settings, signal, seed, workdir)
+        audit = audit_training_file(task, settings, signal, seed, workdir, profile.get("audit_folds", 5))
         settings["train_file"] = os.path.join(audit["output_dir"], "cleaned.jsonl")
     result = train_and_evaluate(task, settings, os.path.join(workdir, "run"), seed=seed, plots=False)
     if audit is not None:
@@ -223,9 +226,10 @@ def run_sentiment(profile: dict[str, Any], task_overrides: dict, train_overrides
     return result
 
 
-def audit_training_file(task: Any, settings: dict[str, Any], signal: str, seed: int, workdir: str) -> dict:
-    """``adaptdpo audit`` of the task's training file with ``signal`` (5 folds, --clean drop, the training settings
-    for the reference and any fold models); its summary, with the folder it wrote."""
+def audit_training_file(task: Any, settings: dict[str, Any], signal: str, seed: int, workdir: str,
+                        folds: int = 5) -> dict:
+    """``adaptdpo audit`` of the task's training file with ``signal`` (``folds`` folds, --clean drop, the training
+    settings for the reference and any fold models); its summary, with the folder it wrote."""
     from adaptdpo.audit.run import AuditOptions, run_audit
     from adaptdpo.tasks.experiment import gold_train_arguments
 
@@ -233,7 +237,7 @@ def audit_training_file(task: Any, settings: dict[str, Any], signal: str, seed: 
     out = os.path.join(workdir, "audits", f"{signal}-{seed}-{hashlib.sha256(key.encode()).hexdigest()[:10]}")
     train_args = gold_train_arguments(task, {k: v for k, v in settings.items() if k != "output_dir"} |
                                       {"seed": seed, "plots": False, "trace_pairs": False})
-    summary = run_audit(AuditOptions(data=task.train_file, output_dir=out, folds=5, fold_seed=seed, clean="drop",
+    summary = run_audit(AuditOptions(data=task.train_file, output_dir=out, folds=folds, fold_seed=seed, clean="drop",
                                      signal=signal), train_args)
     return {**summary, "output_dir": out}
 

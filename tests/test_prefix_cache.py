@@ -214,3 +214,20 @@ def test_evaluation_with_a_shared_frozen_bottom_gives_the_same_numbers(hh_rows, 
     assert a["sampling_tokens_per_s"] > 0
     # the policy's blocks skipped during the shared pass are restored afterwards
     assert all("forward" not in block.__dict__ for block in policy.model.layers)
+
+
+def test_a_saved_top_k_policy_shares_its_bottom_with_the_reference_despite_checkpoint_metadata(tokenizer, tmp_path):
+    """The trainer saves the policy with use_cache off and its own dtype entry: not what the blocks compute, so the
+    bottom is still shared; a changed bottom weight is not."""
+    from transformers import AutoModelForCausalLM
+
+    from adaptdpo.models.shared_prefix import shared_frozen_blocks
+
+    policy, reference = _top_trained_pair(tokenizer)
+    policy.config.use_cache = False
+    policy.save_pretrained(str(tmp_path / "policy"))
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "policy"))
+    assert shared_frozen_blocks(loaded, reference, 2) == 2
+    with torch.no_grad():
+        loaded.model.layers[1].mlp.down_proj.weight[0, 0] += 1e-3
+    assert shared_frozen_blocks(loaded, reference, 2) is None

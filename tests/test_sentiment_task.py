@@ -127,9 +127,10 @@ def test_eval_task_on_the_reference_itself_gives_win_rate_one_half_and_zero_kl(q
 
 
 def test_the_real_model_experiments_quick_mode_runs_every_stage_and_resumes(tmp_path):
-    """benchmarks/real_model.py --quick: the task is sampled and judged, DPO, β-DPO and SamS train 2 steps from
-    SmolLM2 on clean and 20%-flipped pairs, the β sweep and HH run, each is evaluated, and the report (tables,
-    recovery table, frontier and recovery figures) is written; a second call finds every run done."""
+    """benchmarks/real_model.py --quick: the task is sampled and judged, DPO, β-DPO and DPO on the probe audit's
+    cleaned file train 2 steps of the top 2 blocks of SmolLM2 on clean and 20%-flipped pairs, the β sweep and HH
+    run, each is evaluated (the policy from the reference's frozen bottom), and the report (tables, recovery table,
+    frontier and recovery figures) is written; a second call finds every run done."""
     pytest.importorskip("vaderSentiment")
     pytest.importorskip("matplotlib")
     command = [sys.executable, os.path.join(ROOT, "benchmarks", "real_model.py"), "--quick", "--workdir",
@@ -148,6 +149,10 @@ def test_the_real_model_experiments_quick_mode_runs_every_stage_and_resumes(tmp_
         assert -1 <= r["gold/reward"] <= 1 and r["kl"] == r["kl"]
         assert r["device"] and r["torch"] and r["transformers"]
     assert any(r["kl"] != 0 for r in sentiment)  # training moved the policy off the reference
+    assert all(r["eval/shared_frozen_blocks"] == 28 and r["eval/sampling_tokens_per_s"] > 0 for r in sentiment)
+    audited = [r for r in sentiment if "audit/estimated_flip_rate" in r]
+    assert len(audited) == 2 and all(0 <= r["audit/estimated_flip_rate"] <= 1 and r["audit/dropped"] >= 0
+                                     for r in audited)
     tables = (tmp_path / "tables.md").read_text()
     for title in ("at 0% and 20% flips", "Noise recovery", "Reward–KL frontier", "HH (Anthropic"):
         assert title in tables

@@ -500,8 +500,9 @@ def truth_metrics(scored: dict[int, dict[str, Any]], truth: dict[int, bool], est
         out["auroc"] = auroc(scores, labels)
         out["average_precision"] = average_precision(scores, labels)
         out["precision_at_flip_rate"] = precision_at(scores, labels, n_bad)
-        k = max(1, round(estimated_rate * len(ids)))
-        out["precision_at_estimated_rate"] = precision_at(scores, labels, min(k, len(ids)))
+        k = round(estimated_rate * len(ids))
+        if k > 0:  # an estimate of 0 flags no pair: no precision to give
+            out["precision_at_estimated_rate"] = precision_at(scores, labels, min(k, len(ids)))
     return out
 
 

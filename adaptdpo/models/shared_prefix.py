@@ -7,9 +7,9 @@ skipped, as in the prefix cache's replay): L + K blocks of work instead of 2L, a
 (the same weights on the same batch layout, so the same kernels on the same inputs; the tests compare the two
 paths exactly). Evaluation uses it for the held-out pairs and for KL(π‖π_ref) on the policy's samples.
 
-:func:`shared_frozen_blocks` decides whether the bottom is shared: it compares the frozen part's fingerprints
-(:func:`adaptdpo.models.prefix_cache.frozen_fingerprint`: the weights and the config) and returns None unless
-they are equal, so a fully trained policy, a LoRA model or another reference falls back to two full passes.
+:func:`shared_frozen_blocks` decides whether the bottom is shared: the same model class and block configuration,
+and every tensor of the embeddings and the bottom blocks equal; otherwise None, so a fully trained policy, a LoRA
+model or another reference falls back to two full passes.
 Llama-style block lists only (``model.layers``, where a block returns its residual stream), as the prefix cache.
 """
 
@@ -23,14 +23,25 @@ import torch
 from torch import Tensor
 
 from adaptdpo.models.partial import decoder_blocks
-from adaptdpo.models.prefix_cache import frozen_fingerprint
 from adaptdpo.models.sequence_logps import SequenceLogps, sequence_logps
+from adaptdpo.models.token_ops import unwrap
+
+#: config entries that describe a checkpoint, not what its blocks compute (a trained policy's saved config differs in
+#: them: the trainer turns ``use_cache`` off, the dtype and version are written again)
+NOT_COMPUTATIONAL = frozenset({"_name_or_path", "transformers_version", "use_cache", "dtype", "torch_dtype",
+                               "architectures", "_commit_hash", "output_hidden_states", "output_attentions",
+                               "return_dict"})
+
+
+def _computation(config: Any) -> dict[str, Any]:
+    return {k: v for k, v in config.to_dict().items() if k not in NOT_COMPUTATIONAL}
 
 
 def shared_frozen_blocks(policy: torch.nn.Module, reference: torch.nn.Module,
                          trainable_layers: int | None) -> int | None:
     """L − K when the policy was trained on its top ``trainable_layers`` blocks and its embeddings and bottom
-    L − K blocks are the reference's (equal fingerprints); otherwise None (no sharing)."""
+    L − K blocks are the reference's: the same model class and block configuration, every tensor equal in dtype
+    and value (``torch.equal``); otherwise None (no sharing)."""
     if not trainable_layers:
         return None
     try:
@@ -41,8 +52,15 @@ def shared_frozen_blocks(policy: torch.nn.Module, reference: torch.nn.Module,
     frozen = len(blocks) - trainable_layers
     if path != "model.layers" or ref_path != path or len(ref_blocks) != len(blocks) or not 1 <= frozen < len(blocks):
         return None
-    if frozen_fingerprint(policy, frozen) != frozen_fingerprint(reference, frozen):
+    base, ref_base = unwrap(policy), unwrap(reference)
+    if type(base) is not type(ref_base) or _computation(base.config) != _computation(ref_base.config):
         return None
+    pairs = [(base.get_input_embeddings(), ref_base.get_input_embeddings()),
+             *zip(list(blocks)[:frozen], list(ref_blocks)[:frozen], strict=True)]
+    for ours, theirs in pairs:
+        a, b = ours.state_dict(), theirs.state_dict()
+        if a.keys() != b.keys() or not all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a):
+            return None
     return frozen
 
 
