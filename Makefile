@@ -28,8 +28,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/adaptdpo demo
 
+# the 15 slowest tests are listed at the end: where the suite's time goes
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
