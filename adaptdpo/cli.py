@@ -2,6 +2,11 @@
 
 Works unchanged under ``accelerate launch -m adaptdpo.cli train ...`` or ``accelerate launch
 $(which adaptdpo) train ...``: the trainer takes its distributed setup from the environment.
+
+Each command imports what it runs inside its own function: ``import adaptdpo.cli`` takes about 1.7 s (torch),
+the training job about 7.5 s (transformers, trl's pieces, accelerate; measured on 2 busy cores), so ``--help``, a
+config error or ``adaptdpo report`` answer without the second. These are the package's only function-local imports
+of its own modules (the others under ``TYPE_CHECKING`` are for annotations only).
 """
 
 from __future__ import annotations

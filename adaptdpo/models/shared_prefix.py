@@ -52,7 +52,8 @@ def shared_frozen_blocks(policy: torch.nn.Module, reference: torch.nn.Module,
     frozen = len(blocks) - trainable_layers
     if path != "model.layers" or ref_path != path or len(ref_blocks) != len(blocks) or not 1 <= frozen < len(blocks):
         return None
-    base, ref_base = unwrap(policy), unwrap(reference)
+    base: Any = unwrap(policy)
+    ref_base: Any = unwrap(reference)
     if type(base) is not type(ref_base) or _computation(base.config) != _computation(ref_base.config):
         return None
     pairs = [(base.get_input_embeddings(), ref_base.get_input_embeddings()),
