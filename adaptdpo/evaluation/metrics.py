@@ -91,6 +91,10 @@ def preference_accuracy(policy: Any, reference: Any, tokenizer: Any, rows: Seque
     return {"accuracy": float(accuracy), "margin": float(beta * h.mean())}
 
 
+#: the wall-clock entries of :func:`gold_generation_metrics` (they differ between two equal calls)
+TIMING_KEYS = ("sampling_s", "sampling_tokens_per_s", "kl_s")
+
+
 #: the reference's samples of this process, by (reference_key, prompts, seed, length, special ids): a benchmark that
 #: judges many runs from one reference on the same prompts and seed samples the reference once (the same numbers:
 #: the same model, inputs and random stream, in the same process)
