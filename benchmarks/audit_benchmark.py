@@ -322,9 +322,11 @@ def table(results: list[dict[str, Any]], command: str) -> str:
         estimate = (f"{r['estimate']:.3f} ({r['interval'][0]:.3f}–{r['interval'][1]:.3f})" if "estimate" in r
                     else "")
         mix = "" if r["high_gap"] != r["high_gap"] else f"{r['high_gap']:.0%}"  # NaN: no gap groups (HH)
+        precision = (f"{r['precision_at_estimate']:.3f}" if "precision_at_estimate" in r
+                     else "– (k̂ = 0)" if "estimate" in r else "")
         lines.append(f"| {r['flip_rate']:.0%} ({r['true_rate']:.3f}) | {mix} | {r['seed']} | "
                      f"{r['pairs']} | {r['signal']} | {r['auroc']:.3f} | {r['aupr']:.3f} | "
-                     f"{r.get('precision_at_estimate', float('nan')):.3f} | {estimate} | "
+                     f"{precision} | {estimate} | "
                      f"{'' if r.get('anchor') is None else format(r['anchor'], '.3f')} | {r.get('warnings', '')} | "
                      f"{r.get('seconds', '')} | {r.get('peak_gib', '')} |")
     return "\n".join(lines)

@@ -70,6 +70,10 @@ METHODS: dict[str, dict[str, Any]] = {
     # features (issue 26's default), and the DPO-fold audit it replaced (5 fold trainings a seed: last)
     "audit (probe) → drop, DPO": {"method": "dpo", "audit": "probe"},
     "audit (DPO folds) → drop, DPO": {"method": "dpo", "audit": "dpo_folds"},
+    # Selective DPO (Gao et al. 2025): the easiest half by the probe audit's held-out loss, easy to hard (the paper
+    # scores with DPO folds; the probe's held-out loss is the same quantity for its model); the audit is the one
+    # the drop row wrote (same file, signal and seed)
+    "Selective DPO (easiest 50%, probe audit)": {"method": "dpo", "select_from_audit": "probe"},
 }
 BETAS = (0.05, 0.1, 0.3, 1.0)
 
@@ -122,9 +126,11 @@ PROFILES: dict[str, dict[str, Any]] = {
                            "per_device_eval_batch_size": 4, "max_steps": 2, "learning_rate": 2e-6}},
 }
 HH_METHODS = ("DPO", "β-DPO", "SamS (policy states)")
-#: the quick mode (in the test suite): the audit row goes through the probe audit, its cleaned file and its columns;
-#: SamS on SmolLM2's hidden states has its own test (tests/test_real_models.py)
-QUICK_PLAN = {"noise": ("DPO", "β-DPO", "audit (probe) → drop, DPO"), "frontier": (0.1, 1.0), "hh": ("DPO",)}
+#: the quick mode (in the test suite): the audit rows go through the probe audit, its cleaned file, its scores and
+#: its columns; SamS on SmolLM2's hidden states has its own test (tests/test_real_models.py), β-DPO its unit tests
+QUICK_PLAN = {"noise": ("DPO", "audit (probe) → drop, DPO", "Selective DPO (easiest 50%, probe audit)"),
+              "frontier": (0.1, 1.0),
+              "frontier_methods": ("DPO",), "hh": ("DPO",)}
 
 
 def experiments(quick: bool = False, sams_warmup_rounds: int = 10
@@ -148,7 +154,7 @@ def experiments(quick: bool = False, sams_warmup_rounds: int = 10
                 ("mix 0.5: β-DPO instance", {**mixed, "flip_rate": 0.0},
                  {"method": "beta_dpo", "beta_dpo_level": "instance"})],
         "frontier": [(f"{name} β={b}", {**mixed, "flip_rate": 0.0}, with_beta(methods[name], b))
-                     for name in ("DPO", "β-DPO")
+                     for name in (QUICK_PLAN["frontier_methods"] if quick else ("DPO", "β-DPO"))
                      for b in (QUICK_PLAN["frontier"] if quick else BETAS)],
         "filters": [*[(f"filter {flt}", {**mixed, "flip_rate": 0.2}, {"method": "beta_dpo", "beta_dpo_filter": flt})
                       for flt in ("gaussian", "grad_head", "grad_tail", "grad_tail_head")],
@@ -212,11 +218,16 @@ def run_sentiment(profile: dict[str, Any], task_overrides: dict, train_overrides
     task = build_sentiment_task(spec, os.path.join(workdir, "cache"))
     overrides = dict(train_overrides)
     signal = overrides.pop("audit", None)
+    select = overrides.pop("select_from_audit", None)
     settings = with_cache_dir({**profile["train"], **overrides, "trace_pairs": True}, workdir)
     audit = None
     if signal is not None:  # audit the training file, then train on what it keeps
         audit = audit_training_file(task, settings, signal, seed, workdir, profile.get("audit_folds", 5))
         settings["train_file"] = os.path.join(audit["output_dir"], "cleaned.jsonl")
+    elif select is not None:  # audit the training file, then train on its easiest half (Selective DPO)
+        audit = audit_training_file(task, settings, select, seed, workdir, profile.get("audit_folds", 5))
+        settings.update({"pair_selection": "easiest", "pair_keep_ratio": 0.5,
+                         "pair_scores_file": os.path.join(audit["output_dir"], "audit.jsonl")})
     result = train_and_evaluate(task, settings, os.path.join(workdir, "run"), seed=seed, plots=False)
     if audit is not None:
         truth = audit.get("ground_truth", {})

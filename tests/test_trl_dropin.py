@@ -144,6 +144,7 @@ PEFT_FLAGS = ["--use_peft", "--lora_r", "4", "--lora_alpha", "8", "--lora_target
               "--use_rslora", "--use_dora", "--lora_dropout", "0.0"]
 
 
+@pytest.mark.slow  # two command-line trainings (trl's and ours) per case
 @pytest.mark.parametrize("rows,extra", [(STANDARD, []), (CONVERSATIONAL, PEFT_FLAGS)],
                          ids=["standard", "conversational-dora-rslora"])
 def test_trl_dpo_command_and_adaptdpo_train_with_the_same_flags(model_dir, rows, extra, tmp_path):
