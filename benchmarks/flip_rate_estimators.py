@@ -73,7 +73,13 @@ def main() -> None:
         scored = [r for r in records if r.get("margin") is not None and "known_bad" in r]
         margins = np.array([r["margin"] for r in scored])
         rows.append((f"audit {folder}", float(np.mean([bool(r["known_bad"]) for r in scored])), readings(margins)))
-    lines = ["Measured by `python benchmarks/flip_rate_estimators.py " + " ".join(sys.argv[1:]) + "`.", "",
+    import platform
+
+    import sklearn
+
+    env = (f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+           f"scikit-learn {sklearn.__version__}; bootstrap: 100 resamples")
+    lines = ["Measured by `python benchmarks/flip_rate_estimators.py " + " ".join(sys.argv[1:]) + f"` ({env}).", "",
              "| set | planted rate | logistic estimate (95% interval) | anchor reading (95% interval) | "
              "Hölder 1 − ξ̂ |", "|---|---|---|---|---|"]
     for name, truth, r in rows:
