@@ -28,6 +28,7 @@ gpu_first = _load("gpu_first", "benchmarks/gpu_first.py")
 wheels = _load("gpu_wheels", "benchmarks/gpu/wheels.py")
 
 
+@pytest.mark.slow  # every piece of the GPU suite, dry, in its own process
 def test_the_dry_run_goes_through_every_piece(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     env = {**os.environ, "OUT": str(out), "WORKDIR": str(work), "PYTHON": sys.executable, "BUDGET_S": "400"}

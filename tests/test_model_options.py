@@ -182,6 +182,7 @@ def test_accelerate_config_names_and_launch_command():
         accelerate_launch_command(["--num_processes", "2"])
 
 
+@pytest.mark.slow  # two processes
 def test_accelerate_config_runs_two_processes(small, tmp_path):
     """`adaptdpo train ... --accelerate_config cpu-2proc`: two gloo processes, each with half of the batch."""
     data, tok = small
@@ -232,6 +233,7 @@ def test_a_model_is_quantised_by_one_setting_only(tmp_path):
     assert plain.from_pretrained_kwargs(BitsAndBytesConfig(load_in_4bit=True))["quantization_config"].load_in_4bit
 
 
+@pytest.mark.slow  # compiling takes about 40 s
 def test_torch_compile_trains_the_same_steps(small, tmp_path):
     """TrainingArguments' torch_compile compiles the policy; our loss path (custom masks, the chunked head's
     capture of the head's input) runs under it with the same losses as eager."""

@@ -130,6 +130,7 @@ def test_export_model_writes_a_plain_folder(tmp_path):
     assert main(["export-model", SMOL, str(out)]) == 1  # not over a non-empty folder
 
 
+@pytest.mark.slow  # trains SmolLM2
 def test_two_lora_dpo_steps_change_the_adapter_and_keep_the_base(hh_file, tmp_path):
     """The reference is the base with adapters off: at step 1 policy = reference, so the loss is ln 2."""
     from safetensors.torch import load_file
@@ -172,6 +173,7 @@ def test_two_lora_dpo_steps_change_the_adapter_and_keep_the_base(hh_file, tmp_pa
     assert compared == len(base) - ("lm_head.weight" in base)
 
 
+@pytest.mark.slow  # trains SmolLM2
 def test_full_fine_tuning_from_a_bf16_checkpoint_learns_with_the_default_precision(smol, hh_file, tmp_path):
     """A checkpoint saved in bf16, the default config (float32 master weights), lr 5e-7: 2 steps change at least
     half of the weight elements (pure bf16 weights changed 0.9% in the probe). Asked for bf16 weights, the
@@ -207,6 +209,7 @@ def final_params_of(folder):
     return load_file(os.path.join(folder, "model.safetensors"))
 
 
+@pytest.mark.slow  # trains SmolLM2
 def test_minilm_runs_as_the_sams_encoder_on_the_real_models_hidden_states(hh_file, tmp_path):
     from adaptdpo.training.run_dir import read_metrics
 

@@ -447,6 +447,7 @@ def test_broken_task_folders_are_named_by_file_and_line(tmp_path):
         load_task(str(tmp_path / "nowhere"))
 
 
+@pytest.mark.slow  # command-line runs in subprocesses
 def test_cli_prints_one_line_and_a_hint_and_the_traceback_with_debug(tmp_path):
     """The probe's note: every error was a traceback, argparse errors a 160-line usage."""
     out = run_cli(["--beta", "abc", "--output_dir", str(tmp_path / "x")])

@@ -34,6 +34,7 @@ def quick_task(tmp_path_factory):
     return build_sentiment_task(SentimentSpec.quick(flip_rate=0.5, max_new_tokens=12), str(cache)), cache
 
 
+@pytest.mark.slow  # samples SmolLM2
 def test_the_quick_task_is_conversational_judged_by_vader_and_split_by_prompt(quick_task):
     from adaptdpo.tasks.loading import load_any_task
     from adaptdpo.tasks.sentiment.task import SentimentSpec, split_prompts
@@ -112,6 +113,7 @@ def test_the_task_command_finds_the_cached_task_and_new_settings_reuse_the_pool(
     assert not any(r["flipped"] for r in rows)
 
 
+@pytest.mark.slow  # samples SmolLM2
 def test_eval_task_on_the_reference_itself_gives_win_rate_one_half_and_zero_kl(quick_task, tmp_path):
     """The policy = the reference: the same random numbers give the same samples, so the win rate is exactly 0.5,
     the KL estimate exactly 0, and every implicit reward 0 (accuracy ½ by the tie rule)."""

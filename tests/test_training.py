@@ -124,7 +124,9 @@ def one_thread(monkeypatch):
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+# DPO in make test-fast; every method in make test (about 10 s each)
+@pytest.mark.parametrize("method", [m if m == "dpo" else pytest.param(m, marks=pytest.mark.slow)
+                                    for m in sorted(METHODS)])
 def test_kill_and_resume_gives_the_same_run(small, tmp_path, method, one_thread):
     data, tok = small
     common = dict(max_steps=8, save_strategy="steps", save_steps=3, **METHODS[method])
