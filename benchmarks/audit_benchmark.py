@@ -174,6 +174,16 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
+def audit_row(signal: str, margins: np.ndarray, flipped: np.ndarray, summary: dict[str, Any], seconds: float
+              ) -> dict[str, Any]:
+    """One shipped audit's row of the table (the real-model settings): its ranking, estimate, anchor reading, warnings,
+    seconds and the process's peak memory so far."""
+    return {"signal": signal, **metrics(margins, flipped, summary["estimated_flip_count"]),
+            "estimate": summary["estimated_flip_rate"], "interval": summary["flip_rate_interval"],
+            "anchor": summary.get("anchor_flip_rate"), "warnings": len(summary["warnings"]),
+            "seconds": round(seconds, 1), "peak_gib": round(peak_memory_gib(), 2)}
+
+
 def fold_assignment(audit_dir: str, n: int) -> list[int]:
     with open(os.path.join(audit_dir, "folds.json"), encoding="utf-8") as fh:
         assignment = {int(k): v for k, v in json.load(fh)["assignment"].items()}
@@ -263,11 +273,7 @@ def run_sentiment_setting(rate: float, mix: float, seed: int, root: str, with_dp
             results.append({"signal": f"feature ceiling ({name}, gold labels)",
                             **metrics(gold_margins, flipped, int(flipped.sum())),
                             "seconds": round(time.time() - started, 1)})
-        results.append({"signal": signal, **metrics(margins, flipped, summary["estimated_flip_count"]),
-                        "estimate": summary["estimated_flip_rate"], "interval": summary["flip_rate_interval"],
-                        "anchor": summary.get("anchor_flip_rate"),
-                        "warnings": len(summary["warnings"]), "seconds": round(seconds, 1),
-                        "peak_gib": round(peak_memory_gib(), 2)})
+        results.append(audit_row(signal, margins, flipped, summary, seconds))
     for r in results:
         r.update({"flip_rate": rate, "high_gap": mix, "seed": seed, "pairs": len(rows),
                   "true_rate": float(flipped.mean())})
@@ -301,11 +307,7 @@ def run_hh_setting(rate: float, seed: int, root: str, with_dpo: bool) -> list[di
     for signal in ("probe", *(("dpo_folds",) if with_dpo else ())):
         margins, summary, seconds = audit_margins(task, workdir, signal, seed, {} if signal == "probe" else
                                                   {"learning_rate": 3e-5})
-        results.append({"signal": signal, **metrics(margins, flipped, summary["estimated_flip_count"]),
-                        "estimate": summary["estimated_flip_rate"], "interval": summary["flip_rate_interval"],
-                        "anchor": summary.get("anchor_flip_rate"),
-                        "warnings": len(summary["warnings"]), "seconds": round(seconds, 1),
-                        "peak_gib": round(peak_memory_gib(), 2)})
+        results.append(audit_row(signal, margins, flipped, summary, seconds))
     for r in results:
         r.update({"flip_rate": rate, "high_gap": float("nan"), "seed": seed, "pairs": len(rows),
                   "true_rate": float(flipped.mean())})
