@@ -1,6 +1,7 @@
 """Top-K training (``trainable_layers``) and the frozen-prefix cache: exact against the uncached run, keyed, and
 never trusted when damaged."""
 
+import copy
 import glob
 import logging
 import os
@@ -103,8 +104,6 @@ def test_two_writers_of_one_entry_leave_one_whole_file(tmp_path):
 
 
 def test_trainable_layers_freezes_below_the_top_and_says_so(policy_and_reference):
-    import copy
-
     from adaptdpo.models.partial import freeze_below_top
 
     model = copy.deepcopy(policy_and_reference[0])
@@ -150,7 +149,6 @@ def test_cached_reference_logps_equal_the_live_reference_and_are_read_by_a_later
 
 def test_lora_on_the_top_blocks_adapts_only_those(policy_and_reference):
     """trainable_layers with LoRA: peft's layers_to_transform holds the top K blocks; adapters only there."""
-    import copy
 
     from peft import LoraConfig, get_peft_model
 
@@ -174,7 +172,6 @@ def test_the_model_card_says_which_blocks_were_trained(tmp_path):
 
 def _top_trained_pair(tokenizer):
     """A 4-block tiny Llama reference and a policy whose top 2 blocks and final norm differ from it."""
-    import copy
 
     from adaptdpo.models.tiny import build_tiny_model, tiny_model_config
 
@@ -214,6 +211,36 @@ def test_evaluation_with_a_shared_frozen_bottom_gives_the_same_numbers(hh_rows, 
     assert a["sampling_tokens_per_s"] > 0
     # the policy's blocks skipped during the shared pass are restored afterwards
     assert all("forward" not in block.__dict__ for block in policy.model.layers)
+
+
+@pytest.mark.parametrize("frozen_blocks", [None, 2])
+def test_the_reference_pass_over_held_out_pairs_is_kept_per_process_and_gives_the_same_numbers(
+        hh_rows, tokenizer, monkeypatch, frozen_blocks):
+    """With a reference key, a second policy is judged on the same pairs without running the reference again
+    (none of its blocks runs), and both log-ratios equal those of fresh passes bit for bit; other pairs miss."""
+    from adaptdpo.evaluation import metrics as metrics_module
+    from adaptdpo.evaluation.metrics import pair_logratios
+
+    monkeypatch.setattr(metrics_module, "_REFERENCE_PAIR_PASSES", {})
+    policy, reference = _top_trained_pair(tokenizer)
+    second = copy.deepcopy(policy)
+    with torch.no_grad():
+        second.model.layers[3].mlp.down_proj.weight.mul_(1.5)
+    calls: list[int] = []
+    handle = reference.model.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    rows = hh_rows[:12]
+    fresh = [pair_logratios(p, reference, tokenizer, rows, batch_size=5, frozen_blocks=frozen_blocks)
+             for p in (policy, second)]
+    assert len(calls) == 6  # 3 batches for each of 2 policies
+    kept = [pair_logratios(p, reference, tokenizer, rows, batch_size=5, frozen_blocks=frozen_blocks,
+                           reference_key="ref") for p in (policy, second)]
+    assert len(calls) == 9  # the first keyed call ran the reference; the second did not
+    assert torch.equal(fresh[0], kept[0]) and torch.equal(fresh[1], kept[1])
+    assert not torch.equal(kept[0], kept[1])
+    pair_logratios(policy, reference, tokenizer, hh_rows[:11], batch_size=5, frozen_blocks=frozen_blocks,
+                   reference_key="ref")
+    assert len(calls) == 12  # other pairs: another entry
+    handle.remove()
 
 
 def test_a_saved_top_k_policy_shares_its_bottom_with_the_reference_despite_checkpoint_metadata(tokenizer, tmp_path):

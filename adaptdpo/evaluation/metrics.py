@@ -27,7 +27,7 @@ from adaptdpo.data.collate import PreferenceCollator, batch_to
 from adaptdpo.data.tokenize import tokenize_rows
 from adaptdpo.models.sampling import completion_batches, prompt_token_ids, sample_completions
 from adaptdpo.models.sequence_logps import sequence_logps
-from adaptdpo.models.shared_prefix import both_sequence_logps
+from adaptdpo.models.shared_prefix import both_sequence_logps, policy_pass_from, reference_pass
 
 
 @torch.no_grad()
@@ -64,35 +64,78 @@ def _eval_mode(*models: Any) -> Iterator[None]:
             m.train(mode)
 
 
+#: the reference's pass over held-out pairs in this process, by (reference_key, tokenised pairs, batch size, frozen
+#: blocks, device): per batch its (chosen, rejected) log-probs and, with a shared bottom, the input of block L − K.
+#: A benchmark that judges many policies of one reference on the same pairs runs the reference once (the same
+#: numbers: the same model and inputs in the same process). At most :data:`REFERENCE_PASSES_KEPT` entries (with a
+#: shared bottom an entry holds the hidden states of every pair: about 0.5 GB for 512 SmolLM2 pairs of 150 tokens)
+_REFERENCE_PAIR_PASSES: dict[tuple, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = {}
+REFERENCE_PASSES_KEPT = 2
+
+
+def _reference_pair_pass(reference: Any, batches: list[dict[str, torch.Tensor]], frozen_blocks: int | None,
+                         key: tuple | None) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Per batch: the reference's chosen and rejected log-probs (float64, CPU) and the input of block
+    ``frozen_blocks`` (None without a shared bottom); read from, or added to, the process's memo under ``key``."""
+    if key is not None and key in _REFERENCE_PAIR_PASSES:
+        return _REFERENCE_PAIR_PASSES[key]
+    passes = []
+    for batch in batches:
+        if frozen_blocks is None:
+            theirs, states = sequence_logps(reference, batch), None
+        else:
+            theirs, states = reference_pass(reference, batch, frozen_blocks)
+        chosen, rejected = theirs.split()
+        passes.append((chosen.double().cpu(), rejected.double().cpu(), states))
+    if key is not None:
+        while len(_REFERENCE_PAIR_PASSES) >= REFERENCE_PASSES_KEPT:
+            del _REFERENCE_PAIR_PASSES[next(iter(_REFERENCE_PAIR_PASSES))]
+        _REFERENCE_PAIR_PASSES[key] = passes
+    return passes
+
+
+@torch.no_grad()
 def pair_logratios(policy: Any, reference: Any, tokenizer: Any, rows: Sequence[dict[str, Any]],
-                   max_length: int | None = 256, batch_size: int = 64, frozen_blocks: int | None = None
-                   ) -> torch.Tensor:
+                   max_length: int | None = 256, batch_size: int = 64, frozen_blocks: int | None = None,
+                   reference_key: str | None = None) -> torch.Tensor:
     """h = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)) per row (float64). ``frozen_blocks``
     (:func:`~adaptdpo.models.shared_prefix.shared_frozen_blocks`): the policy's bottom blocks are the
-    reference's, computed once per batch (the same numbers)."""
+    reference's, computed once per batch (the same numbers). ``reference_key`` (e.g. the reference's folder, which
+    must not change while the process runs): keep the reference's pass over these pairs for the next call with
+    the same key, pairs and batching; later calls run only the policy (its top K blocks with a shared bottom)."""
     examples, _ = tokenize_rows(list(rows), tokenizer, max_length, None, truncation_mode="keep_prompt_end")
     collate = PreferenceCollator(tokenizer.pad_token_id)
     device = next(policy.parameters()).device
+    batches = [batch_to(collate(list(examples[start:start + batch_size])), device)
+               for start in range(0, len(examples), batch_size)]
+    key = None if reference_key is None else (
+        reference_key, tuple((tuple(e["prompt_ids"]), tuple(e["chosen_ids"]), tuple(e["rejected_ids"]))
+                             for e in examples), batch_size, frozen_blocks, str(device))
     out = []
     with _eval_mode(policy, reference):
-        for start in range(0, len(examples), batch_size):
-            batch = batch_to(collate(list(examples[start:start + batch_size])), device)
-            ours, theirs = both_sequence_logps(policy, reference, batch, frozen_blocks)
-            (pc, pr), (rc, rr) = ours.split(), theirs.split()
-            out.append(((pc.double() - rc.double()) - (pr.double() - rr.double())).cpu())
+        passes = _reference_pair_pass(reference, batches, frozen_blocks, key)
+        for batch, (rc, rr, states) in zip(batches, passes, strict=True):
+            if frozen_blocks is None or states is None:
+                ours = sequence_logps(policy, batch)
+            else:
+                ours = policy_pass_from(policy, batch, frozen_blocks, states)
+            pc, pr = ours.split()
+            out.append((pc.double().cpu() - rc) - (pr.double().cpu() - rr))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
 def preference_accuracy(policy: Any, reference: Any, tokenizer: Any, rows: Sequence[dict[str, Any]],
-                        beta: float = 0.1, frozen_blocks: int | None = None) -> dict[str, float]:
-    """Accuracy and mean margin of the implicit reward on rows whose ``chosen`` is the better response."""
-    h = pair_logratios(policy, reference, tokenizer, rows, frozen_blocks=frozen_blocks)
+                        beta: float = 0.1, frozen_blocks: int | None = None, reference_key: str | None = None
+                        ) -> dict[str, float]:
+    """Accuracy and mean margin of the implicit reward on rows whose ``chosen`` is the better response
+    (``frozen_blocks``, ``reference_key``: see :func:`pair_logratios`)."""
+    h = pair_logratios(policy, reference, tokenizer, rows, frozen_blocks=frozen_blocks, reference_key=reference_key)
     accuracy = ((h > 0).double() + 0.5 * (h == 0).double()).mean()
     return {"accuracy": float(accuracy), "margin": float(beta * h.mean())}
 
 
 #: the wall-clock entries of :func:`gold_generation_metrics` (they differ between two equal calls)
-TIMING_KEYS = ("sampling_s", "sampling_tokens_per_s", "kl_s")
+TIMING_KEYS = ("sampling_s", "sampling_tokens_per_s", "kl_s", "reference_sampling_s")
 
 
 #: the reference's samples of this process, by (reference_key, prompts, seed, length, special ids): a benchmark that
@@ -109,7 +152,7 @@ def gold_generation_metrics(policy: Any, reference: Any, tokenizer: Any, prompts
     messages rendered by the tokenizer's template). ``reference_key`` (e.g. the reference's folder, which must not
     change while the process runs): keep the reference's samples for the next call with the same key and inputs.
     ``frozen_blocks``: see :func:`pair_logratios`. Also returned: the policy's sampling speed (sampled tokens/s)
-    and the seconds of each part."""
+    and the seconds of each part (the reference's sampling: 0 where its samples were kept)."""
     prompt_ids = prompt_token_ids(tokenizer, list(prompts)) * samples_per_prompt
     texts = list(prompts) * samples_per_prompt
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -119,10 +162,12 @@ def gold_generation_metrics(policy: Any, reference: Any, tokenizer: Any, prompts
     key = None if reference_key is None else (reference_key, tuple(map(tuple, prompt_ids)), seed, max_new_tokens,
                                               eos, pad, str(next(reference.parameters()).device))
     theirs = _REFERENCE_SAMPLES.get(key) if key is not None else None
+    started = time.time()
     if theirs is None:
         theirs = sample_completions(reference, prompt_ids, eos, pad, max_new_tokens, seed)
         if key is not None:
             _REFERENCE_SAMPLES[key] = theirs
+    reference_sampling_s = time.time() - started
     decode = lambda c: tokenizer.decode([t for t in c if t != eos])  # noqa: E731
     r_ours = torch.tensor([gold(p, decode(c)) for p, c in zip(texts, ours, strict=True)], dtype=torch.float64)
     r_theirs = torch.tensor([gold(p, decode(c)) for p, c in zip(texts, theirs, strict=True)], dtype=torch.float64)
@@ -138,7 +183,8 @@ def gold_generation_metrics(policy: Any, reference: Any, tokenizer: Any, prompts
     tokens = sum(len(c) for c in ours)
     return {"win_rate": float(wins.mean()), "reward": float(r_ours.mean()), "reference_reward": float(r_theirs.mean()),
             "kl": float(kl.mean()), "mean_length": tokens / len(ours), "sampling_s": sampling_s,
-            "sampling_tokens_per_s": tokens / max(sampling_s, 1e-9), "kl_s": time.time() - started}
+            "sampling_tokens_per_s": tokens / max(sampling_s, 1e-9), "kl_s": time.time() - started,
+            "reference_sampling_s": reference_sampling_s}
 
 
 def selection_of_flipped_pairs(run_dir: str, flipped: set[int]) -> dict[str, float]:

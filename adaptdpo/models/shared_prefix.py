@@ -105,17 +105,33 @@ def _starting_at_block(model: torch.nn.Module, index: int, states: Tensor) -> It
 
 
 @torch.no_grad()
+def reference_pass(reference: torch.nn.Module, batch: dict[str, Tensor], frozen_blocks: int
+                   ) -> tuple[SequenceLogps, Tensor]:
+    """The reference's :func:`sequence_logps` of ``batch`` and the input of its block ``frozen_blocks`` on the way
+    (what :func:`policy_pass_from` starts from; a caller may keep both to judge several policies)."""
+    recorded: list[Tensor] = []
+    with _recording_block_input(reference, frozen_blocks, recorded):
+        theirs = sequence_logps(reference, batch)
+    if len(recorded) != 1:
+        raise RuntimeError(f"shared prefix: block {frozen_blocks} ran {len(recorded)} times in one forward")
+    return theirs, recorded[0]
+
+
+@torch.no_grad()
+def policy_pass_from(policy: torch.nn.Module, batch: dict[str, Tensor], frozen_blocks: int, states: Tensor
+                     ) -> SequenceLogps:
+    """The policy's :func:`sequence_logps` of ``batch`` from ``states``, the input of block ``frozen_blocks``
+    recorded by :func:`reference_pass` on the same batch (its bottom blocks skipped)."""
+    with _starting_at_block(policy, frozen_blocks, states):
+        return sequence_logps(policy, batch)
+
+
+@torch.no_grad()
 def both_sequence_logps(policy: torch.nn.Module, reference: torch.nn.Module, batch: dict[str, Tensor],
                         frozen_blocks: int | None) -> tuple[SequenceLogps, SequenceLogps]:
     """(policy's, reference's) :func:`sequence_logps` of ``batch``; with ``frozen_blocks`` (from
     :func:`shared_frozen_blocks`) the policy starts from the reference's input of block ``frozen_blocks``."""
     if frozen_blocks is None:
         return sequence_logps(policy, batch), sequence_logps(reference, batch)
-    recorded: list[Tensor] = []
-    with _recording_block_input(reference, frozen_blocks, recorded):
-        theirs = sequence_logps(reference, batch)
-    if len(recorded) != 1:
-        raise RuntimeError(f"shared prefix: block {frozen_blocks} ran {len(recorded)} times in one forward")
-    with _starting_at_block(policy, frozen_blocks, recorded[0]):
-        ours = sequence_logps(policy, batch)
-    return ours, theirs
+    theirs, states = reference_pass(reference, batch, frozen_blocks)
+    return policy_pass_from(policy, batch, frozen_blocks, states), theirs

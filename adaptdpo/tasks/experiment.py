@@ -7,8 +7,11 @@ import copy
 import json
 import logging
 import os
+import shutil
 import time
 from typing import Any
+
+from transformers import AutoModelForCausalLM
 
 from adaptdpo.evaluation.metrics import gold_generation_metrics, preference_accuracy, selection_of_flipped_pairs
 from adaptdpo.files import read_jsonl
@@ -34,12 +37,15 @@ def evaluate_on_task(policy: Any, reference: Any, tokenizer: Any, task: TaskFold
                      seed: int = 0, reference_key: str | None = None, trainable_layers: int | None = None
                      ) -> dict[str, float]:
     """The exact judge's metrics of ``policy`` on ``task``'s held-out pairs and prompts (any task kind);
-    ``reference_key``: see :func:`adaptdpo.evaluation.metrics.gold_generation_metrics`. ``trainable_layers``: the
-    policy was trained on its top K blocks; where its bottom is the reference's (checked by fingerprint), the
-    bottom runs once for both (:mod:`adaptdpo.models.shared_prefix`: the same numbers, about half the work)."""
+    ``reference_key``: see :func:`adaptdpo.evaluation.metrics.gold_generation_metrics` (the reference's samples)
+    and :func:`~adaptdpo.evaluation.metrics.pair_logratios` (its pass over the held-out pairs).
+    ``trainable_layers``: the policy was trained on its top K blocks; where its bottom is the reference's (checked
+    by fingerprint), the bottom runs once for both (:mod:`adaptdpo.models.shared_prefix`: the same numbers, about
+    half the work)."""
     started = time.time()
     frozen = shared_frozen_blocks(policy, reference, trainable_layers)
-    pref = preference_accuracy(policy, reference, tokenizer, task.eval_rows(), beta, frozen_blocks=frozen)
+    pref = preference_accuracy(policy, reference, tokenizer, task.eval_rows(), beta, frozen_blocks=frozen,
+                               reference_key=reference_key)
     pairs_s = time.time() - started
     gen = gold_generation_metrics(policy, reference, tokenizer, task.eval_prompts(), task.gold_reward, seed=seed,
                                   max_new_tokens=task.max_new_tokens, reference_key=reference_key,
@@ -48,6 +54,7 @@ def evaluate_on_task(policy: Any, reference: Any, tokenizer: Any, task: TaskFold
             "gold/reward": gen["reward"], "gold/reference_reward": gen["reference_reward"], "kl": gen["kl"],
             "mean_length": gen["mean_length"], "eval/pairs_s": pairs_s, "eval/sampling_s": gen["sampling_s"],
             "eval/sampling_tokens_per_s": gen["sampling_tokens_per_s"], "eval/kl_s": gen["kl_s"],
+            "eval/reference_sampling_s": gen["reference_sampling_s"],
             "eval/shared_frozen_blocks": frozen or 0}
 
 
@@ -71,15 +78,10 @@ def train_and_evaluate(task: TaskFolder, overrides: dict[str, Any], output_dir: 
                        plots: bool = True) -> dict[str, Any]:
     """Train on ``task`` with ``overrides`` (a method preset plus anything else), evaluate, write
     ``<output_dir>/gold_eval.json``, return the evaluation (with wall time and the flipped-pair statistics)."""
-    from transformers import AutoModelForCausalLM
-
-
     settings = {**task.train_defaults(), "model_name_or_path": task.reference_dir, "train_file": task.train_file,
                 "output_dir": output_dir, "seed": seed, "plots": plots, "resume": "never", **overrides}
     config = parse_config(gold_train_arguments(task, settings))
     if os.path.isdir(output_dir):
-        import shutil
-
         shutil.rmtree(output_dir)
     summary = run_training(config)
     tokenizer = load_tokenizer(task.reference_dir)
