@@ -182,6 +182,7 @@ def test_accelerate_config_names_and_launch_command():
         accelerate_launch_command(["--num_processes", "2"])
 
 
+@pytest.mark.two_processes
 @pytest.mark.slow  # two processes
 def test_accelerate_config_runs_two_processes(small, tmp_path):
     """`adaptdpo train ... --accelerate_config cpu-2proc`: two gloo processes, each with half of the batch."""

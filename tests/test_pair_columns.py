@@ -283,6 +283,7 @@ def test_gradient_accumulation_one_and_four_are_the_same_weighted_update(weighte
     assert abs(weighted_logs[2]["loss"] - plain_logs[2]["loss"]) > 1e-4
 
 
+@pytest.mark.two_processes
 @pytest.mark.slow
 def test_two_processes_are_the_same_weighted_update(weighted_data, tmp_path):
     data, tok = weighted_data

@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from adaptdpo.training.reference import deepspeed_inference_config, is_sharded, prepare_reference
 
 
+@pytest.mark.two_processes
 @pytest.mark.slow
 def test_fsdp2_reference_is_sharded_across_two_ranks_and_computes_the_same_log_probs(tmp_path):
     """2 gloo processes: each rank stores about half of the reference's parameter elements, in 7 FSDP units (3

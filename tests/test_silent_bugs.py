@@ -81,6 +81,7 @@ def test_a_pair_differing_only_at_its_first_completion_token_has_a_margin_and_a_
     assert sum(float(p.grad.abs().sum()) for p in model.parameters() if p.grad is not None) > 0
 
 
+@pytest.mark.two_processes
 @pytest.mark.slow
 def test_fsdp2_with_mixed_precision_keeps_parameters_and_optimizer_state_in_float32(tmp_path):
     """2 gloo processes, FSDP2 prepared as the trainer's accelerate does (fsdp2_prepare_model) with bf16 mixed

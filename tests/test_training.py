@@ -191,6 +191,7 @@ def test_lora_reference_is_the_base_model(small, tmp_path):
     assert logs[-1]["rewards/margins"] != pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.two_processes
 @pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_two_processes_match_one(small, tmp_path, method):
@@ -241,6 +242,7 @@ def test_conversational_data_trains_end_to_end(hh_rows, small, tmp_path):
     assert summary["data"]["implicit_prompt_rows"] == 16 and summary["data"]["train_pairs"] == 16
 
 
+@pytest.mark.two_processes
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["dpo", "beta_dpo+sams_subset"])
 def test_every_rank_holds_the_same_gradients_and_parameters_after_a_ddp_step(small, tmp_path, method):
@@ -273,6 +275,7 @@ def final_record(run_dir):
     return next(r for r in read_metrics(run_dir) if "train_runtime" in r)
 
 
+@pytest.mark.two_processes
 @pytest.mark.slow  # about 70 s on 2 busy cores (four 50-step runs, one of them 2 processes, and a resume)
 def test_the_trajectory_is_invariant_to_batching_checkpointing_processes_and_resume(small, tmp_path):
     """TRL's trajectory-invariance check, here: a tiny model, 50 steps, fp32, one seed, AdamW. The loss and grad-norm
