@@ -32,6 +32,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import random
@@ -317,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
                         "results.jsonl; the cpu-topk profile's is committed: benchmarks/results/)")
     parser.add_argument("--out", default=None, help="markdown file for the tables")
     parser.add_argument("--plots", default=None, help="folder for the figures (frontier, recovery)")
+    parser.add_argument("--embed_in", default=None,
+                        help="a markdown file (docs/results.md) whose block between '<!-- real_model PROFILE "
+                             "recovery: begin -->' and '<!-- ... end -->' is replaced by the recovery table")
     parser.add_argument("--tables_only", action="store_true", help="redraw tables and figures from the results")
     ns = parser.parse_args(argv)
     if ns.quick:
@@ -371,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     if ns.out:
         with open(ns.out, "w", encoding="utf-8") as fh:
             fh.write(text)
+    if ns.embed_in and results.get("noise"):
+        embed_block(ns.embed_in, f"real_model {ns.profile} recovery", recovery_table(results["noise"]))
     if ns.plots:
         os.makedirs(ns.plots, exist_ok=True)
         if results.get("frontier"):
@@ -421,19 +427,73 @@ def recovery_table(noise: list[tuple[str, list[dict]]]) -> str:
              "|---|---|" + "---|---|" * len(keys)]
     if not clean or not noisy:
         return "\n".join(lines[:1]) + "\n\nnot run (needs DPO at 0% and 20% flips)\n"
+    beyond, within = [], []
     for label, results in noise:
         if not label.startswith("20% flips") or not results:
             continue
         cells = []
-        for key, _ in keys:
-            gap = _mean([r[key] for r in clean]) - _mean([r[key] for r in noisy])
-            won = (_mean([r[key] for r in results]) - _mean([r[key] for r in noisy])) / gap if abs(gap) > 1e-9 else None
+        for key, name in keys:
+            won = won_back([r[key] for r in results], [r[key] for r in clean], [r[key] for r in noisy])
             cells += [mean_std([r[key] for r in results]),
-                      "–" if label.endswith(": DPO") or won is None else f"{won:+.0%}"]
+                      "–" if label.endswith(": DPO") or won is None else
+                      f"{won[0]:+.0%}" if math.isnan(won[1]) else f"{won[0]:+.0%} ± {won[1]:.0%}"]
+            if not label.endswith(": DPO"):
+                delta, se = difference([r[key] for r in results], [r[key] for r in noisy])
+                (beyond if abs(delta) > 2 * se else within).append(
+                    f"{label.split(': ', 1)[1]} {name} {delta:+.3f} ({abs(delta) / se:.1f} SE)" if se > 0 else
+                    f"{label.split(': ', 1)[1]} {name} {delta:+.3f}")
         lines.append(f"| {label.split(': ', 1)[1]} | {len(results)} | " + " | ".join(cells) + " |")
-    gaps = ", ".join(f"{name} {_mean([r[k] for r in clean]) - _mean([r[k] for r in noisy]):+.3f}" for k, name in keys)
-    lines += ["", f"What 20% flips cost DPO (clean − noisy): {gaps}."]
+    gaps = []
+    for k, name in keys:
+        delta, se = difference([r[k] for r in clean], [r[k] for r in noisy])
+        gaps.append(f"{name} {delta:+.3f} ({abs(delta) / se:.1f} SE)" if se > 0 else f"{name} {delta:+.3f}")
+    lines += ["", f"What 20% flips cost DPO (clean − noisy): {', '.join(gaps)}.", "",
+              "± on \"won back\": one standard error by the delta method over the three means (seeds independent). "
+              "Differences to DPO at 20% flips larger than two standard errors of the difference: "
+              + ("; ".join(beyond) or "none") + ". Within two: " + ("; ".join(within) or "none") + "."]
     return "\n".join(lines) + "\n"
+
+
+def embed_block(path: str, name: str, text: str) -> None:
+    """Replace what stands between ``<!-- {name}: begin -->`` and ``<!-- {name}: end -->`` in ``path`` with ``text``
+    (the table as the results wrote it, so a document never carries a hand-copied figure)."""
+    begin, end = f"<!-- {name}: begin -->", f"<!-- {name}: end -->"
+    with open(path, encoding="utf-8") as fh:
+        doc = fh.read()
+    if doc.count(begin) != 1 or doc.count(end) != 1 or doc.index(begin) > doc.index(end):
+        raise SystemExit(f"{path}: needs exactly one '{begin}' followed by one '{end}'")
+    head, rest = doc.split(begin)
+    _, tail = rest.split(end)
+    body = text.split("\n", 2)[2] if text.startswith("### ") else text  # the document has its own heading
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(f"{head}{begin}\n{body.strip()}\n{end}{tail}")
+
+
+def _var_of_mean(values: list[float]) -> float:
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    mean = sum(values) / n
+    return sum((v - mean) ** 2 for v in values) / (n - 1) / n
+
+
+def difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Difference of the means of two independent samples and its standard error (Welch)."""
+    return _mean(a) - _mean(b), (_var_of_mean(a) + _var_of_mean(b)) ** 0.5
+
+
+def won_back(method: list[float], clean: list[float], noisy: list[float]) -> tuple[float, float] | None:
+    """R = (m − n) / (c − n) on the means, with its delta-method standard error.
+
+    ∂R/∂m = 1/g, ∂R/∂c = −(m − n)/g², ∂R/∂n = (m − c)/g², g = c − n; the three samples are independent runs.
+    None when clean and noisy DPO have the same mean."""
+    m, c, n = _mean(method), _mean(clean), _mean(noisy)
+    gap = c - n
+    if abs(gap) < 1e-9:
+        return None
+    var = (_var_of_mean(method) / gap ** 2 + _var_of_mean(clean) * ((m - n) / gap ** 2) ** 2
+           + _var_of_mean(noisy) * ((m - c) / gap ** 2) ** 2)
+    return (m - n) / gap, var ** 0.5
 
 
 def report(results: dict[str, list[tuple[str, list[dict]]]], ns: argparse.Namespace, env: dict[str, str]) -> str:

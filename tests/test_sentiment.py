@@ -103,3 +103,28 @@ def test_the_recovery_table_computes_the_share_won_back_by_hand():
     assert rows["DPO"] == "| DPO | 1 | 0.400 | – | 0.600 | – | 0.500 | – |"
     assert "gold reward +0.200, held-out accuracy +0.100, win rate +0.100" in text
     assert "not run" in recovery_table([("20% flips: DPO", [result(0.4, 0.6, 0.5)])])
+
+
+def test_the_recovery_tables_standard_errors_are_the_delta_method_by_hand():
+    """Two seeds each: clean 0.6/0.8, noisy 0.4/0.6, method 0.5/0.7, so every mean's variance is 0.02 / 2 = 0.01.
+    R = (0.6 − 0.5) / 0.2 = 0.5; Var R = 0.01/0.2² + 0.01·(0.1/0.2²)² + 0.01·(−0.1/0.2²)² = 0.375, s.e. 0.612;
+    method − noisy = 0.1 with s.e. √0.02 = 0.141 (0.7 SE: within two); clean − noisy = 0.2 (1.4 SE)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from real_model import difference, recovery_table, won_back
+
+    def results(a, b):
+        return [{"gold/reward": v, "gold/accuracy": v, "gold/win_rate": v} for v in (a, b)]
+
+    won, se = won_back([0.5, 0.7], [0.6, 0.8], [0.4, 0.6])
+    assert won == pytest.approx(0.5) and se == pytest.approx(0.375 ** 0.5)
+    assert difference([0.5, 0.7], [0.4, 0.6]) == pytest.approx((0.1, 0.02 ** 0.5))
+    assert won_back([0.5], [0.5], [0.5]) is None
+    text = recovery_table([("0% flips: DPO", results(0.6, 0.8)), ("20% flips: DPO", results(0.4, 0.6)),
+                           ("20% flips: β-DPO", results(0.5, 0.7))])
+    assert "| β-DPO | 2 | 0.600 ± 0.141 | +50% ± 61% |" in text
+    assert "gold reward +0.200 (1.4 SE)" in text
+    assert "larger than two standard errors of the difference: none." in text
+    assert "β-DPO gold reward +0.100 (0.7 SE)" in text
