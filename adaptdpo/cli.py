@@ -275,6 +275,9 @@ def audit_parser() -> argparse.ArgumentParser:
                              "the way up) or comma-separated numbers (0 = embeddings, -1 = last block)")
     parser.add_argument("--probe_poolings", default="mean,last",
                         help="how a completion's hidden states are pooled: mean, last or both (default mean,last)")
+    parser.add_argument("--probe_token_bag", default="true", choices=("true", "false"),
+                        help="also probe each completion's token frequencies (a lexical view, no forward pass; "
+                             "default true)")
     parser.add_argument("--probe_inner_folds", type=int, default=3,
                         help="inner cross-validation folds that choose the probe's regularisation (default 3)")
     parser.add_argument("--bootstrap", type=int, default=200,
@@ -320,6 +323,7 @@ def cmd_audit(args: list[str]) -> int:
                            swap_threshold=ns.swap_threshold, truth_field=ns.truth_field, truth_file=ns.truth_file,
                            from_run=ns.from_run, score_batch_size=ns.score_batch_size, overwrite=ns.overwrite,
                            signal=ns.signal, probe_layers=ns.probe_layers, probe_poolings=ns.probe_poolings,
+                           probe_token_bag=ns.probe_token_bag == "true",
                            inner_folds=ns.probe_inner_folds, bootstrap=ns.bootstrap, force=ns.force)
     summary = run_audit(options, train_args, yaml_path)
     keys = ("rows", "scored_pairs", "signal", "estimated_flip_rate", "flip_rate_interval", "estimated_flip_count",

@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_audit import PLANTED, fold_training_args, hand_built  # noqa: F401  (hand_built: a fixture)
 
-from adaptdpo.audit.features import FeatureError, parse_layers, parse_poolings, pool, resolve_layers
+from adaptdpo.audit.features import FeatureError, parse_layers, parse_poolings, pool, resolve_layers, token_bag
 from adaptdpo.audit.probe import ProbeError, calibrated, check_inputs, cross_fitted_margins, select_ensemble
 from adaptdpo.audit.ranking import auroc
 from adaptdpo.audit.run import AuditError, AuditOptions, agreement, decide_actions, run_audit, safety_warnings
@@ -146,6 +146,42 @@ def test_pooling_and_layers_by_hand():
     assert resolve_layers([0, -1, 2, 2], 4) == [0, 2, 4]
 
 
+def test_token_bag_by_hand():
+    """Completions {5,5,7}, {7,9} | {9,3}, {5}: tokens 5, 7 and 9 are in two completions each, 3 in one (dropped);
+    rows are frequencies (counts / length), columns by frequency then id."""
+    examples = [{"chosen_ids": [5, 5, 7], "rejected_ids": [7, 9]}, {"chosen_ids": [9, 3], "rejected_ids": [5]}]
+    chosen, rejected, vocabulary = token_bag(examples)
+    assert vocabulary == [5, 7, 9]
+    torch.testing.assert_close(chosen, torch.tensor([[2 / 3, 1 / 3, 0.0], [0.0, 0.0, 0.5]]))
+    torch.testing.assert_close(rejected, torch.tensor([[0.0, 0.5, 0.5], [1.0, 0.0, 0.0]]))
+    assert token_bag(examples, max_tokens=2)[2] == [5, 7]
+    assert token_bag(examples, min_count=3)[2] == []
+    with pytest.raises(FeatureError, match="positive"):
+        token_bag(examples, min_count=0)
+
+
+def test_a_probe_on_the_token_bag_finds_the_flips_of_a_per_token_reward():
+    """A reward that is the mean of per-token scores is linear in the token frequencies: the cross-fitted probe on
+    the bag ranks the planted flips (15%, pairs with a clear gap) near perfectly."""
+    rng = np.random.default_rng(0)
+    score = rng.normal(size=30)
+    examples, flipped = [], []
+    while len(examples) < 400:
+        a, b = rng.integers(0, 30, size=8).tolist(), rng.integers(0, 30, size=8).tolist()
+        gap = score[a].mean() - score[b].mean()
+        if abs(gap) < 0.3:
+            continue
+        chosen, rejected = (a, b) if gap > 0 else (b, a)
+        flip = rng.random() < 0.15
+        examples.append({"chosen_ids": rejected if flip else chosen, "rejected_ids": chosen if flip else rejected})
+        flipped.append(flip)
+    bag_chosen, bag_rejected, _ = token_bag(examples)
+    diffs = (bag_chosen - bag_rejected).double().numpy()
+    folds = np.arange(len(examples)) % 5
+    margins = cross_fitted_margins(diffs, folds).margins
+    assert auroc(-margins, np.array(flipped)) > 0.97
+
+
 def test_mirrored_twins_share_a_fold():
     from adaptdpo.audit.folds import assign_folds
     from adaptdpo.audit.run import duplicates_and_twins
@@ -210,8 +246,9 @@ def test_probe_audit_ranks_planted_flips_first_and_drops_only_them(probe_audited
     for r in records:
         assert r["weight"] == pytest.approx(1 - r["flip_probability"]) and r["score"] == r["flip_probability"]
         assert "reference_logratio" in r and r["validation_loss"] == pytest.approx(math.log1p(math.exp(-r["margin"])))
-    assert set(summary["probe"]["candidates"]) == {"L0.mean", "L0.last", "L1.mean", "L1.last",
+    assert set(summary["probe"]["candidates"]) == {"L0.mean", "L0.last", "L1.mean", "L1.last", "tokens.mean",
                                                    "reference.per_token_logratio"}
+    assert summary["probe"]["features"]["token_bag_vocabulary"] > 0
     cleaned = [json.loads(line) for line in open(os.path.join(out, "cleaned.jsonl"), encoding="utf-8")]
     assert [r["audit_row"] for r in cleaned] == [i for i in range(len(rows)) if i not in dropped]
     report = open(os.path.join(out, "report.md"), encoding="utf-8").read()
@@ -292,7 +329,8 @@ def test_probe_audit_command_line(hand_built, tmp_path, capsys):  # noqa: F811
     data, reference, _ = hand_built
     out = str(tmp_path / "cli-probe")
     args = ["audit", data, "--folds", "4", "--output_dir", out, "--bootstrap", "20", "--probe_layers", "0,-1",
-            "--probe_poolings", "mean", "--clean", "relabel", *fold_training_args(reference)]
+            "--probe_poolings", "mean", "--probe_token_bag", "false", "--clean", "relabel",
+            *fold_training_args(reference)]
     assert main(args) == 0
     text = capsys.readouterr().out
     printed = json.loads(text[text.index('{\n  "audit_dir"'):])

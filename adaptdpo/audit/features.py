@@ -16,6 +16,14 @@ Choices, and why:
   which layer carries the reward differs by task, so several are kept and the probe weighs them by held-out
   likelihood. A layer outside 0..L is an error before any forward pass.
 - **Poolings**: ``mean`` over the completion's tokens, ``last`` = its last token.
+- **A bag of tokens** (:func:`token_bag`, ``tokens.mean``): each completion's token frequencies over the
+  reference tokenizer's vocabulary, no forward pass: a lexical view that does not depend on what the reference's
+  states know. A linear reward on it is a per-token score averaged over the completion, the form of the toy gold
+  reward and close to a word lexicon's; measured on three unseen toy tasks it ranks flips at 0.64-0.70 AUROC where
+  the pooled hidden states reach 0.57-0.67 (docs/audit.md). The vocabulary is the tokens found in at least
+  ``min_count`` completions of the data (a token seen once cannot carry over to a held-out pair), the
+  ``max_tokens`` most frequent of them; it is built from the completions alone, never the labels, so
+  cross-fitting stays honest.
 - **float32 on the CPU** in the result; the forward runs in the model's own dtype on the audit's device.
 - **Eval mode, no gradients**; batches of ``batch_size`` pairs, right-padded (the stacked layout).
 """
@@ -77,6 +85,32 @@ def resolve_layers(layers: Sequence[int] | str, num_blocks: int) -> list[int]:
                                    f"{num_blocks}, or −1..−{num_blocks + 1} from the end)")
             chosen.append(resolved)
     return sorted(set(chosen))
+
+
+TOKEN_BAG = "tokens.mean"
+
+
+def token_bag(examples: Sequence[dict[str, Any]], min_count: int = 2, max_tokens: int = 4096
+              ) -> tuple[Tensor, Tensor, list[int]]:
+    """(chosen [n, V], rejected [n, V], the V token ids): each completion's token frequencies (counts / its length)
+    over the tokens found in at least ``min_count`` completions, the ``max_tokens`` most frequent (ties: lower id
+    first). An empty completion's row is all zeros."""
+    if min_count < 1 or max_tokens < 1:
+        raise FeatureError(f"token bag: min_count and max_tokens must be positive, got {min_count}, {max_tokens}")
+    completions = [list(e[key]) for e in examples for key in ("chosen_ids", "rejected_ids")]
+    frequency: dict[int, int] = {}
+    for ids in completions:
+        for token in set(ids):
+            frequency[token] = frequency.get(token, 0) + 1
+    kept = sorted((t for t, f in frequency.items() if f >= min_count), key=lambda t: (-frequency[t], t))[:max_tokens]
+    column = {t: j for j, t in enumerate(kept)}
+    bag = torch.zeros(len(completions), len(kept))
+    for row, ids in enumerate(completions):
+        for token in ids:
+            j = column.get(token)
+            if j is not None:
+                bag[row, j] += 1.0 / len(ids)
+    return bag[0::2], bag[1::2], kept
 
 
 def model_blocks(config: Any) -> int | None:

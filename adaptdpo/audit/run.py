@@ -47,6 +47,7 @@ import torch
 
 from adaptdpo.audit.features import (
     POOLINGS,
+    TOKEN_BAG,
     FeatureError,
     Features,
     completion_features,
@@ -54,6 +55,7 @@ from adaptdpo.audit.features import (
     parse_layers,
     parse_poolings,
     resolve_layers,
+    token_bag,
 )
 from adaptdpo.audit.folds import assign_folds, fold_members
 from adaptdpo.audit.probe import ProbeError, cross_fitted_margins, select_ensemble
@@ -118,6 +120,7 @@ class AuditOptions:
     signal: str = "probe"
     probe_layers: str = "auto"
     probe_poolings: str = ",".join(POOLINGS)
+    probe_token_bag: bool = True
     inner_folds: int = 3
     bootstrap: int = 200
     force: bool = False
@@ -594,6 +597,19 @@ def probe_signal(options: AuditOptions, config: AdaptiveDPOConfig, data: AuditDa
             raise AuditError(f"{options.data}: {e}") from None
         margins[name] = fit.margins
         chosen_c[name] = [round(m.C, 8) for _, m in sorted(fit.models.items())]
+    vocabulary: list[int] = []
+    if options.probe_token_bag:  # the lexical view: no forward pass, recomputed each time (seconds)
+        bag_chosen, bag_rejected, vocabulary = token_bag([data.examples[i] for i in ids])
+        if vocabulary:
+            try:
+                fit = cross_fitted_margins((bag_chosen.double() - bag_rejected.double()).numpy(), folds,
+                                           groups=groups, inner_folds=options.inner_folds, seed=options.fold_seed)
+            except ProbeError as e:
+                raise AuditError(f"{options.data}: {e}") from None
+            margins[TOKEN_BAG] = fit.margins
+            chosen_c[TOKEN_BAG] = [round(m.C, 8) for _, m in sorted(fit.models.items())]
+        else:
+            logger.info("audit: no token occurs in two completions: no token-bag view")
     # a second, label-free view from the same pass: the reference's own per-token log-ratio (nothing fitted)
     per_token = (features.ref_chosen_logps / features.chosen_lengths.clamp(min=1)
                  - features.ref_rejected_logps / features.rejected_lengths.clamp(min=1))
@@ -605,7 +621,8 @@ def probe_signal(options: AuditOptions, config: AdaptiveDPOConfig, data: AuditDa
                       if name != REFERENCE_VIEW}}
                for j, i in enumerate(ids)}
     info = {"features": {"layers": features.layers, "poolings": features.poolings, "blocks": features.info["blocks"],
-                         "dimension": int(next(iter(features.chosen.values())).shape[1])},
+                         "dimension": int(next(iter(features.chosen.values())).shape[1]),
+                         "token_bag_vocabulary": len(vocabulary) if options.probe_token_bag else None},
             "candidates": ensemble.candidates, "members": ensemble.members, "temperature": ensemble.temperature,
             "heldout_log_likelihood": ensemble.log_likelihood, "regularisation_C": chosen_c,
             "inner_folds": options.inner_folds,
