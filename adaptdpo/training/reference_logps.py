@@ -1,5 +1,6 @@
-"""The reference's log-probs: the reference forward (or the LoRA base), its per-pair cache, and the
-precomputed columns of ``precompute_ref_log_probs``.
+"""The reference: where it is placed when the trainer is built (a model placed like the policy, the LoRA base, or
+precomputed columns), its log-probs (the reference forward or the LoRA base), its per-pair cache on disk, the
+precomputed columns of ``precompute_ref_log_probs``, and TR-DPO's moving reference attached.
 
 A mixin of :class:`adaptdpo.training.trainer.AdaptiveDPOTrainer` (it reads the trainer's attributes set in
 its ``__init__``)."""
@@ -16,10 +17,14 @@ import torch
 from torch import Tensor
 
 from adaptdpo.data.collate import batch_to
+from adaptdpo.models.pair_logps_cache import PairLogpsCache
 from adaptdpo.models.sequence_logps import SequenceLogps
 from adaptdpo.training.checkpointing import (
     atomic_torch_save,
 )
+from adaptdpo.training.config import AdaptiveDPOConfig
+from adaptdpo.training.reference import is_sharded, prepare_reference
+from adaptdpo.training.reference_sync import ReferenceSyncCallback
 from adaptdpo.training.trainer_mixin import TrainerMixin
 
 logger = logging.getLogger(__name__)
@@ -110,3 +115,46 @@ class ReferenceLogpsMixin(TrainerMixin):
                 rejected.append(r.float().cpu())
         reference.train(was_training)
         return torch.cat(chosen), torch.cat(rejected)
+
+    # ------------------------------------------------------------------- placed when the trainer is built
+
+    def _place_reference(self, ref_model: torch.nn.Module | None, model: torch.nn.Module, args: AdaptiveDPOConfig,
+                         train_dataset: Any, eval_dataset: Any) -> None:
+        """The reference: precomputed log-prob columns, a model placed like the policy, or the PEFT base."""
+        if args.precompute_ref_log_probs:
+            reference = ref_model if ref_model is not None else model
+            self.train_dataset = self._with_reference_logps(reference, train_dataset, "train")
+            if isinstance(eval_dataset, dict):
+                self.eval_dataset = {key: self._with_reference_logps(reference, value, f"eval-{key}")
+                                     for key, value in eval_dataset.items()}
+            elif eval_dataset is not None:
+                self.eval_dataset = self._with_reference_logps(reference, eval_dataset, "eval")
+        elif ref_model is not None:  # sharded like the policy under FSDP / ZeRO-3, not replicated
+            self.ref_model = prepare_reference(ref_model, self.accelerator)
+        elif not self.peft_reference and args.sams_pretrain == "none":
+            raise ValueError("AdaptiveDPOTrainer needs a reference: pass ref_model (a frozen copy of the initial "
+                             "policy), set precompute_ref_log_probs, or train a PEFT adapter")
+
+    def _reference_logps_cache(self, args: AdaptiveDPOConfig) -> PairLogpsCache | None:
+        """``cache_reference_logps``: the frozen reference's per-pair log-probs kept on disk (not with TR-DPO)."""
+        if not args.cache_reference_logps or args.precompute_ref_log_probs:
+            return None
+        if args.sync_ref_model:
+            raise ValueError("cache_reference_logps with sync_ref_model (TR-DPO): the reference moves, its "
+                             "log-probs cannot be kept")
+        reference = self.ref_model if self.ref_model is not None else self.model
+        dtype = "bf16" if args.bf16 else "fp16" if args.fp16 else str(next(reference.parameters()).dtype)
+        with self._reference_context():
+            return PairLogpsCache(reference, args.ref_cache_dir or os.path.join(args.output_dir, "ref_logps"),
+                                  f"peft_base={self.peft_reference} ld_alpha={args.ld_alpha} dtype={dtype}")
+
+    def _attach_reference_sync(self) -> None:
+        """TR-DPO (``sync_ref_model``): the reference moves toward the policy every few steps."""
+        if self.ref_model is None:
+            raise ValueError("sync_ref_model (TR-DPO) needs a separate reference model: not with a PEFT adapter's "
+                             "base or precomputed reference log-probs")
+        if is_sharded(self.ref_model):
+            raise ValueError("sync_ref_model (TR-DPO) with a sharded reference (FSDP, DeepSpeed ZeRO-3) is not "
+                             "supported: its moving reference is saved whole with each checkpoint. Use DDP "
+                             "(--accelerate_config multi_gpu) or ZeRO-1/2")
+        self.add_callback(ReferenceSyncCallback(self))

@@ -14,9 +14,11 @@ The step, per training micro-batch:
 
 Metrics use TRL's names; the ``rewards/*`` metrics use the base β of the config.
 
-This module keeps construction, ``compute_loss``, the step plan, the reduction and SamS's subset forward. The rest
-of the trainer is mixins in their own modules, each one concern: the reference's log-probs
-(:mod:`~adaptdpo.training.reference_logps`), SamS scheduler pre-training
+This module keeps construction, ``compute_loss``, the step plan, the reduction and SamS's subset forward. The batch
+layout (shared-prompt, padding-free or stacked rows; the chunked head) is decided by plain functions of
+:mod:`~adaptdpo.training.batch_layout`. The rest of the trainer is mixins in their own modules, each one concern:
+the reference, its placement and log-probs (:mod:`~adaptdpo.training.reference_logps`), the frozen-prefix cache
+(:mod:`~adaptdpo.training.prefix_caching`), SamS scheduler pre-training
 (:mod:`~adaptdpo.training.scheduler_pretraining`), metrics and the pair trace (:mod:`~adaptdpo.training.step_metrics`),
 stalled runs and run totals (:mod:`~adaptdpo.training.run_guards`), checkpoints and resume
 (:mod:`~adaptdpo.training.checkpoint_hooks`), the Hub (:mod:`~adaptdpo.training.hub`).
@@ -50,21 +52,19 @@ from transformers import Trainer
 if TYPE_CHECKING:
     from transformers.trainer_pt_utils import AcceleratorConfig
 
-from adaptdpo.data.collate import PreferenceCollator, pairs_in_batch, stacked_rows
+from adaptdpo.data.collate import pairs_in_batch, stacked_rows
 from adaptdpo.methods.epsilon_dpo import PERTURBED_KEY
 from adaptdpo.methods.losses import BATCH_COUPLED_LOSSES, combined_preference_loss
-from adaptdpo.methods.registry import build_step_policy, method_spec
+from adaptdpo.methods.registry import build_step_policy
 from adaptdpo.methods.sams.contexts import layer_contexts
 from adaptdpo.methods.step_policy import PairView, StepPlan, StepPolicy
-from adaptdpo.models.attention_masks import supports_shared_prompt
-from adaptdpo.models.lm_head import chunkable_head
 from adaptdpo.models.loading import disable_dropout
 from adaptdpo.models.pair_logps_cache import PairLogpsCache
 from adaptdpo.models.partial import freeze_below_top, lora_on_top
 from adaptdpo.models.prefix_cache import PrefixCache
-from adaptdpo.models.sequence_logps import SequenceLogps, branch_pooling_masks, perturbed_logratios, sequence_logps
+from adaptdpo.models.sequence_logps import SequenceLogps, branch_pooling_masks, perturbed_logratios
 from adaptdpo.models.sources import load_encoder_backbone
-from adaptdpo.models.token_ops import unwrap
+from adaptdpo.training.batch_layout import default_collator, head_chunk_size
 from adaptdpo.training.checkpoint_hooks import CheckpointMixin
 from adaptdpo.training.config import AdaptiveDPOConfig
 from adaptdpo.training.hub import HubMixin
@@ -76,9 +76,8 @@ from adaptdpo.training.inputs import (
     resolve_model,
     resolve_tokenizer,
 )
-from adaptdpo.training.reference import is_sharded, prepare_reference
+from adaptdpo.training.prefix_caching import PrefixCacheMixin
 from adaptdpo.training.reference_logps import ReferenceLogpsMixin
-from adaptdpo.training.reference_sync import ReferenceSyncCallback
 from adaptdpo.training.run_dir import PAIR_TRACE_FILE
 from adaptdpo.training.run_guards import RunGuardsMixin
 from adaptdpo.training.safeguards import router_aux_loss_coefficient
@@ -113,8 +112,8 @@ def _is_peft_model(model: torch.nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
-class AdaptiveDPOTrainer(ReferenceLogpsMixin, SchedulerPretrainingMixin, StepMetricsMixin, RunGuardsMixin,
-                         CheckpointMixin, HubMixin, Trainer):
+class AdaptiveDPOTrainer(ReferenceLogpsMixin, PrefixCacheMixin, SchedulerPretrainingMixin, StepMetricsMixin,
+                         RunGuardsMixin, CheckpointMixin, HubMixin, Trainer):
     """Preference optimisation with a pluggable per-step policy (DPO, β-DPO, SamS)."""
 
     # compute_loss already divides by the number of pairs of the whole optimizer step
@@ -143,9 +142,9 @@ class AdaptiveDPOTrainer(ReferenceLogpsMixin, SchedulerPretrainingMixin, StepMet
         model, ref_model = self._prepare_policy(model, ref_model, args, peft_config)
         train_dataset, eval_dataset = self._prepare_datasets(train_dataset, eval_dataset, processing_class, args)
         self.router_aux_loss_coef = router_aux_loss_coefficient(model, args)
-        self.head_chunk = self._head_chunk(args, model)
+        self.head_chunk = head_chunk_size(args, model)
         if data_collator is None:
-            data_collator = self._default_collator(args, model, ref_model, processing_class)
+            data_collator = default_collator(args, model, ref_model, processing_class, self.router_aux_loss_coef)
         if args.ignore_bias_buffers:  # TRL's DDP workaround: boolean buffers (attention masks) stay out of the sync
             ignored = [name for name, buffer in model.named_buffers() if buffer.dtype == torch.bool]
             model._ddp_params_and_buffers_to_ignore = ignored  # type: ignore[assignment]  # a plain attribute DDP reads
@@ -218,28 +217,6 @@ class AdaptiveDPOTrainer(ReferenceLogpsMixin, SchedulerPretrainingMixin, StepMet
         eval_dataset = prepare_dataset(eval_dataset, processing_class, args, "eval_dataset")
         return train_dataset, eval_dataset
 
-    @staticmethod
-    def _head_chunk(args: AdaptiveDPOConfig, model: torch.nn.Module) -> int | None:
-        """The chunked LM head's chunk size, or None for the plain head (0, or a head that cannot be chunked)."""
-        head_chunk = args.lm_head_chunk_size or None  # 0: the plain head
-        if head_chunk and chunkable_head(model) is None:
-            logger.info("lm_head_chunk_size=%d: %s's LM head is not a plain bias-free Linear holding its whole "
-                        "weight (or its logits are transformed after it), so the plain head is used",
-                        head_chunk, type(unwrap(model)).__name__)
-            head_chunk = None
-        return head_chunk
-
-    def _default_collator(self, args: AdaptiveDPOConfig, model: torch.nn.Module, ref_model: torch.nn.Module | None,
-                          processing_class: Any) -> PreferenceCollator:
-        """Our collator in the layout the model allows: shared-prompt rows, padding-free, keep_end cut."""
-        if processing_class is None:
-            raise ValueError("pass processing_class (the tokenizer) or a data_collator")
-        shared = self._use_shared_prompt(args, model, ref_model, self.router_aux_loss_coef)
-        keep_end = args.max_length if args.truncation_mode == "keep_end" else None
-        return PreferenceCollator(processing_class.pad_token_id, args.pad_to_multiple_of, shared_prompt=shared,
-                                  padding_free=self._use_padding_free(args, model, shared),
-                                  keep_end_max_length=keep_end)
-
     def _checked_step_policy(self, policy: StepPolicy) -> StepPolicy:
         """The step policy, checked against the protocol; a policy that reads hidden states gets rank 0's
         decisions broadcast."""
@@ -254,124 +231,6 @@ class AdaptiveDPOTrainer(ReferenceLogpsMixin, SchedulerPretrainingMixin, StepMet
 
             policy.broadcast = broadcast if self.accelerator.num_processes > 1 else None
         return policy
-
-    def _place_reference(self, ref_model: torch.nn.Module | None, model: torch.nn.Module, args: AdaptiveDPOConfig,
-                         train_dataset: Any, eval_dataset: Any) -> None:
-        """The reference: precomputed log-prob columns, a model placed like the policy, or the PEFT base."""
-        if args.precompute_ref_log_probs:
-            reference = ref_model if ref_model is not None else model
-            self.train_dataset = self._with_reference_logps(reference, train_dataset, "train")
-            if isinstance(eval_dataset, dict):
-                self.eval_dataset = {key: self._with_reference_logps(reference, value, f"eval-{key}")
-                                     for key, value in eval_dataset.items()}
-            elif eval_dataset is not None:
-                self.eval_dataset = self._with_reference_logps(reference, eval_dataset, "eval")
-        elif ref_model is not None:  # sharded like the policy under FSDP / ZeRO-3, not replicated
-            self.ref_model = prepare_reference(ref_model, self.accelerator)
-        elif not self.peft_reference and args.sams_pretrain == "none":
-            raise ValueError("AdaptiveDPOTrainer needs a reference: pass ref_model (a frozen copy of the initial "
-                             "policy), set precompute_ref_log_probs, or train a PEFT adapter")
-
-    def _reference_logps_cache(self, args: AdaptiveDPOConfig) -> PairLogpsCache | None:
-        """``cache_reference_logps``: the frozen reference's per-pair log-probs kept on disk (not with TR-DPO)."""
-        if not args.cache_reference_logps or args.precompute_ref_log_probs:
-            return None
-        if args.sync_ref_model:
-            raise ValueError("cache_reference_logps with sync_ref_model (TR-DPO): the reference moves, its "
-                             "log-probs cannot be kept")
-        reference = self.ref_model if self.ref_model is not None else self.model
-        dtype = "bf16" if args.bf16 else "fp16" if args.fp16 else str(next(reference.parameters()).dtype)
-        with self._reference_context():
-            return PairLogpsCache(reference, args.ref_cache_dir or os.path.join(args.output_dir, "ref_logps"),
-                                  f"peft_base={self.peft_reference} ld_alpha={args.ld_alpha} dtype={dtype}")
-
-    def _attach_reference_sync(self) -> None:
-        """TR-DPO (``sync_ref_model``): the reference moves toward the policy every few steps."""
-        if self.ref_model is None:
-            raise ValueError("sync_ref_model (TR-DPO) needs a separate reference model: not with a PEFT adapter's "
-                             "base or precomputed reference log-probs")
-        if is_sharded(self.ref_model):
-            raise ValueError("sync_ref_model (TR-DPO) with a sharded reference (FSDP, DeepSpeed ZeRO-3) is not "
-                             "supported: its moving reference is saved whole with each checkpoint. Use DDP "
-                             "(--accelerate_config multi_gpu) or ZeRO-1/2")
-        self.add_callback(ReferenceSyncCallback(self))
-
-    def _attach_prefix_caches(self, model: torch.nn.Module) -> None:
-        """The frozen-prefix cache (:mod:`adaptdpo.models.prefix_cache`) of the policy and of a separate reference
-        whose frozen blocks are the same (entries are shared when the fingerprints agree)."""
-        args = self.args
-        if args.sync_ref_model:
-            raise ValueError("prefix_cache with sync_ref_model (TR-DPO): the reference's lower blocks would move; set "
-                             "prefix_cache: false")
-        assert self.partial_training is not None
-        cache_dir = args.prefix_cache_dir or os.path.join(args.output_dir, "prefix_cache")
-        dtype = "bf16" if args.bf16 else "fp16" if args.fp16 else str(next(model.parameters()).dtype)
-        frozen = self.partial_training.frozen_blocks
-        for target in (model, self.ref_model):
-            if target is not None:
-                cache = PrefixCache(unwrap(target), frozen, cache_dir, dtype)
-                self._prefix_caches[id(unwrap(target))] = cache
-        logger.info("frozen-prefix cache of the %d frozen blocks in %s (%s)", frozen, cache_dir, dtype)
-
-    def _logps(self, model: torch.nn.Module, batch: dict[str, Tensor], **kwargs: Any) -> SequenceLogps:
-        """:func:`sequence_logps`, from the frozen-prefix cache where ``model`` has one."""
-        cache = self._prefix_caches.get(id(unwrap(model)))
-        if cache is None:
-            return sequence_logps(model, batch, **kwargs)
-        with cache.feeding(model, batch, lambda: sequence_logps(model, batch, **kwargs)):
-            return sequence_logps(model, batch, **kwargs)
-
-    @staticmethod
-    def _use_shared_prompt(args: AdaptiveDPOConfig, model: torch.nn.Module, ref_model: torch.nn.Module | None,
-                           router_aux_loss_coef: float = 0.0) -> bool:
-        if args.shared_prompt == "off" or args.sams_pretrain != "none":  # pre-training reads chosen rows only
-            return False
-        if args.truncation_mode == "keep_end" and args.max_length is not None:
-            if args.shared_prompt == "on":
-                raise ValueError("shared_prompt=on cannot be used with truncation_mode keep_end: each of a pair's two "
-                                 "sequences keeps its own last max_length tokens, so they need not share a prompt; "
-                                 "use auto or off, or truncation_mode keep_start / keep_prompt_end")
-            logger.info("truncation_mode keep_end: the stacked layout (each row of a pair is cut on its own, as TRL)")
-            return False
-        if router_aux_loss_coef:  # the router's load statistics take a 2D padding mask, not the branch mask
-            if args.shared_prompt == "on":
-                raise ValueError("shared_prompt=on cannot be used with a mixture-of-experts model's router loss "
-                                 "(router_aux_loss_coef): its token counts need the stacked layout; use auto or off, "
-                                 "or router_aux_loss_coef 0")
-            logger.info("mixture-of-experts model with router_aux_loss_coef %g: the stacked layout (shared_prompt "
-                        "off), whose padding mask the router's load-balancing loss reads", router_aux_loss_coef)
-            return False
-        supported = supports_shared_prompt(model) and (ref_model is None or supports_shared_prompt(ref_model))
-        if args.shared_prompt == "on" and not supported:
-            raise ValueError("shared_prompt=on needs a transformers model whose attention takes a custom mask "
-                             "(attn_implementation eager, sdpa or flex_attention) and position_ids; use auto or off")
-        return supported
-
-    @staticmethod
-    def _use_padding_free(args: AdaptiveDPOConfig, model: torch.nn.Module, shared_prompt: bool) -> bool:
-        """padding_free: True/False as set; unset, on for flex_attention models (block-sparse masks)."""
-        if args.padding_free is False:
-            return False
-        reasons = []
-        if not shared_prompt:
-            reasons.append("the shared-prompt layout is off (shared_prompt, a model whose attention takes no custom "
-                           "mask, a router loss, or truncation_mode keep_end)")
-        if method_spec(args.method).reads_hidden_states:
-            reasons.append(f"method {args.method} reads per-row hidden states")
-        if args.padding_free and reasons:
-            raise ValueError(f"padding_free=true cannot be used: {'; '.join(reasons)}")
-        attn = getattr(getattr(unwrap(model), "config", None), "_attn_implementation", None)
-        use = not reasons and (bool(args.padding_free) or attn == "flex_attention")
-        if use:
-            logger.info("padding-free batches: every pair of a micro-batch in one row, no pad token computed")
-        return use
-
-    # ------------------------------------------------------------------------------------ reference
-
-
-
-
-
 
     # ------------------------------------------------------------------------------------ the step
 

@@ -1,11 +1,10 @@
 """The base of :class:`adaptdpo.training.trainer.AdaptiveDPOTrainer`'s mixins, for the type checker.
 
-Each mixin (checkpoint_hooks, hub, reference_logps, run_guards, scheduler_pretraining, step_metrics) is only ever
-mixed into AdaptiveDPOTrainer, before ``transformers.Trainer``, and reads attributes that the trainer's
-``__init__`` sets. At run time this base is a plain ``object`` with annotations only (nothing changes in the MRO
-but an empty class); to mypy it is ``transformers.Trainer``, so ``super()`` calls and the Trainer's own attributes
-are checked, and the annotations below declare what AdaptiveDPOTrainer adds (types as its ``__init__`` sets
-them)."""
+Each mixin (checkpoint_hooks, hub, prefix_caching, reference_logps, run_guards, scheduler_pretraining, step_metrics)
+is only ever mixed into AdaptiveDPOTrainer, before ``transformers.Trainer``, and reads attributes that the trainer's
+``__init__`` sets. At run time this base is a plain ``object`` with annotations only (nothing changes in the MRO but
+an empty class); to mypy it is ``transformers.Trainer``, so ``super()`` calls and the Trainer's own attributes are
+checked, and the annotations below declare what AdaptiveDPOTrainer adds (types as its ``__init__`` sets them)."""
 
 from __future__ import annotations
 
@@ -20,6 +19,8 @@ if TYPE_CHECKING:
 
     from adaptdpo.methods.step_policy import StepPolicy
     from adaptdpo.models.pair_logps_cache import PairLogpsCache
+    from adaptdpo.models.partial import PartialTraining
+    from adaptdpo.models.prefix_cache import PrefixCache
     from adaptdpo.models.sequence_logps import SequenceLogps
     from adaptdpo.training.config import AdaptiveDPOConfig
 else:
@@ -44,6 +45,8 @@ class TrainerMixin(_Base):
     _zero_grad_streak: Tensor | None
     _tokens_this_run: Tensor | None
     _ref_logps_cache: PairLogpsCache | None
+    partial_training: PartialTraining | None
+    _prefix_caches: dict[int, PrefixCache]
 
     if TYPE_CHECKING:  # defined by AdaptiveDPOTrainer or by a sibling mixin
         def _logps(self, model: torch.nn.Module, batch: dict[str, Tensor], **kwargs: Any) -> SequenceLogps: ...
